@@ -1,0 +1,1 @@
+"""fedspine.cli."""

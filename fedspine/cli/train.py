@@ -1,0 +1,474 @@
+"""`fedspine train` and `fedspine generate`: single-site GAN training and synthetic datasets.
+
+The commands only wire files, devices and progress around the library: training itself is
+`fedspine.training.GanTrainer` (the same object the federated client drives) and generation is
+`fedspine.training.generate.generate_dataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+MODELS = ("cgan",)
+PRESET_NAMES = ("paper", "auto", "cpu")
+LATEST_FILE = "latest.json"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.toml"
+EXIT_INTERRUPTED = 130
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to the root app."""
+    app.command("train")(train_command)
+    app.command("generate")(generate_command)
+
+
+def train_command(
+    prepared: Path = typer.Argument(..., help="Prepared dataset folder (from `fedspine ingest`)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run folder to create (or continue with --resume)."
+    ),
+    model: str = typer.Option("cgan", "--model", help="Model: cgan (conditional StyleGAN2-ADA)."),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="paper (256 px, GPU), auto (dataset resolution), cpu (32 px). "
+        "(default: cpu without CUDA, else auto)",
+    ),
+    kimg: float = typer.Option(
+        None,
+        "--kimg",
+        help="Total length of the run in thousands of real images shown to D. "
+        "(default: the preset's)",
+    ),
+    resolution: int = typer.Option(
+        None,
+        "--resolution",
+        help="Train at this resolution; images are resized once at load. (default: the preset's)",
+    ),
+    snapshot_kimg: float = typer.Option(
+        None,
+        "--snapshot-kimg",
+        help="Snapshot and sample grid every N kimg. (default: the preset's)",
+    ),
+    seed: int = typer.Option(None, "--seed", help="Random seed. (default: 0)"),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its last snapshot."
+    ),
+    batch: int = typer.Option(
+        None, "--batch", help="Minibatch size (the preset's other settings stay as they are)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Train a conditional StyleGAN2-ADA on the train split of a prepared dataset."""
+    if model not in MODELS:
+        _fail(f"--model {model}: only {', '.join(MODELS)} is available in this version")
+    if preset is not None and preset not in PRESET_NAMES:
+        _fail(f"--preset {preset}: choose one of {', '.join(PRESET_NAMES)}")
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device {device}: choose auto, cpu or cuda")
+    try:
+        _train(prepared, out, preset, kimg, resolution, snapshot_kimg, seed, resume, batch, device)
+    except _CliError as err:
+        _fail(str(err))
+
+
+def generate_command(
+    run: Path = typer.Argument(..., help="Run folder of `fedspine train` (or its generator.pt)."),
+    out: Path = typer.Option(..., "--out", help="Folder to create for the synthetic dataset."),
+    per_class: int = typer.Option(100, "--per-class", help="Images per class."),
+    truncation: float = typer.Option(
+        1.0, "--truncation", help="Truncation psi (1 = none; lower = typical but less diverse)."
+    ),
+    fmt: str = typer.Option(
+        "png", "--format", help="png (8-bit) or dicom (Secondary Capture, marked synthetic)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the latents and noise."),
+    batch: int = typer.Option(32, "--batch", help="Images per generator call."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Write a synthetic dataset (folder layout: images + labels.csv) from a trained generator."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from fedspine.training.checkpoint import CheckpointError
+    from fedspine.training.gan_trainer import resolve_device
+    from fedspine.training.generate import (
+        GenerationError,
+        generate_dataset,
+        generator_path,
+        load_generator,
+    )
+
+    if fmt not in ("png", "dicom"):
+        _fail(f"--format {fmt}: choose png or dicom")
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device {device}: choose auto, cpu or cuda")
+    try:
+        dev = resolve_device(device)
+        _, meta = load_generator(generator_path(run), device="cpu")
+        total = per_class * len(meta["class_names"])
+        columns = (
+            TextColumn("generate"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=_console()) as progress:
+            task = progress.add_task("generate", total=total)
+            written = generate_dataset(
+                run,
+                out,
+                per_class=per_class,
+                truncation=truncation,
+                fmt=fmt,
+                seed=seed,
+                batch=batch,
+                device=dev,
+                progress=lambda n: progress.advance(task, n),
+            )
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; nothing was written to {out}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (GenerationError, CheckpointError, RuntimeError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {total} synthetic images ({fmt}) to {written}")
+
+
+class _CliError(Exception):
+    """A one-line reason to stop."""
+
+
+def _train(
+    prepared, out, preset, kimg, resolution, snapshot_kimg, seed, resume, batch, device
+) -> None:
+    import dataclasses
+
+    from fedspine.data.prepared import PreparedDatasetError, load_prepared
+    from fedspine.training.batches import BatchSampler, training_data
+    from fedspine.training.checkpoint import CheckpointError, load_checkpoint
+    from fedspine.training.config import TrainConfig, preset_config, write_config_toml
+    from fedspine.training.gan_trainer import GanTrainer, configure_cpu, resolve_device
+
+    try:
+        dataset = load_prepared(prepared)
+    except PreparedDatasetError as err:
+        raise _CliError(str(err)) from None
+    train = dataset.select("train", labelled=True)
+    if len(train) == 0:
+        raise _CliError(f"{prepared}: the train split holds no labelled image; nothing to train on")
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as err:
+        raise _CliError(str(err)) from None
+
+    state = None
+    if resume:
+        latest = out / LATEST_FILE
+        if not latest.is_file():
+            raise _CliError(f"{out}: no {LATEST_FILE}; not a run folder with a snapshot to resume")
+        pointer = json.loads(latest.read_text())
+        snapshot = out / pointer["snapshot"]
+        try:
+            ckpt = load_checkpoint(snapshot, kind="trainer", map_location="cpu")
+        except CheckpointError as err:
+            raise _CliError(str(err)) from None
+        state = ckpt["trainer"]
+        config = TrainConfig.from_dict(state["config"])
+        given = {
+            "--preset": (preset, config.preset),
+            "--resolution": (resolution, config.resolution),
+            "--seed": (seed, config.seed),
+            "--batch": (batch, config.batch),
+        }
+        for flag, (value, saved) in given.items():
+            if value is not None and value != saved:
+                raise _CliError(
+                    f"{flag} {value} conflicts with the run's {saved}; omit it when resuming"
+                )
+        if ckpt["dataset"]["content_hash"] != dataset.content_hash:
+            raise _CliError(
+                f"{prepared}: not the dataset this run was trained on (content hash differs); "
+                "resume with the original prepared dataset"
+            )
+        if kimg is not None:
+            config.total_kimg = kimg
+        if snapshot_kimg is not None:
+            config.snapshot_kimg = snapshot_kimg
+        last_snapshot_nimg = int(state["counters"]["cur_nimg"])
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise _CliError(
+                f"{out} already holds files; pass --resume to continue it or choose another --out"
+            )
+        name = preset or ("auto" if dev.type == "cuda" else "cpu")
+        res = resolution
+        if res is None and name == "auto":
+            res = dataset.resolution
+        try:
+            config = preset_config(name, res, dataset.num_classes)
+        except ValueError as err:
+            raise _CliError(f"--preset {name}: {err}") from None
+        if kimg is not None:
+            config.total_kimg = kimg
+        if snapshot_kimg is not None:
+            config.snapshot_kimg = snapshot_kimg
+        if seed is not None:
+            config.seed = seed
+        if batch is not None:
+            if batch < 1:
+                raise _CliError("--batch must be at least 1")
+            config.batch = batch
+            config.network = dataclasses.replace(
+                config.network, mbstd_group=min(config.network.mbstd_group, batch)
+            )
+        last_snapshot_nimg = 0
+    config.device = device
+    if config.tick_kimg > config.snapshot_kimg:
+        config.tick_kimg = config.snapshot_kimg
+
+    data = training_data(train, config.resolution)
+    if data.resized_from is not None:
+        typer.echo(
+            f"resized the training images once at load: {data.resized_from} px -> "
+            f"{config.resolution} px"
+        )
+    if dev.type == "cpu":
+        configure_cpu()
+    trainer = GanTrainer(config, data.label_prior(), device=dev)
+    if state is not None:
+        trainer.load_state_dict(state)
+        typer.echo(f"resumed {out} at {trainer.cur_nimg / 1000:.3f} kimg")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "snapshots").mkdir(exist_ok=True)
+    dataset_info = {
+        "path": str(Path(prepared).resolve()),
+        "content_hash": dataset.content_hash,
+        "class_names": list(data.class_names),
+        "train_images": len(data),
+        "prepared_resolution": dataset.resolution,
+        "label_prior": [float(p) for p in data.label_prior()],
+    }
+    write_config_toml(
+        out / CONFIG_FILE,
+        {
+            "fedspine_version": _version(),
+            "model": "cgan",
+            "device_used": str(dev),
+            "dataset": dataset_info,
+            "train": config.to_dict(),
+        },
+    )
+    run = _Run(out, trainer, dataset_info, last_snapshot_nimg)
+    if state is None:
+        run.save_reals(data)
+
+    target_nimg = int(round(config.total_kimg * 1000))
+    remaining_kimg = max(target_nimg - trainer.cur_nimg, 0) / 1000
+    batches = BatchSampler(data, config.batch, trainer.np_rng, device=dev)
+    try:
+        with _progress_bar() as progress:
+            task = progress.add_task(
+                "train",
+                total=config.total_kimg,
+                completed=trainer.cur_nimg / 1000,
+                loss_g=float("nan"),
+                loss_d=float("nan"),
+                p=trainer.ada_p,
+                spk=float("nan"),
+            )
+
+            def on_step(t: GanTrainer, m) -> None:
+                progress.update(task, completed=t.cur_nimg / 1000)
+
+            def on_tick(t: GanTrainer, record: dict) -> None:
+                run.record_tick(record, final=t.cur_nimg >= target_nimg)
+                progress.update(
+                    task,
+                    loss_g=record["loss_g"],
+                    loss_d=record["loss_d"],
+                    p=record["ada_p"],
+                    spk=record["sec_per_kimg"] or float("nan"),
+                )
+
+            trainer.run(remaining_kimg, batches, on_tick=on_tick, on_step=on_step)
+    except KeyboardInterrupt:
+        where = run.last_snapshot
+        msg = (
+            f"interrupted; last snapshot: {where} (continue with --resume)"
+            if where
+            else "interrupted before the first snapshot; nothing to resume from"
+        )
+        typer.echo(msg, err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if run.last_snapshot_nimg != trainer.cur_nimg:
+        run.snapshot()
+    run.save_generator()
+    typer.echo(f"trained to {trainer.cur_nimg / 1000:.3f} kimg; generator: {out / 'generator.pt'}")
+
+
+class _Run:
+    """The run folder: metrics log, snapshots with their pointer, sample grids, generator."""
+
+    def __init__(self, out: Path, trainer, dataset_info: dict, last_snapshot_nimg: int) -> None:
+        import torch
+
+        self.out = out
+        self.trainer = trainer
+        self.dataset_info = dataset_info
+        self.last_snapshot_nimg = last_snapshot_nimg
+        latest = out / LATEST_FILE
+        self.last_snapshot = (
+            out / json.loads(latest.read_text())["snapshot"] if latest.is_file() else None
+        )
+        self._drop_metrics_after(trainer.cur_nimg)
+        net = trainer.config.network
+        grid_gen = torch.Generator().manual_seed(trainer.config.seed + 12345)
+        self.grid_latents = torch.randn([8, net.z_dim], generator=grid_gen)
+
+    def _drop_metrics_after(self, nimg: int) -> None:
+        """Ticks logged after the snapshot a run resumes from are about to be redone."""
+        path = self.out / METRICS_FILE
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line)["cur_nimg"] <= nimg]
+        if len(keep) != len(lines):
+            _atomic_write(path, "".join(f"{line}\n" for line in keep))
+
+    def record_tick(self, record: dict, final: bool) -> None:
+        with open(self.out / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        snap_nimg = int(round(self.trainer.config.snapshot_kimg * 1000))
+        cur = self.trainer.cur_nimg
+        if final or cur // snap_nimg > self.last_snapshot_nimg // snap_nimg:
+            self.snapshot()
+
+    def snapshot(self) -> None:
+        from fedspine.training.checkpoint import save_checkpoint
+
+        t = self.trainer
+        kimg = _kimg_tag(t.cur_nimg)
+        path = self.out / "snapshots" / f"snapshot_{kimg}.pt"
+        save_checkpoint(path, "trainer", {"trainer": t.state_dict(), "dataset": self.dataset_info})
+        _atomic_write(
+            self.out / LATEST_FILE,
+            json.dumps(
+                {
+                    "snapshot": str(path.relative_to(self.out)),
+                    "cur_nimg": t.cur_nimg,
+                    "kimg": t.cur_nimg / 1000,
+                }
+            )
+            + "\n",
+        )
+        self.last_snapshot = path
+        self.last_snapshot_nimg = t.cur_nimg
+        self.save_fakes(self.out / "samples" / f"fakes_{kimg}.png")
+
+    def save_fakes(self, path: Path) -> None:
+        import torch
+
+        from fedspine.training.generate import class_grid
+
+        # The grid must not move any RNG the training draws from, or resume would diverge.
+        with torch.random.fork_rng(devices=[]):
+            grid = class_grid(
+                self.trainer.G_ema, self.dataset_info["class_names"], self.grid_latents
+            )
+        _save_png_atomic(grid, path)
+
+    def save_reals(self, data) -> None:
+        import numpy as np
+
+        from fedspine.training.generate import image_grid
+
+        rng = np.random.default_rng(0)
+        rows = []
+        for k in range(data.num_classes):
+            idx = np.flatnonzero(data.labels.numpy() == k)
+            pick = rng.choice(idx, size=min(8, len(idx)), replace=False) if len(idx) else idx
+            imgs = (
+                data.images[pick, 0].numpy()
+                if len(pick)
+                else np.zeros((1, data.resolution, data.resolution), np.uint8)
+            )
+            rows.append(imgs)
+        _save_png_atomic(image_grid(rows, data.class_names), self.out / "samples" / "reals.png")
+
+    def save_generator(self) -> None:
+        from fedspine.training.generate import save_generator
+
+        t = self.trainer
+        save_generator(
+            self.out / "generator.pt",
+            t.G_ema,
+            t.config.to_dict()["network"],
+            self.dataset_info["class_names"],
+            training={
+                "cur_nimg": t.cur_nimg,
+                "kimg": t.cur_nimg / 1000,
+                "preset": t.config.preset,
+                "seed": t.config.seed,
+                "dataset_content_hash": self.dataset_info["content_hash"],
+            },
+        )
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("train"),
+        BarColumn(),
+        TextColumn("{task.completed:.2f}/{task.total:g} kimg"),
+        TextColumn("{task.fields[spk]:.1f} s/kimg"),
+        TextColumn("G {task.fields[loss_g]:.3f} D {task.fields[loss_d]:.3f}"),
+        TextColumn("p {task.fields[p]:.3f}"),
+        TimeRemainingColumn(),
+        console=_console(),
+    )
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _kimg_tag(nimg: int) -> str:
+    return f"{nimg / 1000:09.3f}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_png_atomic(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _version() -> str:
+    from fedspine import __version__
+
+    return __version__
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)

@@ -1,0 +1,5 @@
+"""Flower's entry point for the ServerApp: the installed fedspine's."""
+
+from fedspine.federated.server_app import app
+
+__all__ = ["app"]

@@ -1,0 +1,375 @@
+"""Coordinator and site deployment on Flower's engine: SuperLink, SuperNodes, run submission.
+
+A coordinator keeps everything in one work folder::
+
+    certs/            ca.crt, server.pem, server.key (and ca.key: keep it offline if you can)
+    flwr_home/        the `flwr` CLI's own home with one connection, ``fedspine``
+    state.db          the SuperLink's database (registered sites, runs): survives restarts
+    superlink.pid     superlink.log     server.json (address and TLS mode)
+
+A site keeps its own work folder with its SuperNode's PID file and log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from fedspine.federated.processes import (
+    CONNECTION,
+    FlowerProcessError,
+    ManagedProcess,
+    executable,
+    flower_env,
+    flwr_cli,
+    pid_alive,
+    read_pid_file,
+    start_process,
+    stop_pid,
+    wait_for_health,
+    write_connection,
+)
+
+SERVER_FILE = "server.json"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass
+class ServerInfo:
+    host: str
+    port: int
+    insecure: bool
+    connect_host: str
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.connect_host}]" if ":" in self.connect_host else self.connect_host
+        return f"{host}:{self.port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start_superlink(
+    workdir: Path,
+    host: str = "0.0.0.0",
+    port: int = 9092,
+    insecure: bool = False,
+    node_auth: bool = True,
+    timeout: float = 60.0,
+) -> ManagedProcess:
+    """Start the SuperLink with TLS and SuperNode authentication and wait for /health."""
+    workdir = Path(workdir).resolve()
+    pid_file = workdir / "superlink.pid"
+    old = read_pid_file(pid_file)
+    if old is not None and pid_alive(old):
+        raise FlowerProcessError(
+            f"a SuperLink already runs from {workdir} (PID {old}); stop it first"
+        )
+    if insecure and not is_loopback(host):
+        raise FlowerProcessError(
+            f"--insecure is only allowed on loopback (127.0.0.1, ::1), not on {host}: "
+            "sites would send weights in clear text"
+        )
+    certs = workdir / "certs"
+    argv = [
+        executable("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(workdir / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    if insecure:
+        argv.append("--insecure")
+    else:
+        for name in ("ca.crt", "server.pem", "server.key"):
+            if not (certs / name).is_file():
+                raise FlowerProcessError(
+                    f"{certs / name} is missing; run `fedspine server certs --workdir {workdir}` first"
+                )
+        argv += [
+            "--ssl-ca-certfile",
+            str(certs / "ca.crt"),
+            "--ssl-certfile",
+            str(certs / "server.pem"),
+            "--ssl-keyfile",
+            str(certs / "server.key"),
+        ]
+    if node_auth:
+        argv.append("--enable-supernode-auth")
+    flwr_home = workdir / "flwr_home"
+    process = start_process(
+        "SuperLink",
+        argv,
+        workdir / "superlink.log",
+        flower_env(flwr_home),
+        pid_file=pid_file,
+        cwd=workdir,
+    )
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
+    info = ServerInfo(host=host, port=port, insecure=insecure, connect_host=connect_host)
+    scheme = "http" if insecure else "https"
+    try:
+        wait_for_health(
+            f"{scheme}://{info.address}/health",
+            None if insecure else certs / "ca.crt",
+            timeout,
+            process,
+        )
+    except FlowerProcessError:
+        process.stop()
+        raise
+    write_connection(flwr_home, info.address, None if insecure else certs / "ca.crt", insecure)
+    _write_json(workdir / SERVER_FILE, asdict(info))
+    return process
+
+
+def stop_superlink(workdir: Path) -> bool:
+    """Stop the SuperLink of ``workdir`` and its children; False if none was running."""
+    return _stop_recorded(Path(workdir) / "superlink.pid")
+
+
+def register_site(workdir: Path, public_key: Path) -> dict:
+    """Register a site's public key with the SuperLink; returns Flower's answer (node id)."""
+    from fedspine.federated.security import read_public_key
+
+    read_public_key(public_key)
+    return flwr_cli(
+        ["supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--format", "json"],
+        _flwr_home(workdir),
+    )
+
+
+def list_sites(workdir: Path) -> list[dict]:
+    data = flwr_cli(["supernode", "ls", CONNECTION, "--format", "json"], _flwr_home(workdir))
+    return list(data.get("nodes", []))
+
+
+def submit_run(workdir: Path, run_config: dict) -> int:
+    """Submit fedspine's Flower app with ``run_config``; returns the run id."""
+    with tempfile.TemporaryDirectory(prefix="fedspine-app-") as tmp:
+        app_dir = Path(tmp) / "app"
+        _copy_bundle(app_dir)
+        config_file = Path(tmp) / "run-config.toml"
+        config_file.write_text(_toml_flat(run_config))
+        data = flwr_cli(
+            ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"],
+            _flwr_home(workdir),
+            timeout=300,
+        )
+    return int(data["run-id"])
+
+
+def run_status(workdir: Path, run_id: int) -> str:
+    """Flower's status of a run, e.g. ``running`` or ``finished:completed``."""
+    data = flwr_cli(
+        ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], _flwr_home(workdir)
+    )
+    runs = data.get("runs", [])
+    return str(runs[0]["status"]) if runs else "unknown"
+
+
+def stop_run(workdir: Path, run_id: int) -> None:
+    flwr_cli(["stop", str(run_id), CONNECTION, "--format", "json"], _flwr_home(workdir))
+
+
+def run_logs(workdir: Path, run_id: int) -> str:
+    try:
+        return str(
+            flwr_cli(
+                ["log", str(run_id), CONNECTION, "--show"],
+                _flwr_home(workdir),
+                timeout=30,
+                parse_json=False,
+            )
+        )
+    except FlowerProcessError as err:
+        return str(err)
+
+
+def wait_for_run(
+    workdir: Path,
+    run_id: int,
+    output_dir: Path,
+    on_round: Callable[[dict], None] | None = None,
+    poll: float = 2.0,
+    timeout: float | None = None,
+) -> str:
+    """Follow a run until Flower says it finished; report each new round from rounds.jsonl."""
+    from fedspine.federated.federation import read_rounds
+
+    seen = 0
+    start = time.monotonic()
+    while True:
+        rounds = read_rounds(output_dir)
+        for record in rounds[seen:]:
+            if on_round is not None:
+                on_round(record)
+        seen = len(rounds)
+        status = run_status(workdir, run_id)
+        if status.startswith("finished"):
+            for record in read_rounds(output_dir)[seen:]:
+                if on_round is not None:
+                    on_round(record)
+            return status
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise FlowerProcessError(
+                f"run {run_id} did not finish within {timeout:.0f} s (status {status})"
+            )
+        time.sleep(poll)
+
+
+def server_info(workdir: Path) -> ServerInfo:
+    path = Path(workdir) / SERVER_FILE
+    try:
+        return ServerInfo(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError):
+        raise FlowerProcessError(
+            f"{path}: no running server recorded; run `fedspine server start`"
+        ) from None
+
+
+@dataclass
+class SiteProcessConfig:
+    """What `fedspine client start` needs; node config values come from here, never the server."""
+
+    server: str
+    data: Path
+    site: str
+    workdir: Path
+    ca: Path | None = None
+    key: Path | None = None
+    max_epsilon: float | None = None
+    ledger: Path | None = None
+    port: int = 9094
+    insecure: bool = False
+
+    def node_config(self) -> str:
+        """Flower's ``--node-config``: TOML values, strings double-quoted."""
+        items = {
+            "data-path": str(self.data.resolve()),
+            "site-name": self.site,
+            "state-dir": str((self.workdir / "state").resolve()),
+        }
+        if self.max_epsilon is not None:
+            items["max-epsilon"] = float(self.max_epsilon)
+        if self.ledger is not None:
+            items["ledger-path"] = str(self.ledger.resolve())
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def start_supernode(cfg: SiteProcessConfig) -> ManagedProcess:
+    """Start the site's SuperNode in the background (its own process group)."""
+    from fedspine.data.prepared import load_prepared
+
+    load_prepared(cfg.data)  # refuse to start on a folder that is not a prepared dataset
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    pid_file = workdir / "supernode.pid"
+    old = read_pid_file(pid_file)
+    if old is not None and pid_alive(old):
+        raise FlowerProcessError(
+            f"a SuperNode already runs from {workdir} (PID {old}); stop it first"
+        )
+    server_host = cfg.server.rsplit(":", 1)[0].strip("[]")
+    argv = [
+        executable("flower-supernode"),
+        "--superlink",
+        cfg.server,
+        "--port",
+        str(cfg.port),
+        "--node-config",
+        cfg.node_config(),
+    ]
+    if cfg.insecure:
+        if not is_loopback(server_host):
+            raise FlowerProcessError("--insecure is only allowed towards a server on loopback")
+        argv.append("--insecure")
+    else:
+        if cfg.ca is None or not Path(cfg.ca).is_file():
+            raise FlowerProcessError(
+                f"the coordinator's CA certificate is needed (--ca); not found: {cfg.ca}"
+            )
+        argv += ["--root-certificates", str(Path(cfg.ca).resolve())]
+    if cfg.key is not None:
+        if not Path(cfg.key).is_file():
+            raise FlowerProcessError(
+                f"{cfg.key}: no such site key (make one with `fedspine client keygen`)"
+            )
+        argv += ["--auth-supernode-private-key", str(Path(cfg.key).resolve())]
+    return start_process(
+        f"SuperNode {cfg.site}",
+        argv,
+        workdir / "supernode.log",
+        flower_env(workdir / "flwr_home"),
+        pid_file=pid_file,
+        cwd=workdir,
+    )
+
+
+def stop_supernode(workdir: Path) -> bool:
+    """Stop the SuperNode of a site's ``workdir``; False if none was running."""
+    return _stop_recorded(Path(workdir) / "supernode.pid")
+
+
+def _stop_recorded(pid_file: Path) -> bool:
+    pid = read_pid_file(pid_file)
+    if pid is None:
+        return False
+    running = pid_alive(pid)
+    stop_pid(pid)
+    pid_file.unlink(missing_ok=True)
+    return running
+
+
+def bundle_dir() -> Path:
+    return Path(str(resources.files("fedspine.federated") / "bundle"))
+
+
+def _copy_bundle(dest: Path) -> None:
+    shutil.copytree(bundle_dir(), dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def _flwr_home(workdir: Path) -> Path:
+    home = Path(workdir).resolve() / "flwr_home"
+    if not (home / "config.toml").is_file():
+        raise FlowerProcessError(
+            f"{workdir}: no SuperLink connection; run `fedspine server start` first"
+        )
+    return home
+
+
+def _toml_flat(values: dict) -> str:
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))
+        lines.append(f'"{key}" = {text}')
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

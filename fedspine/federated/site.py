@@ -1,0 +1,177 @@
+"""What a site does with a train message: the fedspine installed at the site, not the server's code.
+
+The site's own facts (data path, name, ε cap, ledger, local state folder) come from its node
+config, set by the site admin with `fedspine client start`; nothing the server sends can change
+them. The server sends only the round's settings and the global weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedspine import __version__
+
+
+class SiteRefusal(Exception):
+    """The site declines the round (version mismatch, wrong data, privacy cap); says why."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's node config: what only the site decides."""
+
+    data_path: Path
+    site_name: str
+    state_dir: Path
+    max_epsilon: float | None = None
+    ledger_path: Path | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
+        missing = [k for k in ("data-path", "site-name") if k not in node_config]
+        if missing:
+            raise SiteRefusal(
+                f"the SuperNode's node config lacks {missing}; start it with `fedspine client start`"
+            )
+        data_path = Path(str(node_config["data-path"]))
+        state_dir = Path(str(node_config.get("state-dir") or data_path.parent / ".fedspine-site"))
+        cap = node_config.get("max-epsilon")
+        ledger = node_config.get("ledger-path")
+        return cls(
+            data_path=data_path,
+            site_name=str(node_config["site-name"]),
+            state_dir=state_dir,
+            max_epsilon=float(cap) if cap not in (None, "", -1, -1.0) else None,
+            ledger_path=Path(str(ledger)) if ledger else None,
+        )
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """The server's settings for one round, as sent in the train message's ConfigRecord."""
+
+    federation: str
+    server_round: int
+    local_kimg: float
+    train_config: dict
+    label_prior: list[float]
+    class_names: list[str]
+    fedspine_version: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "federation": self.federation,
+            "server-round": self.server_round,
+            "local-kimg": float(self.local_kimg),
+            "train-config": json.dumps(self.train_config, sort_keys=True),
+            "label-prior": json.dumps([float(p) for p in self.label_prior]),
+            "class-names": json.dumps(list(self.class_names)),
+            "fedspine-version": self.fedspine_version,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
+        try:
+            return cls(
+                federation=str(record["federation"]),
+                server_round=int(record["server-round"]),
+                local_kimg=float(record["local-kimg"]),
+                train_config=json.loads(str(record["train-config"])),
+                label_prior=[float(p) for p in json.loads(str(record["label-prior"]))],
+                class_names=list(json.loads(str(record["class-names"]))),
+                fedspine_version=str(record["fedspine-version"]),
+            )
+        except KeyError as err:
+            raise SiteRefusal(
+                f"the train message lacks {err}; is the server a fedspine server?"
+            ) from None
+
+
+def check_version(server_version: str) -> None:
+    if server_version != __version__:
+        raise SiteRefusal(
+            f"the server runs fedspine {server_version} but this site has fedspine {__version__}; "
+            "install the same version at the server and every site"
+        )
+
+
+def train_round(
+    site: SiteConfig, rc: RoundConfig, weights: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Restore the global weights, train ``local_kimg`` on the site's data, return new weights.
+
+    Optimizer moments, ADA state, counters and RNGs persist in the site's state folder between
+    rounds (keyed by federation name), so a site continues where it left off.
+    """
+    from fedspine.data.prepared import PreparedDatasetError, load_prepared
+    from fedspine.federated.weights import load_trainer_weights, trainer_weights
+    from fedspine.training.batches import BatchSampler, training_data
+    from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
+    from fedspine.training.config import TrainConfig
+    from fedspine.training.gan_trainer import GanTrainer, configure_cpu
+
+    check_version(rc.fedspine_version)
+    try:
+        dataset = load_prepared(site.data_path)
+    except PreparedDatasetError as err:
+        raise SiteRefusal(f"site {site.site_name}: {err}") from None
+    if list(dataset.class_names) != list(rc.class_names):
+        raise SiteRefusal(
+            f"site {site.site_name}: its data has classes {dataset.class_names}, the federation "
+            f"trains {rc.class_names}; ingest with the federation's label schema"
+        )
+    train = dataset.select("train")
+    config_dict = dict(rc.train_config)
+    config_dict["seed"] = site_seed(int(config_dict.get("seed", 0)), site.site_name)
+    config = TrainConfig.from_dict(config_dict)
+    data = training_data(train, resolution=config.network.resolution)
+
+    configure_cpu()
+    state_file = site_state_file(site, rc.federation)
+    if state_file.is_file():
+        state = load_checkpoint(state_file, kind="trainer")["trainer"]
+        trainer = GanTrainer.from_state_dict(state)
+    else:
+        trainer = GanTrainer(config, rc.label_prior)
+    load_trainer_weights(trainer, weights)
+
+    sampler = BatchSampler(data, config.batch, trainer.np_rng, device=trainer.device)
+    start = time.perf_counter()
+    start_nimg = trainer.cur_nimg
+    last = trainer.run(rc.local_kimg, sampler, tick_kimg=rc.local_kimg)
+    seconds = time.perf_counter() - start
+    save_checkpoint(
+        state_file, "trainer", {"trainer": trainer.state_dict(), "round": rc.server_round}
+    )
+
+    metrics = {
+        "num-examples": len(train),
+        "images-seen": trainer.cur_nimg - start_nimg,
+        "d-steps-total": trainer.d_steps,
+        "seconds": seconds,
+        "ada-p": trainer.ada_p,
+    }
+    # Flower's FedAvg wants the same metric keys from every site: absent ones are NaN.
+    for key in ("loss_g", "loss_d", "loss_r1", "loss_pl", "d_real", "d_fake"):
+        value = last.get(key)
+        metrics[key.replace("_", "-")] = float(value) if value is not None else float("nan")
+    return trainer_weights(trainer), metrics
+
+
+def site_seed(seed: int, site_name: str) -> int:
+    """A per-site seed, so sites do not draw the same latents and batches."""
+    digest = hashlib.sha256(f"{seed}:{site_name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def site_state_file(site: SiteConfig, federation: str) -> Path:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in federation)
+    return site.state_dir / safe / "trainer.pt"

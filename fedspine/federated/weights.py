@@ -1,0 +1,66 @@
+"""What travels between server and sites: G, D and G_ema as one flat state dict, and FedAvg.
+
+Only weights move. Optimizer moments, ADA state and RNGs stay at the site.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+
+PARTS = ("G", "D", "G_ema")
+
+
+def trainer_weights(trainer) -> OrderedDict[str, torch.Tensor]:
+    """G, D and G_ema of a :class:`GanTrainer` as one state dict with ``part.`` prefixes."""
+    flat: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for part in PARTS:
+        for name, tensor in getattr(trainer, part).state_dict().items():
+            flat[f"{part}.{name}"] = tensor.detach().cpu()
+    return flat
+
+
+def load_trainer_weights(trainer, flat: Mapping[str, torch.Tensor]) -> None:
+    """Load a flat state dict from :func:`trainer_weights` into ``trainer`` (strictly)."""
+    for part in PARTS:
+        prefix = f"{part}."
+        sub = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+        if not sub:
+            raise ValueError(f"the received weights hold no {part}")
+        getattr(trainer, part).load_state_dict(sub, strict=True)
+
+
+def split_weights(flat: Mapping[str, torch.Tensor], part: str) -> OrderedDict[str, torch.Tensor]:
+    prefix = f"{part}."
+    return OrderedDict((k[len(prefix) :], v) for k, v in flat.items() if k.startswith(prefix))
+
+
+def fedavg(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> OrderedDict[str, torch.Tensor]:
+    """The example-weighted mean of state dicts (floating tensors; others must agree)."""
+    if not state_dicts or len(state_dicts) != len(weights):
+        raise ValueError("fedavg needs one weight per state dict, and at least one")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("fedavg weights must sum to a positive number")
+    keys = list(state_dicts[0])
+    for sd in state_dicts[1:]:
+        if list(sd) != keys:
+            raise ValueError("the state dicts hold different tensors")
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key in keys:
+        first = state_dicts[0][key]
+        if first.is_floating_point():
+            acc = torch.zeros_like(first, dtype=torch.float64)
+            for sd, w in zip(state_dicts, weights, strict=True):
+                acc += sd[key].to(torch.float64) * (float(w) / total)
+            out[key] = acc.to(first.dtype)
+        else:
+            for sd in state_dicts[1:]:
+                if not torch.equal(sd[key], first):
+                    raise ValueError(f"non-floating tensor {key} differs between sites")
+            out[key] = first.clone()
+    return out

@@ -1,0 +1,509 @@
+"""GanTrainer: one conditional StyleGAN2-ADA training state and the step that advances it.
+
+The same object serves ``fedspine train`` and the federated client: it holds G, D, G_ema, their
+optimizers, the ADA pipeline and its controller, the counters and every random generator the
+step draws from, and ``state_dict()`` captures all of it so a run resumes exactly. Data loading,
+devices of the data, logging and snapshots stay with the caller; :meth:`GanTrainer.train_step`
+only computes.
+
+One iteration is a G step (plus lazy path-length regularisation every ``pl_interval`` G steps)
+and a D step (plus lazy R1 every ``r1_interval`` D steps), then the G_ema update and ADA's p
+update. :meth:`GanTrainer.d_step` is a method of its own so a differentially private version can
+replace it; fake labels always come from ``label_prior``, never from the real batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedspine.models import Discriminator, Generator, NetworkConfig
+from fedspine.models.augment import AdaptiveP, AugmentPipe
+from fedspine.training import losses
+from fedspine.training.config import TrainConfig
+
+TickCallback = Callable[["GanTrainer", dict], bool | None]
+
+
+@dataclass
+class StepMetrics:
+    """Detached scalar tensors of one iteration (no device sync until read)."""
+
+    loss_g: torch.Tensor
+    loss_d: torch.Tensor
+    d_real: torch.Tensor
+    d_fake: torch.Tensor
+    d_real_sign: torch.Tensor
+    loss_r1: torch.Tensor | None = None
+    r1_penalty: torch.Tensor | None = None
+    loss_pl: torch.Tensor | None = None
+    pl_length: torch.Tensor | None = None
+    ada_p: float = 0.0
+    ada_rt: float | None = None
+    batch: int = 0
+
+    def as_floats(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = float(value) if value is not None else None
+        return out
+
+
+class GanTrainer:
+    """Conditional StyleGAN2-ADA: networks, optimizers, ADA, counters, RNGs and the step."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        label_prior: np.ndarray | list[float],
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.config = config
+        net: NetworkConfig = config.network
+        self.device = resolve_device(device if device is not None else config.device)
+        prior = np.asarray(label_prior, dtype=np.float64)
+        if prior.shape != (net.c_dim,) or (prior < 0).any() or prior.sum() <= 0:
+            raise ValueError(
+                f"label_prior must be {net.c_dim} non-negative weights, got {prior.tolist()}"
+            )
+        self.label_prior = torch.from_numpy(prior / prior.sum())
+
+        seeds = np.random.SeedSequence(config.seed).generate_state(3)
+        # The global torch RNG drives network initialisation and G's per-layer noise; seeding it
+        # here makes a run reproducible from its seed, and state_dict() saves it for resume.
+        torch.manual_seed(int(seeds[0]))
+        self.latent_gen = torch.Generator().manual_seed(int(seeds[1]))
+        self.np_rng = np.random.default_rng(int(seeds[2]))
+
+        self.G = Generator(net).to(self.device).train()
+        self.D = Discriminator(net).to(self.device).train()
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+
+        g_lr, g_betas = lazy_adam(
+            config.g_lr, config.g_betas, config.pl_interval if config.pl_weight > 0 else None
+        )
+        d_lr, d_betas = lazy_adam(
+            config.d_lr, config.d_betas, config.r1_interval if config.r1_gamma > 0 else None
+        )
+        self.opt_G = torch.optim.Adam(
+            self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.adam_eps
+        )
+        self.opt_D = torch.optim.Adam(
+            self.D.parameters(), lr=d_lr, betas=d_betas, eps=config.adam_eps
+        )
+
+        self.augment_pipe: AugmentPipe | None = None
+        self.ada: AdaptiveP | None = None
+        if config.augment.preset != "none":
+            self.augment_pipe = AugmentPipe(config.augment).to(self.device)
+            if config.augment.fixed_p is None:
+                self.ada = AdaptiveP(self.augment_pipe, config.augment, config.batch)
+
+        self.amp_dtype = _amp_dtype(self.device, config.mixed_precision)
+        fp16 = self.amp_dtype == torch.float16
+        self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_D = torch.amp.GradScaler(self.device.type, enabled=fp16)
+
+        self.pl_mean = torch.zeros([], device=self.device)
+        self.cur_nimg = 0
+        self.cur_tick = 0
+        self.tick_start_nimg = 0
+        self.g_steps = 0
+        self.d_steps = 0
+
+    # ----------------------------------------------------------------------------------------
+    # The step.
+
+    def train_step(self, real_images: torch.Tensor, real_labels: torch.Tensor) -> StepMetrics:
+        """One iteration on a real minibatch (images [N, C, R, R] in [-1, 1], labels [N] int)."""
+        real = real_images.to(self.device, torch.float32)
+        labels = real_labels.to(self.device, torch.int64)
+        batch = int(real.shape[0])
+        g = self.g_step(batch)
+        d = self.d_step(real, labels)
+        self.update_ema(batch)
+        self.cur_nimg += batch
+        ada_rt = self.ada.maybe_update() if self.ada is not None else None
+        return StepMetrics(
+            loss_g=g["loss_g"],
+            loss_d=d["loss_d"],
+            d_real=d["d_real"],
+            d_fake=d["d_fake"],
+            d_real_sign=d["d_real_sign"],
+            loss_r1=d.get("loss_r1"),
+            r1_penalty=d.get("r1_penalty"),
+            loss_pl=g.get("loss_pl"),
+            pl_length=g.get("pl_length"),
+            ada_p=self.ada_p,
+            ada_rt=None if ada_rt is None else float(ada_rt),
+            batch=batch,
+        )
+
+    def g_step(self, batch: int) -> dict[str, torch.Tensor]:
+        """Generator update on ``batch`` fakes; path-length regularisation when it is due."""
+        cfg = self.config
+        self.G.requires_grad_(True)
+        self.D.requires_grad_(False)
+        out: dict[str, torch.Tensor] = {}
+        z, c = self.sample_latents(batch)
+        with self._autocast():
+            ws = self._mapping(self.G, z, c, update_w_avg=True)
+            fake = self.G.synthesis(ws, noise_mode="random")
+            logits = self.D(self._augment(fake), self._onehot(c))
+        loss = losses.g_logistic_ns(logits).mean()
+        self._optimise(self.opt_G, self.scaler_G, loss)
+        out["loss_g"] = loss.detach()
+
+        if cfg.pl_weight > 0 and cfg.pl_interval > 0 and self.g_steps % cfg.pl_interval == 0:
+            pl_batch = max(batch // cfg.pl_batch_shrink, 1)
+            z, c = self.sample_latents(pl_batch)
+            ws = self._mapping(self.G, z, c, update_w_avg=False)
+            fake = self.G.synthesis(ws, noise_mode="random")
+            lengths = losses.path_length(fake, ws, generator=self.latent_gen)
+            penalty, new_mean = losses.path_length_penalty(lengths, self.pl_mean, cfg.pl_decay)
+            self.pl_mean.copy_(new_mean)
+            loss_pl = penalty.mean() * cfg.pl_weight
+            self._optimise(self.opt_G, None, loss_pl * cfg.pl_interval)
+            out["loss_pl"] = loss_pl.detach()
+            out["pl_length"] = lengths.detach().mean()
+        self.G.requires_grad_(False)
+        self.g_steps += 1
+        return out
+
+    def d_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Discriminator update on a real minibatch and as many fakes; lazy R1 when due.
+
+        Fake labels come from the label prior; every image D sees goes through the augmentation.
+        ADA's controller reads sign(D(real)) from this step only.
+        """
+        cfg = self.config
+        batch = int(real.shape[0])
+        self.G.requires_grad_(False)
+        self.D.requires_grad_(True)
+        out: dict[str, torch.Tensor] = {}
+        z, c_fake = self.sample_latents(batch)
+        real_c = self._onehot(labels)
+        with torch.no_grad(), self._autocast():
+            fake = self.G.synthesis(
+                self._mapping(self.G, z, c_fake, update_w_avg=False), noise_mode="random"
+            )
+        with self._autocast():
+            fake_logits = self.D(self._augment(fake.float()), self._onehot(c_fake))
+            real_logits = self.D(self._augment(real), real_c)
+        loss = losses.d_logistic(real_logits, fake_logits).mean()
+        self._optimise(self.opt_D, self.scaler_D, loss)
+        real_logits = real_logits.detach().float()
+        if self.ada is not None:
+            self.ada.accumulate(real_logits)
+        out["loss_d"] = loss.detach()
+        out["d_real"] = real_logits.mean()
+        out["d_fake"] = fake_logits.detach().float().mean()
+        out["d_real_sign"] = real_logits.sign().mean()
+
+        if cfg.r1_gamma > 0 and cfg.r1_interval > 0 and self.d_steps % cfg.r1_interval == 0:
+            penalty, _ = losses.r1_penalty(self.D, real, real_c, augment=self._augment)
+            loss_r1 = penalty.mean() * (cfg.r1_gamma / 2)
+            self._optimise(self.opt_D, None, loss_r1 * cfg.r1_interval)
+            out["loss_r1"] = loss_r1.detach()
+            out["r1_penalty"] = penalty.detach().mean()
+        self.D.requires_grad_(False)
+        self.d_steps += 1
+        return out
+
+    @torch.no_grad()
+    def update_ema(self, batch: int) -> float:
+        """G_ema <- lerp(G, G_ema, beta) for parameters; buffers (w_avg, noise) are copied."""
+        beta = ema_beta(batch, self.cur_nimg, self.config.ema_kimg, self.config.ema_rampup)
+        ema_params = dict(self.G_ema.named_parameters())
+        for name, p in self.G.named_parameters():
+            ema_params[name].copy_(p.detach().lerp(ema_params[name], beta))
+        ema_buffers = dict(self.G_ema.named_buffers())
+        for name, b in self.G.named_buffers():
+            ema_buffers[name].copy_(b)
+        return beta
+
+    def sample_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """z ~ N(0, I) and labels ~ label_prior, drawn from the trainer's own generator."""
+        z = torch.randn([n, self.config.network.z_dim], generator=self.latent_gen)
+        c = torch.multinomial(self.label_prior, n, replacement=True, generator=self.latent_gen)
+        return z.to(self.device), c.to(self.device)
+
+    # ----------------------------------------------------------------------------------------
+    # The loop.
+
+    def run(
+        self,
+        kimg: float,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        on_tick: TickCallback | None = None,
+        tick_kimg: float | None = None,
+        on_step: Callable[[GanTrainer, StepMetrics], None] | None = None,
+    ) -> dict:
+        """Train for ``kimg`` thousand real images; returns the metrics of the last tick.
+
+        A tick ends every ``tick_kimg`` (default: the config's) and at the end; ``on_tick`` gets
+        the tick's averaged metrics and may return True to stop early.
+        """
+        tick_nimg = max(int(round((tick_kimg or self.config.tick_kimg) * 1000)), 1)
+        target = self.cur_nimg + int(round(kimg * 1000))
+        acc = _TickAccumulator()
+        tick_start_time = time.perf_counter()
+        last: dict = {}
+        while self.cur_nimg < target:
+            images, labels = next(batches)
+            metrics = self.train_step(images, labels)
+            acc.add(metrics)
+            if on_step is not None:
+                on_step(self, metrics)
+            if self.cur_nimg >= self.tick_start_nimg + tick_nimg or self.cur_nimg >= target:
+                seconds = time.perf_counter() - tick_start_time
+                last = self._tick_record(acc, seconds)
+                self.cur_tick += 1
+                self.tick_start_nimg = self.cur_nimg
+                acc = _TickAccumulator()
+                stop = on_tick(self, last) if on_tick is not None else None
+                tick_start_time = time.perf_counter()
+                if stop:
+                    break
+        return last
+
+    # ----------------------------------------------------------------------------------------
+    # State.
+
+    @property
+    def ada_p(self) -> float:
+        return float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: tensors and plain Python types only."""
+        rng = {
+            "torch_cpu": torch.get_rng_state(),
+            "latent": self.latent_gen.get_state(),
+            "numpy": self.np_rng.bit_generator.state,
+        }
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "config": self.config.to_dict(),
+            "label_prior": self.label_prior.clone(),
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "scaler_G": self.scaler_G.state_dict(),
+            "scaler_D": self.scaler_D.state_dict(),
+            "augment_pipe": self.augment_pipe.state_dict()
+            if self.augment_pipe is not None
+            else None,
+            "ada": self.ada.state_dict() if self.ada is not None else None,
+            "pl_mean": self.pl_mean.detach().cpu().clone(),
+            "counters": self.counters(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; the network settings must match this trainer's."""
+        saved_net = state["config"]["network"]
+        mine = self.config.to_dict()["network"]
+        if saved_net != mine:
+            diff = sorted(k for k in set(saved_net) | set(mine) if saved_net.get(k) != mine.get(k))
+            raise ValueError(f"the saved state has different network settings: {diff}")
+        self.label_prior = state["label_prior"].to(torch.float64).cpu().clone()
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        if state.get("scaler_G"):
+            self.scaler_G.load_state_dict(state["scaler_G"])
+        if state.get("scaler_D"):
+            self.scaler_D.load_state_dict(state["scaler_D"])
+        if self.augment_pipe is not None and state.get("augment_pipe") is not None:
+            self.augment_pipe.load_state_dict(state["augment_pipe"])
+        if self.ada is not None and state.get("ada") is not None:
+            self.ada.load_state_dict(state["ada"])
+        self.pl_mean.copy_(state["pl_mean"].to(self.device))
+        counters = state["counters"]
+        self.cur_nimg = int(counters["cur_nimg"])
+        self.cur_tick = int(counters["cur_tick"])
+        self.tick_start_nimg = int(counters["tick_start_nimg"])
+        self.g_steps = int(counters["g_steps"])
+        self.d_steps = int(counters["d_steps"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch_cpu"].cpu())
+        self.latent_gen.set_state(rng["latent"].cpu())
+        self.np_rng.bit_generator.state = rng["numpy"]
+        if self.device.type == "cuda" and "torch_cuda" in rng:
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["torch_cuda"]])
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: str | torch.device | None = None) -> GanTrainer:
+        """A trainer rebuilt from a saved state (its own config and prior), on ``device``."""
+        config = TrainConfig.from_dict(state["config"])
+        trainer = cls(config, state["label_prior"].numpy(), device=device)
+        trainer.load_state_dict(state)
+        return trainer
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "cur_nimg": self.cur_nimg,
+            "cur_tick": self.cur_tick,
+            "tick_start_nimg": self.tick_start_nimg,
+            "g_steps": self.g_steps,
+            "d_steps": self.d_steps,
+        }
+
+    # ----------------------------------------------------------------------------------------
+    # Helpers.
+
+    def _mapping(
+        self, G: Generator, z: torch.Tensor, c: torch.Tensor, update_w_avg: bool
+    ) -> torch.Tensor:
+        """Mapping with style mixing: with probability ``style_mixing`` the layers from a random
+        cutoff on take the styles of a second latent (same class)."""
+        c1 = self._onehot(c)
+        ws = G.mapping(z, c1, update_w_avg=update_w_avg)
+        num_ws = ws.shape[1]
+        prob = self.config.style_mixing
+        if prob <= 0 or num_ws < 2:
+            return ws
+        cutoff = int(torch.randint(1, num_ws, [], generator=self.latent_gen))
+        mix = float(torch.rand([], generator=self.latent_gen)) < prob
+        if not mix:
+            return ws
+        z2 = torch.randn(z.shape, generator=self.latent_gen).to(z.device)
+        ws2 = G.mapping(z2, c1, update_w_avg=False)
+        return torch.cat([ws[:, :cutoff], ws2[:, cutoff:]], dim=1)
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        if self.augment_pipe is None:
+            return images
+        return self.augment_pipe(images)
+
+    def _onehot(self, labels: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(labels, self.config.network.c_dim).to(torch.float32)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _optimise(self, opt: torch.optim.Optimizer, scaler, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+
+    def _tick_record(self, acc: _TickAccumulator, seconds: float) -> dict:
+        nimg = acc.nimg
+        record = {
+            "tick": self.cur_tick,
+            "kimg": self.cur_nimg / 1000,
+            "cur_nimg": self.cur_nimg,
+            "g_steps": self.g_steps,
+            "d_steps": self.d_steps,
+            "tick_seconds": seconds,
+            "sec_per_kimg": seconds / (nimg / 1000) if nimg else None,
+            "img_per_sec": nimg / seconds if seconds > 0 else None,
+            "ada_p": self.ada_p,
+            "pl_mean": float(self.pl_mean),
+        }
+        record.update(acc.means())
+        return record
+
+
+def ema_beta(batch: int, cur_nimg: int, ema_kimg: float, ema_rampup: float | None) -> float:
+    """G_ema decay per step: 0.5 ** (batch / ema_nimg), ema_nimg = min(ema_kimg * 1000,
+    cur_nimg * ema_rampup) while ramping up, so early G_ema follows G closely."""
+    ema_nimg = ema_kimg * 1000
+    if ema_rampup is not None:
+        ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
+    return 0.5 ** (batch / max(ema_nimg, 1e-8))
+
+
+def lazy_adam(
+    lr: float, betas: tuple[float, float], interval: int | None
+) -> tuple[float, tuple[float, float]]:
+    """Adam settings for a network whose regulariser runs every ``interval`` steps as an extra
+    step: lr * k/(k+1), betas ** (k/(k+1)), so the optimizer's time scale stays as without it."""
+    if not interval or interval <= 0:
+        return float(lr), (float(betas[0]), float(betas[1]))
+    ratio = interval / (interval + 1)
+    return float(lr * ratio), (float(betas[0] ** ratio), float(betas[1] ** ratio))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "--device cuda was asked for, but torch sees no CUDA device; use --device cpu"
+        )
+    return dev
+
+
+def configure_cpu(threads: int | None = None, flush_denormal: bool = True) -> int:
+    """CPU settings for training: flush denormals (they make tiny-weight convs crawl) and use
+    the cores this process may run on (or OMP_NUM_THREADS when set). Call once per process,
+    outside the training step; returns the thread count."""
+    import os
+
+    torch.set_flush_denormal(flush_denormal)
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            threads = torch.get_num_threads()
+        else:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    if device.type != "cuda" or mode == "off":
+        return None
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+@dataclass
+class _TickAccumulator:
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    tensors: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    nimg: int = 0
+
+    def add(self, m: StepMetrics) -> None:
+        self.nimg += m.batch
+        for f in fields(m):
+            if f.name == "batch":
+                continue
+            value = getattr(m, f.name)
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                self.tensors.setdefault(f.name, []).append(value)
+            else:
+                self.sums[f.name] = self.sums.get(f.name, 0.0) + float(value)
+                self.counts[f.name] = self.counts.get(f.name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums if k != "ada_p"}
+        for key, values in self.tensors.items():
+            out[key] = float(torch.stack([v.float() for v in values]).mean())
+        return out

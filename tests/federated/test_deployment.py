@@ -1,0 +1,183 @@
+"""End to end on Flower's real deployment engine: a SuperLink and SuperNodes over loopback sockets,
+with TLS and SuperNode authentication, driven through the `fedspine` command line.
+
+Every process a test starts is stopped by PID (its whole process group) on success and failure.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedspine.federated.deploy import (
+    SiteProcessConfig,
+    start_supernode,
+    stop_superlink,
+)
+from fedspine.federated.federation import read_rounds, read_status
+from tests.federated.conftest import make_site_dataset
+
+pytestmark = pytest.mark.slow
+
+FEDSPINE = [sys.executable, "-m", "fedspine.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [*FEDSPINE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"fedspine {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def _federation_toml(
+    path: Path, out: Path, rounds: int, min_sites: int, timeout: float = 600
+) -> Path:
+    path.write_text(
+        "[federation]\n"
+        f'name = "e2e"\noutput_dir = "{out}"\nrounds = {rounds}\nmin_sites = {min_sites}\n'
+        f"round_timeout = {timeout}\n"
+        "[training]\n"
+        'preset = "cpu"\nresolution = 16\nlocal_kimg = 0.064\nclass_names = ["normal", "abnormal"]\n'
+        "seed = 3\n"
+    )
+    return path
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    """A TLS + node-auth SuperLink on a free loopback port, stopped afterwards."""
+    workdir = tmp_path / "server"
+    port = _free_port()
+    _cli("server", "certs", "--workdir", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
+    _cli("server", "start", "--workdir", str(workdir), "--host", "127.0.0.1", "--port", str(port))
+    try:
+        yield workdir, port
+    finally:
+        stop_superlink(workdir)
+
+
+def _site(tmp_path, coordinator, k: int, register: bool = True, data: Path | None = None):
+    workdir, port = coordinator
+    key = tmp_path / f"site{k}.key"
+    _cli("client", "keygen", "--out", str(key))
+    if register:
+        _cli("server", "register-site", str(key) + ".pub", "--workdir", str(workdir))
+    if data is None:
+        data = make_site_dataset(tmp_path / f"data{k}", n=40, seed=k, brightness=20.0 * k)
+    return start_supernode(
+        SiteProcessConfig(
+            server=f"127.0.0.1:{port}",
+            data=data,
+            site=f"site-{k}",
+            workdir=tmp_path / f"site{k}",
+            ca=workdir / "certs" / "ca.crt",
+            key=key,
+            port=_free_port(),
+        )
+    )
+
+
+def test_two_sites_two_rounds_with_tls_and_node_auth(tmp_path, coordinator):
+    workdir, _ = coordinator
+    sites = []
+    try:
+        sites = [_site(tmp_path, coordinator, k) for k in range(2)]
+        stranger = _site(tmp_path, coordinator, 9, register=False)
+        sites.append(stranger)
+        out = tmp_path / "fed-out"
+        config = _federation_toml(tmp_path / "federation.toml", out, rounds=2, min_sites=2)
+        result = _cli("server", "run", "--config", str(config), "--workdir", str(workdir))
+        assert "federation complete" in result.stdout, result.stdout + result.stderr
+        assert "round 2/2" in result.stdout
+
+        rounds = read_rounds(out)
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert sorted(s["site"] for s in rounds[-1]["sites"]) == ["site-0", "site-1"]
+        assert read_status(out)["state"] == "completed"
+        assert (out / "rounds" / "round_0002.pt").is_file()
+
+        # The unregistered site never took part and was turned away by the SuperLink.
+        assert all(s["site"] != "site-9" for r in rounds for s in r["sites"])
+        log = stranger.log.read_text(errors="replace")
+        assert "Failed to activate SuperNode" in log, log[-2000:]
+
+        synthetic = tmp_path / "syn"
+        _cli("generate", str(out), "--out", str(synthetic), "--per-class", "3")
+        assert len(list(synthetic.glob("**/*.png"))) == 6
+    finally:
+        for site in sites:
+            site.stop()
+    for site in sites:
+        assert not site.alive()
+
+
+def _wait_for_rounds(out: Path, n: int, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(read_rounds(out)) >= n:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{out}: fewer than {n} rounds after {timeout:.0f} s")
+
+
+def test_site_killed_and_server_restarted_mid_run(tmp_path, coordinator):
+    """A killed site costs only its contribution; a restarted server resumes after its last round."""
+    workdir, port = coordinator
+    sites = []
+    run = None
+    try:
+        sites = [_site(tmp_path, coordinator, k) for k in range(2)]
+        out = tmp_path / "fed-out"
+        config = _federation_toml(tmp_path / "fed.toml", out, rounds=3, min_sites=1, timeout=150)
+        run = subprocess.Popen(
+            [*FEDSPINE, "server", "run", "--config", str(config), "--workdir", str(workdir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        _wait_for_rounds(out, 1, timeout=400)
+        sites[1].stop()  # site-1 dies: the next rounds complete with site-0 alone
+        _wait_for_rounds(out, 2, timeout=400)
+        second = read_rounds(out)[1]
+        assert [s["site"] for s in second["sites"]] == ["site-0"]
+        assert [(f["site"], f["reason"]) for f in second["failures"]] == [
+            ("site-1", "no reply within the round timeout")
+        ]
+
+        # The coordinator restarts; the waiting `server run` loses its SuperLink and fails.
+        stop_superlink(workdir)
+        run.wait(timeout=120)
+        assert run.returncode != 0
+        _cli(
+            "server", "start", "--workdir", str(workdir), "--host", "127.0.0.1", "--port", str(port)
+        )
+        result = _cli("server", "run", "--config", str(config), "--workdir", str(workdir))
+        assert "federation complete" in result.stdout, result.stdout + result.stderr
+        rounds = read_rounds(out)
+        assert [r["round"] for r in rounds][-1] == 3
+        assert read_status(out)["state"] == "completed"
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+        for site in sites:
+            site.stop()
