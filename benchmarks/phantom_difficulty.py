@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--cnn", action="store_true", help="also train a small CNN (torch, CPU)")
     args = parser.parse_args()
 
-    from fedspine.data.phantom import phantom_arrays
+    from fedspine.data.phantom import phantom_arrays, random_conv_features
 
     start = time.perf_counter()
     data = phantom_arrays(args.images, args.resolution, seed=args.seed, sites=args.sites)
@@ -41,45 +41,74 @@ def main() -> None:
         "abnormal_fraction": round(float(y.mean()), 3),
         "train_images": int(train.sum()),
         "test_images": int(test.sum()),
-        "render_seconds": round(render_s, 1),
+        "seconds": {"render": round(render_s, 1)},
         "auc": {},
+        "auc_by_lesion_type": {},
     }
-    for name, model in classifiers(args.seed).items():
+    types_test = [data.lesion_types[i] for i in np.flatnonzero(test)]
+    features = {"pixels": x, "random_conv": random_conv_features(data.images, seed=args.seed)}
+    for name, (inputs, model) in classifiers(args.seed).items():
         t0 = time.perf_counter()
-        model.fit(x[train], y[train])
-        score = model.predict_proba(x[test])[:, 1]
+        model.fit(features[inputs][train], y[train])
+        score = model.predict_proba(features[inputs][test])[:, 1]
         result["auc"][name] = round(auc(y[test], score), 4)
-        result[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
+        result["auc_by_lesion_type"][name] = by_lesion_type(y[test], score, types_test)
+        result["seconds"][name] = round(time.perf_counter() - t0, 1)
     if args.cnn:
         t0 = time.perf_counter()
-        result["auc"]["small_cnn"] = round(cnn_auc(data.images, y, train, test, args.seed), 4)
-        result["small_cnn_seconds"] = round(time.perf_counter() - t0, 1)
+        score = cnn_scores(data.images, y, train, test, args.seed)
+        result["auc"]["small_cnn"] = round(auc(y[test], score), 4)
+        result["auc_by_lesion_type"]["small_cnn"] = by_lesion_type(y[test], score, types_test)
+        result["seconds"]["small_cnn"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=2))
 
 
-def patient_split(patients: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def patient_split(
+    patients: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Boolean train/test masks with every patient on one side only."""
     unique = np.unique(patients)
     rng = np.random.default_rng(seed)
-    test_patients = rng.choice(unique, size=max(1, int(round(test_fraction * len(unique)))), replace=False)
+    test_patients = rng.choice(
+        unique, size=max(1, int(round(test_fraction * len(unique)))), replace=False
+    )
     test = np.isin(patients, test_patients)
     return ~test, test
 
 
 def classifiers(seed: int) -> dict:
+    """name -> (which inputs, untrained model): raw-pixel models and the random-filter probe."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    def logistic(c: float):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+
     return {
-        "logistic_regression": make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000)),
-        "random_forest": RandomForestClassifier(n_estimators=300, min_samples_leaf=2, n_jobs=1, random_state=seed),
-        "mlp": make_pipeline(
-            StandardScaler(),
-            MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-2, max_iter=300, early_stopping=True, random_state=seed),
+        "pixel_logistic_regression": ("pixels", logistic(0.01)),
+        "pixel_random_forest": (
+            "pixels",
+            RandomForestClassifier(
+                n_estimators=300, min_samples_leaf=2, n_jobs=1, random_state=seed
+            ),
         ),
+        "pixel_mlp": (
+            "pixels",
+            make_pipeline(
+                StandardScaler(),
+                MLPClassifier(
+                    hidden_layer_sizes=(256,),
+                    alpha=1e-2,
+                    max_iter=300,
+                    early_stopping=True,
+                    random_state=seed,
+                ),
+            ),
+        ),
+        "random_conv_logistic_regression": ("random_conv", logistic(0.05)),
     }
 
 
@@ -89,7 +118,23 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score))
 
 
-def cnn_auc(images: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> float:
+def by_lesion_type(
+    y: np.ndarray, score: np.ndarray, types: list[tuple[str, ...]]
+) -> dict[str, float]:
+    """AUC of each lesion type's images against all normal test images."""
+    normal = score[y == 0]
+    out = {}
+    for name in sorted({t for ts in types for t in ts}):
+        positive = score[[name in ts for ts in types]]
+        if len(positive) >= 5:
+            labels = np.r_[np.zeros(len(normal)), np.ones(len(positive))]
+            out[name] = round(auc(labels, np.r_[normal, positive]), 3)
+    return out
+
+
+def cnn_scores(
+    images: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int
+) -> np.ndarray:
     """A four-block CNN with flips, 30 epochs of Adam: a stand-in for the project's classifier."""
     import torch
     from torch import nn
@@ -98,10 +143,18 @@ def cnn_auc(images: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarr
     torch.set_num_threads(2)
 
     def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+        )
 
     model = nn.Sequential(
-        block(1, 16), block(16, 32), block(32, 64), block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1)
+        block(1, 16),
+        block(16, 32),
+        block(32, 64),
+        block(64, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 1),
     )
     xt = torch.from_numpy(images[train][:, None])
     yt = torch.from_numpy(y[train].astype(np.float32))
@@ -121,8 +174,7 @@ def cnn_auc(images: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarr
             opt.step()
     model.eval()
     with torch.no_grad():
-        score = torch.sigmoid(model(torch.from_numpy(images[test][:, None])).squeeze(1)).numpy()
-    return auc(y[test], score)
+        return torch.sigmoid(model(torch.from_numpy(images[test][:, None])).squeeze(1)).numpy()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Prints one JSON object: images per second (real images through one full iteration: G step, D
 step, lazy R1 / path-length at their intervals, EMA, ADA) per resolution and setting, and the
-ratio denormal-flushing on / off. Each setting gets a fresh trainer from the same seed, a few
+ratio denormal-flushing on / off. On a shared machine wall-clock rates depend on the other load;
+images per CPU-second at one thread are the steadier comparison. Each setting gets a fresh trainer from the same seed, a few
 warm-up steps, then `--steps` timed steps (use a multiple of 16 to include R1 at its rate).
 
     python benchmarks/train_throughput.py --threads 2 --steps 16
@@ -40,8 +41,9 @@ def main() -> None:
             row["denormal_on" if flush else "denormal_off"] = _measure(
                 res, flush, args.steps, args.warmup
             )
-        on, off = row["denormal_on"]["img_per_sec"], row["denormal_off"]["img_per_sec"]
-        row["ratio_on_over_off"] = on / off
+        on, off = row["denormal_on"], row["denormal_off"]
+        row["ratio_on_over_off"] = on["img_per_sec"] / off["img_per_sec"]
+        row["ratio_on_over_off_cpu_time"] = on["img_per_cpu_sec"] / off["img_per_cpu_sec"]
         results[f"{res}px"] = row
     torch.set_flush_denormal(False)
     print(
@@ -75,13 +77,16 @@ def _measure(resolution: int, flush_denormal: bool, steps: int, warmup: int) -> 
     batches = BatchSampler(data, cfg.batch, trainer.np_rng)
     for _ in range(warmup):
         trainer.train_step(*next(batches))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         trainer.train_step(*next(batches))
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
+    images = steps * cfg.batch
     return {
-        "img_per_sec": steps * cfg.batch / seconds,
-        "sec_per_kimg": seconds / (steps * cfg.batch / 1000),
+        "img_per_sec": images / seconds,
+        "img_per_cpu_sec": images / cpu_seconds,
+        "sec_per_kimg": seconds / (images / 1000),
         "batch": cfg.batch,
         "g_params": sum(p.numel() for p in trainer.G.parameters()),
         "d_params": sum(p.numel() for p in trainer.D.parameters()),

@@ -63,16 +63,84 @@ def train_command(
         None, "--batch", help="Minibatch size (the preset's other settings stay as they are)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dp: bool = typer.Option(
+        False, "--dp", help="Differential privacy: patient-level DP-SGD on the discriminator."
+    ),
+    epsilon: float = typer.Option(
+        None,
+        "--epsilon",
+        help="With --dp: target ε of this data after this run, composed with its ledger (σ is calibrated from it).",
+    ),
+    noise_multiplier: float = typer.Option(
+        None, "--noise-multiplier", help="With --dp: σ instead of --epsilon."
+    ),
+    delta: float = typer.Option(
+        None, "--delta", help="With --dp: δ (default min(1e-5, 1/(10·patients)))."
+    ),
+    clip: float = typer.Option(1.0, "--clip", help="With --dp: per-patient clip norm C."),
+    patients_per_step: int = typer.Option(
+        64,
+        "--patients-per-step",
+        help="With --dp: expected patients per D step (q = this / patients).",
+    ),
+    d_steps_per_g: int = typer.Option(1, "--d-steps-per-g", help="With --dp: D steps per G step."),
+    ada_p: float = typer.Option(
+        0.0,
+        "--ada-p",
+        help="With --dp: fixed augmentation probability (adaptive ADA reads private data).",
+    ),
+    ledger: Path = typer.Option(
+        None,
+        "--ledger",
+        help="With --dp: the data's privacy ledger (default PREPARED/privacy_ledger.json).",
+    ),
+    max_epsilon: float = typer.Option(
+        None, "--max-epsilon", help="With --dp: refuse to start if the ledger would exceed this ε."
+    ),
 ) -> None:
-    """Train a conditional StyleGAN2-ADA on the train split of a prepared dataset."""
+    """Train a conditional StyleGAN2-ADA on the train split of a prepared dataset.
+
+    With --dp the discriminator is trained with patient-level DP-SGD, every step is recorded in
+    the data's privacy ledger, and RUN/privacy.json says what was spent (see `fedspine privacy
+    report`). Without --dp the run is marked not private.
+    """
     if model not in MODELS:
         _fail(f"--model {model}: only {', '.join(MODELS)} is available in this version")
     if preset is not None and preset not in PRESET_NAMES:
         _fail(f"--preset {preset}: choose one of {', '.join(PRESET_NAMES)}")
     if device not in ("auto", "cpu", "cuda"):
         _fail(f"--device {device}: choose auto, cpu or cuda")
+    dp_options = None
+    if dp:
+        if (epsilon is None) == (noise_multiplier is None):
+            _fail("--dp needs exactly one of --epsilon and --noise-multiplier")
+        dp_options = {
+            "target_epsilon": epsilon,
+            "noise_multiplier": noise_multiplier,
+            "delta": delta,
+            "max_grad_norm": clip,
+            "expected_patients_per_step": patients_per_step,
+            "d_steps_per_g": d_steps_per_g,
+            "ada_p": ada_p,
+            "ledger": ledger,
+            "max_epsilon": max_epsilon,
+        }
+    elif any(v is not None for v in (epsilon, noise_multiplier, delta, ledger, max_epsilon)):
+        _fail("--epsilon, --noise-multiplier, --delta, --ledger and --max-epsilon need --dp")
     try:
-        _train(prepared, out, preset, kimg, resolution, snapshot_kimg, seed, resume, batch, device)
+        _train(
+            prepared,
+            out,
+            preset,
+            kimg,
+            resolution,
+            snapshot_kimg,
+            seed,
+            resume,
+            batch,
+            device,
+            dp_options,
+        )
     except _CliError as err:
         _fail(str(err))
 
@@ -149,7 +217,7 @@ class _CliError(Exception):
 
 
 def _train(
-    prepared, out, preset, kimg, resolution, snapshot_kimg, seed, resume, batch, device
+    prepared, out, preset, kimg, resolution, snapshot_kimg, seed, resume, batch, device, dp_options
 ) -> None:
     import dataclasses
 
@@ -235,6 +303,14 @@ def _train(
     config.device = device
     if config.tick_kimg > config.snapshot_kimg:
         config.tick_kimg = config.snapshot_kimg
+    if (state is not None) and (("dp" in state) != (dp_options is not None)):
+        raise _CliError("resume with the same --dp setting the run was started with")
+    privacy = None
+    if dp_options is not None:
+        from fedspine.training.dp_run import RunPrivacy
+
+        privacy = RunPrivacy(prepared, dataset, train, out, dp_options)
+        config = privacy.adjust_config(config)
 
     data = training_data(train, config.resolution)
     if data.resized_from is not None:
@@ -244,7 +320,13 @@ def _train(
         )
     if dev.type == "cpu":
         configure_cpu()
-    trainer = GanTrainer(config, data.label_prior(), device=dev)
+    if privacy is not None:
+        try:
+            trainer = privacy.make_trainer(config, data, dev, state)
+        except ValueError as err:
+            raise _CliError(str(err)) from None
+    else:
+        trainer = GanTrainer(config, data.label_prior(), device=dev)
     if state is not None:
         trainer.load_state_dict(state)
         typer.echo(f"resumed {out} at {trainer.cur_nimg / 1000:.3f} kimg")
@@ -276,7 +358,10 @@ def _train(
 
     target_nimg = int(round(config.total_kimg * 1000))
     remaining_kimg = max(target_nimg - trainer.cur_nimg, 0) / 1000
-    batches = BatchSampler(data, config.batch, trainer.np_rng, device=dev)
+    if privacy is not None:
+        batches = privacy.batches(data, dev)
+    else:
+        batches = BatchSampler(data, config.batch, trainer.np_rng, device=dev)
     try:
         with _progress_bar() as progress:
             task = progress.add_task(
@@ -304,6 +389,8 @@ def _train(
 
             trainer.run(remaining_kimg, batches, on_tick=on_tick, on_step=on_step)
     except KeyboardInterrupt:
+        if privacy is not None:
+            privacy.finish(trainer)
         where = run.last_snapshot
         msg = (
             f"interrupted; last snapshot: {where} (continue with --resume)"
@@ -316,6 +403,21 @@ def _train(
         run.snapshot()
     run.save_generator()
     typer.echo(f"trained to {trainer.cur_nimg / 1000:.3f} kimg; generator: {out / 'generator.pt'}")
+    if privacy is not None:
+        spent = privacy.finish(trainer)
+        typer.echo(
+            f"privacy: ε = {spent:.3f} at δ = {privacy.delta:.2g} spent on this data so far "
+            f"(ledger {privacy.ledger_path}); report: fedspine privacy report {out}"
+        )
+    else:
+        from fedspine.privacy.report import write_privacy_summary
+
+        write_privacy_summary(
+            out,
+            {},
+            {"discriminator": "trained without differential privacy"},
+            not_private_reasons=["trained without differential privacy (no --dp)"],
+        )
 
 
 class _Run:

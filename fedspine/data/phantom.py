@@ -12,7 +12,6 @@ Everything is a function of the seed: the same call writes the same bytes.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -20,7 +19,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +96,7 @@ class SiteDomain:
     test_fraction: float = TEST_FRACTION
 
     def shape(self, size: int) -> tuple[int, int]:
-        """(rows, columns) of this site's stored images for a base size (the short side)."""
+        """(rows, columns) of this site's images: the short side is ``size`` x the site's scale."""
         cols = max(32, int(round(size * self.short_side_scale)))
         return int(round(cols * self.aspect)), cols
 
@@ -116,16 +115,6 @@ class PhantomCase:
     @property
     def abnormal(self) -> bool:
         return bool(self.lesions)
-
-
-@dataclass
-class _Written:
-    split: str
-    study_id: str
-    series_id: str
-    image_id: str
-    rad_id: str
-    boxes: list[LesionBox] = field(default_factory=list)
 
 
 def write_phantom_sites(
@@ -237,7 +226,7 @@ def sample_case(
             if les.lesion_type == "Osteophytes" and rng.random() < 0.5:
                 level = int(np.clip(les.level + rng.choice([-1, 1]), 1, 5))
                 extra = sample_lesion(rng, "Osteophytes", first)
-                lesions.append(dataclasses.replace(extra, level=level))
+                lesions.append(replace(extra, level=level))
         for view in views:
             if not any(visible_in(les, view) for les in lesions):
                 choices = [t for t in LESION_TYPES if visible_in(Lesion(t, 1, 0.5), view)]
@@ -264,7 +253,10 @@ def write_phantom_site(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write one site in the VinDr layout, atomically (temporary folder, then rename)."""
+    """Write one site in the VinDr layout, atomically (temporary folder, then rename).
+
+    ``progress`` is called with the number of this site's images written so far.
+    """
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder}: already exists; remove it or choose another folder")
@@ -279,6 +271,18 @@ def write_phantom_site(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+@dataclass
+class _Written:
+    """What was written for one image: where, its ids, and its boxes."""
+
+    split: str
+    study_id: str
+    series_id: str
+    image_id: str
+    rad_id: str
+    boxes: list[LesionBox] = field(default_factory=list)
 
 
 def _write_site_files(tmp, domain, images, size, seed, progress) -> list[_Written]:
@@ -385,7 +389,7 @@ def _dicom_dataset(image, domain, case, rec, view, patient, size, seed, rng):
     ds.PixelRepresentation = 0
     ds.PixelData = stored.tobytes()
     if domain.transfer_syntax != ExplicitVRLittleEndian:
-        ds.compress(domain.transfer_syntax)
+        ds.compress(domain.transfer_syntax, generate_instance_uid=False)
     return ds
 
 
@@ -522,3 +526,40 @@ def phantom_arrays(
         views=np.array(views),
         lesion_types=types,
     )
+
+
+def random_conv_features(images: np.ndarray, n_filters: int = 96, seed: int = 0) -> np.ndarray:
+    """Translation-invariant random-filter features for a cheap difficulty probe.
+
+    Raw-pixel classifiers cannot learn lesions whose position varies from patient to patient
+    (as on real radiographs); a linear model on pooled responses of fixed random 5x5 filters, at
+    full and half resolution, can, a little less well than a trained CNN. ``images`` is
+    [N, R, R] with R even; returns [N, 6 * n_filters] float32.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(images)
+    blocks = []
+    for scale in (1, 2):
+        x = images.astype(np.float32)
+        if scale == 2:
+            r = x.shape[1] // 2
+            x = x[:, : 2 * r, : 2 * r].reshape(n, r, 2, r, 2).mean(axis=(2, 4))
+        kernels = rng.standard_normal((n_filters, 25)).astype(np.float32)
+        kernels -= kernels.mean(axis=1, keepdims=True)
+        kernels /= np.linalg.norm(kernels, axis=1, keepdims=True)
+        bias = rng.uniform(-0.05, 0.05, n_filters).astype(np.float32)
+        patches = np.lib.stride_tricks.sliding_window_view(x, (5, 5), axis=(1, 2)).reshape(
+            n, -1, 25
+        )
+        out = []
+        for i in range(0, n, 100):
+            chunk = patches[i : i + 100]
+            response = (chunk - chunk.mean(axis=2, keepdims=True)) @ kernels.T - bias
+            positive = np.maximum(response, 0.0)
+            out.append(
+                np.concatenate(
+                    [response.max(axis=1), (response > 0).mean(axis=1), positive.mean(axis=1)], 1
+                )
+            )
+        blocks.append(np.concatenate(out))
+    return np.concatenate(blocks, axis=1).astype(np.float32)

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedspine.data.labels import LESION_TYPES, NO_FINDING
+from fedspine.data.labels import LESION_TYPES
 
 VIEWS: tuple[str, ...] = ("LAT", "AP")
 LEVEL_NAMES: tuple[str, ...] = ("T12", "L1", "L2", "L3", "L4", "L5")
-LUMBAR_LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
 # Findings that only a lateral view shows; the others show in both views.
 LATERAL_ONLY: frozenset[str] = frozenset({"Spondylolysthesis", "Foraminal stenosis"})
 
@@ -56,8 +55,9 @@ class Lesion:
     """One finding of one patient: where (vertebra or disc below it), how severe, which variant.
 
     ``level`` indexes :data:`LEVEL_NAMES` (a disc finding at level k is the disc below k).
-    ``side`` is the endplate (-1 upper, +1 lower) or corner side; ``span`` is the number of
-    fused motion segments for implants.
+    ``side`` is the endplate (-1 upper, +1 lower); ``corner`` the body's side (+1 anterior,
+    -1 posterior on a lateral view; right or left on an AP view); ``span`` the number of fused
+    motion segments for implants; ``severity`` in [0, 1] scales size and contrast.
     """
 
     lesion_type: str
@@ -84,14 +84,14 @@ class LesionBox:
 class Imaging:
     """How a site's X-ray chain turns attenuation into stored image values."""
 
-    fov_mm: float = 260.0
-    dose: float = 1.0
-    bone_contrast: float = 1.0
-    gamma: float = 1.0
-    edge_enhance: float = 0.5
-    range_compression: float = 0.75
-    heel: float = 0.15
-    blur_mm: float = 0.45
+    fov_mm: float = 260.0  # detector width imaged (the short side)
+    dose: float = 1.0  # relative photon fluence: lower is noisier
+    bone_contrast: float = 1.0  # bone attenuation relative to soft tissue (tube voltage)
+    gamma: float = 1.0  # display contrast curve
+    edge_enhance: float = 0.5  # unsharp-mask gain of the processing
+    range_compression: float = 0.75  # how much of the wide-area signal is flattened
+    heel: float = 0.15  # top-to-bottom exposure gradient (anode heel effect)
+    blur_mm: float = 0.45  # focal spot and detector unsharpness
 
 
 def sample_anatomy(rng: np.random.Generator, age_factor: float = 0.5) -> Anatomy:
@@ -161,9 +161,8 @@ def sample_lesion(rng: np.random.Generator, lesion_type: str, view_hint: str = "
     if lesion_type == IMPLANT:
         span = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
         top = int(rng.integers(max(1, 3 - span), 6 - span + 1))
-        return Lesion(
-            IMPLANT, min(top, 5 - span + 1), 1.0, span=span, variant=str(rng.random() < 0.4)
-        )
+        variant = "cage" if rng.random() < 0.4 else ""
+        return Lesion(IMPLANT, top, 1.0, span=span, variant=variant)
     if lesion_type == COLLAPSE:
         level = int(rng.choice([1, 2, 3, 4, 5], p=[0.35, 0.25, 0.18, 0.12, 0.1]))
         return Lesion(
@@ -213,11 +212,6 @@ def render_radiograph(
     return image, kept
 
 
-def image_label(boxes: list[LesionBox]) -> str:
-    """'No finding' when an image shows no lesion, else the first lesion type."""
-    return boxes[0].lesion_type if boxes else NO_FINDING
-
-
 @dataclass
 class _Body:
     level: int
@@ -256,7 +250,9 @@ class _Scene:
         px_per_mm: float,
         imaging: Imaging,
     ) -> None:
-        self.rng = rng
+        # separate streams, so a lesion changes its own pixels and not the anatomy's texture or noise
+        seeds = rng.integers(0, 2**63, size=3)
+        self.rng, self.lesion_rng, self.noise_rng = (np.random.default_rng(int(x)) for x in seeds)
         self.anat = anatomy
         self.view = view
         self.shape = (rows, cols)
@@ -277,21 +273,25 @@ class _Scene:
         wedge = np.array(anat.physiologic_wedge) if self.view == "LAT" else np.zeros(6)
         density = np.ones(6) * anat.bone_density
         concavity = np.full(6, 0.04)
+        sclerosis = np.zeros((7, 2))
         for les in lesions:
             s = les.severity
             if les.lesion_type == DSN:
                 discs[les.level] *= 1.0 - (0.4 + 0.5 * s)
+                sclerosis[les.level, 1] += 0.6 * s
+                sclerosis[les.level + 1, 0] += 0.6 * s
             elif les.lesion_type == FORAMINAL:
                 discs[les.level] *= 1.0 - 0.25 * s
             elif les.lesion_type == COLLAPSE:
                 loss = 0.2 + 0.45 * s
                 if les.variant == "wedge" and self.view == "LAT":
-                    wedge[les.level] = min(0.85, wedge[les.level] + 1.6 * loss)
+                    wedge[les.level] = min(0.7, wedge[les.level] + 1.5 * loss)
                     heights[les.level] *= 1.0 - 0.35 * loss
                 else:
                     heights[les.level] *= 1.0 - loss
                     concavity[les.level] = 0.04 + (0.5 * loss if les.variant == "biconcave" else 0)
                 density[les.level] *= 1.0 + 0.35 * s
+                sclerosis[les.level] += 0.4 * s
         if self.view == "LAT":
             span = math.radians(anat.lordosis_deg)
             angles = [self.facing * span * (0.3 - (i / 5.0) ** 1.4) for i in range(6)]
@@ -316,14 +316,21 @@ class _Scene:
                     wedge=float(wedge[i]),
                     concavity=float(concavity[i]),
                     density=float(density[i]),
+                    sclerosis=[float(x) for x in sclerosis[i]],
                 )
             )
             pos = centre + down * (heights[i] / 2 + discs[i])
         down = np.array([math.sin(sacrum_phi), math.cos(sacrum_phi)])
         s_h = 26.0 * k * anat.body_heights[3] / 27.5
-        sacrum_c = pos + down * s_h / 2 + np.array([0.0, 0.0])
+        sacrum_c = pos + down * s_h / 2
         sacrum = _Body(
-            6, float(sacrum_c[0]), float(sacrum_c[1]), sacrum_phi, half_w[5] * 1.02, s_h / 2
+            6,
+            float(sacrum_c[0]),
+            float(sacrum_c[1]),
+            sacrum_phi,
+            float(half_w[5] * 1.02),
+            s_h / 2,
+            sclerosis=[float(x) for x in sclerosis[6]],
         )
         for les in lesions:
             if les.lesion_type == LISTHESIS and self.view == "LAT":
@@ -524,7 +531,7 @@ class _Scene:
                 y += math.sin(angle) * size * 0.9
                 r = size * rng.uniform(0.4, 1.0)
                 self._ellipse(
-                    self.gas, x, y, r, r * rng.uniform(0.6, 1.0), angle, 0.012 * r / k, soft=0.6
+                    self.gas, x, y, r, r * rng.uniform(0.6, 1.0), angle, 0.01 * r / k, soft=0.6
                 )
 
     # lesions -----------------------------------------------------------------------------
@@ -544,17 +551,16 @@ class _Scene:
 
     def _lesion_disc(self, les: Lesion) -> tuple[float, ...]:
         upper, lower = self.bodies[les.level], self._below(les.level)
-        upper.sclerosis[1] += 0.6 * les.severity
-        lower.sclerosis[0] += 0.6 * les.severity
         for body, sign in ((upper, 1), (lower, -1)):
             self._band(body, sign, 0.12 * les.severity)
-        if les.severity > 0.6 and self.rng.random() < 0.5:
+        if les.severity > 0.6 and self.lesion_rng.random() < 0.5:
+            # vacuum phenomenon: gas in a degenerate disc
             mid = (
                 np.array(upper.point(0, upper.b, self.facing))
                 + lower.point(0, -lower.b, self.facing)
             ) / 2
             self._ellipse(
-                self.gas, mid[0], mid[1], upper.a * 0.5, 0.6 * self.k, upper.phi, 0.25, shell=0.0
+                self.gas, mid[0], mid[1], upper.a * 0.5, 0.6 * self.k, upper.phi, 0.2, shell=0.0
             )
         pts = [upper.point(u, upper.b * 0.55, self.facing) for u in (-upper.a, upper.a)]
         pts += [lower.point(u, -lower.b * 0.55, self.facing) for u in (-lower.a, lower.a)]
@@ -562,8 +568,6 @@ class _Scene:
 
     def _lesion_collapse(self, les: Lesion) -> tuple[float, ...]:
         body = self.bodies[les.level]
-        body.sclerosis[0] += 0.4 * les.severity
-        body.sclerosis[1] += 0.4 * les.severity
         self._band(body, -1, 0.1 * les.severity)
         self._band(body, 1, 0.1 * les.severity)
         pts = [body.point(u, v, self.facing) for u in (-body.a, body.a) for v in (-body.b, body.b)]
@@ -608,15 +612,13 @@ class _Scene:
         heads: dict[int, list[tuple[float, float]]] = {-1: [], 1: []}
         for body in bodies:
             if self.view == "LAT":
-                sides = (1,)
-                tail = body.point(-body.a - 28 * k, -0.1 * body.b, f)
-                tip = body.point(body.a * 0.55, 0.05 * body.b, f)
+                tail = body.point(-body.a - 20 * k, -0.1 * body.b, f)
+                tip = body.point(body.a * 0.6, 0.05 * body.b, f)
                 self._screw(tail, tip, 3.0 * k, metal)
                 heads[1].append(tail)
                 pts += [tail, tip]
             else:
-                sides = (-1, 1)
-                for side in sides:
+                for side in (-1, 1):
                     tail = body.point(side * (body.a * 0.75 + 7 * k), -0.3 * body.b, 1)
                     tip = body.point(side * body.a * 0.2, -0.25 * body.b, 1)
                     self._screw(tail, tip, 3.0 * k, metal)
@@ -625,11 +627,10 @@ class _Scene:
         for side in (-1, 1):
             chain = heads[side]
             for p, q in zip(chain[:-1], chain[1:], strict=True):
-                p_ext = p
-                self._capsule(self.bone, p_ext, q, 2.8 * k, 2.8 * k, metal * 0.9, 0.2)
+                self._capsule(self.bone, p, q, 2.8 * k, 2.8 * k, metal * 0.9, 0.2)
             for p in chain:
                 self._ellipse(self.bone, p[0], p[1], 5.5 * k, 5.5 * k, 0.0, metal * 0.8, shell=0.3)
-        if les.variant == "True":
+        if les.variant == "cage":
             for upper in bodies[:-1]:
                 c = np.array(upper.point(0, upper.b + 0.5 * self.discs[upper.level], f))
                 self._ellipse(
@@ -640,7 +641,7 @@ class _Scene:
     def _lesion_other(self, les: Lesion) -> tuple[float, ...]:
         k, s = self.k, les.severity
         body = self.bodies[les.level]
-        rng = self.rng
+        rng = self.lesion_rng
         if les.variant == "schmorl":
             r = (2.5 + 3.5 * s) * k
             cx, cy = body.point(
@@ -734,9 +735,8 @@ class _Scene:
         sl, dx, dy = win
         best = np.full((dy.shape[0], dx.shape[1]), np.inf, np.float32)
         best_rad = np.ones_like(best)
-        for (p, q), (r0, r1) in zip(
-            zip(points[:-1], points[1:]), zip(radii[:-1], radii[1:]), strict=True
-        ):
+        segments = zip(points[:-1], points[1:], radii[:-1], radii[1:], strict=True)
+        for p, q, r0, r1 in segments:
             sx, sy = q[0] - p[0], q[1] - p[1]
             px, py = dx + cx - p[0], dy + cy - p[1]
             t = np.clip((px * sx + py * sy) / max(sx * sx + sy * sy, 1e-6), 0.0, 1.0)
@@ -811,9 +811,9 @@ class _Scene:
     # exposure ----------------------------------------------------------------------------
     def expose(self) -> np.ndarray:
         rows, cols = self.shape
-        im, k, anat, rng = self.imaging, self.k, self.anat, self.rng
+        im, k, rng = self.imaging, self.k, self.noise_rng
         soft = self._soft_tissue()
-        density = soft + im.bone_contrast * self.bone - 0.02 * 40 * self.gas / 1.0
+        density = soft + im.bone_contrast * self.bone - self.gas
         density = _blur(density, im.blur_mm * k, im.blur_mm * k)
         y = np.arange(rows, dtype=np.float32)[:, None] / rows - 0.5
         heel = 1.0 + im.heel * y * 2 * (1 if rng.random() < 0.8 else -1)
@@ -849,7 +849,7 @@ class _Scene:
             path = anat.trunk_lat_mm * 0.86 * (1.0 + 0.15 * yn)
         else:
             half = anat.trunk_lat_mm * k / 2 * (1.0 + 0.25 * np.clip(yn, 0.0, None))
-            centre = spine_x + 0.0 * yn
+            centre = spine_x
             path = anat.trunk_ap_mm * 0.9 * (1.0 + 0.1 * yn)
         rel = (x - centre) / half
         dens = 0.02 * path * np.sqrt(np.clip(1.0 - rel**2, 0.0, 1.0))
@@ -912,14 +912,16 @@ def _texture(rng, shape, sigma_x, sigma_y) -> np.ndarray:
 
 
 def _smooth_noise(rng, shape, sigma) -> np.ndarray:
-    """Unit-variance smooth noise (for irregular outlines)."""
-    noise = _blur(rng.standard_normal(shape, dtype=np.float32), sigma, sigma)
+    """Unit-variance smooth noise (for irregular outlines), drawn on a coarse grid and upsampled."""
+    f = max(1, int(sigma / 2))
+    coarse = rng.standard_normal((shape[0] // f + 2, shape[1] // f + 2), dtype=np.float32)
+    noise = _upsample(_blur(coarse, sigma / f, sigma / f), shape, f)
     return noise / (float(noise.std()) + 1e-6)
 
 
 def _blur(image: np.ndarray, sigma_x: float, sigma_y: float) -> np.ndarray:
-    """Separable Gaussian blur by shifted sums (small sigmas); edges are extended."""
-    out = image
+    """Separable Gaussian blur by shifted sums (the sigmas used here are small); edges extended."""
+    out = image.astype(np.float32, copy=False)
     for axis, sigma in ((1, sigma_x), (0, sigma_y)):
         if sigma < 0.3:
             continue
@@ -943,7 +945,13 @@ def _blur_coarse(image: np.ndarray, sigma: float) -> np.ndarray:
     f = max(1, int(sigma / 3))
     r2, c2 = rows // f, cols // f
     small = image[: r2 * f, : c2 * f].reshape(r2, f, c2, f).mean(axis=(1, 3))
-    small = _blur(small, sigma / f, sigma / f)
+    return _upsample(_blur(small, sigma / f, sigma / f), (rows, cols), f)
+
+
+def _upsample(small: np.ndarray, shape: tuple[int, int], f: int) -> np.ndarray:
+    """Bilinear upsampling of a grid whose cells are ``f`` pixels, cropped to ``shape``."""
+    rows, cols = shape
+    r2, c2 = small.shape
     ys = np.clip((np.arange(rows) + 0.5) / f - 0.5, 0, r2 - 1)
     xs = np.clip((np.arange(cols) + 0.5) / f - 0.5, 0, c2 - 1)
     y0 = np.floor(ys).astype(int)

@@ -23,7 +23,7 @@ def train(msg: Message, context: Context) -> Message:
         site = SiteConfig.from_node_config(context.node_config)
         rc = RoundConfig.from_record(msg.content["config"])
         weights = msg.content["arrays"].to_torch_state_dict()
-        new_weights, metrics = train_round(site, rc, weights)
+        new_weights, metrics, extra = train_round(site, rc, weights)
     except SiteRefusal as err:
         return Message(Error(code=SITE_REFUSED, reason=f"refused: {err}"), reply_to=msg)
     except Exception as err:  # the server must learn why a site dropped out
@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(new_weights),
             "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"site-name": site.site_name}),
+            "site": ConfigRecord(extra),
         }
     )
     return Message(content, reply_to=msg)

@@ -44,6 +44,24 @@ class FederationConfig:
     label_prior: list[float] | None = None
     seed: int = 0
     resume: bool = True
+    dp: bool = False
+    dp_epsilon: float | None = None
+    dp_patients_per_step: int = 64
+    dp_clip: float = 1.0
+    dp_d_steps_per_g: int = 1
+    dp_ada_p: float = 0.0
+
+    def dp_request(self) -> dict | None:
+        """What the server asks of the sites' DP; each site still applies its own cap."""
+        if not self.dp:
+            return None
+        return {
+            "epsilon": self.dp_epsilon,
+            "patients-per-step": int(self.dp_patients_per_step),
+            "clip": float(self.dp_clip),
+            "d-steps-per-g": int(self.dp_d_steps_per_g),
+            "ada-p": float(self.dp_ada_p),
+        }
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -80,6 +98,7 @@ class FederationConfig:
             "seed": int(self.seed),
             "resume": bool(self.resume),
             "fedspine-version": __version__,
+            "dp": json.dumps(self.dp_request()) if self.dp else "",
         }
 
     @classmethod
@@ -103,6 +122,7 @@ class FederationConfig:
             label_prior=json.loads(prior) if prior else None,
             seed=int(rc["seed"]),
             resume=bool(rc.get("resume", True)),
+            **_dp_fields(str(rc.get("dp", "") or "")),
         )
 
     @classmethod
@@ -114,7 +134,10 @@ class FederationConfig:
                 data = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise FederationError(f"{path}: cannot read the federation config ({err})") from None
-        merged = {**data.get("federation", {}), **data.get("training", {})}
+        privacy = {
+            ("dp" if k == "enabled" else f"dp_{k}"): v for k, v in data.get("privacy", {}).items()
+        }
+        merged = {**data.get("federation", {}), **data.get("training", {}), **privacy}
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(merged) - known)
         if unknown:
@@ -125,6 +148,20 @@ class FederationConfig:
             config.output_dir = str((path.parent / out).resolve())
         config.validate()
         return config
+
+
+def _dp_fields(text: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    request = json.loads(text)
+    return {
+        "dp": True,
+        "dp_epsilon": request.get("epsilon"),
+        "dp_patients_per_step": int(request["patients-per-step"]),
+        "dp_clip": float(request["clip"]),
+        "dp_d_steps_per_g": int(request["d-steps-per-g"]),
+        "dp_ada_p": float(request["ada-p"]),
+    }
 
 
 @dataclass
@@ -145,6 +182,13 @@ def initial_weights(config: FederationConfig) -> tuple[dict, dict]:
     train_config = preset_config(config.preset, config.resolution, len(config.class_names))
     train_config.seed = config.seed
     train_config.device = "cpu"
+    if config.dp:
+        from fedspine.training.dp import DPConfig
+        from fedspine.training.dp_trainer import dp_train_config
+
+        # Every site builds the same DP network (no minibatch-std, fixed augmentation p).
+        request = DPConfig(noise_multiplier=1.0, ada_p=config.dp_ada_p)
+        train_config = dp_train_config(train_config, request)
     trainer = GanTrainer(train_config, config.prior(), device="cpu")
     return trainer_weights(trainer), train_config.to_dict()
 
@@ -191,14 +235,18 @@ def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
             label_prior=config.prior(),
             class_names=config.class_names,
             fedspine_version=__version__,
+            total_rounds=config.rounds,
+            dp=config.dp_request(),
         )
         messages = list(
             strategy.configure_train(
                 server_round, ArrayRecord(weights), ConfigRecord(rc.to_record()), grid
             )
         )
-        sent_to = {m.metadata.dst_node_id for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        # Message ids are set when pushed; a reply made by the SuperLink (a node that stopped
+        # sending heartbeats) comes from the SuperLink itself, so map replies by what they answer.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         sites, failures = _sort_replies(replies, sent_to, names)
         for failure in failures:
             log(f"round {server_round}: site {failure['site']} failed: {failure['reason']}")
@@ -221,6 +269,7 @@ def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
         _save_round(out, server_round, weights, train_config, config)
         record = RoundRecord(server_round, sites, failures, time.perf_counter() - t0, _now())
         _append_round(out, record)
+        _write_privacy(out, config)
         _status(out, config, "running", server_round)
         log(
             f"round {server_round}/{config.rounds}: {len(sites)} site(s) replied, "
@@ -260,14 +309,14 @@ def _known_site_names(out: Path) -> dict[int, str]:
 
 
 def _sort_replies(
-    replies, sent_to: set[int], names: dict[int, str]
+    replies, sent_to: dict[str, int], names: dict[int, str]
 ) -> tuple[list[dict], list[dict]]:
     """Successful replies and failures of one round; ``names`` learns each replying site's name."""
     sites: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     answered = set()
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         answered.add(node)
         if reply.has_error():
             site = names.get(node, f"node {node}")
@@ -278,10 +327,11 @@ def _sort_replies(
             str(reply.content["site"]["site-name"]) if "site" in reply.content else str(node)
         )
         names[node] = site_name
-        sites.append(
-            {"node_id": node, "site": site_name, **{k: _plain(v) for k, v in metrics.items()}}
-        )
-    for node in sorted(sent_to - answered):
+        entry = {"node_id": node, "site": site_name, **{k: _plain(v) for k, v in metrics.items()}}
+        if "site" in reply.content and "privacy" in reply.content["site"]:
+            entry["privacy"] = json.loads(str(reply.content["site"]["privacy"]))
+        sites.append(entry)
+    for node in sorted(set(sent_to.values()) - answered):
         site = names.get(node, f"node {node}")
         failures.append(
             {"node_id": node, "site": site, "reason": "no reply within the round timeout"}
@@ -334,6 +384,53 @@ def _save_final_generator(out: Path, weights, train_config: dict, config: Federa
             "preset": config.preset,
             "seed": config.seed,
         },
+    )
+
+
+def _write_privacy(out: Path, config: FederationConfig) -> None:
+    """RUN/privacy.json from the sites' own reports: the latest per site, ε per round."""
+    from fedspine.privacy.report import site_entry, write_privacy_summary
+
+    if not config.dp:
+        write_privacy_summary(
+            out,
+            {},
+            {"discriminator": "trained without differential privacy"},
+            not_private_reasons=["the federation ran without differential privacy"],
+        )
+        return
+    latest: dict[str, dict] = {}
+    per_round: dict[str, list[dict]] = {}
+    for record in read_rounds(out):
+        for site in record["sites"]:
+            if "privacy" in site:
+                latest[site["site"]] = site["privacy"]
+                per_round.setdefault(site["site"], []).append(
+                    {"round": record["round"], "epsilon": site["privacy"]["epsilon"]}
+                )
+    sites = {
+        name: site_entry(
+            p["epsilon"],
+            p["delta"],
+            p["dataset_hash"],
+            p["mechanisms"],
+            epsilon_per_round=per_round[name],
+        )
+        for name, p in latest.items()
+    }
+    write_privacy_summary(
+        out,
+        sites,
+        components={
+            "discriminator": "DP-SGD at each site, patient-level Poisson sampling and clipping",
+            "aggregation": "FedAvg of weights: post-processing",
+            "label_prior": "public: "
+            + ("uniform" if config.label_prior is None else str(config.label_prior)),
+            "ada_p": f"fixed at {config.dp_ada_p}",
+            "clinical_classifier": "none (conditional GAN)",
+            "site ledgers": "kept at each site; ε here is what each site reported",
+        },
+        accountant="prv",
     )
 
 

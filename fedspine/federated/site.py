@@ -65,9 +65,13 @@ class RoundConfig:
     label_prior: list[float]
     class_names: list[str]
     fedspine_version: str
+    total_rounds: int = 1
+    dp: dict | None = None
 
     def to_record(self) -> dict[str, Any]:
         return {
+            "total-rounds": int(self.total_rounds),
+            "dp": json.dumps(self.dp) if self.dp else "",
             "federation": self.federation,
             "server-round": self.server_round,
             "local-kimg": float(self.local_kimg),
@@ -88,6 +92,8 @@ class RoundConfig:
                 label_prior=[float(p) for p in json.loads(str(record["label-prior"]))],
                 class_names=list(json.loads(str(record["class-names"]))),
                 fedspine_version=str(record["fedspine-version"]),
+                total_rounds=int(record.get("total-rounds", 1)),
+                dp=json.loads(str(record["dp"])) if record.get("dp") else None,
             )
         except KeyError as err:
             raise SiteRefusal(
@@ -105,8 +111,9 @@ def check_version(server_version: str) -> None:
 
 def train_round(
     site: SiteConfig, rc: RoundConfig, weights: Mapping[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Restore the global weights, train ``local_kimg`` on the site's data, return new weights.
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, str]]:
+    """Restore the global weights, train ``local_kimg`` on the site's data, return new weights,
+    metrics, and the site's name and privacy summary (JSON) for the server.
 
     Optimizer moments, ADA state, counters and RNGs persist in the site's state folder between
     rounds (keyed by federation name), so a site continues where it left off.
@@ -136,17 +143,31 @@ def train_round(
 
     configure_cpu()
     state_file = site_state_file(site, rc.federation)
-    if state_file.is_file():
-        state = load_checkpoint(state_file, kind="trainer")["trainer"]
+    state = load_checkpoint(state_file, kind="trainer")["trainer"] if state_file.is_file() else None
+    privacy = None
+    if site.max_epsilon is not None and not rc.dp:
+        raise SiteRefusal(
+            f"site {site.site_name} trains only with differential privacy (its ε cap is "
+            f"{site.max_epsilon}); the federation was submitted without DP"
+        )
+    if rc.dp:
+        from fedspine.federated.site_privacy import SitePrivacy
+
+        privacy = SitePrivacy(site, rc, dataset, train)
+        trainer = privacy.make_trainer(config, data, state)
+    elif state is not None:
         trainer = GanTrainer.from_state_dict(state)
     else:
         trainer = GanTrainer(config, rc.label_prior)
     load_trainer_weights(trainer, weights)
 
-    sampler = BatchSampler(data, config.batch, trainer.np_rng, device=trainer.device)
+    if privacy is not None:
+        batches = privacy.batches(data, trainer.device)
+    else:
+        batches = BatchSampler(data, config.batch, trainer.np_rng, device=trainer.device)
     start = time.perf_counter()
     start_nimg = trainer.cur_nimg
-    last = trainer.run(rc.local_kimg, sampler, tick_kimg=rc.local_kimg)
+    last = trainer.run(rc.local_kimg, batches, tick_kimg=rc.local_kimg)
     seconds = time.perf_counter() - start
     save_checkpoint(
         state_file, "trainer", {"trainer": trainer.state_dict(), "round": rc.server_round}
@@ -163,7 +184,13 @@ def train_round(
     for key in ("loss_g", "loss_d", "loss_r1", "loss_pl", "d_real", "d_fake"):
         value = last.get(key)
         metrics[key.replace("_", "-")] = float(value) if value is not None else float("nan")
-    return trainer_weights(trainer), metrics
+    extra = {"site-name": site.site_name}
+    if privacy is not None:
+        metrics.update(privacy.record_round(trainer))
+        extra["privacy"] = privacy.summary_json()
+    else:
+        metrics.update({"epsilon": -1.0, "delta": 0.0})
+    return trainer_weights(trainer), metrics, extra
 
 
 def site_seed(seed: int, site_name: str) -> int:

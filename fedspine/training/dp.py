@@ -353,8 +353,9 @@ class DPDiscriminatorStep:
             stats: list[Tensor] = []
             chunks = self._chunk_grads(batch, stats)
             privatised_step(self.dp_optimizer, chunks)
+            # Opacus lists only parameters that require grad: read them while D is trainable.
+            grads = [p.grad for p in self.dp_optimizer.params if p.grad is not None]
         self.steps_taken += 1
-        grads = [p.grad for p in self.dp_optimizer.params if p.grad is not None]
         noisy_norm = torch.sqrt(sum(g.detach().float().square().sum() for g in grads))
         metrics: dict[str, Any] = {
             "dp_steps": self.steps_taken,
@@ -574,8 +575,8 @@ class DPDiscriminatorStep:
                 "None); adaptive ADA steers p from D(real), an uncounted release. Set "
                 "AugmentConfig.fixed_p to DPConfig.ada_p for DP training"
             )
-        if not math.isclose(float(fixed), config.ada_p) or not math.isclose(
-            float(pipe.p), config.ada_p
+        if not math.isclose(float(fixed), config.ada_p, abs_tol=1e-6) or not math.isclose(
+            float(pipe.p), config.ada_p, abs_tol=1e-6
         ):
             raise ValueError(
                 f"DPDiscriminatorStep: the augment pipe's p is {float(pipe.p)} (fixed_p "
@@ -583,7 +584,7 @@ class DPDiscriminatorStep:
             )
 
     def _check_p(self) -> None:
-        if not math.isclose(float(self.augment_pipe.p), self.config.ada_p):
+        if not math.isclose(float(self.augment_pipe.p), self.config.ada_p, abs_tol=1e-6):
             raise RuntimeError(
                 f"DPDiscriminatorStep: the augment pipe's p moved to {float(self.augment_pipe.p)}"
                 f" (DPConfig.ada_p is {self.config.ada_p}); something adapts p from data, "

@@ -160,9 +160,9 @@ def test_site_killed_and_server_restarted_mid_run(tmp_path, coordinator):
         _wait_for_rounds(out, 2, timeout=400)
         second = read_rounds(out)[1]
         assert [s["site"] for s in second["sites"]] == ["site-0"]
-        assert [(f["site"], f["reason"]) for f in second["failures"]] == [
-            ("site-1", "no reply within the round timeout")
-        ]
+        ((site, reason),) = [(f["site"], f["reason"]) for f in second["failures"]]
+        assert site == "site-1"
+        assert "heartbeat" in reason or reason == "no reply within the round timeout"
 
         # The coordinator restarts; the waiting `server run` loses its SuperLink and fails.
         stop_superlink(workdir)

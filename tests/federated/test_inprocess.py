@@ -165,3 +165,41 @@ def test_federation_config_round_trips_through_run_config(tmp_path):
         FederationConfig.from_run_config(bad)
     assert json.loads(config.to_run_config()["class-names"]) == ["a", "b", "c"]
     assert config.to_run_config()["fedspine-version"] == __version__
+
+
+@pytest.mark.slow
+def test_dp_federation_records_each_sites_epsilon_and_enforces_caps(site_datasets, tmp_path):
+    from fedspine.privacy.ledger import PrivacyLedger
+    from fedspine.privacy.report import read_privacy_summary
+
+    caps = {0: {"max-epsilon": 50.0}, 1: {"max-epsilon": 50.0}, 2: {"max-epsilon": 1e-3}}
+    grid = InProcessGrid(_nodes(site_datasets, tmp_path, caps))
+    config = _config(tmp_path, rounds=2, dp=True, dp_epsilon=20.0, dp_patients_per_step=4)
+    status = run_federation(grid, config, log=lambda _m: None)
+    assert status["state"] == "completed"
+    rounds = read_rounds(tmp_path / "out")
+    # The site whose cap is tiny refuses every round, with a reason that reaches the server.
+    refusals = [f for r in rounds for f in r["failures"]]
+    assert len(refusals) == 2 and all("refused" in f["reason"] for f in refusals)
+    summary = read_privacy_summary(tmp_path / "out")
+    assert summary["private"] is True
+    assert sorted(summary["sites"]) == ["site-0", "site-1"]
+    for name, site in summary["sites"].items():
+        assert 0 < site["epsilon"] <= 20.0
+        assert [r["round"] for r in site["epsilon_per_round"]] == [1, 2]
+        eps = [r["epsilon"] for r in site["epsilon_per_round"]]
+        assert eps[1] > eps[0]
+        k = int(name.split("-")[1])
+        ledger = PrivacyLedger.open(site_datasets[k] / "privacy_ledger.json", create=False)
+        assert ledger.spent(site["dataset_hash"], site["delta"]) == pytest.approx(site["epsilon"])
+
+
+def test_a_site_with_a_cap_refuses_a_non_dp_federation(site_datasets, tmp_path):
+    from fedspine.federated.site import RoundConfig, SiteConfig, SiteRefusal, train_round
+
+    site = SiteConfig.from_node_config(
+        {"data-path": str(site_datasets[0]), "site-name": "a", "max-epsilon": 5.0}
+    )
+    rc = RoundConfig("f", 1, 0.01, {}, [0.5, 0.5], ["normal", "abnormal"], __version__)
+    with pytest.raises(SiteRefusal, match="only with differential privacy"):
+        train_round(site, rc, {})
