@@ -3,8 +3,9 @@
 Prints one JSON object: images per second (real images through one full iteration: G step, D
 step, lazy R1 / path-length at their intervals, EMA, ADA) per resolution and setting, and the
 ratio denormal-flushing on / off. On a shared machine wall-clock rates depend on the other load;
-images per CPU-second at one thread are the steadier comparison. Each setting gets a fresh trainer from the same seed, a few
-warm-up steps, then `--steps` timed steps (use a multiple of 16 to include R1 at its rate).
+images per CPU-second at one thread are the steadier comparison. Each setting gets a fresh
+trainer from the same seed, a few warm-up steps, then `--steps` timed steps (use a multiple of
+16 to include R1 at its rate).
 
     python benchmarks/train_throughput.py --threads 2 --steps 16
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
@@ -22,23 +23,28 @@ def demo(
     ),
     seed: int = typer.Option(0, help="Seed for the phantoms, splits and training."),
 ) -> None:
-    """Phantom hospitals → ingestion → federated training over TLS → synthetic data → evaluation.
+    """Phantom hospitals → ingestion → federated DP training over TLS → synthetic data →
+    evaluation → privacy report → signed release.
 
     Needs no data and no network: three phantom sites with different domains are made, a real
-    Flower SuperLink and three SuperNodes run on loopback with TLS and site authentication, and
-    the averaged generator's synthetic images are written. Every process it starts is stopped
-    when it ends, Ctrl-C included. Outputs go under --out (see the README).
+    Flower SuperLink and three SuperNodes run on loopback with TLS and site authentication and
+    train with patient-level DP under an ε cap, and the averaged generator's synthetic images
+    are evaluated and released if every gate passes. Every process it starts is stopped when it
+    ends, Ctrl-C included. Outputs go under --out (see the README).
     """
     from fedspine.experiments.demo import DemoConfig, run_demo
 
     config = DemoConfig(
         images_per_site=images_per_site, rounds=rounds, local_kimg=local_kimg, seed=seed
     )
+    # A plain `kill` must stop the SuperLink and SuperNodes too: turn SIGTERM into an exit that
+    # runs the demo's clean-up, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         result = run_demo(out, config, stage=lambda msg: typer.echo(f"==> {msg}", err=True))
     except KeyboardInterrupt:
         fail("interrupted; every process the demo started has been stopped")
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, OSError) as err:
         fail(str(err))
     typer.echo(f"\nfedspine demo: {len(result.sites)} phantom sites under {result.out}")
     for site, info in result.ingest.items():
@@ -55,5 +61,25 @@ def demo(
                 f"{s['site']} (loss G {s.get('loss-g', float('nan')):.2f})" for s in last["sites"]
             )
         )
-    typer.echo(f"  synthetic images: {result.out / 'synthetic'}")
+    if result.privacy:
+        eps = ", ".join(f"{k} ε={v:.2f}" for k, v in result.privacy["sites"].items())
+        typer.echo(
+            f"  privacy (δ={result.privacy['delta']:.1g}): {eps}; overall ε={result.privacy['overall_epsilon']:.2f}"
+        )
+    if result.evaluation:
+        ev = result.evaluation
+        typer.echo(
+            f"  classifier AUC on real test images: trained on real {ev['trtr_auc']:.3f}, "
+            f"on synthetic {ev['tstr_auc']:.3f} (TSTR/TRTR {ev['tstr_over_trtr']:.3f})"
+        )
+        typer.echo(f"  evaluation report: {ev['report']}")
+    typer.echo(f"  privacy report: {result.out / 'federation' / 'privacy_report.html'}")
+    if result.release.get("released"):
+        typer.echo(f"  signed release: {result.release['path']} (verify with `fedspine verify`)")
+    elif result.release:
+        typer.echo(f"  release refused: {result.release['reason']}")
     typer.echo("  times: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -213,6 +213,11 @@ def client_start(
     insecure: bool = typer.Option(
         False, "--insecure", help="No TLS (only towards a loopback server)."
     ),
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for training (default: all cores this process may use).",
+    ),
     detach: bool = typer.Option(
         False, "--detach", help="Return at once; stop with `fedspine client stop`."
     ),
@@ -238,6 +243,7 @@ def client_start(
         ledger=ledger,
         port=port,
         insecure=insecure,
+        threads=threads,
     )
     try:
         process = start_supernode(cfg)

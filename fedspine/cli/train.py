@@ -13,12 +13,20 @@ from pathlib import Path
 
 import typer
 
-MODELS = ("cgan",)
+MODELS = ("cgan", "spinegan")
+CLINICAL_INPUTS = ("default", "paper")
 PRESET_NAMES = ("paper", "auto", "cpu")
 LATEST_FILE = "latest.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
 EXIT_INTERRUPTED = 130
+_CLINICAL_FLAGS = {
+    "classifier": "--classifier",
+    "weight": "--clinical-weight",
+    "mapping": "--clinical-input",
+    "classifier_public": "--classifier-public",
+    "not_private": "--not-private",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +40,12 @@ def train_command(
     out: Path = typer.Option(
         ..., "--out", help="Run folder to create (or continue with --resume)."
     ),
-    model: str = typer.Option("cgan", "--model", help="Model: cgan (conditional StyleGAN2-ADA)."),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="cgan (conditional StyleGAN2-ADA) or spinegan (cgan plus the clinical loss of a "
+        "frozen classifier, --classifier). (default: cgan; on --resume, the run's)",
+    ),
     preset: str = typer.Option(
         None,
         "--preset",
@@ -97,15 +110,73 @@ def train_command(
     max_epsilon: float = typer.Option(
         None, "--max-epsilon", help="With --dp: refuse to start if the ledger would exceed this ε."
     ),
+    classifier: Path = typer.Option(
+        None,
+        "--classifier",
+        help="With --model spinegan: the frozen classifier of the clinical loss (a file or folder "
+        "from `fedspine classifier train`). (default on --resume: the run's)",
+    ),
+    clinical_weight: float = typer.Option(
+        None,
+        "--clinical-weight",
+        help="With --model spinegan: λ of the clinical loss. (default: 0.1, as in the paper)",
+    ),
+    clinical_input: str = typer.Option(
+        None,
+        "--clinical-input",
+        help="With --model spinegan: default (the classifier's own [0, 1] resized input) or paper "
+        "(the original code's raw [-1, 1] values and centre crop). (default: default)",
+    ),
+    classifier_public: bool = typer.Option(
+        False,
+        "--classifier-public",
+        help="With --model spinegan: declare that the classifier was trained on public data only "
+        "(recorded in privacy.json).",
+    ),
+    not_private: bool = typer.Option(
+        False,
+        "--not-private",
+        help="With --model spinegan --dp: train although the classifier is not private; the run "
+        "is marked not private.",
+    ),
 ) -> None:
     """Train a conditional StyleGAN2-ADA on the train split of a prepared dataset.
 
     With --dp the discriminator is trained with patient-level DP-SGD, every step is recorded in
     the data's privacy ledger, and RUN/privacy.json says what was spent (see `fedspine privacy
     report`). Without --dp the run is marked not private.
+
+    --model spinegan adds λ·BCE(C(G(z, c)), c) of a frozen classifier C to every generator step.
+    Under --dp that is private only if C is: a DP-trained classifier (its metadata says so) or
+    --classifier-public; --not-private trains anyway and marks the run not private.
     """
-    if model not in MODELS:
-        _fail(f"--model {model}: only {', '.join(MODELS)} is available in this version")
+    if model is not None and model not in MODELS:
+        _fail(f"--model {model}: choose one of {', '.join(MODELS)}")
+    if clinical_input is not None and clinical_input not in CLINICAL_INPUTS:
+        _fail(f"--clinical-input {clinical_input}: choose one of {', '.join(CLINICAL_INPUTS)}")
+    if clinical_weight is not None and not clinical_weight >= 0:
+        _fail(f"--clinical-weight {clinical_weight}: λ must be >= 0")
+    spinegan_flags = {
+        "--classifier": classifier is not None,
+        "--clinical-weight": clinical_weight is not None,
+        "--clinical-input": clinical_input is not None,
+        "--classifier-public": classifier_public,
+        "--not-private": not_private,
+    }
+    if model == "cgan" and any(spinegan_flags.values()):
+        given = ", ".join(flag for flag, on in spinegan_flags.items() if on)
+        _fail(f"{given}: only with --model spinegan")
+    if not_private and not dp:
+        _fail("--not-private only applies with --dp (a run without --dp is already not private)")
+    if not_private and classifier_public:
+        _fail("choose one of --classifier-public and --not-private")
+    clinical_options = {
+        "classifier": classifier,
+        "weight": clinical_weight,
+        "mapping": clinical_input,
+        "classifier_public": classifier_public,
+        "not_private": not_private,
+    }
     if preset is not None and preset not in PRESET_NAMES:
         _fail(f"--preset {preset}: choose one of {', '.join(PRESET_NAMES)}")
     if device not in ("auto", "cpu", "cuda"):
@@ -140,6 +211,8 @@ def train_command(
             batch,
             device,
             dp_options,
+            model,
+            clinical_options,
         )
     except _CliError as err:
         _fail(str(err))
@@ -217,7 +290,19 @@ class _CliError(Exception):
 
 
 def _train(
-    prepared, out, preset, kimg, resolution, snapshot_kimg, seed, resume, batch, device, dp_options
+    prepared,
+    out,
+    preset,
+    kimg,
+    resolution,
+    snapshot_kimg,
+    seed,
+    resume,
+    batch,
+    device,
+    dp_options,
+    model=None,
+    clinical_options=None,
 ) -> None:
     import dataclasses
 
@@ -305,11 +390,31 @@ def _train(
         config.tick_kimg = config.snapshot_kimg
     if (state is not None) and (("dp" in state) != (dp_options is not None)):
         raise _CliError("resume with the same --dp setting the run was started with")
+    saved_model = None if state is None else ("spinegan" if "clinical" in state else "cgan")
+    if model is None:
+        model = saved_model or "cgan"
+    elif saved_model is not None and model != saved_model:
+        raise _CliError(f"--model {model} conflicts with the run's {saved_model}; omit it")
+    if model == "cgan" and clinical_options and any(clinical_options.values()):
+        given = ", ".join(_CLINICAL_FLAGS[k] for k, v in clinical_options.items() if v)
+        raise _CliError(f"{given}: only with --model spinegan (this run is cgan)")
+    clinical = clinical_status = None
+    if model == "spinegan":
+        clinical, clinical_status = _clinical_setup(
+            clinical_options or {}, state, list(dataset.class_names), dp_options is not None
+        )
     privacy = None
     if dp_options is not None:
-        from fedspine.training.dp_run import RunPrivacy
+        if clinical is not None:
+            from fedspine.training.clinical import ClinicalRunPrivacy
 
-        privacy = RunPrivacy(prepared, dataset, train, out, dp_options)
+            privacy = ClinicalRunPrivacy(
+                prepared, dataset, train, out, dp_options, clinical, clinical_status
+            )
+        else:
+            from fedspine.training.dp_run import RunPrivacy
+
+            privacy = RunPrivacy(prepared, dataset, train, out, dp_options)
         config = privacy.adjust_config(config)
 
     data = training_data(train, config.resolution)
@@ -325,10 +430,20 @@ def _train(
             trainer = privacy.make_trainer(config, data, dev, state)
         except ValueError as err:
             raise _CliError(str(err)) from None
+    elif clinical is not None:
+        from fedspine.training.clinical import ClinicalLossError, SpineGanTrainer
+
+        try:
+            trainer = SpineGanTrainer(config, data.label_prior(), clinical, device=dev)
+        except ClinicalLossError as err:
+            raise _CliError(str(err)) from None
     else:
         trainer = GanTrainer(config, data.label_prior(), device=dev)
     if state is not None:
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except ValueError as err:
+            raise _CliError(str(err)) from None
         typer.echo(f"resumed {out} at {trainer.cur_nimg / 1000:.3f} kimg")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -342,17 +457,31 @@ def _train(
         "prepared_resolution": dataset.resolution,
         "label_prior": [float(p) for p in data.label_prior()],
     }
-    write_config_toml(
-        out / CONFIG_FILE,
-        {
-            "fedspine_version": _version(),
-            "model": "cgan",
-            "device_used": str(dev),
-            "dataset": dataset_info,
-            "train": config.to_dict(),
-        },
-    )
-    run = _Run(out, trainer, dataset_info, last_snapshot_nimg)
+    run_config = {
+        "fedspine_version": _version(),
+        "model": model,
+        "device_used": str(dev),
+        "dataset": dataset_info,
+        "train": config.to_dict(),
+    }
+    training_meta: dict = {"model": model}
+    if clinical is not None:
+        run_config["clinical"] = {
+            "classifier": clinical.path,
+            "classifier_sha256": clinical.sha256,
+            "weight": clinical.weight,
+            "input_mapping": clinical.mapping,
+            "task": clinical.task,
+            "output_names": list(clinical.output_names),
+            "classifier_privacy": clinical_status.component,
+        }
+        training_meta["clinical"] = {
+            "classifier_sha256": clinical.sha256,
+            "weight": clinical.weight,
+            "input_mapping": clinical.mapping,
+        }
+    write_config_toml(out / CONFIG_FILE, run_config)
+    run = _Run(out, trainer, dataset_info, last_snapshot_nimg, training_meta)
     if state is None:
         run.save_reals(data)
 
@@ -409,13 +538,18 @@ def _train(
             f"privacy: ε = {spent:.3f} at δ = {privacy.delta:.2g} spent on this data so far "
             f"(ledger {privacy.ledger_path}); report: fedspine privacy report {out}"
         )
+        if clinical_status is not None and clinical_status.not_private_reason:
+            typer.echo(f"the run is marked not private: {clinical_status.not_private_reason}")
     else:
         from fedspine.privacy.report import write_privacy_summary
 
+        components = {"discriminator": "trained without differential privacy"}
+        if clinical_status is not None:
+            components["clinical_classifier"] = clinical_status.component
         write_privacy_summary(
             out,
             {},
-            {"discriminator": "trained without differential privacy"},
+            components,
             not_private_reasons=["trained without differential privacy (no --dp)"],
         )
 
@@ -423,12 +557,20 @@ def _train(
 class _Run:
     """The run folder: metrics log, snapshots with their pointer, sample grids, generator."""
 
-    def __init__(self, out: Path, trainer, dataset_info: dict, last_snapshot_nimg: int) -> None:
+    def __init__(
+        self,
+        out: Path,
+        trainer,
+        dataset_info: dict,
+        last_snapshot_nimg: int,
+        training_meta: dict | None = None,
+    ) -> None:
         import torch
 
         self.out = out
         self.trainer = trainer
         self.dataset_info = dataset_info
+        self.training_meta = dict(training_meta or {})
         self.last_snapshot_nimg = last_snapshot_nimg
         latest = out / LATEST_FILE
         self.last_snapshot = (
@@ -524,8 +666,63 @@ class _Run:
                 "preset": t.config.preset,
                 "seed": t.config.seed,
                 "dataset_content_hash": self.dataset_info["content_hash"],
+                **self.training_meta,
             },
         )
+
+
+def _clinical_setup(options: dict, state: dict | None, class_names: list[str], dp: bool):
+    """SpineGAN's frozen classifier and what the run may say about its privacy.
+
+    On resume the classifier, λ and mapping default to the run's; given ones must agree.
+    """
+    from fedspine.models.classifier import ClassifierCheckpointError
+    from fedspine.training.clinical import (
+        DEFAULT_WEIGHT,
+        ClinicalLoss,
+        ClinicalLossError,
+        ClinicalPrivacy,
+        ClinicalPrivacyError,
+        clinical_privacy,
+    )
+
+    saved = (state or {}).get("clinical") or {}
+    path = options.get("classifier") or saved.get("classifier_path")
+    if path is None:
+        raise _CliError(
+            "--model spinegan needs --classifier CLS (a classifier file or folder from "
+            "`fedspine classifier train`)"
+        )
+    weight = options.get("weight")
+    mapping = options.get("mapping")
+    for flag, given, key in (
+        ("--clinical-weight", weight, "weight"),
+        ("--clinical-input", mapping, "mapping"),
+    ):
+        if saved and given is not None and given != saved[key]:
+            raise _CliError(f"{flag} {given} conflicts with the run's {saved[key]}; omit it")
+    weight = weight if weight is not None else saved.get("weight", DEFAULT_WEIGHT)
+    mapping = mapping or saved.get("mapping", "default")
+    try:
+        clinical = ClinicalLoss.from_file(path, class_names, weight=weight, mapping=mapping)
+        public = bool(options.get("classifier_public"))
+        if dp:
+            status = clinical_privacy(
+                clinical.meta,
+                public,
+                bool(options.get("not_private")),
+                where=f"the classifier {path}",
+            )
+        else:
+            try:
+                status = clinical_privacy(clinical.meta, public, False)
+            except ClinicalPrivacyError:
+                status = ClinicalPrivacy(
+                    "none", "neither DP-trained (per its metadata) nor declared public"
+                )
+    except (ClinicalLossError, ClassifierCheckpointError) as err:
+        raise _CliError(str(err)) from None
+    return clinical, status
 
 
 def _progress_bar():

@@ -260,6 +260,7 @@ class SiteProcessConfig:
     ledger: Path | None = None
     port: int = 9094
     insecure: bool = False
+    threads: int | None = None
 
     def node_config(self) -> str:
         """Flower's ``--node-config``: TOML values, strings double-quoted."""
@@ -272,6 +273,8 @@ class SiteProcessConfig:
             items["max-epsilon"] = float(self.max_epsilon)
         if self.ledger is not None:
             items["ledger-path"] = str(self.ledger.resolve())
+        if self.threads is not None:
+            items["threads"] = int(self.threads)
         return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 

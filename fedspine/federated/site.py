@@ -33,6 +33,7 @@ class SiteConfig:
     state_dir: Path
     max_epsilon: float | None = None
     ledger_path: Path | None = None
+    threads: int | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -51,6 +52,7 @@ class SiteConfig:
             state_dir=state_dir,
             max_epsilon=float(cap) if cap not in (None, "", -1, -1.0) else None,
             ledger_path=Path(str(ledger)) if ledger else None,
+            threads=int(node_config["threads"]) if node_config.get("threads") else None,
         )
 
 
@@ -141,7 +143,7 @@ def train_round(
     config = TrainConfig.from_dict(config_dict)
     data = training_data(train, resolution=config.network.resolution)
 
-    configure_cpu()
+    configure_cpu(site.threads)
     state_file = site_state_file(site, rc.federation)
     state = load_checkpoint(state_file, kind="trainer")["trainer"] if state_file.is_file() else None
     privacy = None

@@ -218,6 +218,9 @@ def _cpu(resolution: int | None, num_classes: int) -> TrainConfig:
             channel_max=256 if wide else 128,
             mbstd_group=4,
             mbstd_channels=1,
+            # Measured on a 2-core CPU: a training step with the non-fused modulated conv ran
+            # 1.37x (32 px) and 1.45x (64 px) as fast as with the fused (grouped) one.
+            fused_modconv=False,
             conv_clamp=None,
         ),
         # A phantom site holds hundreds of images, so ADA has to react within a few kimg.

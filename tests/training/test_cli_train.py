@@ -153,7 +153,7 @@ def test_resized_when_the_preset_resolution_differs(tmp_path):
     [
         (["missing-dataset", "--out", "{tmp}/r"], "not a prepared dataset"),
         (["{prep}", "--out", "{tmp}/nowhere", "--resume"], "not a run folder"),
-        (["{prep}", "--out", "{tmp}/r", "--model", "spinegan"], "only cgan"),
+        (["{prep}", "--out", "{tmp}/r", "--model", "spinegan"], "needs --classifier"),
         (["{prep}", "--out", "{tmp}/r", "--preset", "huge"], "--preset huge"),
         (["{prep}", "--out", "{tmp}/r", "--preset", "paper", "--resolution", "64"], "256"),
     ],

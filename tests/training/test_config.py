@@ -68,6 +68,7 @@ def test_cpu_preset_is_narrow_and_small():
     assert cfg.network.channel_base <= 4096 and cfg.network.channel_max <= 256
     assert cfg.network.z_dim <= 256 and 16 <= cfg.batch <= 32
     assert cfg.mixed_precision == "off"
+    assert cfg.network.fused_modconv is False  # the faster path on CPU
     assert preset_config("cpu", 64, 2).network.channel_max == 256
     with pytest.raises(ValueError):
         preset_config("cpu", 128, 2)

@@ -1,0 +1,95 @@
+"""`fedspine reproduce`: the paper's experiment table on a VinDr-SpineXR root (or a phantom site)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from fedspine.cli.common import fail
+
+BUDGET_NAMES = ("smoke", "quick", "full")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `reproduce` command to the root app."""
+    app.command("reproduce")(reproduce)
+
+
+def reproduce(
+    root: Path = typer.Argument(
+        ...,
+        help="VinDr-SpineXR folder (train_images/, test_images/, annotations/) or a phantom site.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for every output (rerun to continue)."),
+    budget: str = typer.Option(
+        "smoke",
+        "--budget",
+        help="smoke (2 CPU cores, ~15 min, phantom data), quick (every arm, CPU), "
+        "full (the paper's configuration, for a GPU).",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
+    inception: Path = typer.Option(
+        None,
+        "--inception",
+        help="Local Inception-v3 TorchScript file for FID (else a domain CNN; nothing downloads).",
+    ),
+    classifier_weights: Path = typer.Option(
+        None,
+        "--classifier-weights",
+        help="State dict to start every classifier from (e.g. ImageNet DenseNet-121 for full).",
+    ),
+) -> None:
+    """Run the paper's experiments (real classifier, cGANs, SpineGAN, DP-SGD at several ε) on one
+    dataset and write OUT/reproduce.md and OUT/reproduce.json: one table with our numbers beside
+    the published ones, and which of the paper's errors each setting corrects.
+
+    Each arm is written to OUT/arms/NAME only when complete; rerunning the same command skips
+    complete arms and continues an interrupted one.
+    """
+    from fedspine.experiments.reproduce import (
+        ReproduceError,
+        format_plan,
+        make_plan,
+    )
+    from fedspine.experiments.reproduce import reproduce as run_reproduction
+
+    if budget not in BUDGET_NAMES:
+        fail(f"--budget {budget}: choose one of {', '.join(BUDGET_NAMES)}")
+    for option, path in (("--inception", inception), ("--classifier-weights", classifier_weights)):
+        if path is not None and not path.is_file():
+            fail(f"{option} {path}: no such file")
+    extra = {
+        "inception": str(inception) if inception else None,
+        "classifier_weights": str(classifier_weights) if classifier_weights else None,
+    }
+    try:
+        if dry_run:
+            typer.echo(format_plan(make_plan(root, out, budget, **extra)), nl=False)
+            if not root.is_dir():
+                typer.echo(f"note: {root} does not exist yet; a real run needs it")
+            return
+        start = time.perf_counter()
+        report = run_reproduction(
+            root,
+            out,
+            budget,
+            stage=lambda msg: typer.echo(f"==> {msg}", err=True),
+            **extra,
+        )
+    except ReproduceError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        fail(f"interrupted; complete arms are kept under {out}/arms, rerun to continue", 130)
+    typer.echo("")
+    for row in report["table"]:
+        typer.echo(
+            f"  {row['experiment']}: ours {row['ours']}"
+            + (f" (/ TRTR {row['ratio']})" if row["ratio"] else "")
+            + f"; paper {row['paper']}"
+        )
+    typer.echo(f"wrote {out / 'reproduce.md'} in {(time.perf_counter() - start) / 60:.1f} min")
+    failed = [n for n, a in report["arms"].items() if a["status"] == "failed"]
+    if failed:
+        fail(f"arm(s) failed: {', '.join(failed)} (see {out}/logs); rerun to retry them")
