@@ -69,7 +69,7 @@ CONFIG_JSON = "config.json"
 ROC_PNG = "roc.png"
 SAMPLES_PNG = "samples.png"
 PAIRS_PNG = "closest_pairs.png"
-WORK_DIR = "work"
+WORK_DIR = "intermediate"
 SYNTHETIC_PREPARED = "synthetic_prepared"
 PRECISION_K = 3
 PAIRS_SHOWN = 8
@@ -180,7 +180,7 @@ def evaluate(
 
     ``synthetic`` is a prepared dataset or a folder written by ``fedspine generate``
     (labels.csv + classes.txt), which is ingested at the real data's resolution into
-    ``out/work/synthetic_prepared``. ``train`` is a prepared dataset: its 'train' split trains
+    ``out/intermediate/synthetic_prepared``. ``train`` is a prepared dataset: its 'train' split trains
     TRTR and its 'val' split selects every arm. ``test`` is a prepared dataset whose 'test'
     split is the test set (it may be the same folder as ``train``). ``progress`` receives
     ``{"stage": ..., "event": "start"|"end", ...}`` per stage and the classifier trainer's
@@ -314,7 +314,7 @@ def evaluate(
                 "roc": ROC_PNG,
                 "samples": SAMPLES_PNG,
                 "closest_pairs": PAIRS_PNG,
-                "work": WORK_DIR,
+                "intermediate": WORK_DIR,
             },
         }
         report = _plain(report)

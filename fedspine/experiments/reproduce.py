@@ -51,6 +51,7 @@ DATA_DIR = "data"
 ARMS_DIR = "arms"
 LOGS_DIR = "logs"
 CLINICAL_WEIGHT = 0.1  # the paper's λ
+EXIT_INTERRUPTED = 130  # what `fedspine train` exits with on Ctrl-C: stop, do not go on
 SPINEGAN_UNAVAILABLE = "not run: SpineGAN not available in this build"
 
 Stage = Callable[[str], None]
@@ -131,9 +132,11 @@ class ReproduceBudget:
             raise ReproduceError(f"budget {self.name}: threads must be 0 (all cores) or more")
 
 
-# The one table of budgets. smoke: sized by measurement to finish on two CPU cores within 15
-# minutes on a 300-image phantom site; quick: every arm, a few times longer; full: the paper's
-# configuration (256 px, paper preset, 8000 kimg, DenseNet-121, 1,000 images per class) for a GPU.
+# The one table of budgets. smoke, measured on a 300-image phantom site on a shared 2-core machine
+# (load 4-6): 10.7 min wall, 6.5 CPU-min (cgan 2 kimg 163 s, lesion 1 kimg 130 s, DP 1 kimg 261 s,
+# each evaluation 11-21 s, each ingest 17 s); SpineGAN is left to quick. quick: every arm, about
+# four times smoke's CPU time. full: the paper's configuration for a GPU (256 px, paper preset,
+# 8000 kimg, DenseNet-121 at 224 px, 1,000 images per class).
 BUDGETS: dict[str, ReproduceBudget] = {
     b.name: b
     for b in (
@@ -482,7 +485,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{data['abnormality'].get('images', '?')} images; wall time "
         f"{report['seconds'] / 60:.1f} min"
         + (
-            " (this invocation; arms completed by an earlier one list their own times below)"
+            f" for this invocation, which reused arms built earlier (all arms together took "
+            f"{_arm_minutes(report['arms']):.1f} min to build)"
             if any(a.get("skipped_this_time") for a in report["arms"].values())
             else ""
         )
@@ -509,6 +513,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "a validation split carved by patient from the training data. TRTR is retrained with "
         "the same seed inside every arm's evaluation; the table's TRTR is the cGAN arm's.",
         "",
+    ]
+    weak = _weak_references(report["arms"])
+    if weak:
+        lines += [
+            "**A ratio to TRTR means little here:** the real-data classifier is itself near "
+            f"chance ({weak}), so the real images at this size teach it little, and TSTR / TRTR "
+            "can exceed 1 by noise alone.",
+            "",
+        ]
+    lines += [
         "## Data",
         "",
     ]
@@ -555,9 +569,26 @@ def render_markdown(report: dict[str, Any]) -> str:
                 + ("" if not arm.get("skipped_this_time") else " (complete from an earlier run)")
             )
         else:
-            lines.append(f"- `{name}`: {arm['status']}: {arm.get('reason', '')}")
+            reason = arm.get("reason", "")
+            status = "" if reason.startswith(arm["status"]) else f"{arm['status']}: "
+            lines.append(f"- `{name}`: {status}{reason}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _arm_minutes(arms: dict[str, dict[str, Any]]) -> float:
+    return sum(sum(a.get("seconds", {}).values()) for a in arms.values()) / 60
+
+
+def _weak_references(arms: dict[str, dict[str, Any]]) -> str:
+    """The TRTR AUCs below 0.6, named by task."""
+    weak = []
+    for name, task in (("cgan", "abnormality"), ("lesion", "lesion type")):
+        ev = arms.get(name, {}).get("evaluation")
+        auc = (ev or {}).get("trtr", {}).get("auc") if ev else None
+        if auc is not None and auc < 0.6:
+            weak.append(f"{task} TRTR {auc:.3f}")
+    return ", ".join(weak)
 
 
 # ---------------------------------------------------------------------------- data
@@ -928,6 +959,8 @@ def _invoke(args: list[str], log_path: Path) -> None:
                 code = 1
                 tail.append(f"error: {type(err).__name__}: {err}")
         log.write(f"[exit {code or 0}]\n")
+    if code == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
     if code:
         command = " ".join(args[:2]) if args[0] == "classifier" else args[0]
         raise ReproduceError(f"`fedspine {command}` exited {code}: {_reason(tail)}")
@@ -1225,7 +1258,7 @@ def _errors(
         )
     else:
         clinical = (
-            f"Not exercised: the SpineGAN arm {spine.get('reason', 'did not run')}. "
+            f"Not exercised in this run (SpineGAN arm: {_status(spine)}). "
             "`fedspine train --model spinegan` maps the generator output to the classifier's "
             "own [0, 1] resized input by default."
         )

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedspine.models.classifier import ClassifierConfig, from_generator_output, load_classifier
-from fedspine.training import losses
 from fedspine.training.dp_run import RunPrivacy
 from fedspine.training.dp_trainer import DPGanTrainer
 from fedspine.training.gan_trainer import GanTrainer, StepMetrics
@@ -174,46 +173,23 @@ class ClinicalStepMetrics(StepMetrics):
 class ClinicalGStepMixin:
     """The SpineGAN G step for GanTrainer and DPGanTrainer (place it first in the bases).
 
-    :meth:`g_step` repeats GanTrainer.g_step with the clinical term added to the adversarial loss
-    in the same backward pass; keep the two in sync (tests/training/test_spinegan.py checks that
-    with λ = 0 both give bit-identical generators).
+    It fills GanTrainer's ``g_extra_loss`` hook: the clinical term joins the adversarial loss in
+    the same backward pass of every G step (tests/training/test_spinegan.py checks that with
+    λ = 0 both trainers give bit-identical generators).
     """
 
     clinical: ClinicalLoss
 
-    def g_step(self, batch: int) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        self.G.requires_grad_(True)
-        self.D.requires_grad_(False)
-        out: dict[str, torch.Tensor] = {}
-        z, c = self.sample_latents(batch)
-        with self._autocast():
-            ws = self._mapping(self.G, z, c, update_w_avg=True)
-            fake = self.G.synthesis(ws, noise_mode="random")
-            logits = self.D(self._augment(fake), self._onehot(c))
-            loss_clinical, bce = self.clinical(fake, c)
-        loss_adv = losses.g_logistic_ns(logits).mean()
-        self._optimise(self.opt_G, self.scaler_G, loss_adv + loss_clinical)
-        out["loss_g"] = loss_adv.detach()
-        out["loss_clinical"] = loss_clinical.detach()
-        out["clinical_bce"] = bce.detach()
-        self._clinical_out = out
-
-        if cfg.pl_weight > 0 and cfg.pl_interval > 0 and self.g_steps % cfg.pl_interval == 0:
-            pl_batch = max(batch // cfg.pl_batch_shrink, 1)
-            z, c = self.sample_latents(pl_batch)
-            ws = self._mapping(self.G, z, c, update_w_avg=False)
-            fake = self.G.synthesis(ws, noise_mode="random")
-            lengths = losses.path_length(fake, ws, generator=self.latent_gen)
-            penalty, new_mean = losses.path_length_penalty(lengths, self.pl_mean, cfg.pl_decay)
-            self.pl_mean.copy_(new_mean)
-            loss_pl = penalty.mean() * cfg.pl_weight
-            self._optimise(self.opt_G, None, loss_pl * cfg.pl_interval)
-            out["loss_pl"] = loss_pl.detach()
-            out["pl_length"] = lengths.detach().mean()
-        self.G.requires_grad_(False)
-        self.g_steps += 1
-        return out
+    def g_extra_loss(
+        self, fake: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The clinical term, added to the adversarial loss in GanTrainer.g_step's backward."""
+        loss_clinical, bce = self.clinical(fake, labels)
+        self._clinical_out = {
+            "loss_clinical": loss_clinical.detach(),
+            "clinical_bce": bce.detach(),
+        }
+        return loss_clinical, dict(self._clinical_out)
 
     def train_step(self, real_images: torch.Tensor, real_labels: torch.Tensor) -> StepMetrics:
         metrics = super().train_step(real_images, real_labels)

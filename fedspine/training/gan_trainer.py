@@ -158,9 +158,11 @@ class GanTrainer:
             ws = self._mapping(self.G, z, c, update_w_avg=True)
             fake = self.G.synthesis(ws, noise_mode="random")
             logits = self.D(self._augment(fake), self._onehot(c))
+            extra, extra_out = self.g_extra_loss(fake, c)
         loss = losses.g_logistic_ns(logits).mean()
-        self._optimise(self.opt_G, self.scaler_G, loss)
+        self._optimise(self.opt_G, self.scaler_G, loss if extra is None else loss + extra)
         out["loss_g"] = loss.detach()
+        out.update(extra_out)
 
         if cfg.pl_weight > 0 and cfg.pl_interval > 0 and self.g_steps % cfg.pl_interval == 0:
             pl_batch = max(batch // cfg.pl_batch_shrink, 1)
@@ -177,6 +179,16 @@ class GanTrainer:
         self.G.requires_grad_(False)
         self.g_steps += 1
         return out
+
+    def g_extra_loss(
+        self, fake: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """An extra generator loss on this G step's fakes (SpineGAN's clinical loss); none here.
+
+        Returns the loss to add to the adversarial one (None for nothing) and detached values
+        to log with the step's metrics.
+        """
+        return None, {}
 
     def d_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Discriminator update on a real minibatch and as many fakes; lazy R1 when due.

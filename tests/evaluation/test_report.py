@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from fedspine.cli.evaluate import register
 from fedspine.data.prepared import PreparedDataset, load_prepared, write_prepared
-from fedspine.evaluation.report import EvaluateConfig, EvaluateError, evaluate
+from fedspine.evaluation.report import WORK_DIR, EvaluateConfig, EvaluateError, evaluate
 
 SIZE = 24
 COUNTS = {"train": [60, 60], "val": [20, 20], "test": [40, 40]}
@@ -167,9 +167,9 @@ def test_report_has_every_file_and_numbers_in_range(copies_run):
         assert row["fid"] >= 0.0 and row["density"] >= 0.0
         for key in ("precision", "recall", "coverage"):
             assert 0.0 <= row[key] <= 1.0
-    assert (out / "work" / "domain_extractor.pt").is_file()
+    assert (out / WORK_DIR / "domain_extractor.pt").is_file()
     for arm in arms:
-        assert (out / "work" / "classifiers" / f"{arm}.pt").is_file()
+        assert (out / WORK_DIR / "classifiers" / f"{arm}.pt").is_file()
 
     md = (out / "report.md").read_text()
     assert md.index("TSTR / TRTR") < md.index("## Classifiers")
@@ -206,8 +206,8 @@ def test_generated_folder_is_ingested_at_the_real_resolution(copies_run):
     root, real, report = copies_run
     syn_info = report["inputs"]["synthetic"]
     assert syn_info["kind"] == "generated folder"
-    assert syn_info["ingested_to"] == "work/synthetic_prepared"
-    ingested = load_prepared(root / "report" / "work" / "synthetic_prepared")
+    assert syn_info["ingested_to"] == f"{WORK_DIR}/synthetic_prepared"
+    ingested = load_prepared(root / "report" / WORK_DIR / "synthetic_prepared")
     assert ingested.resolution == real.resolution
     assert set(ingested.splits.tolist()) == {"train"}
     assert len(ingested) == int(np.sum(real.splits == "train")) == syn_info["images"]
@@ -257,7 +257,7 @@ def test_pure_noise_gives_chance_tstr_and_no_memorisation(tmp_path):
     names = [row["extractor"] for row in report["generative"]["results"]]
     assert names[0].startswith("inception-v3 (user file fake-inception.pt, sha256")
     assert names[0] in (tmp_path / "r" / "report.md").read_text()
-    assert not (tmp_path / "r" / "work" / "domain_extractor.pt").exists()
+    assert not (tmp_path / "r" / WORK_DIR / "domain_extractor.pt").exists()
     arms = report["arms"]
     assert set(arms) == {"TRTR", "TSTR"} and report["ratios"]["mixed_over_trtr"] is None
     assert arms["TRTR"]["auc"] > 0.9

@@ -177,12 +177,14 @@ def test_tiny_reproduction_writes_the_table_and_resumes(tmp_path):
         assert SPINEGAN_UNAVAILABLE in md
     assert md.count("\n1. **") == 1 and "7. **" in md
     assert saved["table"][0]["paper"] == PAPER["trtr"]
+    assert ("means little here" in md) == (cgan["trtr"]["auc"] < 0.6 or lesion["trtr"]["auc"] < 0.6)
 
     # A rerun skips every complete arm and reproduces the same table.
     stamps = {p.name: (p / "arm.json").stat().st_mtime_ns for p in (out / "arms").iterdir()}
     messages.clear()
     again = reproduce(site, out, "smoke", TINY, stage=messages.append)
     assert again["table"] == report["table"]
+    assert "reused arms built earlier" in (out / "reproduce.md").read_text()
     done = [n for n, a in arms.items() if a["status"] == "done"]
     for name in done:
         assert f"{name}: complete from an earlier run, skipped" in messages
