@@ -13,6 +13,7 @@ from fedspine.cli import evaluate as evaluate_commands
 from fedspine.cli import federation as federation_commands
 from fedspine.cli import privacy as privacy_commands
 from fedspine.cli import release as release_commands
+from fedspine.cli import reproduce as reproduce_commands
 from fedspine.cli import train as train_commands
 
 app = typer.Typer(
@@ -56,3 +57,4 @@ evaluate_commands.register(app)
 federation_commands.register(app)
 privacy_commands.register(app)
 release_commands.register(app)
+reproduce_commands.register(app)
