@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -81,5 +82,11 @@ def demo(
     typer.echo("  times: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
 
 
+_MAIN_PID = os.getpid()
+
+
 def _exit_on_sigterm(signum, frame) -> None:
+    # Forked helpers (the ingest pool) inherit this handler; they must just end quietly.
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
     raise KeyboardInterrupt
