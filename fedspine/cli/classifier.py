@@ -170,7 +170,7 @@ def train(
         model=ClassifierConfig.from_dict(history["model_config"]),
     )
     config = {"train": resolved.to_dict(), "data": str(data), "val": str(val_name)}
-    _write_outputs(out, model, meta, config, history, overwrite)
+    _write_outputs(out, model, meta, config, history)
     per_output = history["epochs"][history["best_epoch"] - 1]["val_auc_per_output"]
     parts = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in per_output.items())
     best = history["best_val_auc"]
@@ -186,9 +186,9 @@ def _write_outputs(
     meta: dict[str, Any],
     config: dict[str, Any],
     history: dict[str, Any],
-    overwrite: bool,
 ) -> None:
     """Build the classifier folder beside ``out`` and rename it into place."""
+    from fedspine.fileio import publish_folder
     from fedspine.models.classifier import save_classifier
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,13 +198,7 @@ def _write_outputs(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
         plot_history(history, tmp / PLOT_FILE)
-        if out.exists() and overwrite:
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

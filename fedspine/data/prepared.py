@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedspine.fileio import publish_folder
+
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
 REJECTED_FILE = "rejected.csv"
@@ -209,13 +211,7 @@ def write_prepared(
             }
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

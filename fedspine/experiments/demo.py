@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -226,6 +225,7 @@ def _federate(out: Path, sites: list[str], config: DemoConfig, stage: Stage) -> 
         wait_for_run,
     )
     from fedspine.federated.federation import FederationConfig, read_rounds, read_status
+    from fedspine.federated.processes import free_port
     from fedspine.federated.security import make_server_certificates, make_site_keypair
 
     server = out / "server"
@@ -233,7 +233,7 @@ def _federate(out: Path, sites: list[str], config: DemoConfig, stage: Stage) -> 
     certs = server / "certs"
     if not (certs / "ca.crt").exists():
         make_server_certificates(certs, hosts=["127.0.0.1", "localhost"])
-    port = _free_port()
+    port = free_port()
     stage(f"starting the SuperLink on 127.0.0.1:{port} (TLS, site authentication)")
     start_superlink(server, host="127.0.0.1", port=port)
     nodes = []
@@ -252,7 +252,7 @@ def _federate(out: Path, sites: list[str], config: DemoConfig, stage: Stage) -> 
                         workdir=out / "sites" / site,
                         ca=certs / "ca.crt",
                         key=key,
-                        port=_free_port(),
+                        port=free_port(),
                         max_epsilon=config.epsilon,
                         # Three sites share this machine's cores: one thread each avoids
                         # oversubscription (a real site uses all of its own cores).
@@ -319,9 +319,3 @@ class _timed:
 
     def __exit__(self, *exc):
         self.result.seconds[self.name] = round(time.perf_counter() - self.start, 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

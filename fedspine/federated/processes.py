@@ -112,6 +112,15 @@ def start_process(
     return ManagedProcess(name=name, pid=popen.pid, log=log, pid_file=pid_file, popen=popen)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for loopback deployments and tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

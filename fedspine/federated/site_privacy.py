@@ -89,6 +89,8 @@ class SitePrivacy:
 
     def record_round(self, trainer: DPGanTrainer) -> dict[str, float]:
         """Write this round's steps to the ledger; the numbers and JSON the server may see."""
+        from fedspine.privacy.report import ledger_mechanisms
+
         steps = trainer.dp_step.steps_taken - self.steps_at_start
         if steps > 0:
             self.ledger.record(
@@ -104,16 +106,7 @@ class SitePrivacy:
             "delta": self.delta,
             "dataset_hash": self.dataset_hash,
             "cap": self.target,
-            "mechanisms": [
-                {
-                    "label": m.label,
-                    "noise_multiplier": m.noise_multiplier,
-                    "sample_rate": m.sample_rate,
-                    "steps": m.steps,
-                    "clip_norm": self.dp.max_grad_norm,
-                }
-                for m in self.ledger.mechanisms(self.dataset_hash)
-            ],
+            "mechanisms": ledger_mechanisms(self.ledger, self.dataset_hash, self.dp.max_grad_norm),
         }
         return {"epsilon": spent, "delta": self.delta}
 

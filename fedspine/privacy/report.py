@@ -53,6 +53,20 @@ def site_entry(
     }
 
 
+def ledger_mechanisms(ledger, dataset_hash: str, clip_norm: float) -> list[dict[str, Any]]:
+    """Every DP mechanism a ledger holds for one dataset, as ``privacy.json`` lists them."""
+    return [
+        {
+            "label": m.label,
+            "noise_multiplier": m.noise_multiplier,
+            "sample_rate": m.sample_rate,
+            "steps": m.steps,
+            "clip_norm": clip_norm,
+        }
+        for m in ledger.mechanisms(dataset_hash)
+    ]
+
+
 def write_privacy_summary(
     run: str | os.PathLike,
     sites: dict[str, dict[str, Any]],

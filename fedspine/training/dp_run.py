@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fedspine.privacy.accounting import default_delta
 from fedspine.training.dp import DPConfig, mechanism, plan_noise
 from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
 
@@ -67,7 +68,7 @@ class RunPrivacy:
         if state is not None:
             sigma = float(state["dp"]["noise_multiplier"])
             q = float(state["dp"]["sample_rate"])
-            delta = self.dp.delta or _default_delta(self.num_patients)
+            delta = self.dp.delta or default_delta(self.num_patients)
             done = int(state["dp"]["step"]["steps_taken"])
         else:
             remaining_kimg = config.total_kimg
@@ -93,7 +94,7 @@ class RunPrivacy:
 
     def finish(self, trainer: DPGanTrainer) -> float:
         """Record the steps this invocation took and write RUN/privacy.json; returns ε spent."""
-        from fedspine.privacy.report import site_entry, write_privacy_summary
+        from fedspine.privacy.report import ledger_mechanisms, site_entry, write_privacy_summary
 
         new_steps = trainer.dp_step.steps_taken - self.steps_at_start
         if new_steps > 0 and not self.recorded:
@@ -104,16 +105,7 @@ class RunPrivacy:
                 self.dp.max_grad_norm,
             )
             self.recorded = True
-        mechanisms = [
-            {
-                "label": m.label,
-                "noise_multiplier": m.noise_multiplier,
-                "sample_rate": m.sample_rate,
-                "steps": m.steps,
-                "clip_norm": self.dp.max_grad_norm,
-            }
-            for m in self.ledger.mechanisms(self.dataset_hash)
-        ]
+        mechanisms = ledger_mechanisms(self.ledger, self.dataset_hash, self.dp.max_grad_norm)
         spent = self.ledger.spent(self.dataset_hash, self.delta, "prv") if mechanisms else 0.0
         write_privacy_summary(
             self.out,
@@ -130,9 +122,3 @@ class RunPrivacy:
             accountant="prv",
         )
         return spent
-
-
-def _default_delta(num_patients: int) -> float:
-    from fedspine.privacy.accounting import default_delta
-
-    return default_delta(num_patients)

@@ -6,7 +6,6 @@ Every process a test starts is stopped by PID (its whole process group) on succe
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +18,12 @@ from fedspine.federated.deploy import (
     stop_superlink,
 )
 from fedspine.federated.federation import read_rounds, read_status
+from fedspine.federated.processes import free_port
 from tests.federated.conftest import make_site_dataset
 
 pytestmark = pytest.mark.slow
 
 FEDSPINE = [sys.executable, "-m", "fedspine.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -65,7 +59,7 @@ def _federation_toml(
 def coordinator(tmp_path):
     """A TLS + node-auth SuperLink on a free loopback port, stopped afterwards."""
     workdir = tmp_path / "server"
-    port = _free_port()
+    port = free_port()
     _cli("server", "certs", "--workdir", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
     _cli("server", "start", "--workdir", str(workdir), "--host", "127.0.0.1", "--port", str(port))
     try:
@@ -90,7 +84,7 @@ def _site(tmp_path, coordinator, k: int, register: bool = True, data: Path | Non
             workdir=tmp_path / f"site{k}",
             ca=workdir / "certs" / "ca.crt",
             key=key,
-            port=_free_port(),
+            port=free_port(),
         )
     )
 
