@@ -238,6 +238,9 @@ def evaluate(
             curves[arm] = curve
             notify({"stage": "classifier", "event": "end", "arm": arm, "auc": record["auc"]})
 
+        trts = _class_fidelity(
+            tmp / arms["TRTR"]["classifier_file"], syn_rows, syn_images, task, cfg
+        )
         multi = len(arms["TRTR"]["output_names"]) > 1
         plot_rocs(
             curves,
@@ -305,6 +308,7 @@ def evaluate(
             },
             "ratios": _ratios(arms),
             "arms": arms,
+            "class_fidelity": trts,
             "generative": generative,
             "memorisation": memorisation,
             "files": {
@@ -463,6 +467,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {out_name} | " + " | ".join(cells) + " |")
     lines += ["", f"![ROC curves of the arms]({report['files']['roc']})", ""]
 
+    trts = report.get("class_fidelity")
+    if trts:
+        lines += [
+            "## Does each synthetic class look like its real class?",
+            "",
+            f"TRTS (train real, test synthetic): {trts['classifier']} scored on the "
+            f"{trts['images']} synthetic images against the class they were generated for: "
+            f"AUC {_auc_ci(trts['auc'], trts['ci'])}. 0.5 means the generator's classes are "
+            "indistinguishable to a classifier that knows the real ones; the TRTR AUC above is "
+            "what real images of the two classes give. Intervals bootstrap synthetic images.",
+            "",
+        ]
     gen = report["generative"]
     lines += [
         "## Synthetic vs real training images",
@@ -685,6 +701,54 @@ def _arm_datasets(
             _composition_of(len(real_train), len(chosen)),
         )
     return arms
+
+
+def _class_fidelity(
+    trtr_file: Path,
+    syn_rows: PreparedDataset,
+    syn_images: np.ndarray,
+    task: str,
+    cfg: EvaluateConfig,
+) -> dict[str, Any]:
+    """TRTS: the real-trained classifier scored on the synthetic images and their labels.
+
+    It asks whether each synthetic class looks like that class to a classifier that has only
+    seen real images, which shows a generator learning its classes long before TSTR does. Each
+    synthetic image is its own unit in the bootstrap (generated images share no patient).
+    """
+    from fedspine.models.classifier import load_classifier, predict_proba
+    from fedspine.training.classifier_trainer import targets
+
+    model, _, _ = load_classifier(trtr_file)
+    y, idx, names = targets(syn_rows, task)
+    probs = predict_proba(model, syn_images[idx], batch=128)
+    groups = np.arange(len(idx))
+    scores = {}
+    for k, name in enumerate(names):
+        yk = y[:, k].astype(np.int64)
+        if not 0 < yk.sum() < len(yk):
+            scores[name] = {
+                "auc": None,
+                "ci": None,
+                "reason": "a single class in the synthetic set",
+            }
+            continue
+        value, lo, hi = bootstrap_auc_ci(yk, probs[:, k], groups, cfg.bootstrap, seed=cfg.seed)
+        scores[name] = {
+            "auc": value,
+            "ci": [lo, hi],
+            "mean_score_positive": float(probs[yk == 1, k].mean()),
+            "mean_score_negative": float(probs[yk == 0, k].mean()),
+        }
+    aucs = [o["auc"] for o in scores.values() if o["auc"] is not None]
+    return {
+        "name": "TRTS (train real, test synthetic)",
+        "classifier": "the TRTR arm's classifier",
+        "images": len(idx),
+        "auc": float(np.mean(aucs)) if aucs else None,
+        "ci": scores[names[0]]["ci"] if len(names) == 1 else None,
+        "per_output": scores,
+    }
 
 
 def _composition_of(n_real: int, n_synthetic: int) -> dict[str, Any]:

@@ -217,6 +217,12 @@ def test_generated_folder_is_ingested_at_the_real_resolution(copies_run):
 def test_copies_of_real_train_give_ratio_near_one_and_are_flagged(copies_run):
     _, real, report = copies_run
     assert report["ratios"]["tstr_over_trtr"] == pytest.approx(1.0, abs=0.05)
+    # Copies of the real training images carry their true labels: the real-trained classifier
+    # separates them at least as well as the real test images.
+    trts = report["class_fidelity"]
+    assert trts["images"] == int(np.sum(real.splits == "train"))
+    assert trts["auc"] > 0.9 and trts["ci"][0] <= trts["auc"] <= trts["ci"][1]
+    assert "TRTS" in (copies_run[0] / "report" / "report.md").read_text()
     mem = report["memorisation"]
     n = int(np.sum(real.splits == "train"))
     assert mem["flagged"] and mem["verdict"].startswith("memorisation suspected")
@@ -267,6 +273,8 @@ def test_pure_noise_gives_chance_tstr_and_no_memorisation(tmp_path):
     # A TSTR arm that leaked real labels would score near TRTR (about 1) and fail both checks.
     assert abs(arms["TSTR"]["auc"] - 0.5) < 0.25
     assert arms["TRTR"]["auc"] - arms["TSTR"]["auc"] > 0.2
+    # Noise carries no class: the real classifier's scores do not follow its labels.
+    assert abs(report["class_fidelity"]["auc"] - 0.5) < 0.2
     mem = report["memorisation"]
     assert not mem["flagged"] and mem["exact_copies"] == 0
     assert mem["heldout"].startswith("the 'val' split")
