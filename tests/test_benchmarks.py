@@ -1,0 +1,54 @@
+"""The prepared GPU benchmark must run when a GPU session gets its few minutes: check it on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_paper_preset_script_runs_on_cpu_and_reports_every_setting(capsys):
+    bench = _load("gpu_paper_preset")
+    report = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--preset",
+            "cpu",
+            "--resolution",
+            "16",
+            "--precision",
+            "off",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]
+    )
+    assert set(report["results"]) == {"fused/off", "non-fused/off"}
+    for row in report["results"].values():
+        assert row["sec_per_kimg"] > 0 and row["finite_losses"] and row["resolution"] == 16
+    assert report["fastest"] in report["results"]
+    assert "fused_over_non_fused_speed/off" in report["ratios"]
+    assert '"benchmark": "gpu_paper_preset"' in capsys.readouterr().out
+
+
+def test_gpu_paper_preset_refuses_cuda_without_a_gpu():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    bench = _load("gpu_paper_preset")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.main(["--steps", "1"])
