@@ -23,8 +23,11 @@ from fedspine import __version__
 PRIVACY_FILE = "privacy.json"
 FORMAT = "fedspine-privacy/1"
 PRNG_NOTE = (
-    "DP noise is drawn from torch's pseudo-random generator: no cryptographically secure "
-    "generator (torchcsprng) is installable here, so the guarantee assumes an attacker cannot "
+    "DP noise and the Poisson draws of patients come from torch's and numpy's pseudo-random "
+    "generators, seeded from OS entropy for every run (never from the recorded seed): no "
+    "cryptographically secure generator (torchcsprng) is installable here, so the guarantee "
+    "assumes an attacker cannot predict those generators' state."
+) is installable here, so the guarantee assumes an attacker cannot "
     "predict torch's PRNG state."
 )
 FORMATS = ("md", "json", "html")

@@ -5,11 +5,17 @@ The non-private trainer draws uniform minibatches; here the discriminator sees P
 :class:`~fedspine.training.dp.DPDiscriminatorStep`, and nothing computed on real images outside
 that step reaches the generator, the logs or ADA (whose p is fixed). G, G_ema and sampling are
 post-processing of the privatised discriminator updates.
+
+The Gaussian noise and the Poisson draws of patients come from generators seeded with fresh OS
+entropy at every construction, never from the run's seed: the seed is written next to every
+output, and noise that anyone holding it could replay would protect nothing. A DP run is
+therefore not bit-reproducible from its seed (a non-private run still is).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,7 +85,11 @@ class DPGanTrainer(GanTrainer):
         )
         self.dp = dp
         self.sample_rate = float(sample_rate)
-        self.sampler = PatientPoissonSampler(np.asarray(patient_ids), self.sample_rate, self.np_rng)
+        self.privacy_rng = np.random.default_rng(secrets.randbits(128))
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(secrets.randbits(63))
+        self.sampler = PatientPoissonSampler(
+            np.asarray(patient_ids), self.sample_rate, self.privacy_rng
+        )
         self.num_train_images = len(patient_ids)
         self.dp_step = DPDiscriminatorStep(
             self.D,
@@ -91,6 +101,7 @@ class DPGanTrainer(GanTrainer):
             self._make_fakes,
             noise_multiplier=noise_multiplier,
             generator=self.latent_gen,
+            noise_generator=self.noise_gen,
         )
 
     @property

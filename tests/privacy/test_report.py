@@ -52,7 +52,7 @@ def test_report_formats(tmp_path, fmt):
         assert data["overall_epsilon"] == pytest.approx(eps)
     else:
         assert f"{eps:.3f}" in text
-        assert "torch's pseudo-random generator" in text
+        assert "seeded from OS entropy" in text
         assert "public: uniform" in text
     if fmt == "html":
         assert "data:image/png;base64," in text
