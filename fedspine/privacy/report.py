@@ -27,8 +27,6 @@ PRNG_NOTE = (
     "generators, seeded from OS entropy for every run (never from the recorded seed): no "
     "cryptographically secure generator (torchcsprng) is installable here, so the guarantee "
     "assumes an attacker cannot predict those generators' state."
-) is installable here, so the guarantee assumes an attacker cannot "
-    "predict torch's PRNG state."
 )
 FORMATS = ("md", "json", "html")
 
