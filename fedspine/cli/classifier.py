@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,12 @@ CLASSIFIER_FILE = "classifier.pt"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 PLOT_FILE = "training.png"
+EXIT_INTERRUPTED = 130
+NOT_PRIVATE_NOTE = (
+    "computed on private data without DP, for the data owner only: the training loss of the "
+    "sampled patients and the AUC on the private val split (reported, never used to choose the "
+    "model); do not share history.json with the classifier"
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -43,11 +49,22 @@ def train(
     ),
     task: str = typer.Option("auto", help="auto, binary, multiclass or multilabel."),
     arch: str = typer.Option("densenet121", help="densenet121 (the paper's) or small (CPU demo)."),
-    norm: str = typer.Option("batch", help="batch, or group (GroupNorm: DP-trainable)."),
-    epochs: int = typer.Option(30, min=1, help="Most epochs; early stopping may end sooner."),
-    batch: int = typer.Option(32, min=2, help="Images per step."),
+    norm: str = typer.Option(
+        None,
+        help="batch, or group (GroupNorm: DP-trainable). (default: batch; group with --dp, which "
+        "refuses batch)",
+    ),
+    epochs: int = typer.Option(
+        30,
+        min=1,
+        help="Most epochs; early stopping may end sooner. With --dp: exactly this many expected "
+        "passes over the patients, epochs * patients / patients-per-step steps.",
+    ),
+    batch: int = typer.Option(32, min=2, help="Images per step (not used with --dp)."),
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    patience: int = typer.Option(5, min=1, help="Epochs without a better val AUC before stopping."),
+    patience: int = typer.Option(
+        5, min=1, help="Epochs without a better val AUC before stopping (not used with --dp)."
+    ),
     input_size: int = typer.Option(
         None, "--input-size", min=8, help="Side the images are resized to (default: DATA's)."
     ),
@@ -57,15 +74,62 @@ def train(
     max_train_images: int = typer.Option(
         None, "--max-train-images", min=2, help="Train on a random subset of this many images."
     ),
-    seed: int = typer.Option(0, help="Seed of initialisation, shuffling and augmentation."),
+    seed: int = typer.Option(
+        0,
+        help="Seed of initialisation, shuffling and augmentation (with --dp, patient sampling "
+        "and DP noise draw fresh OS entropy instead).",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: all cores)."),
     overwrite: bool = typer.Option(False, help="Replace an existing classifier folder at --out."),
+    dp: bool = typer.Option(
+        False,
+        "--dp",
+        help="Patient-level DP-SGD (for SpineGAN's clinical loss under --dp); its ε is recorded "
+        "in DATA's privacy ledger.",
+    ),
+    epsilon: float = typer.Option(
+        None,
+        "--epsilon",
+        help="With --dp: target ε of this data after this run, composed with its ledger (σ is "
+        "calibrated from it).",
+    ),
+    delta: float = typer.Option(
+        None, "--delta", help="With --dp: δ (default min(1e-5, 1 / (10 * patients)))."
+    ),
+    noise_multiplier: float = typer.Option(
+        None, "--noise-multiplier", help="With --dp: σ itself, instead of --epsilon."
+    ),
+    clip: float = typer.Option(
+        None, "--clip", help="With --dp: L2 bound on one patient's gradient. (default: 1.0)"
+    ),
+    patients_per_step: int = typer.Option(
+        None,
+        "--patients-per-step",
+        min=1,
+        help="With --dp: expected patients per step, q = this / patients. (default: 32)",
+    ),
+    ledger: Path = typer.Option(
+        None,
+        "--ledger",
+        help="With --dp: the data's privacy ledger (default DATA/privacy_ledger.json).",
+    ),
+    max_epsilon: float = typer.Option(
+        None,
+        "--max-epsilon",
+        help="With --dp: refuse to start if the data's ledger would exceed this ε.",
+    ),
 ) -> None:
     """Train a classifier on DATA's 'train' split, keeping the epoch with the best val AUC.
 
     Selection uses a validation split carved from training data by patient, never a test
     split. Writes classifier.pt, config.json, history.json and training.png into --out.
+
+    With --dp: patient-level DP-SGD for a fixed number of steps, keeping the last model (no
+    selection on private data), unweighted BCE, GroupNorm. The mechanism is recorded in DATA's
+    privacy ledger, so a later `fedspine train --dp` on DATA composes with it, and the
+    classifier's metadata carries its DP record (what a DP SpineGAN needs). The val AUC is
+    only reported. Writes classifier.pt, config.json and history.json into --out.
     """
     import torch
 
@@ -73,6 +137,24 @@ def train(
     from fedspine.models.classifier import ClassifierCheckpointError, ClassifierConfig
     from fedspine.training.classifier_trainer import ClassifierTrainConfig, train_classifier
 
+    dp_given = {
+        "--epsilon": epsilon,
+        "--delta": delta,
+        "--noise-multiplier": noise_multiplier,
+        "--clip": clip,
+        "--patients-per-step": patients_per_step,
+        "--ledger": ledger,
+        "--max-epsilon": max_epsilon,
+    }
+    if not dp and any(v is not None for v in dp_given.values()):
+        given = ", ".join(k for k, v in dp_given.items() if v is not None)
+        fail(f"{given}: only with --dp")
+    if dp and norm == "batch":
+        fail(
+            "--dp refuses --norm batch: BatchNorm mixes the patients of a batch and its running "
+            "statistics escape clipping and noise; use --norm group (the default with --dp)"
+        )
+    norm = norm or ("group" if dp else "batch")
     if out.exists() and not overwrite:
         fail(f"{out} already exists; choose another --out or pass --overwrite")
     if weights is not None and not weights.is_file():
@@ -87,6 +169,38 @@ def train(
     val_name = val if val is not None else data
     if len(train_rows) == 0:
         fail(f"{data}: no rows in the 'train' split")
+    if dp:
+        if max_train_images is not None:
+            fail("--max-train-images is not supported with --dp; the privacy unit is the patient")
+        _train_dp(
+            data=data,
+            dataset=dataset,
+            val_name=val_name if len(val_rows) else None,
+            val_source=val_source,
+            out=out,
+            task=task,
+            model_cfg=ClassifierConfig(
+                arch=arch,
+                norm=norm,
+                input_size=input_size or dataset.resolution,
+                weights_path=str(weights) if weights is not None else None,
+            ),
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            device=device,
+            threads=threads,
+            options={
+                "target_epsilon": epsilon,
+                "noise_multiplier": noise_multiplier,
+                "delta": delta,
+                "clip": 1.0 if clip is None else clip,
+                "patients_per_step": 32 if patients_per_step is None else patients_per_step,
+                "ledger_path": ledger,
+                "max_epsilon": max_epsilon,
+            },
+        )
+        return
     if len(val_rows) == 0:
         fail(
             f"{val_name}: no rows in the 'val' split; ingest with --val-fraction above 0 "
@@ -180,12 +294,201 @@ def train(
     )
 
 
+def _train_dp(
+    *,
+    data: Path,
+    dataset: Any,
+    val_name: Path | None,
+    val_source: Any,
+    out: Path,
+    task: str,
+    model_cfg: Any,
+    epochs: int,
+    lr: float,
+    seed: int,
+    device: str,
+    threads: int,
+    options: dict[str, Any],
+) -> None:
+    """`classifier train --dp`: plan σ against the ledger and cap, train, record, then write.
+
+    The order matters: nothing is written when the cap refuses; the ledger records every step
+    taken (an interrupted run included) before any output exists, so no classifier leaves this
+    command without its ε in the ledger.
+    """
+    import uuid
+
+    import torch
+
+    from fedspine.models.classifier import ClassifierCheckpointError, build_classifier
+    from fedspine.privacy.ledger import LedgerError
+    from fedspine.training.classifier_dp import (
+        check_dp_model,
+        plan_classifier_dp,
+        record_classifier_dp,
+        train_classifier_dp_steps,
+    )
+    from fedspine.training.classifier_trainer import (
+        ClassifierTrainConfig,
+        evaluate_classifier,
+        resolve_device,
+        resolve_task,
+        targets,
+    )
+
+    if (options["target_epsilon"] is None) == (options["noise_multiplier"] is None):
+        fail("--dp needs exactly one of --epsilon (σ is calibrated from it) and --noise-multiplier")
+    train_rows = dataset.select("train", labelled=False)
+    try:
+        resolved_task = resolve_task(task, train_rows)
+        _, idx, output_names = targets(train_rows, resolved_task)
+        model_cfg = replace(model_cfg, num_outputs=len(output_names))
+        model_cfg.validate()
+        cfg = ClassifierTrainConfig(
+            task=resolved_task,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            device=device,
+            class_weighting=False,
+            input_size=model_cfg.input_size,
+            model=model_cfg,
+        )
+        cfg.validate()
+        dev = resolve_device(device)
+        plan = plan_classifier_dp(dataset, resolved_task, epochs=epochs, **options)
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.manual_seed(seed)
+        model = build_classifier(model_cfg)
+        check_dp_model(model)
+    except (ValueError, LedgerError, ClassifierCheckpointError) as err:
+        fail(str(err))  # PrivacyCapExceeded (a ValueError) says spent, remaining and the cap
+    typer.echo(
+        f"DP-SGD: {plan.steps} steps at σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g} "
+        f"({plan.patients} patients), clip {plan.clip:g}, δ={plan.delta:.3g}; data ε after this "
+        f"run ≤ {plan.projected_epsilon:.3f} (RDP, ledger {plan.ledger_path})",
+        err=True,
+    )
+    run_id = f"{out.name}-{uuid.uuid4().hex[:8]}"
+    notes = {"classifier": out.name, "task": resolved_task, "epochs": epochs}
+    done = 0
+    try:
+        with progress_bar() as bar:
+            bar_task = bar.add_task("DP training", total=plan.steps)
+
+            def report(step: int) -> None:
+                nonlocal done
+                done = step
+                bar.update(bar_task, completed=step)
+
+            result = train_classifier_dp_steps(
+                model,
+                dataset,
+                resolved_task,
+                plan.config(lr),
+                plan.steps,
+                seed=seed,
+                device=dev,
+                progress=report,
+            )
+    except BaseException as err:
+        record = record_classifier_dp(plan, done, run_id, {**notes, "interrupted": True})
+        if isinstance(err, KeyboardInterrupt):
+            fail(
+                f"interrupted after {done} of {plan.steps} steps; they are recorded in "
+                f"{plan.ledger_path} (data ε now {record['data_epsilon_after']:.3f}); nothing "
+                "was written",
+                code=EXIT_INTERRUPTED,
+            )
+        if isinstance(err, ValueError):
+            fail(str(err))
+        raise
+    if (result["steps"], result["sample_rate"]) != (plan.steps, plan.sample_rate):
+        record_classifier_dp(plan, result["steps"], run_id, notes)
+        fail("the DP steps taken differ from the plan; recorded what ran, wrote nothing")
+    dp_record = record_classifier_dp(plan, result["steps"], run_id, notes)
+
+    val_eval = None
+    if val_name is not None:
+        try:
+            val_eval = evaluate_classifier(model, val_source.select("val", labelled=False), cfg)
+        except ValueError as err:
+            typer.echo(f"no val AUC: {err}", err=True)
+    meta = {
+        "task": resolved_task,
+        "class_names": list(dataset.class_names),
+        "output_names": output_names,
+        "input_size": model_cfg.input_size,
+        "training_data": {
+            "path": str(data),
+            "content_hash": dataset.content_hash,
+            "split": "train",
+            "rows": len(idx),
+            "patients": plan.patients,
+        },
+        "selection_data": None,
+        "dp": dp_record,
+    }
+    history = {
+        "task": resolved_task,
+        "output_names": output_names,
+        "class_names": list(dataset.class_names),
+        "input_size": model_cfg.input_size,
+        "device": str(dev),
+        "dp": True,
+        "train_splits": ["train"],
+        "train_rows": len(idx),
+        "train_patients": plan.patients,
+        "steps": result["steps"],
+        "sample_rate": result["sample_rate"],
+        "noise_multiplier": result["noise_multiplier"],
+        "clip": result["clip"],
+        "model_config": asdict(model_cfg),
+        "pos_weight": None,
+        "not_private": NOT_PRIVATE_NOTE,
+        "mean_train_loss": result["mean_loss"],
+        "final_val": None
+        if val_eval is None
+        else {
+            "path": str(val_name),
+            "content_hash": val_source.content_hash,
+            "rows": val_eval["rows"],
+            "auc": val_eval["mean_auc"],
+            "auc_per_output": val_eval["auc"],
+        },
+    }
+    config = {
+        "train": cfg.to_dict(),
+        "dp": {
+            "target_epsilon": plan.target_epsilon,
+            "noise_multiplier": plan.noise_multiplier,
+            "delta": plan.delta,
+            "clip": plan.clip,
+            "patients_per_step": plan.patients_per_step,
+            "steps": plan.steps,
+            "ledger": str(plan.ledger_path),
+            "max_epsilon": plan.max_epsilon,
+        },
+        "data": str(data),
+        "val": None if val_name is None else str(val_name),
+    }
+    _write_outputs(out, model, meta, config, history, plot=False)
+    auc = None if val_eval is None else val_eval["mean_auc"]
+    typer.echo(
+        f"wrote {out}: {resolved_task} DP classifier, {result['steps']} steps; "
+        f"ε = {dp_record['epsilon']:.3f} at δ = {plan.delta:.2g} for this classifier, "
+        f"data ε now {dp_record['data_epsilon_after']:.3f} (ledger {plan.ledger_path}); "
+        f"final val AUC {'n/a' if auc is None else f'{auc:.3f}'} (reported only, not private)"
+    )
+
+
 def _write_outputs(
     out: Path,
     model: Any,
     meta: dict[str, Any],
     config: dict[str, Any],
     history: dict[str, Any],
+    plot: bool = True,
 ) -> None:
     """Build the classifier folder beside ``out`` and rename it into place."""
     from fedspine.fileio import publish_folder
@@ -197,7 +500,8 @@ def _write_outputs(
         save_classifier(tmp / CLASSIFIER_FILE, model, model.classifier_config, meta)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
-        plot_history(history, tmp / PLOT_FILE)
+        if plot:
+            plot_history(history, tmp / PLOT_FILE)
         publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
