@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from pathlib import Path
 
@@ -25,14 +26,16 @@ def demo(
     seed: int = typer.Option(0, help="Seed for the phantoms, splits and training."),
 ) -> None:
     """Phantom hospitals → ingestion → federated DP training over TLS → synthetic data →
-    evaluation → privacy report → signed release.
+    evaluation → privacy report → signed release → one HTML report.
 
     Needs no data and no network: three phantom sites with different domains are made, a real
     Flower SuperLink and three SuperNodes run on loopback with TLS and site authentication and
     train with patient-level DP under an ε cap, and the averaged generator's synthetic images
     are evaluated and released if every gate passes. Every process it starts is stopped when it
-    ends, Ctrl-C included. Outputs go under --out (see the README).
+    ends, Ctrl-C included. Outputs go under --out (see the README); open OUT/report.html in a
+    browser for every result on one page.
     """
+    from fedspine.evaluation.html_report import HtmlReportError
     from fedspine.experiments.demo import DemoConfig, run_demo
 
     config = DemoConfig(
@@ -41,11 +44,17 @@ def demo(
     # A plain `kill` must stop the SuperLink and SuperNodes too: turn SIGTERM into an exit that
     # runs the demo's clean-up, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    command = (
+        f"fedspine demo --out {shlex.quote(str(out))} --images-per-site {images_per_site} "
+        f"--rounds {rounds} --local-kimg {local_kimg} --seed {seed}"
+    )
     try:
-        result = run_demo(out, config, stage=lambda msg: typer.echo(f"==> {msg}", err=True))
+        result = run_demo(
+            out, config, stage=lambda msg: typer.echo(f"==> {msg}", err=True), command=command
+        )
     except KeyboardInterrupt:
         fail("interrupted; every process the demo started has been stopped")
-    except (RuntimeError, ValueError, OSError) as err:
+    except (RuntimeError, ValueError, OSError, HtmlReportError) as err:
         fail(str(err))
     typer.echo(f"\nfedspine demo: {len(result.sites)} phantom sites under {result.out}")
     for site, info in result.ingest.items():
@@ -79,6 +88,8 @@ def demo(
         typer.echo(f"  signed release: {result.release['path']} (verify with `fedspine verify`)")
     elif result.release:
         typer.echo(f"  release refused: {result.release['reason']}")
+    if result.report is not None:
+        typer.echo(f"  report (open in a browser): {result.report}")
     typer.echo("  times: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
 
 

@@ -13,6 +13,7 @@ from fedspine.cli import evaluate as evaluate_commands
 from fedspine.cli import federation as federation_commands
 from fedspine.cli import privacy as privacy_commands
 from fedspine.cli import release as release_commands
+from fedspine.cli import report as report_commands
 from fedspine.cli import reproduce as reproduce_commands
 from fedspine.cli import train as train_commands
 
@@ -57,4 +58,5 @@ evaluate_commands.register(app)
 federation_commands.register(app)
 privacy_commands.register(app)
 release_commands.register(app)
+report_commands.register(app)
 reproduce_commands.register(app)

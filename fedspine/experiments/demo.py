@@ -4,20 +4,27 @@ Three phantom hospitals with different domains are ingested; a real Flower Super
 SuperNodes run on loopback with TLS and site authentication and train with patient-level DP
 (each site capped at ε); the averaged generator's synthetic set is evaluated (TSTR against TRTR
 on real phantom test images), the privacy report is written, and a signed release is made if
-every gate passes. Every process the demo starts is stopped when it ends, Ctrl-C included.
+every gate passes. Last, ``OUT/report.html`` gathers all of it in one self-contained page, with
+the commands and settings that made it. Every process the demo starts is stopped when it ends,
+Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedspine.data.ingest import IngestConfig, ingest
 from fedspine.data.phantom import write_phantom_sites
+
+if TYPE_CHECKING:
+    from fedspine.evaluation.report import EvaluateConfig
 
 
 @dataclass(frozen=True)
@@ -48,14 +55,28 @@ class DemoResult:
     evaluation: dict = field(default_factory=dict)
     privacy: dict = field(default_factory=dict)
     release: dict = field(default_factory=dict)
+    report: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 Stage = Callable[[str], None]
 
 
-def run_demo(out: Path, config: DemoConfig | None = None, stage: Stage | None = None) -> DemoResult:
-    """Run each stage in order under ``out``; ``stage`` is told when each one starts."""
+REPORT_FILE = "report.html"
+REPORT_TITLE = "fedspine demo: federated, differentially private synthetic spine radiographs"
+
+
+def run_demo(
+    out: Path,
+    config: DemoConfig | None = None,
+    stage: Stage | None = None,
+    command: str | None = None,
+) -> DemoResult:
+    """Run each stage in order under ``out``; ``stage`` is told when each one starts.
+
+    ``command`` is the command line that started the demo, recorded in the report (default:
+    the ``fedspine demo`` line equivalent to ``config``).
+    """
     config = config or DemoConfig()
     stage = stage or (lambda _msg: None)
     out = Path(out).resolve()
@@ -139,14 +160,82 @@ def run_demo(out: Path, config: DemoConfig | None = None, stage: Stage | None = 
         stage(f"release: gated on ε ≤ {config.epsilon} and the memorisation audit, then signed")
         result.release = _release(out, result.sites, config)
 
+    with _timed(result, "report"):
+        stage(f"writing {out / REPORT_FILE}: one page with every result, for a browser")
+        result.report = write_demo_report(out, result, config, command)
+
     _write_summary(out, result)
     return result
+
+
+def write_demo_report(
+    out: Path, result: DemoResult, config: DemoConfig, command: str | None = None
+) -> Path:
+    """``OUT/report.html`` from the demo's outputs, with the commands and settings behind them."""
+    from fedspine.evaluation.html_report import write_html_report
+
+    out = Path(out)
+    released = bool(result.release.get("released"))
+    steward_audit = out / "steward" / "audit"
+    return write_html_report(
+        out / REPORT_FILE,
+        evaluation=out / "evaluation" if (out / "evaluation").is_dir() else None,
+        run=out / "federation",
+        release=out / "release" if released else None,
+        release_refused=None if released else result.release.get("reason"),
+        steward_audit=steward_audit if steward_audit.is_dir() else None,
+        commands=demo_commands(out, config, result.sites, command),
+        config={"demo (demo_config.json)": asdict(config)},
+        title=REPORT_TITLE,
+    )
+
+
+def demo_commands(
+    out: Path, config: DemoConfig, sites: list[str], command: str | None = None
+) -> list[str]:
+    """The command that ran the demo, then each stage as the command that does the same."""
+    out = Path(out)
+    c = config
+    ev = _evaluate_config(config)
+
+    def q(*parts: str) -> str:
+        return shlex.quote(str(out.joinpath(*parts)))
+
+    fed, pooled = q("federation"), q("prepared", "pooled")
+    audit_data = " ".join(f"--audit-data {q('prepared', s)}" for s in sites)
+    return [
+        command
+        or f"fedspine demo --out {q()} --images-per-site {c.images_per_site} --rounds {c.rounds} "
+        f"--local-kimg {c.local_kimg} --seed {c.seed}",
+        "# The same stages one by one (the demo calls them through the Python API):",
+        f"fedspine phantom {q('phantom')} --sites {c.sites} --images-per-site "
+        f"{c.images_per_site} --size {c.phantom_size} --seed {c.seed}",
+        *(
+            f"fedspine ingest {q('phantom', s)} --out {q('prepared', s)} --resolution "
+            f"{c.resolution} --workers {c.workers} --seed {c.seed} --overwrite"
+            for s in sites
+        ),
+        f"# federation: a SuperLink and {len(sites)} SuperNodes on loopback (TLS, site "
+        f"authentication), {c.rounds} rounds of {c.local_kimg} kimg per site, DP with each site "
+        f"capped at epsilon {c.epsilon:g}; settings in federation/federation_config.json",
+        f"fedspine generate {fed} --out {q('synthetic')} --per-class {c.per_class} --seed {c.seed}",
+        "# the sites' prepared data pooled for the evaluation: "
+        "fedspine.data.prepared.merge_prepared -> prepared/pooled",
+        f"fedspine evaluate --synthetic {q('synthetic')} --train {pooled} --test {pooled} "
+        f"--out {q('evaluation')} --arch {ev.arch} --epochs {ev.epochs} --patience "
+        f"{ev.patience} --bootstrap {ev.bootstrap} --domain-epochs {ev.domain_epochs} "
+        f"--seed {ev.seed} --overwrite",
+        f"fedspine privacy report {fed} --format html",
+        f"fedspine release {fed} --out {q('release')} --max-epsilon {c.epsilon:g} --per-class "
+        f"{c.release_per_class} {audit_data} --key {q('steward', 'steward.key')} --seed "
+        f"{c.seed} --steward-audit {q('steward', 'audit')}",
+    ]
 
 
 def _evaluate(out: Path, sites: list[str], config: DemoConfig) -> dict:
     """TSTR vs TRTR on the pooled phantom sites (a centralised upper bound the demo can see)."""
     from fedspine.data.prepared import load_prepared, merge_prepared
-    from fedspine.evaluation.report import EvaluateConfig, evaluate
+    from fedspine.evaluation.report import evaluate
 
     pooled = merge_prepared(
         [load_prepared(out / "prepared" / s) for s in sites],
@@ -159,15 +248,7 @@ def _evaluate(out: Path, sites: list[str], config: DemoConfig) -> dict:
         pooled,
         pooled,
         out / "evaluation",
-        EvaluateConfig(
-            arch="small",
-            epochs=config.classifier_epochs,
-            patience=3,
-            seed=config.seed,
-            bootstrap=500,
-            domain_epochs=5,
-            threads=0,
-        ),
+        _evaluate_config(config),
         overwrite=True,
     )
     arms = report["arms"]
@@ -178,6 +259,21 @@ def _evaluate(out: Path, sites: list[str], config: DemoConfig) -> dict:
         "tstr_over_trtr": report["ratios"]["tstr_over_trtr"],
         "report": str(out / "evaluation" / "report.md"),
     }
+
+
+def _evaluate_config(config: DemoConfig) -> EvaluateConfig:
+    """The evaluation's settings, shared by the run and the command the report prints."""
+    from fedspine.evaluation.report import EvaluateConfig
+
+    return EvaluateConfig(
+        arch="small",
+        epochs=config.classifier_epochs,
+        patience=3,
+        seed=config.seed,
+        bootstrap=500,
+        domain_epochs=5,
+        threads=0,
+    )
 
 
 def _release(out: Path, sites: list[str], config: DemoConfig) -> dict:
@@ -303,6 +399,7 @@ def _write_summary(out: Path, result: DemoResult) -> None:
         "evaluation": result.evaluation,
         "privacy": result.privacy,
         "release": result.release,
+        "report": str(result.report) if result.report else None,
         "seconds": result.seconds,
     }
     tmp = out / ".demo_summary.json.tmp"
