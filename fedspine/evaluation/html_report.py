@@ -523,6 +523,16 @@ def _classifiers(inp: ReportInputs) -> str:
         "patients); sensitivity and specificity are at the threshold maximising Youden's J "
         "there.</p>",
     ]
+    trts = report.get("class_fidelity")
+    if trts:
+        parts.append(
+            "<p>Does each synthetic class look like its real class? TRTS (train real, test "
+            f"synthetic): {_e(trts.get('classifier', 'the TRTR classifier'))} scored on the "
+            f"{_e(trts.get('images', '?'))} synthetic images against the class each was "
+            f"generated for: AUC <b>{_auc_ci(trts.get('auc'), trts.get('ci'))}</b> "
+            "(0.5: the generator's classes are indistinguishable to a classifier that knows the "
+            "real ones).</p>"
+        )
     if test_set.get("patients_shared_with_train_or_val"):
         parts.append(
             f'<p class="bad">{_e(test_set["patients_shared_with_train_or_val"])} test patient '

@@ -552,6 +552,7 @@ def test_report_of_a_real_evaluation_renders(tmp_path):
     out = write_html_report(tmp_path / "r.html", evaluation=tmp_path / "ev")
     text = out.read_text()
     assert "not available: ROC" not in text and "n/a [" not in text
+    assert "TRTS (train real, test synthetic)" in text
     assert len(Page(text).images) == 3
     dom = rendered(out)
     assert dom.body.get("data-broken-images") == "0" and dom.body.get("data-images") == "3"
