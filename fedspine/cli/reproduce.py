@@ -26,8 +26,8 @@ def reproduce(
     budget: str = typer.Option(
         "smoke",
         "--budget",
-        help="smoke (2 CPU cores, ~15 min, phantom data), quick (every arm, CPU), "
-        "full (the paper's configuration, for a GPU).",
+        help="smoke (2 CPU cores, ~15 min, phantom data), quick (every arm, the DP ablation "
+        "included, CPU), full (the paper's configuration, for a GPU).",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
     inception: Path = typer.Option(
@@ -42,8 +42,12 @@ def reproduce(
     ),
 ) -> None:
     """Run the paper's experiments (real classifier, cGANs, SpineGAN, DP-SGD at several ε) on one
-    dataset and write OUT/reproduce.md and OUT/reproduce.json: one table with our numbers beside
-    the published ones, and which of the paper's errors each setting corrects.
+    dataset and write OUT/reproduce.md and OUT/reproduce.json: one table with our numbers and ε
+    beside the published ones, and which of the paper's errors each setting corrects.
+
+    The DP ablation (quick and full) trains, beside DP-SGD, clipping without noise, noise without
+    clipping, and the paper's own noise-then-clip scheme; these arms are not private and are
+    marked so (`fedspine train --dp-scheme`).
 
     Each arm is written to OUT/arms/NAME only when complete; rerunning the same command skips
     complete arms and continues an interrupted one.
@@ -87,6 +91,7 @@ def reproduce(
         typer.echo(
             f"  {row['experiment']}: ours {row['ours']}"
             + (f" (/ TRTR {row['ratio']})" if row["ratio"] else "")
+            + (f"; ε {row['epsilon']}" if row.get("epsilon") else "")
             + f"; paper {row['paper']}"
         )
     typer.echo(f"wrote {out / 'reproduce.md'} in {(time.perf_counter() - start) / 60:.1f} min")

@@ -79,28 +79,61 @@ def train_command(
     dp: bool = typer.Option(
         False, "--dp", help="Differential privacy: patient-level DP-SGD on the discriminator."
     ),
+    dp_scheme: str = typer.Option(
+        None,
+        "--dp-scheme",
+        help="dpsgd: what --dp does (patient-level DP-SGD). The others are the paper's DP "
+        "ablation, NOT private, run WITHOUT --dp, marked not private in RUN/privacy.json and "
+        "never written to a privacy ledger: clip-only (DP-SGD's per-patient clipping to "
+        "--clip, no noise), noise-only (DP-SGD's noise σ·C on unclipped per-patient gradients; "
+        "needs --noise-multiplier or --noise-for-epsilon), paper (the paper's own scheme: "
+        "N(0, 0.02²) on every gradient element of G and D, then whole-model clip to 1.5, "
+        "batch 1; RUN/ablation.json gives its ε under standard accounting). "
+        "(default: dpsgd with --dp)",
+    ),
     epsilon: float = typer.Option(
         None,
         "--epsilon",
         help="With --dp: target ε of this data after this run, composed with its ledger (σ is calibrated from it).",
     ),
     noise_multiplier: float = typer.Option(
-        None, "--noise-multiplier", help="With --dp: σ instead of --epsilon."
+        None,
+        "--noise-multiplier",
+        help="With --dp: σ instead of --epsilon. With --dp-scheme noise-only: the σ of its noise.",
+    ),
+    noise_for_epsilon: float = typer.Option(
+        None,
+        "--noise-for-epsilon",
+        help="With --dp-scheme noise-only: add the noise σ·C that `--dp --epsilon E` would "
+        "calibrate for this data and run length (empty ledger); the run itself has ε = ∞.",
     ),
     delta: float = typer.Option(
-        None, "--delta", help="With --dp: δ (default min(1e-5, 1/(10·patients)))."
+        None,
+        "--delta",
+        help="With --dp (or --noise-for-epsilon): δ (default min(1e-5, 1/(10·patients))).",
     ),
-    clip: float = typer.Option(1.0, "--clip", help="With --dp: per-patient clip norm C."),
+    clip: float = typer.Option(
+        None,
+        "--clip",
+        help="With --dp or --dp-scheme clip-only/noise-only: per-patient clip norm C (noise-only "
+        "does not clip, its noise std is σ·C). (default: 1.0)",
+    ),
     patients_per_step: int = typer.Option(
-        64,
+        None,
         "--patients-per-step",
-        help="With --dp: expected patients per D step (q = this / patients).",
+        help="With --dp or --dp-scheme clip-only/noise-only: expected patients per D step "
+        "(q = this / patients). (default: 64)",
     ),
-    d_steps_per_g: int = typer.Option(1, "--d-steps-per-g", help="With --dp: D steps per G step."),
+    d_steps_per_g: int = typer.Option(
+        None,
+        "--d-steps-per-g",
+        help="With --dp or --dp-scheme clip-only/noise-only: D steps per G step. (default: 1)",
+    ),
     ada_p: float = typer.Option(
-        0.0,
+        None,
         "--ada-p",
-        help="With --dp: fixed augmentation probability (adaptive ADA reads private data).",
+        help="With --dp or --dp-scheme clip-only/noise-only: fixed augmentation probability "
+        "(adaptive ADA reads private data). (default: 0)",
     ),
     ledger: Path = typer.Option(
         None,
@@ -146,12 +179,19 @@ def train_command(
     the data's privacy ledger, and RUN/privacy.json says what was spent (see `fedspine privacy
     report`). Without --dp the run is marked not private.
 
+    --dp-scheme clip-only|noise-only|paper (without --dp) trains one arm of the paper's DP
+    ablation instead: DP-SGD without its noise, DP-SGD's noise without its clipping, or the
+    paper's own noise-then-clip scheme at batch 1. None of them is private: RUN/privacy.json says
+    so, no privacy ledger is written, and RUN/ablation.json records the scheme and its ε (∞, or
+    the paper scheme's ε under standard accounting).
+
     --model spinegan adds λ·BCE(C(G(z, c)), c) of a frozen classifier C to every generator step.
     Under --dp that is private only if C is: a DP-trained classifier (its metadata says so) or
     --classifier-public; --not-private trains anyway and marks the run not private.
     """
     if model is not None and model not in MODELS:
         _fail(f"--model {model}: choose one of {', '.join(MODELS)}")
+    dp = dp or dp_scheme == "dpsgd"
     if clinical_input is not None and clinical_input not in CLINICAL_INPUTS:
         _fail(f"--clinical-input {clinical_input}: choose one of {', '.join(CLINICAL_INPUTS)}")
     if clinical_weight is not None and not clinical_weight >= 0:
@@ -181,23 +221,27 @@ def train_command(
         _fail(f"--preset {preset}: choose one of {', '.join(PRESET_NAMES)}")
     if device not in ("auto", "cpu", "cuda"):
         _fail(f"--device {device}: choose auto, cpu or cuda")
-    dp_options = None
-    if dp:
-        if (epsilon is None) == (noise_multiplier is None):
-            _fail("--dp needs exactly one of --epsilon and --noise-multiplier")
-        dp_options = {
-            "target_epsilon": epsilon,
-            "noise_multiplier": noise_multiplier,
-            "delta": delta,
-            "max_grad_norm": clip,
-            "expected_patients_per_step": patients_per_step,
-            "d_steps_per_g": d_steps_per_g,
-            "ada_p": ada_p,
-            "ledger": ledger,
-            "max_epsilon": max_epsilon,
-        }
-    elif any(v is not None for v in (epsilon, noise_multiplier, delta, ledger, max_epsilon)):
-        _fail("--epsilon, --noise-multiplier, --delta, --ledger and --max-epsilon need --dp")
+    dp_options, ablation = _privacy_options(
+        dp,
+        dp_scheme,
+        {
+            "--epsilon": epsilon,
+            "--noise-multiplier": noise_multiplier,
+            "--noise-for-epsilon": noise_for_epsilon,
+            "--delta": delta,
+            "--clip": clip,
+            "--patients-per-step": patients_per_step,
+            "--d-steps-per-g": d_steps_per_g,
+            "--ada-p": ada_p,
+            "--ledger": ledger,
+            "--max-epsilon": max_epsilon,
+        },
+    )
+    if ablation is not None:
+        if model == "spinegan":
+            _fail(f"--dp-scheme {ablation.scheme}: the DP ablation arms train --model cgan only")
+        if ablation.scheme == "paper" and batch is not None and batch != 1:
+            _fail(f"--batch {batch}: the paper scheme trains at batch 1 (as the paper did)")
     try:
         _train(
             prepared,
@@ -213,6 +257,7 @@ def train_command(
             dp_options,
             model,
             clinical_options,
+            ablation,
         )
     except _CliError as err:
         _fail(str(err))
@@ -289,6 +334,98 @@ class _CliError(Exception):
     """A one-line reason to stop."""
 
 
+_DP_FLAGS = ("--clip", "--patients-per-step", "--d-steps-per-g", "--ada-p")
+_DP_DEFAULTS = {"--clip": 1.0, "--patients-per-step": 64, "--d-steps-per-g": 1, "--ada-p": 0.0}
+
+
+def _privacy_options(dp: bool, scheme: str | None, flags: dict):
+    """(DP options for RunPrivacy, AblationOptions) from the flags; at most one is not None.
+
+    --dp is differential privacy and nothing else; the ablation schemes are not private, so
+    they are refused with --dp, and flags that only make sense for a DP budget (--epsilon,
+    --ledger, --max-epsilon) are refused with them.
+    """
+    from fedspine.training.dp_ablation import ABLATION_SCHEMES, SCHEMES
+
+    if scheme is not None and scheme not in SCHEMES:
+        _fail(f"--dp-scheme {scheme}: choose one of {', '.join(SCHEMES)}")
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    value = {flag: given.get(flag, default) for flag, default in _DP_DEFAULTS.items()}
+    if scheme in ABLATION_SCHEMES:
+        if dp:
+            _fail(
+                f"--dp-scheme {scheme} is a non-private ablation; --dp asks for differential "
+                "privacy: drop --dp (the run is marked not private)"
+            )
+        return None, _ablation_options(scheme, given, value)
+    if dp or scheme == "dpsgd":
+        if given.get("--noise-for-epsilon") is not None:
+            _fail("--noise-for-epsilon only applies with --dp-scheme noise-only")
+        if ("--epsilon" in given) == ("--noise-multiplier" in given):
+            _fail("--dp needs exactly one of --epsilon and --noise-multiplier")
+        return {
+            "target_epsilon": given.get("--epsilon"),
+            "noise_multiplier": given.get("--noise-multiplier"),
+            "delta": given.get("--delta"),
+            "max_grad_norm": value["--clip"],
+            "expected_patients_per_step": value["--patients-per-step"],
+            "d_steps_per_g": value["--d-steps-per-g"],
+            "ada_p": value["--ada-p"],
+            "ledger": given.get("--ledger"),
+            "max_epsilon": given.get("--max-epsilon"),
+        }, None
+    if given:
+        _fail(f"{', '.join(given)}: need --dp (or --dp-scheme, for the DP ablation)")
+    return None, None
+
+
+def _ablation_options(scheme: str, given: dict, value: dict):
+    from fedspine.training.dp_ablation import AblationError, AblationOptions
+
+    budget_only = [f for f in ("--epsilon", "--ledger", "--max-epsilon") if f in given]
+    if budget_only:
+        _fail(
+            f"{', '.join(budget_only)}: not with --dp-scheme {scheme}, a non-private ablation "
+            "(no ε budget, no ledger)"
+        )
+    allowed = {
+        "clip-only": set(_DP_FLAGS),
+        "noise-only": {*_DP_FLAGS, "--noise-multiplier", "--noise-for-epsilon", "--delta"},
+        "paper": set(),
+    }[scheme]
+    extra = [flag for flag in given if flag not in allowed]
+    if extra:
+        fixed = (
+            " (its noise std 0.02, clip 1.5 and batch 1 are the paper's)"
+            if scheme == "paper"
+            else ""
+        )
+        _fail(f"{', '.join(extra)}: not with --dp-scheme {scheme}{fixed}")
+    if scheme == "noise-only" and ("--noise-multiplier" in given) == (
+        "--noise-for-epsilon" in given
+    ):
+        _fail(
+            "--dp-scheme noise-only needs exactly one of --noise-multiplier and --noise-for-epsilon"
+        )
+    if "--delta" in given and "--noise-for-epsilon" not in given:
+        _fail("--delta: with --dp-scheme noise-only only together with --noise-for-epsilon")
+    try:
+        if scheme == "paper":
+            return AblationOptions(scheme)
+        return AblationOptions(
+            scheme,
+            noise_multiplier=given.get("--noise-multiplier"),
+            noise_for_epsilon=given.get("--noise-for-epsilon"),
+            delta=given.get("--delta"),
+            max_grad_norm=float(value["--clip"]),
+            expected_patients_per_step=int(value["--patients-per-step"]),
+            d_steps_per_g=int(value["--d-steps-per-g"]),
+            ada_p=float(value["--ada-p"]),
+        )
+    except AblationError as err:
+        _fail(str(err))
+
+
 def _train(
     prepared,
     out,
@@ -303,6 +440,7 @@ def _train(
     dp_options,
     model=None,
     clinical_options=None,
+    ablation=None,
 ) -> None:
     import dataclasses
 
@@ -388,8 +526,17 @@ def _train(
     config.device = device
     if config.tick_kimg > config.snapshot_kimg:
         config.tick_kimg = config.snapshot_kimg
-    if (state is not None) and (("dp" in state) != (dp_options is not None)):
-        raise _CliError("resume with the same --dp setting the run was started with")
+    if state is not None:
+        from fedspine.training.dp_ablation import saved_scheme
+
+        was = saved_scheme(state)
+        now = "dpsgd" if dp_options is not None else (ablation.scheme if ablation else None)
+        if was != now:
+            raise _CliError(
+                f"resume with the same --dp / --dp-scheme setting the run was started with "
+                f"(it was trained with {_scheme_flags(was)}, this call asks for "
+                f"{_scheme_flags(now)})"
+            )
     saved_model = None if state is None else ("spinegan" if "clinical" in state else "cgan")
     if model is None:
         model = saved_model or "cgan"
@@ -416,6 +563,12 @@ def _train(
 
             privacy = RunPrivacy(prepared, dataset, train, out, dp_options)
         config = privacy.adjust_config(config)
+    ablation_run = None
+    if ablation is not None:
+        from fedspine.training.dp_ablation import AblationRun
+
+        ablation_run = AblationRun(ablation, dataset, train, out)
+        config = ablation_run.adjust_config(config)
 
     data = training_data(train, config.resolution)
     if data.resized_from is not None:
@@ -428,6 +581,11 @@ def _train(
     if privacy is not None:
         try:
             trainer = privacy.make_trainer(config, data, dev, state)
+        except ValueError as err:
+            raise _CliError(str(err)) from None
+    elif ablation_run is not None:
+        try:
+            trainer = ablation_run.make_trainer(config, data, dev, state)
         except ValueError as err:
             raise _CliError(str(err)) from None
     elif clinical is not None:
@@ -457,14 +615,21 @@ def _train(
         "prepared_resolution": dataset.resolution,
         "label_prior": [float(p) for p in data.label_prior()],
     }
+    scheme = "dpsgd" if privacy is not None else (ablation.scheme if ablation else "none")
     run_config = {
         "fedspine_version": _version(),
         "model": model,
+        "dp_scheme": scheme,
         "device_used": str(dev),
         "dataset": dataset_info,
         "train": config.to_dict(),
     }
-    training_meta: dict = {"model": model}
+    training_meta: dict = {"model": model, "dp_scheme": scheme}
+    if ablation is not None:
+        run_config["dp_ablation"] = {
+            k: v for k, v in dataclasses.asdict(ablation).items() if v is not None
+        }
+        run_config["dp_ablation"]["private"] = False
     if clinical is not None:
         run_config["clinical"] = {
             "classifier": clinical.path,
@@ -481,6 +646,8 @@ def _train(
             "input_mapping": clinical.mapping,
         }
     write_config_toml(out / CONFIG_FILE, run_config)
+    if ablation_run is not None:
+        ablation_run.start()
     run = _Run(out, trainer, dataset_info, last_snapshot_nimg, training_meta)
     if state is None:
         run.save_reals(data)
@@ -489,6 +656,8 @@ def _train(
     remaining_kimg = max(target_nimg - trainer.cur_nimg, 0) / 1000
     if privacy is not None:
         batches = privacy.batches(data, dev)
+    elif ablation_run is not None:
+        batches = ablation_run.batches(data, dev, trainer.np_rng)
     else:
         batches = BatchSampler(data, config.batch, trainer.np_rng, device=dev)
     try:
@@ -520,6 +689,8 @@ def _train(
     except KeyboardInterrupt:
         if privacy is not None:
             privacy.finish(trainer)
+        if ablation_run is not None:
+            ablation_run.finish(trainer)
         where = run.last_snapshot
         msg = (
             f"interrupted; last snapshot: {where} (continue with --resume)"
@@ -540,6 +711,12 @@ def _train(
         )
         if clinical_status is not None and clinical_status.not_private_reason:
             typer.echo(f"the run is marked not private: {clinical_status.not_private_reason}")
+    elif ablation_run is not None:
+        summary = ablation_run.finish(trainer)
+        typer.echo(
+            f"NOT PRIVATE (DP ablation {ablation.scheme}): {summary['epsilon_text']}; "
+            f"see {out / 'ablation.json'} and `fedspine privacy report {out}`"
+        )
     else:
         from fedspine.privacy.report import write_privacy_summary
 
@@ -723,6 +900,12 @@ def _clinical_setup(options: dict, state: dict | None, class_names: list[str], d
     except (ClinicalLossError, ClassifierCheckpointError) as err:
         raise _CliError(str(err)) from None
     return clinical, status
+
+
+def _scheme_flags(scheme: str | None) -> str:
+    if scheme is None:
+        return "no --dp"
+    return "--dp" if scheme == "dpsgd" else f"--dp-scheme {scheme}"
 
 
 def _progress_bar():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import pytest
@@ -74,6 +75,12 @@ def test_dry_run_prints_the_plan_of_every_budget(budget, tmp_path):
     for eps in b.dp_epsilons:
         assert f"dp_eps{eps:g}: " in text and f"--epsilon {eps:g}" in text
     assert "cgan: conditional StyleGAN2-ADA on abnormality" in text
+    for arm, flag in (("dp_clip_only", "clip-only"), ("dp_noise_only", "noise-only")):
+        if b.dp_ablation:
+            assert f"{arm}: " in text and f"--dp-scheme {flag}" in text
+        else:
+            assert f"{arm}: " in text and f"not run: left out of the {budget} budget" in text
+    assert ("--dp-scheme paper" in text) == bool(b.paper_dp_kimg)
     assert not (tmp_path / "o").exists(), "a dry run must not write anything"
 
 
@@ -95,6 +102,164 @@ def test_quick_runs_every_arm_and_smoke_fits_two_cores():
     assert smoke.gan_preset == "cpu" and smoke.resolution <= 32 and smoke.threads <= 2
     assert 10.0 in smoke.dp_epsilons
     assert quick.kimg > smoke.kimg
+
+
+def test_quick_plan_lists_the_ablation_arms_with_rerunnable_commands(tmp_path, monkeypatch):
+    from fedspine.cli.main import app
+
+    quick = get_budget("quick")
+    assert quick.dp_ablation and quick.paper_dp_kimg == quick.dp_kimg
+    assert quick.ablation_noise_epsilon in quick.dp_epsilons
+    text = format_plan(make_plan(tmp_path, tmp_path / "o", "quick"))
+    commands = {}
+    arm = None
+    for line in text.splitlines():
+        if line.startswith("    - "):
+            arm = line.split(":")[0][len("    - ") :]
+        elif line.strip().startswith("fedspine train "):
+            commands[arm] = shlex.split(line.strip())[2:]
+    expected = {
+        "dp_clip_only": ["--dp-scheme", "clip-only"],
+        "dp_noise_only": ["--dp-scheme", "noise-only", "--noise-for-epsilon", "10"],
+        "dp_paper": ["--dp-scheme", "paper"],
+    }
+    dp10 = commands["dp_eps10"]
+    for name, flags in expected.items():
+        args = commands[name]
+        joined = " ".join(args)
+        assert " ".join(flags) in joined, joined
+        assert "--dp" not in args and "--ledger" not in args and "--epsilon" not in args
+        assert args[args.index("--kimg") + 1] == dp10[dp10.index("--kimg") + 1], "same budget"
+        assert args[0] == dp10[0], "same data"
+        if name != "dp_paper":
+            same = args[args.index("--patients-per-step") + 1]
+            assert same == dp10[dp10.index("--patients-per-step") + 1]
+        # This build's `fedspine train` accepts the command: it gets as far as the data.
+        monkeypatch.chdir(tmp_path)
+        result = CliRunner().invoke(app, ["train", *args])
+        assert result.exit_code != 0 and "not a prepared dataset" in result.output, result.output
+    assert "are NOT private" in text
+
+
+def test_the_noise_only_arm_needs_its_reference_dp_arm():
+    with pytest.raises(ReproduceError, match="not among dp_epsilons"):
+        get_budget("quick", {"dp_epsilons": [1, 3]})
+    assert get_budget("quick", {"dp_epsilons": [3], "dp_ablation": False}).dp_epsilons == (3.0,)
+
+
+def test_an_older_plan_without_the_ablation_settings_is_continued(tmp_path):
+    from fedspine.experiments.reproduce import _check_previous
+
+    out = tmp_path / "o"
+    out.mkdir()
+    plan = make_plan(tmp_path, out, "smoke")
+    older = plan.to_dict()
+    for key in ("dp_ablation", "ablation_noise_epsilon", "paper_dp_kimg"):
+        older["budget"].pop(key)
+    (out / PLAN_FILE).write_text(json.dumps(older))
+    _check_previous(plan)  # new settings only add arms: no refusal
+    older["budget"]["kimg"] = 99.0
+    (out / PLAN_FILE).write_text(json.dumps(older))
+    with pytest.raises(ReproduceError, match="kimg"):
+        _check_previous(plan)
+
+
+def _fake_evaluation(auc: float) -> dict:
+    return {
+        "trtr": {"auc": 0.8, "ci": [0.7, 0.9]},
+        "tstr": {"auc": auc, "ci": [auc - 0.1, auc + 0.1]},
+        "mixed": None,
+        "ratios": {"tstr_over_trtr": auc / 0.8},
+        "gan_metrics": {"extractor": "domain CNN", "fid": 12.5, "precision": 0.4, "recall": 0.3},
+        "gan_metrics_real_reference": {"fid": 1.0},
+        "test_images": 10,
+    }
+
+
+def _fake_ablation(scheme: str, sigma: float = 0.0) -> dict:
+    mech = {"sample_rate": 0.1, "d_steps": 63, "noise_scale_c": 1.0, "noise_multiplier": sigma}
+    mech["clip_norm"] = 1.0 if scheme == "clip-only" else None
+    mech["noise_std"] = sigma
+    out = {"format": "fedspine-dp-ablation/1", "scheme": scheme, "private": False}
+    out["mechanism"] = mech
+    if scheme == "noise-only":
+        out["noise_calibration"] = {"noise_for_epsilon": 10.0}
+    return out
+
+
+def test_the_table_gives_each_ablation_arm_its_auc_metrics_and_epsilon(tmp_path):
+    from dataclasses import asdict
+
+    from fedspine.experiments.reproduce import _build_report, _Context, render_markdown
+    from fedspine.training.dp_ablation import paper_scheme_epsilon, paper_settings_epsilon
+
+    accounting = paper_scheme_epsilon(300, 2125)
+    paper = paper_settings_epsilon()
+    done = {"status": "done", "seconds": {"train": 60.0}}
+    results = {
+        "dp_eps10": {
+            **done,
+            "epsilon_target": 10.0,
+            "evaluation": _fake_evaluation(0.6),
+            "privacy": {
+                "private": True,
+                "epsilon": 9.87,
+                "delta": 1e-5,
+                "accountant": "prv",
+                "mechanisms": [{"noise_multiplier": 0.75, "sample_rate": 0.1, "steps": 63}],
+            },
+        },
+        "dp_clip_only": {
+            **done,
+            "evaluation": _fake_evaluation(0.7),
+            "privacy": {"private": False},
+            "ablation": _fake_ablation("clip-only"),
+        },
+        "dp_noise_only": {
+            **done,
+            "evaluation": _fake_evaluation(0.55),
+            "privacy": {"private": False},
+            "ablation": _fake_ablation("noise-only", sigma=0.75),
+        },
+        "dp_paper": {
+            **done,
+            "evaluation": _fake_evaluation(0.52),
+            "privacy": {"private": False},
+            "ablation": {
+                **_fake_ablation("paper"),
+                "accounting": asdict(accounting),
+                "epsilon_text": accounting.text(),
+                "paper_settings": asdict(paper),
+            },
+        },
+    }
+    ctx = _Context(plan=make_plan(tmp_path, tmp_path / "o", "quick"), stage=lambda _m: None)
+    report = _build_report(ctx, results, 1.0)
+    rows = {row["experiment"].split(",")[0]: row for row in report["table"]}
+    clip = rows["5. ablation: clipping only (DP-SGD's per-patient clip"]
+    noise = rows["5. ablation: noise only (DP-SGD's noise σC"]
+    own = next(r for r in report["table"] if r["experiment"].startswith("5. the paper's own"))
+    dp10 = rows["5. DP-SGD cGAN"]
+    assert clip["ours"].startswith("0.700") and clip["epsilon"] == "∞ (no noise)"
+    assert noise["ours"].startswith("0.550") and noise["epsilon"] == "∞ (no clipping)"
+    assert "the same σ as the ε = 10 arm" in noise["details"]
+    assert own["ours"].startswith("0.520")
+    assert float(own["epsilon"].split()[0]) == pytest.approx(accounting.epsilon, rel=0.05)
+    assert float(own["epsilon"].split()[0]) > 1e3 and "per image" in own["epsilon"]
+    assert f"{paper.epsilon:.3g}" in own["details"] and "paper's own settings" in own["details"]
+    assert dp10["epsilon"].startswith("9.87")
+    for row in (clip, noise, own):
+        assert "FID 12.5" in row["details"] and "NOT private" in row["experiment"]
+        assert row["paper"] in (PAPER["dp_ablation"], PAPER["dp_paper"])
+    md = render_markdown(report)
+    assert "| ε | details |" in md and "None of the ablation rows is private" in md
+    assert "`dp_paper`" in md and "ε = ∞, not private" in md
+
+    # A noise-only arm whose σ is not the DP arm's says so.
+    results["dp_noise_only"]["ablation"] = _fake_ablation("noise-only", sigma=0.5)
+    rows = _build_report(ctx, results, 1.0)["table"]
+    noise = next(r for r in rows if r["experiment"].startswith("5. ablation: noise only"))
+    assert "NOTE the ε = 10 arm used σ = 0.75" in noise["details"]
 
 
 def test_budget_overrides_are_checked():
@@ -203,3 +368,42 @@ def test_tiny_reproduction_writes_the_table_and_resumes(tmp_path):
     assert any(m.startswith("lesion: evaluating") for m in messages)
     assert (lesion_dir / "arm.json").is_file() and not partial.exists()
     assert third["arms"]["lesion"]["evaluation"]["tstr"]["auc"] == lesion["tstr"]["auc"]
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_runs_the_dp_ablation_arms(tmp_path):
+    from fedspine.data.phantom import write_phantom_sites
+
+    (site,) = write_phantom_sites(tmp_path / "ph", sites=1, images_per_site=120, size=128, seed=0)
+    out = tmp_path / "repro"
+    overrides = {
+        **TINY,
+        "lesion_kimg": None,
+        "spinegan_kimg": None,
+        "dp_ablation": True,
+        "paper_dp_kimg": 0.032,
+    }
+    report = reproduce(site, out, "smoke", overrides)
+    arms = report["arms"]
+    for name in ("cgan", "dp_eps10", "dp_clip_only", "dp_noise_only", "dp_paper"):
+        assert arms[name]["status"] == "done", arms[name]
+    for name, scheme in (
+        ("dp_clip_only", "clip-only"),
+        ("dp_noise_only", "noise-only"),
+        ("dp_paper", "paper"),
+    ):
+        arm = arms[name]
+        assert arm["dp_scheme"] == scheme and arm["ablation"]["scheme"] == scheme
+        assert arm["privacy"]["private"] is False and arm["privacy"]["not_private_reasons"]
+        assert not (out / "arms" / name / "ledger.json").exists()
+        assert "--dp" not in arm["train_args"] and f"--dp-scheme {scheme}" in " ".join(
+            arm["train_args"]
+        )
+    dp_sigma = arms["dp_eps10"]["privacy"]["mechanisms"][-1]["noise_multiplier"]
+    noise = arms["dp_noise_only"]["ablation"]["mechanism"]
+    assert noise["noise_multiplier"] == pytest.approx(dp_sigma, rel=1e-12)
+    paper = arms["dp_paper"]["ablation"]
+    assert paper["epsilon"] > 1e3 and paper["mechanism"]["batch"] == 1
+    md = (out / "reproduce.md").read_text()
+    assert "the same σ as the ε = 10 arm" in md and "severely impede" in md
+    assert f"{paper['epsilon']:.2g}" in md
