@@ -47,7 +47,19 @@ def test_demo_end_to_end(tmp_path):
     else:
         assert result.release["reason"] and not (out / "release").exists()
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert set(summary["seconds"]) >= {"phantom", "ingest", "federation", "generate", "evaluate"}
+    assert set(summary["seconds"]) >= {
+        "phantom",
+        "ingest",
+        "federation",
+        "generate",
+        "evaluate",
+        "report",
+    }
+    # The one page a person reads: every image inline, the sites' ε and the commands in it.
+    html = (out / "report.html").read_text()
+    assert 'src="http' not in html and "data:image/png;base64," in html
+    assert all(site in html for site in ("site_1", "site_2", "site_3"))
+    assert "fedspine demo" in html
     # Every process the demo started is gone.
     for pid_file in [out / "server" / "superlink.pid", *out.glob("sites/*/supernode.pid")]:
         pid = read_pid_file(pid_file)
