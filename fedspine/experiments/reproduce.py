@@ -591,7 +591,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "AUCs are on the real test split (VinDr's own test images, or the phantom site's), with "
         "patient-level bootstrap intervals; each classifier's epoch and threshold were chosen on "
         "a validation split carved by patient from the training data. TRTR is retrained with "
-        "the same seed inside every arm's evaluation; the table's TRTR is the cGAN arm's.",
+        "the same seed inside every arm's evaluation; the table's TRTR is the cGAN arm's. TRTS "
+        "(in the details) scores each arm's synthetic images with that real-trained classifier "
+        "against the class they were generated for: 0.5 means the generator has not learned "
+        "its classes yet, whatever its TSTR.",
         "",
     ]
     weak = _weak_references(report["arms"])
@@ -1140,6 +1143,7 @@ def _summarise_evaluation(path: Path) -> dict[str, Any]:
         "tstr": arm("TSTR"),
         "mixed": arm("mixed"),
         "ratios": report["ratios"],
+        "trts": (report.get("class_fidelity") or {}).get("auc"),
         "gan_metrics": _metric_subset(primary[0]) if primary else None,
         "gan_metrics_real_reference": _metric_subset(reference[0]) if reference else None,
         "memorisation": {
@@ -1569,7 +1573,8 @@ def _gan_metrics(ev: dict[str, Any]) -> str:
     if not m:
         return "no GAN metrics"
     ref = ev.get("gan_metrics_real_reference") or {}
-    return (
+    trts = f"TRTS {_num(ev['trts'])}; " if ev.get("trts") is not None else ""
+    return trts + (
         f"FID {_num(m['fid'], 3, 'g')} (real val vs train: {_num(ref.get('fid'), 3, 'g')}), precision "
         f"{_num(m['precision'], 2)}, recall {_num(m['recall'], 2)} ({m['extractor']})"
     )
