@@ -134,6 +134,8 @@ def server_run(
 
     Checkpoints, the rounds log, the final generator and the sites' metrics go to the
     federation's output folder. A run stopped part-way resumes from its last completed round.
+    A SpineGAN federation (model = "spinegan") first federates its clinical classifier
+    ([classifier] table), then trains the GAN with it frozen.
     """
     from fedspine.federated.deploy import run_logs, submit_run, wait_for_run
     from fedspine.federated.federation import FederationConfig, FederationError, read_status
@@ -150,13 +152,20 @@ def server_run(
     out = Path(fed.output_dir)
 
     def show(record: dict) -> None:
-        sites = ", ".join(
-            f"{s['site']} (loss G {_fmt(s.get('loss-g'))}, D {_fmt(s.get('loss-d'))})"
-            for s in record["sites"]
-        )
-        typer.echo(
-            f"round {record['round']}/{fed.rounds}: {sites or 'no site'} in {record['seconds']:.0f} s"
-        )
+        if record.get("phase") == "classifier":
+            sites = ", ".join(
+                f"{s['site']} (loss {_fmt(s.get('mean-loss'))}, val AUC {_fmt(s.get('val-auc'))}"
+                + (f", ε {_fmt(s.get('epsilon'))})" if fed.dp else ")")
+                for s in record["sites"]
+            )
+            head = f"classifier round {record['round']}/{fed.classifier.rounds}"
+        else:
+            sites = ", ".join(
+                f"{s['site']} (loss G {_fmt(s.get('loss-g'))}, D {_fmt(s.get('loss-d'))})"
+                for s in record["sites"]
+            )
+            head = f"round {record['round']}/{fed.rounds}"
+        typer.echo(f"{head}: {sites or 'no site'} in {record['seconds']:.0f} s")
         for failure in record["failures"]:
             reason = failure["reason"].splitlines()[0]
             typer.echo(f"  site {failure['site']} failed: {reason}")
@@ -172,6 +181,8 @@ def server_run(
         reason = final.get("reason") or run_logs(workdir, run_id)[-1500:]
         fail(f"run {run_id} ended as {status}: {reason}")
     typer.echo(f"federation complete: generator {out / 'generator.pt'}")
+    if fed.model == "spinegan":
+        typer.echo(f"clinical classifier (federated): {out / 'classifier.pt'}")
 
 
 @client_app.command("keygen")
@@ -274,4 +285,6 @@ def client_stop(
 
 
 def _fmt(value) -> str:
-    return "n/a" if value is None else f"{float(value):.3f}"
+    if value is None or value != value or value == -1.0:
+        return "n/a"
+    return f"{float(value):.3f}"

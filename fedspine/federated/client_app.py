@@ -1,12 +1,23 @@
-"""The Flower ClientApp: a thin adapter from messages to :mod:`fedspine.federated.site`."""
+"""The Flower ClientApp: a thin adapter from messages to :mod:`fedspine.federated.site`.
+
+Two train actions: the default one trains the GAN (``train``), Flower's custom action
+``train.classifier`` trains SpineGAN's clinical classifier in a federation's first phase.
+"""
 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 
+import torch  # noqa: F401  (flwr's ArrayRecord.to_torch_state_dict needs torch imported)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedspine.federated.classifier_phase import (
+    CLASSIFIER_ACTION,
+    ClassifierRoundConfig,
+    train_classifier_round,
+)
 from fedspine.federated.site import RoundConfig, SiteConfig, SiteRefusal, check_version, train_round
 
 # Error codes the server shows; Flower reserves small numbers for its own.
@@ -19,27 +30,27 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the round's local kimg on this site's data and reply with the new weights."""
-    try:
-        site = SiteConfig.from_node_config(context.node_config)
+
+    def run(site: SiteConfig):
         rc = RoundConfig.from_record(msg.content["config"])
         weights = msg.content["arrays"].to_torch_state_dict()
-        new_weights, metrics, extra = train_round(site, rc, weights)
-    except SiteRefusal as err:
-        return Message(Error(code=SITE_REFUSED, reason=f"refused: {err}"), reply_to=msg)
-    except Exception as err:  # the server must learn why a site dropped out
-        detail = traceback.format_exc(limit=3)
-        return Message(
-            Error(code=SITE_FAILED, reason=f"failed: {type(err).__name__}: {err}\n{detail}"),
-            reply_to=msg,
+        classifier = (
+            msg.content["classifier"].to_torch_state_dict() if "classifier" in msg.content else None
         )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(new_weights),
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord(extra),
-        }
-    )
-    return Message(content, reply_to=msg)
+        return train_round(site, rc, weights, classifier)
+
+    return _reply(msg, context, run)
+
+
+@app.train(CLASSIFIER_ACTION)
+def train_classifier(msg: Message, context: Context) -> Message:
+    """Train the federation's clinical classifier for the round's local steps on this site."""
+
+    def run(site: SiteConfig):
+        rc = ClassifierRoundConfig.from_record(msg.content["config"])
+        return train_classifier_round(site, rc, msg.content["arrays"].to_torch_state_dict())
+
+    return _reply(msg, context, run)
 
 
 @app.evaluate()
@@ -57,6 +68,29 @@ def evaluate(msg: Message, context: Context) -> Message:
         {
             "metrics": MetricRecord({"num-examples": train_images}),
             "site": ConfigRecord({"site-name": site.site_name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _reply(msg: Message, context: Context, run: Callable[[SiteConfig], tuple]) -> Message:
+    """Run a train action and reply with weights, metrics and the site record, or the error."""
+    try:
+        site = SiteConfig.from_node_config(context.node_config)
+        new_weights, metrics, extra = run(site)
+    except SiteRefusal as err:
+        return Message(Error(code=SITE_REFUSED, reason=f"refused: {err}"), reply_to=msg)
+    except Exception as err:  # the server must learn why a site dropped out
+        detail = traceback.format_exc(limit=3)
+        return Message(
+            Error(code=SITE_FAILED, reason=f"failed: {type(err).__name__}: {err}\n{detail}"),
+            reply_to=msg,
+        )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(new_weights),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord(extra),
         }
     )
     return Message(content, reply_to=msg)

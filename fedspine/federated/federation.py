@@ -4,6 +4,11 @@ Flower's `Strategy.start` keeps everything in memory and cannot resume, so the l
 the FedAvg strategy's own pieces (`configure_train`, `aggregate_train`) round by round, writes a
 checkpoint after each completed round, and continues from the last one after a restart. A site
 that fails or times out costs its contribution to that round only, as long as `min_sites` replied.
+
+A SpineGAN federation (``model = "spinegan"``) has two phases, each resumable at its next round:
+the clinical classifier's rounds (``train.classifier`` messages, see :mod:`classifier_phase`),
+then the GAN rounds, each carrying the averaged classifier frozen beside the GAN's weights.
+rounds.jsonl records every round with its phase and where its time went (``timing``).
 """
 
 from __future__ import annotations
@@ -12,14 +17,18 @@ import json
 import os
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
+from fedspine.federated.classifier_phase import ClassifierPhaseConfig
 
+MODELS = ("cgan", "spinegan")
 ROUNDS_DIR = "rounds"
+CLASSIFIER_PREFIX = "classifier_round_"
 ROUNDS_LOG = "rounds.jsonl"
 STATUS_FILE = "federation.json"
 
@@ -50,6 +59,9 @@ class FederationConfig:
     dp_clip: float = 1.0
     dp_d_steps_per_g: int = 1
     dp_ada_p: float = 0.0
+    model: str = "cgan"
+    classifier: ClassifierPhaseConfig = field(default_factory=ClassifierPhaseConfig)
+    """SpineGAN only: the classifier phase that runs before the GAN rounds."""
 
     def dp_request(self) -> dict | None:
         """What the server asks of the sites' DP; each site still applies its own cap."""
@@ -74,6 +86,24 @@ class FederationConfig:
             raise FederationError("class_names must name at least one class")
         if self.label_prior is not None and len(self.label_prior) != len(self.class_names):
             raise FederationError("label_prior needs one weight per class")
+        if self.model not in MODELS:
+            raise FederationError(f"model must be one of {MODELS}, not {self.model!r}")
+        if self.model == "spinegan":
+            if len(self.class_names) < 2:
+                raise FederationError("SpineGAN's classifier needs at least two classes")
+            problems = self.classifier.validate(self.dp, self.dp_epsilon)
+            if problems:
+                raise FederationError("; ".join(problems))
+
+    def classifier_dp_request(self) -> dict | None:
+        """The classifier phase's DP request; each site still applies its own cap."""
+        if not self.dp:
+            return None
+        return {
+            "epsilon": self.classifier.dp_epsilon,
+            "patients-per-step": int(self.classifier.dp_patients_per_step),
+            "clip": float(self.classifier.dp_clip),
+        }
 
     def prior(self) -> list[float]:
         """The public prior of fake labels: uniform unless the coordinator states one."""
@@ -99,6 +129,8 @@ class FederationConfig:
             "resume": bool(self.resume),
             "fedspine-version": __version__,
             "dp": json.dumps(self.dp_request()) if self.dp else "",
+            "model": self.model,
+            "classifier": json.dumps(asdict(self.classifier)) if self.model == "spinegan" else "",
         }
 
     @classmethod
@@ -109,6 +141,7 @@ class FederationConfig:
                 f"has fedspine {__version__}"
             )
         prior = str(rc.get("label-prior", "") or "")
+        classifier = str(rc.get("classifier", "") or "")
         return cls(
             name=str(rc["name"]),
             output_dir=str(rc["output-dir"]),
@@ -122,12 +155,18 @@ class FederationConfig:
             label_prior=json.loads(prior) if prior else None,
             seed=int(rc["seed"]),
             resume=bool(rc.get("resume", True)),
+            model=str(rc.get("model", "cgan") or "cgan"),
+            classifier=(
+                ClassifierPhaseConfig.from_dict(json.loads(classifier))
+                if classifier
+                else ClassifierPhaseConfig()
+            ),
             **_dp_fields(str(rc.get("dp", "") or "")),
         )
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> FederationConfig:
-        """Read ``[federation]`` and ``[training]`` tables of a federation.toml."""
+        """Read the ``[federation]``, ``[training]``, ``[privacy]`` and ``[classifier]`` tables."""
         path = Path(path)
         try:
             with open(path, "rb") as fh:
@@ -138,11 +177,17 @@ class FederationConfig:
             ("dp" if k == "enabled" else f"dp_{k}"): v for k, v in data.get("privacy", {}).items()
         }
         merged = {**data.get("federation", {}), **data.get("training", {}), **privacy}
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f for f in cls.__dataclass_fields__} - {"classifier"}
         unknown = sorted(set(merged) - known)
         if unknown:
             raise FederationError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        config = cls(**merged)
+        try:
+            classifier = ClassifierPhaseConfig.from_dict(
+                data.get("classifier", {}), where=f"{path} [classifier]"
+            )
+        except (TypeError, ValueError) as err:
+            raise FederationError(str(err)) from None
+        config = cls(**merged, classifier=classifier)
         out = Path(config.output_dir)
         if not out.is_absolute():
             config.output_dir = str((path.parent / out).resolve())
@@ -171,6 +216,11 @@ class RoundRecord:
     failures: list[dict[str, Any]]
     seconds: float
     finished: str
+    phase: str = "gan"
+    timing: dict[str, float] = field(default_factory=dict)
+    """Server-side seconds: ``exchange`` (messages out until the last reply), ``aggregate``
+    (FedAvg) and ``checkpoint`` (writing the round's checkpoint); and the Unix times the
+    messages went out (``sent_at``) and the last reply came in (``replied_at``)."""
 
 
 def initial_weights(config: FederationConfig) -> tuple[dict, dict]:
@@ -194,20 +244,122 @@ def initial_weights(config: FederationConfig) -> tuple[dict, dict]:
 
 
 def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
-    """Run (or resume) the federated rounds over ``grid``; returns the final status."""
-    from flwr.app import ArrayRecord, ConfigRecord
-    from flwr.serverapp.strategy import FedAvg
+    """Run (or resume) the federated rounds over ``grid``; returns the final status.
 
-    from fedspine.federated.site import RoundConfig
-    from fedspine.training.checkpoint import load_checkpoint
+    A SpineGAN federation first runs its classifier rounds (:mod:`classifier_phase`), then the
+    GAN rounds with the averaged classifier, frozen, sent along with every round.
+    """
+    from flwr.serverapp.strategy import FedAvg
 
     config.validate()
     out = Path(config.output_dir)
     (out / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
     _write_json(out / "federation_config.json", asdict(config))
+    gan_checkpoint = latest_round_checkpoint(out) if config.resume else None
+    _check_resumable(gan_checkpoint, config)
 
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=config.min_sites,
+        min_available_nodes=config.min_sites,
+        weighted_by_key="num-examples",
+    )
+    rounds = _Rounds(grid, strategy, config, out, _known_site_names(out), log)
+    clinical = _classifier_phase(rounds) if config.model == "spinegan" else None
+    return _gan_phase(rounds, gan_checkpoint, clinical)
+
+
+@dataclass
+class _Rounds:
+    """What every round of one run shares, and the exchange of one round."""
+
+    grid: Any
+    strategy: Any
+    config: FederationConfig
+    out: Path
+    names: dict[int, str]
+    log: Callable[[str], Any]
+
+    def train(
+        self,
+        phase: str,
+        server_round: int,
+        weights,
+        record: dict[str, Any],
+        extra: dict | None = None,
+        message_type: str = "train",
+    ) -> tuple[dict, RoundRecord]:
+        """Send one round's train messages, collect the replies, FedAvg them.
+
+        Fails the run (after logging the round) where fewer than ``min_sites`` replied.
+        """
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+        t0 = time.perf_counter()
+        config = self.config
+        sampled = self.strategy.configure_train(
+            server_round, ArrayRecord(weights), ConfigRecord(record), self.grid
+        )
+        # FedAvg picks the sites; the message is ours, so it can name a custom train action
+        # and carry more records (the frozen classifier) than the weights being averaged.
+        content = RecordDict(
+            {"arrays": ArrayRecord(weights), "config": ConfigRecord(record), **(extra or {})}
+        )
+        messages = [
+            Message(content, dst_node_id=m.metadata.dst_node_id, message_type=message_type)
+            for m in sampled
+        ]
+        t_send, sent_at = time.perf_counter(), time.time()
+        replies = list(self.grid.send_and_receive(messages, timeout=config.round_timeout))
+        t_replies, replied_at = time.perf_counter(), time.time()
+        # Message ids are set when pushed; a reply made by the SuperLink (a node that stopped
+        # sending heartbeats) comes from the SuperLink itself, so map replies by what they answer.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sites, failures = _sort_replies(replies, sent_to, self.names)
+        label = (
+            f"classifier round {server_round}" if phase == "classifier" else f"round {server_round}"
+        )
+        for failure in failures:
+            self.log(f"{label}: site {failure['site']} failed: {failure['reason']}")
+        if len(sites) < config.min_sites:
+            reason = _too_few(label, sites, failures, config)
+            seconds = time.perf_counter() - t0
+            _append_round(
+                self.out, RoundRecord(server_round, sites, failures, seconds, _now(), phase)
+            )
+            if phase == "gan":
+                _status(self.out, config, "failed", server_round - 1, reason=reason)
+            else:
+                done = server_round - 1
+                _status(self.out, config, "failed", 0, reason, phase=phase, classifier_done=done)
+            raise FederationError(reason)
+        ok = [r for r in replies if not r.has_error()]
+        arrays, _ = self.strategy.aggregate_train(server_round, ok)
+        new_weights = arrays.to_torch_state_dict()
+        timing = {
+            "exchange": t_replies - t_send,
+            "aggregate": time.perf_counter() - t_replies,
+            "sent_at": sent_at,
+            "replied_at": replied_at,
+        }
+        seconds = time.perf_counter() - t0
+        return new_weights, RoundRecord(
+            server_round, sites, failures, seconds, _now(), phase, timing
+        )
+
+
+def _gan_phase(
+    rounds: _Rounds, last: Path | None, clinical: tuple[dict, dict] | None
+) -> dict[str, Any]:
+    """The GAN rounds: FedAvg of G, D and G_ema; ``clinical`` is (classifier spec, weights)."""
+    from flwr.app import ArrayRecord
+
+    from fedspine.federated.site import RoundConfig
+    from fedspine.training.checkpoint import load_checkpoint
+
+    config, out, log = rounds.config, rounds.out, rounds.log
     start_round = 1
-    last = latest_round_checkpoint(out) if config.resume else None
     if last is not None:
         data = load_checkpoint(last, kind="trainer")
         weights, train_config = data["weights"], data["train_config"]
@@ -216,17 +368,17 @@ def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
     else:
         weights, train_config = initial_weights(config)
     _status(out, config, "running", start_round - 1)
+    spec, extra = None, {}
+    if clinical is not None:
+        spec, classifier_weights = clinical
+        extra = {"classifier": ArrayRecord(classifier_weights)}
+        if last is not None and data.get("classifier_sha256") != spec["sha256"]:
+            raise FederationError(
+                f"{last}: the GAN rounds so far were trained with another classifier than "
+                f"{out / 'classifier.pt'}; use another output_dir or start with --fresh"
+            )
 
-    names = _known_site_names(out)
-    strategy = FedAvg(
-        fraction_train=1.0,
-        fraction_evaluate=0.0,
-        min_train_nodes=config.min_sites,
-        min_available_nodes=config.min_sites,
-        weighted_by_key="num-examples",
-    )
     for server_round in range(start_round, config.rounds + 1):
-        t0 = time.perf_counter()
         rc = RoundConfig(
             federation=config.name,
             server_round=server_round,
@@ -237,46 +389,152 @@ def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
             fedspine_version=__version__,
             total_rounds=config.rounds,
             dp=config.dp_request(),
+            model=config.model,
+            clinical=spec,
         )
-        messages = list(
-            strategy.configure_train(
-                server_round, ArrayRecord(weights), ConfigRecord(rc.to_record()), grid
-            )
-        )
-        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-        # Message ids are set when pushed; a reply made by the SuperLink (a node that stopped
-        # sending heartbeats) comes from the SuperLink itself, so map replies by what they answer.
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        sites, failures = _sort_replies(replies, sent_to, names)
-        for failure in failures:
-            log(f"round {server_round}: site {failure['site']} failed: {failure['reason']}")
-        if len(sites) < config.min_sites:
-            _append_round(
-                out, RoundRecord(server_round, sites, failures, time.perf_counter() - t0, _now())
-            )
-            _status(
-                out,
-                config,
-                "failed",
-                server_round - 1,
-                reason=_too_few(server_round, sites, failures, config),
-            )
-            raise FederationError(_too_few(server_round, sites, failures, config))
-        arrays, _ = strategy.aggregate_train(
-            server_round, [r for r in replies if not r.has_error()]
-        )
-        weights = arrays.to_torch_state_dict()
-        _save_round(out, server_round, weights, train_config, config)
-        record = RoundRecord(server_round, sites, failures, time.perf_counter() - t0, _now())
+        weights, record = rounds.train("gan", server_round, weights, rc.to_record(), extra)
+        t_save = time.perf_counter()
+        _save_round(out, server_round, weights, train_config, config, spec)
+        record.timing["checkpoint"] = time.perf_counter() - t_save
         _append_round(out, record)
         _write_privacy(out, config)
         _status(out, config, "running", server_round)
         log(
-            f"round {server_round}/{config.rounds}: {len(sites)} site(s) replied, "
-            f"{len(failures)} failed, {record.seconds:.1f} s"
+            f"round {server_round}/{config.rounds}: {len(record.sites)} site(s) replied, "
+            f"{len(record.failures)} failed, {record.seconds:.1f} s"
         )
-    _save_final_generator(out, weights, train_config, config)
+    _save_final_generator(out, weights, train_config, config, spec)
     return _status(out, config, "completed", config.rounds)
+
+
+def _classifier_phase(rounds: _Rounds) -> tuple[dict, dict]:
+    """The classifier rounds (resumed after the last one checkpointed); writes classifier.pt
+    and returns what every GAN round sends: the classifier's spec and its frozen weights."""
+    from fedspine.federated.classifier_phase import (
+        FINAL_FILE,
+        MESSAGE_TYPE,
+        ClassifierRoundConfig,
+        classifier_outputs,
+        clinical_spec,
+        initial_classifier,
+        save_final_classifier,
+    )
+    from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
+
+    config, out, log = rounds.config, rounds.out, rounds.log
+    phase = config.classifier
+    last = latest_classifier_checkpoint(out) if config.resume else None
+    if last is not None:
+        data = load_checkpoint(last, kind="trainer")
+        weights, model_config, done = data["classifier"], data["model"], int(data["round"])
+        if done < phase.rounds:
+            log(f"resuming {config.name}'s classifier after round {done} from {last}")
+    else:
+        weights, model_config = initial_classifier(
+            phase, config.class_names, config.resolution, config.seed
+        )
+        done = 0
+    task, _ = classifier_outputs(config.class_names)
+    for server_round in range(done + 1, phase.rounds + 1):
+        _status(out, config, "running", 0, phase="classifier", classifier_done=server_round - 1)
+        rc = ClassifierRoundConfig(
+            federation=config.name,
+            server_round=server_round,
+            total_rounds=phase.rounds,
+            local_steps=phase.local_steps,
+            batch=phase.batch,
+            lr=phase.lr,
+            augment=phase.augment,
+            seed=config.seed,
+            model=model_config,
+            task=task,
+            class_names=config.class_names,
+            fedspine_version=__version__,
+            dp=config.classifier_dp_request(),
+        )
+        weights, record = rounds.train(
+            "classifier", server_round, weights, rc.to_record(), message_type=MESSAGE_TYPE
+        )
+        t_save = time.perf_counter()
+        save_checkpoint(
+            out / ROUNDS_DIR / f"{CLASSIFIER_PREFIX}{server_round:04d}.pt",
+            "trainer",
+            {
+                "phase": "classifier",
+                "round": server_round,
+                "classifier": {k: v.detach().cpu() for k, v in weights.items()},
+                "model": model_config,
+                "federation": asdict(config),
+            },
+        )
+        record.timing["checkpoint"] = time.perf_counter() - t_save
+        _append_round(out, record)
+        _write_privacy(out, config)
+        log(
+            f"classifier round {server_round}/{phase.rounds}: {len(record.sites)} site(s) "
+            f"replied, {len(record.failures)} failed, {record.seconds:.1f} s"
+        )
+    save_final_classifier(
+        out / FINAL_FILE, model_config, weights, config.class_names, _classifier_meta(out, config)
+    )
+    _status(out, config, "running", 0, phase="gan", classifier_done=phase.rounds)
+    return clinical_spec(phase, model_config, config.class_names, weights), weights
+
+
+def _check_resumable(last: Path | None, config: FederationConfig) -> None:
+    """A resumed run keeps its model: GAN rounds of a cgan run do not become SpineGAN's."""
+    from fedspine.training.checkpoint import load_checkpoint
+
+    if last is None:
+        return
+    saved = load_checkpoint(last, kind="trainer").get("model", "cgan")
+    if saved != config.model:
+        raise FederationError(
+            f"{last.parent.parent}: its GAN rounds were trained as {saved}, the federation now "
+            f"asks for {config.model}; use another output_dir or start with --fresh"
+        )
+
+
+def _classifier_meta(out: Path, config: FederationConfig) -> dict[str, Any]:
+    """What classifier.pt says about its training: rounds, sites and, under DP, each site's ε
+    for the classifier phase alone (C depends on a site's data through those steps only)."""
+    phase_records = [r for r in read_rounds(out) if r.get("phase") == "classifier"]
+    sites = sorted({s["site"] for r in phase_records for s in r["sites"]})
+    meta: dict[str, Any] = {
+        "federated": {
+            "federation": config.name,
+            "rounds": config.classifier.rounds,
+            "sites": sites,
+            "settings": asdict(config.classifier),
+        }
+    }
+    if config.dp:
+        per_site: dict[str, dict[str, float]] = {}
+        for record in phase_records:
+            for site in record["sites"]:
+                privacy = site.get("privacy") or {}
+                phase = (privacy.get("phases") or {}).get("classifier")
+                if phase is not None:
+                    per_site[site["site"]] = {
+                        "epsilon": float(phase["epsilon"]),
+                        "delta": float(privacy["delta"]),
+                        "ledger_epsilon": float(privacy["epsilon"]),
+                    }
+        if per_site:
+            meta["dp"] = {
+                "epsilon": max(s["epsilon"] for s in per_site.values()),
+                "delta": max(s["delta"] for s in per_site.values()),
+                "accountant": "prv",
+                "unit": "patient",
+                "sites": per_site,
+                "note": "federated DP-SGD at each site; ε per site is its classifier phase alone",
+            }
+    return meta
+
+
+def latest_classifier_checkpoint(out: Path) -> Path | None:
+    candidates = sorted((out / ROUNDS_DIR).glob(f"{CLASSIFIER_PREFIX}*.pt"))
+    return candidates[-1] if candidates else None
 
 
 def latest_round_checkpoint(out: Path) -> Path | None:
@@ -339,17 +597,22 @@ def _sort_replies(
     return sites, failures
 
 
-def _too_few(server_round: int, sites, failures, config: FederationConfig) -> str:
+def _too_few(label: str, sites, failures, config: FederationConfig) -> str:
     reasons = "; ".join(f"{f['site']}: {f['reason']}" for f in failures) or "none"
     return (
-        f"round {server_round}: only {len(sites)} site(s) replied, fewer than min_sites="
+        f"{label}: only {len(sites)} site(s) replied, fewer than min_sites="
         f"{config.min_sites}; failures: {reasons}. The last completed round is kept; "
         "run again to resume."
     )
 
 
 def _save_round(
-    out: Path, server_round: int, weights, train_config: dict, config: FederationConfig
+    out: Path,
+    server_round: int,
+    weights,
+    train_config: dict,
+    config: FederationConfig,
+    spec: dict | None,
 ) -> None:
     from fedspine.training.checkpoint import save_checkpoint
 
@@ -361,11 +624,15 @@ def _save_round(
             "weights": {k: v.detach().cpu() for k, v in weights.items()},
             "train_config": train_config,
             "federation": asdict(config),
+            "model": config.model,
+            "classifier_sha256": spec["sha256"] if spec else None,
         },
     )
 
 
-def _save_final_generator(out: Path, weights, train_config: dict, config: FederationConfig) -> None:
+def _save_final_generator(
+    out: Path, weights, train_config: dict, config: FederationConfig, spec: dict | None
+) -> None:
     from fedspine.federated.weights import split_weights
     from fedspine.models import Generator, NetworkConfig
     from fedspine.training.generate import save_generator
@@ -383,55 +650,99 @@ def _save_final_generator(out: Path, weights, train_config: dict, config: Federa
             "local_kimg": config.local_kimg,
             "preset": config.preset,
             "seed": config.seed,
+            "model": config.model,
+            **(
+                {
+                    "clinical": {
+                        "classifier": "classifier.pt",
+                        "classifier_sha256_weights": spec["sha256"],
+                        "weight": spec["weight"],
+                        "mapping": spec["mapping"],
+                    }
+                }
+                if spec
+                else {}
+            ),
         },
     )
 
 
 def _write_privacy(out: Path, config: FederationConfig) -> None:
-    """RUN/privacy.json from the sites' own reports: the latest per site, ε per round."""
+    """RUN/privacy.json from the sites' own reports: the latest per site, ε per round and
+    phase, and each phase's ε alone (classifier and GAN) as the sites computed it."""
     from fedspine.privacy.report import site_entry, write_privacy_summary
 
+    spinegan = config.model == "spinegan"
     if not config.dp:
+        components = {"discriminator": "trained without differential privacy"}
+        if spinegan:
+            components["clinical_classifier"] = (
+                "federated (FedAvg) across the sites, trained without differential privacy"
+            )
         write_privacy_summary(
             out,
             {},
-            {"discriminator": "trained without differential privacy"},
+            components,
             not_private_reasons=["the federation ran without differential privacy"],
         )
         return
     latest: dict[str, dict] = {}
     per_round: dict[str, list[dict]] = {}
     for record in read_rounds(out):
+        phase = record.get("phase", "gan")
         for site in record["sites"]:
             if "privacy" in site:
                 latest[site["site"]] = site["privacy"]
                 per_round.setdefault(site["site"], []).append(
-                    {"round": record["round"], "epsilon": site["privacy"]["epsilon"]}
+                    {
+                        "phase": phase,
+                        "round": record["round"],
+                        "epsilon": site["privacy"]["epsilon"],
+                    }
                 )
-    sites = {
-        name: site_entry(
+    sites = {}
+    for name, p in latest.items():
+        entry = site_entry(
             p["epsilon"],
             p["delta"],
             p["dataset_hash"],
             p["mechanisms"],
             epsilon_per_round=per_round[name],
         )
-        for name, p in latest.items()
+        entry["phases"] = p.get("phases", {})
+        entry["cap"] = p.get("cap")
+        sites[name] = entry
+    components = {
+        "discriminator": "DP-SGD at each site, patient-level Poisson sampling and clipping",
+        "aggregation": "FedAvg of weights: post-processing",
+        "label_prior": "public: "
+        + ("uniform" if config.label_prior is None else str(config.label_prior)),
+        "ada_p": f"fixed at {config.dp_ada_p}",
+        "clinical_classifier": "none (conditional GAN)",
+        "site ledgers": "kept at each site; ε here is what each site reported",
     }
-    write_privacy_summary(
-        out,
-        sites,
-        components={
-            "discriminator": "DP-SGD at each site, patient-level Poisson sampling and clipping",
-            "aggregation": "FedAvg of weights: post-processing",
-            "label_prior": "public: "
-            + ("uniform" if config.label_prior is None else str(config.label_prior)),
-            "ada_p": f"fixed at {config.dp_ada_p}",
-            "clinical_classifier": "none (conditional GAN)",
-            "site ledgers": "kept at each site; ε here is what each site reported",
-        },
-        accountant="prv",
-    )
+    if spinegan:
+        components["clinical_classifier"] = (
+            f"federated first ({config.classifier.rounds} FedAvg rounds), DP-SGD at each site "
+            "(patient-level sampling and clipping), its steps composed into each site's ledger "
+            "and into ε above; frozen during the GAN rounds (classifier.pt)"
+        )
+        components["ε by phase"] = _phase_summary(sites)
+    write_privacy_summary(out, sites, components=components, accountant="prv")
+
+
+def _phase_summary(sites: dict[str, dict]) -> str:
+    """One line per site: ε of each phase alone and of the ledger in total."""
+    parts = []
+    for name, site in sorted(sites.items()):
+        phases = site.get("phases", {})
+        shown = [
+            f"{label} ε={phases[key]['epsilon']:.3f} ({phases[key]['steps']} steps)"
+            for key, label in (("classifier", "classifier"), ("gan", "GAN"))
+            if key in phases
+        ]
+        parts.append(f"{name}: {', '.join(shown) or 'none yet'}; total ε={site['epsilon']:.3f}")
+    return "; ".join(parts) or "no site has reported yet"
 
 
 def _append_round(out: Path, record: RoundRecord) -> None:
@@ -442,17 +753,32 @@ def _append_round(out: Path, record: RoundRecord) -> None:
 
 
 def _status(
-    out: Path, config: FederationConfig, state: str, completed: int, reason: str = ""
+    out: Path,
+    config: FederationConfig,
+    state: str,
+    completed: int,
+    reason: str = "",
+    phase: str = "gan",
+    classifier_done: int | None = None,
 ) -> dict:
+    """Write federation.json; ``completed`` counts GAN rounds, ``classifier_done`` the
+    classifier rounds of a SpineGAN run (all of them once the GAN phase runs)."""
     status = {
         "federation": config.name,
         "state": state,
+        "phase": phase,
         "completed_rounds": completed,
         "rounds": config.rounds,
         "reason": reason,
         "updated": _now(),
         "fedspine_version": __version__,
     }
+    if config.model == "spinegan":
+        status["model"] = "spinegan"
+        status["classifier_rounds"] = config.classifier.rounds
+        status["classifier_completed_rounds"] = (
+            config.classifier.rounds if classifier_done is None else classifier_done
+        )
     _write_json(out / STATUS_FILE, status)
     return status
 

@@ -13,11 +13,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedspine import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SiteRefusal(Exception):
@@ -69,11 +70,17 @@ class RoundConfig:
     fedspine_version: str
     total_rounds: int = 1
     dp: dict | None = None
+    model: str = "cgan"
+    clinical: dict | None = None
+    """SpineGAN only: the frozen classifier's config, metadata, sha256, λ and mapping (its
+    weights travel beside the GAN's, as the message's ``classifier`` ArrayRecord)."""
 
     def to_record(self) -> dict[str, Any]:
         return {
             "total-rounds": int(self.total_rounds),
             "dp": json.dumps(self.dp) if self.dp else "",
+            "model": self.model,
+            "clinical": json.dumps(self.clinical, sort_keys=True) if self.clinical else "",
             "federation": self.federation,
             "server-round": self.server_round,
             "local-kimg": float(self.local_kimg),
@@ -96,6 +103,8 @@ class RoundConfig:
                 fedspine_version=str(record["fedspine-version"]),
                 total_rounds=int(record.get("total-rounds", 1)),
                 dp=json.loads(str(record["dp"])) if record.get("dp") else None,
+                model=str(record.get("model", "cgan")),
+                clinical=json.loads(str(record["clinical"])) if record.get("clinical") else None,
             )
         except KeyError as err:
             raise SiteRefusal(
@@ -112,51 +121,57 @@ def check_version(server_version: str) -> None:
 
 
 def train_round(
-    site: SiteConfig, rc: RoundConfig, weights: Mapping[str, torch.Tensor]
+    site: SiteConfig,
+    rc: RoundConfig,
+    weights: Mapping[str, torch.Tensor],
+    classifier_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, str]]:
     """Restore the global weights, train ``local_kimg`` on the site's data, return new weights,
     metrics, and the site's name and privacy summary (JSON) for the server.
 
     Optimizer moments, ADA state, counters and RNGs persist in the site's state folder between
-    rounds (keyed by federation name), so a site continues where it left off.
+    rounds (keyed by federation name), so a site continues where it left off. A SpineGAN round
+    also brings the federation's frozen classifier (``classifier_weights``).
     """
-    from fedspine.data.prepared import PreparedDatasetError, load_prepared
     from fedspine.federated.weights import load_trainer_weights, trainer_weights
     from fedspine.training.batches import BatchSampler, training_data
     from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
     from fedspine.training.config import TrainConfig
     from fedspine.training.gan_trainer import GanTrainer, configure_cpu
 
+    setup_start = time.perf_counter()
     check_version(rc.fedspine_version)
-    try:
-        dataset = load_prepared(site.data_path)
-    except PreparedDatasetError as err:
-        raise SiteRefusal(f"site {site.site_name}: {err}") from None
-    if list(dataset.class_names) != list(rc.class_names):
-        raise SiteRefusal(
-            f"site {site.site_name}: its data has classes {dataset.class_names}, the federation "
-            f"trains {rc.class_names}; ingest with the federation's label schema"
-        )
+    dataset = load_site_data(site, rc.class_names)
     train = dataset.select("train")
     config_dict = dict(rc.train_config)
     config_dict["seed"] = site_seed(int(config_dict.get("seed", 0)), site.site_name)
     config = TrainConfig.from_dict(config_dict)
     data = training_data(train, resolution=config.network.resolution)
+    check_dp_wanted(site, rc.dp)
+    clinical = None
+    if rc.model == "spinegan":
+        from fedspine.federated.classifier_phase import received_clinical_loss
+
+        clinical = received_clinical_loss(site, rc, classifier_weights, bool(rc.dp))
+    elif rc.model != "cgan":
+        raise SiteRefusal(f"the server asks for model {rc.model!r}; this site knows cgan, spinegan")
 
     configure_cpu(site.threads)
     state_file = site_state_file(site, rc.federation)
     state = load_checkpoint(state_file, kind="trainer")["trainer"] if state_file.is_file() else None
     privacy = None
-    if site.max_epsilon is not None and not rc.dp:
-        raise SiteRefusal(
-            f"site {site.site_name} trains only with differential privacy (its ε cap is "
-            f"{site.max_epsilon}); the federation was submitted without DP"
-        )
     if rc.dp:
         from fedspine.federated.site_privacy import SitePrivacy
 
         privacy = SitePrivacy(site, rc, dataset, train)
-        trainer = privacy.make_trainer(config, data, state)
+        trainer = privacy.make_trainer(config, data, state, clinical=clinical)
+    elif clinical is not None:
+        from fedspine.training.clinical import SpineGanTrainer
+
+        if state is not None:
+            trainer = SpineGanTrainer.from_state_dict(state, clinical)
+        else:
+            trainer = SpineGanTrainer(config, rc.label_prior, clinical)
     elif state is not None:
         trainer = GanTrainer.from_state_dict(state)
     else:
@@ -180,10 +195,17 @@ def train_round(
         "images-seen": trainer.cur_nimg - start_nimg,
         "d-steps-total": trainer.d_steps,
         "seconds": seconds,
+        # Where a round's time goes at the site besides training: loading data and state,
+        # building the trainer (setup), writing the local state (save).
+        "setup-seconds": start - setup_start,
+        "save-seconds": time.perf_counter() - start - seconds,
         "ada-p": trainer.ada_p,
     }
     # Flower's FedAvg wants the same metric keys from every site: absent ones are NaN.
-    for key in ("loss_g", "loss_d", "loss_r1", "loss_pl", "d_real", "d_fake"):
+    keys = ("loss_g", "loss_d", "loss_r1", "loss_pl", "d_real", "d_fake")
+    if clinical is not None:
+        keys += ("loss_clinical", "clinical_bce")
+    for key in keys:
         value = last.get(key)
         metrics[key.replace("_", "-")] = float(value) if value is not None else float("nan")
     extra = {"site-name": site.site_name}
@@ -195,12 +217,38 @@ def train_round(
     return trainer_weights(trainer), metrics, extra
 
 
+def load_site_data(site: SiteConfig, class_names: list[str]):
+    """The site's prepared dataset, refused where it is missing or of another label schema."""
+    from fedspine.data.prepared import PreparedDatasetError, load_prepared
+
+    try:
+        dataset = load_prepared(site.data_path)
+    except PreparedDatasetError as err:
+        raise SiteRefusal(f"site {site.site_name}: {err}") from None
+    if list(dataset.class_names) != list(class_names):
+        raise SiteRefusal(
+            f"site {site.site_name}: its data has classes {dataset.class_names}, the federation "
+            f"trains {class_names}; ingest with the federation's label schema"
+        )
+    return dataset
+
+
+def check_dp_wanted(site: SiteConfig, dp: dict | None) -> None:
+    """A site with an ε cap trains only with DP, whatever the server asks."""
+    if site.max_epsilon is not None and not dp:
+        raise SiteRefusal(
+            f"site {site.site_name} trains only with differential privacy (its ε cap is "
+            f"{site.max_epsilon}); the federation was submitted without DP"
+        )
+
+
 def site_seed(seed: int, site_name: str) -> int:
     """A per-site seed, so sites do not draw the same latents and batches."""
     digest = hashlib.sha256(f"{seed}:{site_name}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
-def site_state_file(site: SiteConfig, federation: str) -> Path:
+def site_state_file(site: SiteConfig, federation: str, name: str = "trainer.pt") -> Path:
+    """The site's local state of one federation (``trainer.pt``; ``classifier.pt``)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in federation)
-    return site.state_dir / safe / "trainer.pt"
+    return site.state_dir / safe / name

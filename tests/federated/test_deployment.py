@@ -175,3 +175,29 @@ def test_site_killed_and_server_restarted_mid_run(tmp_path, coordinator):
             run.kill()
         for site in sites:
             site.stop()
+
+
+def test_spinegan_classifier_phase_runs_through_supernodes(tmp_path, coordinator):
+    """Flower's custom train action (`train.classifier`) reaches real SuperNodes, and the GAN
+    rounds that follow carry the averaged classifier."""
+    workdir, _ = coordinator
+    sites = []
+    try:
+        sites = [_site(tmp_path, coordinator, k) for k in range(2)]
+        out = tmp_path / "fed-out"
+        config = _federation_toml(tmp_path / "federation.toml", out, rounds=1, min_sites=2)
+        text = config.read_text().replace(
+            "local_kimg = 0.064", 'local_kimg = 0.032\nmodel = "spinegan"'
+        )
+        config.write_text(text + "[classifier]\nrounds = 1\nlocal_steps = 2\nbatch = 8\n")
+        result = _cli("server", "run", "--config", str(config), "--workdir", str(workdir))
+        assert "classifier round 1/1" in result.stdout, result.stdout + result.stderr
+        assert "federation complete" in result.stdout
+        rounds = read_rounds(out)
+        assert [(r["phase"], r["round"]) for r in rounds] == [("classifier", 1), ("gan", 1)]
+        assert all(s["steps"] == 2 for s in rounds[0]["sites"])
+        assert all(s["loss-clinical"] > 0 for s in rounds[1]["sites"])
+        assert (out / "classifier.pt").is_file() and (out / "generator.pt").is_file()
+    finally:
+        for site in sites:
+            site.stop()
