@@ -533,6 +533,19 @@ def _classifiers(inp: ReportInputs) -> str:
             "(0.5: the generator's classes are indistinguishable to a classifier that knows the "
             "real ones).</p>"
         )
+        scores = [
+            f"{_e(name)}: mean score {_num(o.get('mean_score_positive'))} on images generated "
+            f"as {_e(name)}, {_num(o.get('mean_score_negative'))} on the others"
+            for name, o in (trts.get("per_output") or {}).items()
+            if o.get("auc") is not None
+        ]
+        if scores:
+            parts.append(
+                "<p>"
+                + "; ".join(scores)
+                + ". Scores all near 0 or all near 1 mean the synthetic images lie outside what "
+                "the classifier has seen, and the AUC then ranks tiny differences.</p>"
+            )
     if test_set.get("patients_shared_with_train_or_val"):
         parts.append(
             f'<p class="bad">{_e(test_set["patients_shared_with_train_or_val"])} test patient '

@@ -1144,6 +1144,11 @@ def _summarise_evaluation(path: Path) -> dict[str, Any]:
         "mixed": arm("mixed"),
         "ratios": report["ratios"],
         "trts": (report.get("class_fidelity") or {}).get("auc"),
+        "trts_scores": [
+            [o.get("mean_score_positive"), o.get("mean_score_negative")]
+            for o in ((report.get("class_fidelity") or {}).get("per_output") or {}).values()
+            if o.get("auc") is not None
+        ],
         "gan_metrics": _metric_subset(primary[0]) if primary else None,
         "gan_metrics_real_reference": _metric_subset(reference[0]) if reference else None,
         "memorisation": {
@@ -1573,7 +1578,15 @@ def _gan_metrics(ev: dict[str, Any]) -> str:
     if not m:
         return "no GAN metrics"
     ref = ev.get("gan_metrics_real_reference") or {}
-    trts = f"TRTS {_num(ev['trts'])}; " if ev.get("trts") is not None else ""
+    trts = ""
+    if ev.get("trts") is not None:
+        scores = ev.get("trts_scores") or []
+        mean = (
+            f" (mean score {_num(scores[0][0], 2)} / {_num(scores[0][1], 2)})"
+            if len(scores) == 1
+            else ""
+        )
+        trts = f"TRTS {_num(ev['trts'])}{mean}; "
     return trts + (
         f"FID {_num(m['fid'], 3, 'g')} (real val vs train: {_num(ref.get('fid'), 3, 'g')}), precision "
         f"{_num(m['precision'], 2)}, recall {_num(m['recall'], 2)} ({m['extractor']})"

@@ -223,6 +223,9 @@ def test_copies_of_real_train_give_ratio_near_one_and_are_flagged(copies_run):
     assert trts["images"] == int(np.sum(real.splits == "train"))
     assert trts["auc"] > 0.9 and trts["ci"][0] <= trts["auc"] <= trts["ci"][1]
     assert "TRTS" in (copies_run[0] / "report" / "report.md").read_text()
+    scores = trts["per_output"]["abnormal"]
+    assert scores["mean_score_positive"] > scores["mean_score_negative"]
+    assert "mean score" in (copies_run[0] / "report" / "report.md").read_text()
     mem = report["memorisation"]
     n = int(np.sum(real.splits == "train"))
     assert mem["flagged"] and mem["verdict"].startswith("memorisation suspected")
