@@ -232,15 +232,15 @@ def evaluate(
         curves: dict[str, tuple] = {}
         for arm, (data, composition) in arm_data.items():
             notify({"stage": "classifier", "event": "start", "arm": arm, "rows": len(data)})
-            record, curve = _run_arm(arm, data, real_val, test_rows, task, cfg, tmp, notify)
+            record, curve, model = _run_arm(arm, data, real_val, test_rows, task, cfg, tmp, notify)
+            if arm == "TRTR":
+                trtr_model = model
             record["train_data"] = composition
             arms[arm] = record
             curves[arm] = curve
             notify({"stage": "classifier", "event": "end", "arm": arm, "auc": record["auc"]})
 
-        trts = _class_fidelity(
-            tmp / arms["TRTR"]["classifier_file"], syn_rows, syn_images, task, cfg
-        )
+        trts = _class_fidelity(trtr_model, syn_rows, syn_images, task, cfg)
         multi = len(arms["TRTR"]["output_names"]) > 1
         plot_rocs(
             curves,
@@ -719,7 +719,7 @@ def _arm_datasets(
 
 
 def _class_fidelity(
-    trtr_file: Path,
+    trtr_model: torch.nn.Module,
     syn_rows: PreparedDataset,
     syn_images: np.ndarray,
     task: str,
@@ -731,12 +731,11 @@ def _class_fidelity(
     seen real images, which shows a generator learning its classes long before TSTR does. Each
     synthetic image is its own unit in the bootstrap (generated images share no patient).
     """
-    from fedspine.models.classifier import load_classifier, predict_proba
+    from fedspine.models.classifier import predict_proba
     from fedspine.training.classifier_trainer import targets
 
-    model, _, _ = load_classifier(trtr_file)
     y, idx, names = targets(syn_rows, task)
-    probs = predict_proba(model, syn_images[idx], batch=128)
+    probs = predict_proba(trtr_model, syn_images[idx], batch=128)
     groups = np.arange(len(idx))
     scores = {}
     for k, name in enumerate(names):
@@ -835,8 +834,8 @@ def _run_arm(
     cfg: EvaluateConfig,
     tmp: Path,
     notify: ProgressFn,
-) -> tuple[dict[str, Any], tuple]:
-    """Train one arm, select on ``val``, score on ``test``; returns its record and ROC curve."""
+) -> tuple[dict[str, Any], tuple, torch.nn.Module]:
+    """Train one arm, select on ``val``, score on ``test``; returns its record, ROC and model."""
     from fedspine.models.classifier import ClassifierConfig, predict_proba, save_classifier
     from fedspine.training.classifier_trainer import (
         ClassifierTrainConfig,
@@ -888,7 +887,7 @@ def _run_arm(
             "classifier_file": f"{WORK_DIR}/classifiers/{arm}.pt",
         }
     )
-    return record, _roc(y_test, p_test, record)
+    return record, _roc(y_test, p_test, record), model
 
 
 def _score(

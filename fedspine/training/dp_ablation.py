@@ -380,8 +380,8 @@ class AblationDPGanTrainer(DPGanTrainer):
             scheme=scheme,
             noise_multiplier=noise_multiplier,
             generator=self.latent_gen,
-            # The same noise source DPGanTrainer gives its own step (when it has one).
-            noise_generator=getattr(self, "noise_gen", None),
+            # The same noise source DPGanTrainer gives its own step.
+            noise_generator=self.noise_gen,
         )
 
     def mechanism(self) -> Mechanism:

@@ -85,10 +85,11 @@ class DPGanTrainer(GanTrainer):
         )
         self.dp = dp
         self.sample_rate = float(sample_rate)
-        self.privacy_rng = np.random.default_rng(secrets.randbits(128))
         self.noise_gen = torch.Generator(device=self.device).manual_seed(secrets.randbits(63))
         self.sampler = PatientPoissonSampler(
-            np.asarray(patient_ids), self.sample_rate, self.privacy_rng
+            np.asarray(patient_ids),
+            self.sample_rate,
+            np.random.default_rng(secrets.randbits(128)),
         )
         self.num_train_images = len(patient_ids)
         self.dp_step = DPDiscriminatorStep(
