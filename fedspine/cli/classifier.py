@@ -169,6 +169,12 @@ def train(
     val_name = val if val is not None else data
     if len(train_rows) == 0:
         fail(f"{data}: no rows in the 'train' split")
+    model_cfg = ClassifierConfig(
+        arch=arch,
+        norm=norm,
+        input_size=input_size or dataset.resolution,
+        weights_path=str(weights) if weights is not None else None,
+    )
     if dp:
         if max_train_images is not None:
             fail("--max-train-images is not supported with --dp; the privacy unit is the patient")
@@ -179,12 +185,7 @@ def train(
             val_source=val_source,
             out=out,
             task=task,
-            model_cfg=ClassifierConfig(
-                arch=arch,
-                norm=norm,
-                input_size=input_size or dataset.resolution,
-                weights_path=str(weights) if weights is not None else None,
-            ),
+            model_cfg=model_cfg,
             epochs=epochs,
             lr=lr,
             seed=seed,
@@ -217,12 +218,7 @@ def train(
         device=device,
         max_train_images=max_train_images,
         input_size=input_size,
-        model=ClassifierConfig(
-            arch=arch,
-            norm=norm,
-            input_size=input_size or dataset.resolution,
-            weights_path=str(weights) if weights is not None else None,
-        ),
+        model=model_cfg,
     )
     try:
         cfg.validate()
