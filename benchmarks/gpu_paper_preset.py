@@ -6,6 +6,7 @@ measurement for fedspine's own networks. Every setting gets a fresh GanTrainer f
 seed, `--warmup` untimed steps (cuDNN autotuning, allocator growth), then `--steps` timed steps
 (a multiple of 16 includes lazy R1 and path length at their published rates). The settings run
 in one process one after another, so compare them as the ratios printed, not across runs.
+`auto_choice` says which path the presets' `fused_modconv = "auto"` picks on this device.
 
     python benchmarks/gpu_paper_preset.py                        # on a CUDA machine, ~3 min
     python benchmarks/gpu_paper_preset.py --device cpu --preset cpu --resolution 32 \\
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    auto_choice = {precision: _auto_choice(args, device, precision) for precision in args.precision}
+
     timed = {k: v for k, v in results.items() if "sec_per_kimg" in v}
     fastest = min(timed, key=lambda k: timed[k]["sec_per_kimg"]) if timed else None
     ratios = {}
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "ratios": ratios,
         "fastest": fastest,
+        "auto_choice": auto_choice,
     }
     print(json.dumps(report, indent=2))
     return report
@@ -112,6 +116,9 @@ def _measure(args: argparse.Namespace, device: torch.device, fused: bool, precis
         "batch": cfg.batch,
         "sec_per_kimg": seconds / (shown / 1000),
         "img_per_sec": shown / seconds,
+        "autocast_dtype": str(trainer.amp_dtype).removeprefix("torch.")
+        if trainer.amp_dtype
+        else "float32",
         "finite_losses": bool(np.isfinite([float(metrics.loss_g), float(metrics.loss_d)]).all()),
         "g_params": sum(p.numel() for p in trainer.G.parameters()),
         "d_params": sum(p.numel() for p in trainer.D.parameters()),
@@ -119,6 +126,21 @@ def _measure(args: argparse.Namespace, device: torch.device, fused: bool, precis
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
+
+
+def _auto_choice(args: argparse.Namespace, device: torch.device, precision: str) -> dict:
+    """What `fused_modconv = "auto"` (the paper and auto presets) picks here: on CUDA its own
+    short timing of G alone, to set beside the full training steps timed above."""
+    cfg = preset_config(args.preset, args.resolution, num_classes=2)
+    cfg.device = device.type
+    cfg.mixed_precision = precision
+    cfg.network.fused_modconv = "auto"
+    trainer = GanTrainer(cfg, [0.5, 0.5], device=device)
+    choice = trainer.modconv_choice.to_dict()
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return choice
 
 
 def _sync(device: torch.device) -> None:

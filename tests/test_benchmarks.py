@@ -40,6 +40,8 @@ def test_gpu_paper_preset_script_runs_on_cpu_and_reports_every_setting(capsys):
         assert row["sec_per_kimg"] > 0 and row["finite_losses"] and row["resolution"] == 16
     assert report["fastest"] in report["results"]
     assert "fused_over_non_fused_speed/off" in report["ratios"]
+    assert all(row["autocast_dtype"] == "float32" for row in report["results"].values())
+    assert report["auto_choice"]["off"]["fused"] is False  # the CPU rule, nothing timed
     assert '"benchmark": "gpu_paper_preset"' in capsys.readouterr().out
 
 

@@ -603,6 +603,13 @@ def _train(
         except ValueError as err:
             raise _CliError(str(err)) from None
         typer.echo(f"resumed {out} at {trainer.cur_nimg / 1000:.3f} kimg")
+    timed = trainer.modconv_choice.seconds
+    if timed:
+        path = "fused" if trainer.modconv_choice.fused else "non-fused"
+        typer.echo(
+            f"modulated convolutions: {path} (G forward + backward timed at "
+            f"{timed['fused'] * 1000:.1f} ms fused, {timed['non_fused'] * 1000:.1f} ms non-fused)"
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
@@ -621,6 +628,7 @@ def _train(
         "model": model,
         "dp_scheme": scheme,
         "device_used": str(dev),
+        "modconv_path": trainer.modconv_choice.to_dict(),
         "dataset": dataset_info,
         "train": config.to_dict(),
     }

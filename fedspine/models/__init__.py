@@ -16,7 +16,8 @@ class NetworkConfig:
 
     Channels at resolution r are min(channel_base // r, channel_max). `mbstd_group = 0` removes
     the minibatch-std layer from D, which must be off under DP because it mixes samples.
-    `c_dim = 0` makes both networks unconditional.
+    `c_dim = 0` makes both networks unconditional. `fused_modconv` picks the modulated
+    convolution's path (same function, different speed); "auto" lets the trainer measure.
     """
 
     resolution: int = 64
@@ -29,7 +30,7 @@ class NetworkConfig:
     channel_max: int = 512
     mbstd_group: int = 4
     mbstd_channels: int = 1
-    fused_modconv: bool = True
+    fused_modconv: bool | str = True
     conv_clamp: float | None = None
 
     def __post_init__(self) -> None:
@@ -38,6 +39,11 @@ class NetworkConfig:
             raise ValueError(
                 f"NetworkConfig: resolution {r} is not a power of two >= 8; "
                 "use 8, 16, 32, 64, 128, 256 ..."
+            )
+        if self.fused_modconv not in (True, False, "auto"):
+            raise ValueError(
+                f'NetworkConfig: fused_modconv must be true, false or "auto", '
+                f"got {self.fused_modconv!r}"
             )
         positive = ("img_channels", "z_dim", "w_dim", "mapping_layers", "channel_base")
         for name in (*positive, "channel_max", "mbstd_channels"):

@@ -67,6 +67,11 @@ class Generator(nn.Module):
         )
         return self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
 
+    def use_fused_modconv(self, fused: bool) -> None:
+        """Fix the modulated-convolution path (a config's "auto" resolved by the trainer)."""
+        self.cfg.fused_modconv = bool(fused)
+        self.synthesis.fused_modconv = bool(fused)
+
     def copy_for_ema(self) -> Generator:
         """An independent copy for the exponential moving average: eval mode, no gradients."""
         return copy.deepcopy(self).eval().requires_grad_(False)
@@ -160,6 +165,10 @@ class SynthesisNetwork(nn.Module):
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"generator.py: noise_mode {noise_mode!r} is not one of {NOISE_MODES}")
         fused = self.fused_modconv if fused_modconv is None else fused_modconv
+        if fused == "auto":
+            # Unresolved (a model built outside a trainer): the measured CPU rule, and NVIDIA's
+            # inference default elsewhere.
+            fused = ws.device.type != "cpu"
         x = img = None
         idx = 0
         for block in self.blocks:

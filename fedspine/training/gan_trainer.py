@@ -28,6 +28,7 @@ from fedspine.models import Discriminator, Generator, NetworkConfig
 from fedspine.models.augment import AdaptiveP, AugmentPipe
 from fedspine.training import losses
 from fedspine.training.config import TrainConfig
+from fedspine.training.modconv_choice import choose_modconv_path
 
 TickCallback = Callable[["GanTrainer", dict], bool | None]
 
@@ -112,6 +113,13 @@ class GanTrainer:
         self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_D = torch.amp.GradScaler(self.device.type, enabled=fp16)
 
+        self.modconv_choice = choose_modconv_path(
+            net.fused_modconv, self.G, self.device, config.batch, autocast=self._autocast
+        )
+        net.fused_modconv = self.modconv_choice.fused
+        self.G.use_fused_modconv(net.fused_modconv)
+        self.G_ema.use_fused_modconv(net.fused_modconv)
+
         self.pl_mean = torch.zeros([], device=self.device)
         self.cur_nimg = 0
         self.cur_tick = 0
@@ -159,7 +167,8 @@ class GanTrainer:
             fake = self.G.synthesis(ws, noise_mode="random")
             logits = self.D(self._augment(fake), self._onehot(c))
             extra, extra_out = self.g_extra_loss(fake, c)
-        loss = losses.g_logistic_ns(logits).mean()
+        # Under autocast D's logits may be half precision; the loss is taken in float32.
+        loss = losses.g_logistic_ns(logits.float()).mean()
         self._optimise(self.opt_G, self.scaler_G, loss if extra is None else loss + extra)
         out["loss_g"] = loss.detach()
         out.update(extra_out)
@@ -210,7 +219,7 @@ class GanTrainer:
         with self._autocast():
             fake_logits = self.D(self._augment(fake.float()), self._onehot(c_fake))
             real_logits = self.D(self._augment(real), real_c)
-        loss = losses.d_logistic(real_logits, fake_logits).mean()
+        loss = losses.d_logistic(real_logits.float(), fake_logits.float()).mean()
         self._optimise(self.opt_D, self.scaler_D, loss)
         real_logits = real_logits.detach().float()
         if self.ada is not None:
@@ -324,8 +333,10 @@ class GanTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`; the network settings must match this trainer's."""
-        saved_net = state["config"]["network"]
-        mine = self.config.to_dict()["network"]
+        # The modulated-convolution path is how G computes, not what G is: a run resumed or a
+        # federated round received on another device keeps this trainer's own choice.
+        saved_net = {k: v for k, v in state["config"]["network"].items() if k != "fused_modconv"}
+        mine = {k: v for k, v in self.config.to_dict()["network"].items() if k != "fused_modconv"}
         if saved_net != mine:
             diff = sorted(k for k in set(saved_net) | set(mine) if saved_net.get(k) != mine.get(k))
             raise ValueError(f"the saved state has different network settings: {diff}")
@@ -487,8 +498,14 @@ def configure_cpu(threads: int | None = None, flush_denormal: bool = True) -> in
     return threads
 
 
+# Devices on which `mixed_precision` takes effect; elsewhere training runs in float32. CPUs
+# without bf16 matrix units gain nothing from autocast. Tests add "cpu" to run the autocast and
+# GradScaler paths that a GPU would take.
+AUTOCAST_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
 def _amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
-    if device.type != "cuda" or mode == "off":
+    if device.type not in AUTOCAST_DEVICE_TYPES or mode == "off":
         return None
     return torch.bfloat16 if mode == "bf16" else torch.float16
 

@@ -233,13 +233,46 @@ def test_run_reports_ticks_and_stops_on_request():
     assert len(stopped) == 1
 
 
-def test_bf16_autocast_path_runs(monkeypatch):
-    """The CUDA mixed-precision path, exercised with CPU autocast (CUDA is not needed)."""
-    trainer = GanTrainer(tiny_config(), [0.5, 0.5])
-    trainer.amp_dtype = torch.bfloat16
-    m = trainer.train_step(*_real_batch(trainer, _data()))
-    assert np.isfinite(m.loss_g.item()) and np.isfinite(m.loss_d.item()) and m.loss_r1 is not None
-    assert all(p.dtype == torch.float32 for p in trainer.G.parameters())
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_train(monkeypatch, precision):
+    """The CUDA mixed-precision paths (autocast, and GradScaler for fp16), run with CPU autocast:
+    every loss stays finite, both regularisers run, both networks learn, weights stay float32
+    and the scalers' state survives a state_dict round trip."""
+    import fedspine.training.gan_trainer as gan_trainer
+
+    monkeypatch.setattr(gan_trainer, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
+    data = _data()
+    trainer = GanTrainer(tiny_config(mixed_precision=precision), data.label_prior())
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert trainer.amp_dtype == half
+    assert trainer.scaler_D.is_enabled() == (precision == "fp16")
+    with trainer._autocast():
+        z, c = trainer.sample_latents(2)
+        onehot = torch.nn.functional.one_hot(c, 2).float()
+        logits = trainer.D(trainer.G(z, onehot), onehot)
+    assert logits.dtype == half  # so the losses must cast before softplus
+    before_G = [p.detach().clone() for p in trainer.G.parameters()]
+    before_D = [p.detach().clone() for p in trainer.D.parameters()]
+    batches = BatchSampler(data, 8, trainer.np_rng)
+    steps = [trainer.train_step(*next(batches)) for _ in range(6)]
+    assert any(m.loss_r1 is not None for m in steps) and any(m.loss_pl is not None for m in steps)
+    for m in steps:
+        assert all(np.isfinite(v) for v in m.as_floats().values() if v is not None)
+        assert m.loss_g.dtype == m.loss_d.dtype == torch.float32
+    for net, before in ((trainer.G, before_G), (trainer.D, before_D)):
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        assert any(not torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
+    state = trainer.state_dict()
+    again = GanTrainer(tiny_config(mixed_precision=precision), data.label_prior())
+    again.load_state_dict(state)
+    if precision == "fp16":
+        assert again.scaler_G.get_scale() == trainer.scaler_G.get_scale()
+        assert again.scaler_D.state_dict() == trainer.scaler_D.state_dict()
+
+
+def test_mixed_precision_is_off_where_autocast_is_not_enabled():
+    trainer = GanTrainer(tiny_config(mixed_precision="fp16"), [0.5, 0.5])
+    assert trainer.amp_dtype is None and not trainer.scaler_G.is_enabled()
 
 
 def test_batch_sampler_and_helpers():
