@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
+from fedspine.privacy.report import PHASE_COLUMNS
 
 DEFAULT_TITLE = "fedspine report"
 EVAL_REPORT = "report.json"
@@ -639,13 +640,24 @@ def _privacy(inp: ReportInputs) -> str:
     parts = [f"<p>From {_e(inp.privacy_source)}.</p>"]
     sites = {k: v for k, v in (privacy.get("sites") or {}).items() if isinstance(v, dict)}
     if sites:
+        phased = any(
+            isinstance(site.get("phases"), dict) and site["phases"] for site in sites.values()
+        )
         rows = []
         for name, site in sites.items():
             mechs = [m for m in site.get("mechanisms") or [] if isinstance(m, dict)]
+            phases = site.get("phases") if isinstance(site.get("phases"), dict) else {}
+            by_phase = [
+                f"{_num(phases[key].get('epsilon'))} ({phases[key].get('steps', '?')} steps)"
+                if isinstance(phases.get(key), dict)
+                else "-"
+                for key, _ in PHASE_COLUMNS
+            ]
             rows.append(
                 [
                     name,
                     _num(site.get("epsilon")),
+                    *(by_phase if phased else []),
                     _g(site.get("delta")),
                     _distinct(_g(m.get("noise_multiplier")) for m in mechs),
                     _distinct(_g(m.get("clip_norm")) for m in mechs),
@@ -656,7 +668,16 @@ def _privacy(inp: ReportInputs) -> str:
             )
         parts.append(
             _table(
-                ["site", "ε", "δ", "σ", "clip C", "sample rate q", "D steps", "ledger complete"],
+                [
+                    "site",
+                    *(["ε (total)", *(label for _, label in PHASE_COLUMNS)] if phased else ["ε"]),
+                    "δ",
+                    "σ",
+                    "clip C",
+                    "sample rate q",
+                    "steps",
+                    "ledger complete",
+                ],
                 rows,
             )
         )

@@ -727,22 +727,7 @@ def _write_privacy(out: Path, config: FederationConfig) -> None:
             "(patient-level sampling and clipping), its steps composed into each site's ledger "
             "and into ε above; frozen during the GAN rounds (classifier.pt)"
         )
-        components["ε by phase"] = _phase_summary(sites)
     write_privacy_summary(out, sites, components=components, accountant="prv")
-
-
-def _phase_summary(sites: dict[str, dict]) -> str:
-    """One line per site: ε of each phase alone and of the ledger in total."""
-    parts = []
-    for name, site in sorted(sites.items()):
-        phases = site.get("phases", {})
-        shown = [
-            f"{label} ε={phases[key]['epsilon']:.3f} ({phases[key]['steps']} steps)"
-            for key, label in (("classifier", "classifier"), ("gan", "GAN"))
-            if key in phases
-        ]
-        parts.append(f"{name}: {', '.join(shown) or 'none yet'}; total ε={site['epsilon']:.3f}")
-    return "; ".join(parts) or "no site has reported yet"
 
 
 def _append_round(out: Path, record: RoundRecord) -> None:

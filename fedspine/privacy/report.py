@@ -200,7 +200,22 @@ def _plot(report: dict[str, Any], path: Path) -> Path | None:
     return plot_epsilon_curve(curves, path)
 
 
+# A SpineGAN federation spends ε in two phases; their columns show each alone beside the total.
+PHASE_COLUMNS = (("classifier", "classifier ε"), ("gan", "GAN ε"))
+
+
+def _phased(report: dict[str, Any]) -> bool:
+    return any(site.get("phases") for site in report["sites"].values())
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    if not _phased(report):
+        return HEADER
+    return [HEADER[0], "ε (total)", *(label for _, label in PHASE_COLUMNS), *HEADER[2:]]
+
+
 def _rows(report: dict[str, Any]) -> list[list[str]]:
+    phased = _phased(report)
     rows = []
     for name, site in report["sites"].items():
         mechs = site.get("mechanisms", [])
@@ -208,10 +223,18 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
         q = ", ".join(f"{m['sample_rate']:.3g}" for m in mechs) or "-"
         steps = sum(int(m["steps"]) for m in mechs)
         clip = ", ".join(f"{m.get('clip_norm', '?')}" for m in mechs) or "-"
+        phases = site.get("phases") or {}
+        by_phase = [
+            f"{_num(phases[key]['epsilon'])} ({phases[key]['steps']} steps)"
+            if key in phases
+            else "-"
+            for key, _ in PHASE_COLUMNS
+        ]
         rows.append(
             [
                 name,
                 _num(site.get("epsilon")),
+                *(by_phase if phased else []),
                 f"{site['delta']:.2g}",
                 sigma,
                 clip,
@@ -223,7 +246,7 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-HEADER = ["site", "ε", "δ", "σ", "C", "q (sampling rate)", "D steps", "ledger complete"]
+HEADER = ["site", "ε", "δ", "σ", "C", "q (sampling rate)", "steps", "ledger complete"]
 
 
 def _markdown(report: dict[str, Any], plot_name: str | None) -> str:
@@ -238,8 +261,9 @@ def _markdown(report: dict[str, Any], plot_name: str | None) -> str:
     for reason in report["not_private_reasons"]:
         lines.append(f"- not private: {reason}")
     lines += ["", report["overall_note"], "", "## Sites", ""]
-    lines.append("| " + " | ".join(HEADER) + " |")
-    lines.append("|" + "---|" * len(HEADER))
+    header = _header(report)
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
     for row in _rows(report):
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## What was private and what was public", ""]
@@ -258,7 +282,7 @@ def _html(report: dict[str, Any], plot: Path | None) -> str:
     rows = "".join(
         "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _rows(report)
     )
-    head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
+    head = "".join(f"<th>{esc(h)}</th>" for h in _header(report))
     parts = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in report["components"].items())
     reasons = "".join(f"<li>not private: {esc(r)}</li>" for r in report["not_private_reasons"])
     img = ""

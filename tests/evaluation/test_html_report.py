@@ -451,6 +451,32 @@ def test_centralised_dp_run_has_no_rounds_but_its_config_and_steps(tmp_path):
     assert "not available: classifier AUCs: no evaluation given" in text
 
 
+def test_a_spinegan_run_shows_each_phase_beside_the_total(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    mechs = [
+        {"noise_multiplier": 2.0, "sample_rate": 0.1, "steps": 4, "clip_norm": 1.0},
+        {"noise_multiplier": 1.1, "sample_rate": 0.2, "steps": 30, "clip_norm": 1.0},
+    ]
+    phases = {"classifier": {"epsilon": 1.5, "steps": 4}, "gan": {"epsilon": 7.25, "steps": 30}}
+    site = {"epsilon": 8.0, "delta": 1e-5, "ledger_complete": True, "mechanisms": mechs}
+    privacy = {
+        "private": True,
+        "accountant": "prv",
+        "delta": 1e-5,
+        "sites": {"site-a": {**site, "phases": phases}, "site-b": site},
+    }
+    (run / "privacy.json").write_text(json.dumps(privacy))
+    privacy_html = section_text(
+        write_html_report(tmp_path / "r.html", run=run).read_text(), "privacy"
+    )
+    assert "<th>ε (total)</th><th>classifier ε</th><th>GAN ε</th><th>δ</th>" in privacy_html
+    assert "<td>site-a</td><td>8.000</td><td>1.500 (4 steps)</td><td>7.250 (30 steps)</td>" in (
+        privacy_html
+    )
+    assert "<td>site-b</td><td>8.000</td><td>-</td><td>-</td>" in privacy_html
+
+
 def test_release_alone_plots_epsilon_from_its_privacy_report(full, tmp_path):
     text = write_html_report(tmp_path / "r.html", release=full["release"]).read_text()
     assert "Released: a signed release" in text

@@ -321,10 +321,16 @@ def test_dp_spinegan_federation_ledgers_and_report_show_both_phases(site_dataset
         records = ledger.records(site["dataset_hash"])
         assert [r["notes"]["phase"] for r in records] == ["classifier", "classifier", "gan"]
         assert ledger.spent(site["dataset_hash"], site["delta"]) == pytest.approx(site["epsilon"])
-    assert "classifier ε=" in summary["components"]["ε by phase"]
-    assert "GAN ε=" in summary["components"]["ε by phase"]
     report = write_report(out, "md").read_text()
-    assert "classifier ε=" in report and "DP-SGD at each site" in report
+    assert "| site | ε (total) | classifier ε | GAN ε | δ |" in report
+    for name, site in summary["sites"].items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        phases = site["phases"]
+        assert cells[1] == f"{site['epsilon']:.3f}"
+        assert cells[2] == f"{phases['classifier']['epsilon']:.3f} (4 steps)"
+        assert cells[3] == f"{phases['gan']['epsilon']:.3f} ({phases['gan']['steps']} steps)"
+    assert "DP-SGD at each site" in report
 
     _, _, meta = load_classifier(out / "classifier.pt")
     per_site = meta["dp"]["sites"]
