@@ -54,10 +54,16 @@ def main(argv: list[str] | None = None) -> dict:
                 results[key] = _measure(args, device, path == "fused", precision)
             except torch.OutOfMemoryError as err:
                 results[key] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+            except ValueError as err:  # a precision this device does not run (fp16 on CPU)
+                results[key] = {"error": str(err)}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    auto_choice = {precision: _auto_choice(args, device, precision) for precision in args.precision}
+    auto_choice = {
+        precision: _auto_choice(args, device, precision)
+        for precision in args.precision
+        if "error" not in results.get(f"{args.fused[0]}/{precision}", {})
+    }
 
     timed = {k: v for k, v in results.items() if "sec_per_kimg" in v}
     fastest = min(timed, key=lambda k: timed[k]["sec_per_kimg"]) if timed else None

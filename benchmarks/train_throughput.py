@@ -1,11 +1,13 @@
-"""Training throughput of the `cpu` preset, with torch.set_flush_denormal on and off.
+"""Training throughput of the `cpu` preset: torch.set_flush_denormal on and off, and bf16
+autocast (`--precision bf16`) against float32, in one run.
 
 Prints one JSON object: images per second (real images through one full iteration: G step, D
 step, lazy R1 / path-length at their intervals, EMA, ADA) per resolution and setting, and the
-ratio denormal-flushing on / off. On a shared machine wall-clock rates depend on the other load;
-images per CPU-second at one thread are the steadier comparison. Each setting gets a fresh
-trainer from the same seed, a few warm-up steps, then `--steps` timed steps (use a multiple of
-16 to include R1 at its rate).
+ratios denormal-flushing on / off and bf16 / float32 (both with flushing on). On a shared
+machine wall-clock rates depend on the other load; images per CPU-second are the steadier
+comparison. Each setting gets a fresh trainer from the same seed, a few warm-up steps, then
+`--steps` timed steps (use a multiple of 16 to include R1 at its rate). Whether bf16 pays
+depends on the CPU having bf16 instructions: `cpu_bf16_flags` lists those /proc/cpuinfo shows.
 
     python benchmarks/train_throughput.py --threads 2 --steps 16
 """
@@ -24,50 +26,64 @@ import torch
 from fedspine.training.batches import BatchSampler, TrainingData
 from fedspine.training.config import preset_config
 from fedspine.training.gan_trainer import GanTrainer
+from fedspine.training.precision import cpu_bf16_flags
+
+# name: (flush denormals, mixed precision)
+SETTINGS = {
+    "denormal_on": (True, "off"),
+    "denormal_off": (False, "off"),
+    "bf16": (True, "bf16"),
+}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--steps", type=int, default=16, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    args = parser.parse_args()
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     results = {}
     for res in args.resolutions:
         row = {}
-        for flush in (True, False):
-            row["denormal_on" if flush else "denormal_off"] = _measure(
-                res, flush, args.steps, args.warmup
-            )
-        on, off = row["denormal_on"], row["denormal_off"]
-        row["ratio_on_over_off"] = on["img_per_sec"] / off["img_per_sec"]
-        row["ratio_on_over_off_cpu_time"] = on["img_per_cpu_sec"] / off["img_per_cpu_sec"]
+        for name in args.settings:
+            flush, precision = SETTINGS[name]
+            row[name] = _measure(res, flush, precision, args.steps, args.warmup)
+        _ratio(row, "ratio_on_over_off", "denormal_on", "denormal_off")
+        _ratio(row, "ratio_bf16_over_fp32", "bf16", "denormal_on")
         results[f"{res}px"] = row
     torch.set_flush_denormal(False)
-    print(
-        json.dumps(
-            {
-                "benchmark": "train_throughput",
-                "preset": "cpu",
-                "threads": args.threads,
-                "steps": args.steps,
-                "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(),
-                "load_average_1min": os.getloadavg()[0],
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    report = {
+        "benchmark": "train_throughput",
+        "preset": "cpu",
+        "threads": args.threads,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_bf16_flags": cpu_bf16_flags(),
+        "load_average_1min": os.getloadavg()[0],
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
+    return report
 
 
-def _measure(resolution: int, flush_denormal: bool, steps: int, warmup: int) -> dict:
+def _ratio(row: dict, key: str, a: str, b: str) -> None:
+    if a in row and b in row:
+        row[key] = row[a]["img_per_sec"] / row[b]["img_per_sec"]
+        row[key + "_cpu_time"] = row[a]["img_per_cpu_sec"] / row[b]["img_per_cpu_sec"]
+
+
+def _measure(
+    resolution: int, flush_denormal: bool, precision: str, steps: int, warmup: int
+) -> dict:
     torch.set_flush_denormal(flush_denormal)
     cfg = preset_config("cpu", resolution, num_classes=2)
     cfg.device = "cpu"
+    cfg.mixed_precision = precision
     rng = np.random.default_rng(0)
     n = 256
     images = torch.from_numpy(

@@ -54,3 +54,16 @@ def test_gpu_paper_preset_refuses_cuda_without_a_gpu():
     bench = _load("gpu_paper_preset")
     with pytest.raises(SystemExit, match="no CUDA device"):
         bench.main(["--steps", "1"])
+
+
+def test_train_throughput_compares_every_setting_in_one_run(capsys):
+    bench = _load("train_throughput")
+    report = bench.main(["--resolutions", "16", "--steps", "1", "--warmup", "0", "--threads", "1"])
+    row = report["results"]["16px"]
+    assert {"denormal_on", "denormal_off", "bf16"} <= set(row)
+    assert (
+        row["ratio_bf16_over_fp32"]
+        == row["bf16"]["img_per_sec"] / row["denormal_on"]["img_per_sec"]
+    )
+    assert row["ratio_on_over_off"] > 0 and isinstance(report["cpu_bf16_flags"], list)
+    assert '"benchmark": "train_throughput"' in capsys.readouterr().out

@@ -16,6 +16,8 @@ import typer
 MODELS = ("cgan", "spinegan")
 CLINICAL_INPUTS = ("default", "paper")
 PRESET_NAMES = ("paper", "auto", "cpu")
+# fedspine.training.precision.MIXED_PRECISION, spelled out so that --help does not import torch.
+MIXED_PRECISION = ("auto", "bf16", "fp16", "off")
 LATEST_FILE = "latest.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
@@ -76,6 +78,15 @@ def train_command(
         None, "--batch", help="Minibatch size (the preset's other settings stay as they are)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option(
+        None,
+        "--precision",
+        help="Half precision of the forward passes (weights, optimizer state, R1 and path "
+        "length stay float32): auto (bf16 on a GPU or on a CPU with bf16 instructions, else "
+        "float32), bf16, fp16 (CUDA only) or off. On a CPU with bf16 instructions bf16 trained "
+        "the cpu preset 1.7-2x as fast as float32; without them it is refused. "
+        "(default: the preset's)",
+    ),
     dp: bool = typer.Option(
         False, "--dp", help="Differential privacy: patient-level DP-SGD on the discriminator."
     ),
@@ -221,6 +232,8 @@ def train_command(
         _fail(f"--preset {preset}: choose one of {', '.join(PRESET_NAMES)}")
     if device not in ("auto", "cpu", "cuda"):
         _fail(f"--device {device}: choose auto, cpu or cuda")
+    if precision is not None and precision not in MIXED_PRECISION:
+        _fail(f"--precision {precision}: choose one of {', '.join(MIXED_PRECISION)}")
     dp_options, ablation = _privacy_options(
         dp,
         dp_scheme,
@@ -258,6 +271,7 @@ def train_command(
             model,
             clinical_options,
             ablation,
+            precision,
         )
     except _CliError as err:
         _fail(str(err))
@@ -441,6 +455,7 @@ def _train(
     model=None,
     clinical_options=None,
     ablation=None,
+    precision=None,
 ) -> None:
     import dataclasses
 
@@ -449,6 +464,7 @@ def _train(
     from fedspine.training.checkpoint import CheckpointError, load_checkpoint
     from fedspine.training.config import TrainConfig, preset_config, write_config_toml
     from fedspine.training.gan_trainer import GanTrainer, configure_cpu, resolve_device
+    from fedspine.training.precision import resolve_precision
 
     try:
         dataset = load_prepared(prepared)
@@ -480,6 +496,7 @@ def _train(
             "--resolution": (resolution, config.resolution),
             "--seed": (seed, config.seed),
             "--batch": (batch, config.batch),
+            "--precision": (precision, config.mixed_precision),
         }
         for flag, (value, saved) in given.items():
             if value is not None and value != saved:
@@ -515,6 +532,8 @@ def _train(
             config.snapshot_kimg = snapshot_kimg
         if seed is not None:
             config.seed = seed
+        if precision is not None:
+            config.mixed_precision = precision
         if batch is not None:
             if batch < 1:
                 raise _CliError("--batch must be at least 1")
@@ -524,6 +543,10 @@ def _train(
             )
         last_snapshot_nimg = 0
     config.device = device
+    try:
+        precision_choice = resolve_precision(config.mixed_precision, dev)
+    except ValueError as err:
+        raise _CliError(f"--precision {config.mixed_precision}: {err}") from None
     if config.tick_kimg > config.snapshot_kimg:
         config.tick_kimg = config.snapshot_kimg
     if state is not None:
@@ -603,6 +626,7 @@ def _train(
         except ValueError as err:
             raise _CliError(str(err)) from None
         typer.echo(f"resumed {out} at {trainer.cur_nimg / 1000:.3f} kimg")
+    typer.echo(f"precision: {precision_choice.name} ({precision_choice.how})")
     timed = trainer.modconv_choice.seconds
     if timed:
         path = "fused" if trainer.modconv_choice.fused else "non-fused"
@@ -629,6 +653,7 @@ def _train(
         "dp_scheme": scheme,
         "device_used": str(dev),
         "modconv_path": trainer.modconv_choice.to_dict(),
+        "precision": trainer.precision.to_dict(),
         "dataset": dataset_info,
         "train": config.to_dict(),
     }

@@ -17,8 +17,8 @@ from typing import Any
 
 from fedspine.models import NetworkConfig
 from fedspine.models.augment import AugmentConfig
+from fedspine.training.precision import MIXED_PRECISION
 
-MIXED_PRECISION = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -160,7 +160,7 @@ def _paper(resolution: int | None, num_classes: int) -> TrainConfig:
         total_kimg=8000.0,
         tick_kimg=4.0,
         snapshot_kimg=200.0,
-        mixed_precision="bf16",
+        mixed_precision="auto",
     )
 
 
@@ -196,7 +196,7 @@ def _auto(resolution: int | None, num_classes: int) -> TrainConfig:
         total_kimg=25000.0,
         tick_kimg=4.0,
         snapshot_kimg=200.0,
-        mixed_precision="bf16",
+        mixed_precision="auto",
     )
 
 

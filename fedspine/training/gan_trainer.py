@@ -29,6 +29,7 @@ from fedspine.models.augment import AdaptiveP, AugmentPipe
 from fedspine.training import losses
 from fedspine.training.config import TrainConfig
 from fedspine.training.modconv_choice import choose_modconv_path
+from fedspine.training.precision import resolve_precision
 
 TickCallback = Callable[["GanTrainer", dict], bool | None]
 
@@ -108,7 +109,8 @@ class GanTrainer:
             if config.augment.fixed_p is None:
                 self.ada = AdaptiveP(self.augment_pipe, config.augment, config.batch)
 
-        self.amp_dtype = _amp_dtype(self.device, config.mixed_precision)
+        self.precision = resolve_precision(config.mixed_precision, self.device)
+        self.amp_dtype = self.precision.dtype
         fp16 = self.amp_dtype == torch.float16
         self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_D = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -496,18 +498,6 @@ def configure_cpu(threads: int | None = None, flush_denormal: bool = True) -> in
             threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
-
-
-# Devices on which `mixed_precision` takes effect; elsewhere training runs in float32. CPUs
-# without bf16 matrix units gain nothing from autocast. Tests add "cpu" to run the autocast and
-# GradScaler paths that a GPU would take.
-AUTOCAST_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
-
-
-def _amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
-    if device.type not in AUTOCAST_DEVICE_TYPES or mode == "off":
-        return None
-    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 @dataclass

@@ -156,6 +156,8 @@ def test_resized_when_the_preset_resolution_differs(tmp_path):
         (["{prep}", "--out", "{tmp}/r", "--model", "spinegan"], "needs --classifier"),
         (["{prep}", "--out", "{tmp}/r", "--preset", "huge"], "--preset huge"),
         (["{prep}", "--out", "{tmp}/r", "--preset", "paper", "--resolution", "64"], "256"),
+        (["{prep}", "--out", "{tmp}/r", "--precision", "fp8"], "--precision fp8"),
+        (["{prep}", "--out", "{tmp}/r", "--device", "cpu", "--precision", "fp16"], "needs CUDA"),
     ],
 )
 def test_errors_are_one_line_and_non_zero(prepared, tmp_path, args, needle):
@@ -177,3 +179,19 @@ def test_existing_run_needs_resume_and_resume_checks_the_dataset(prepared, tmp_p
     assert wrong.exit_code != 0 and "content hash" in wrong.output
     conflict = _train(prepared, "--out", run, "--resume", "--batch", "4")
     assert conflict.exit_code != 0 and "--batch 4 conflicts" in conflict.output
+
+
+def test_precision_is_written_to_the_config_and_kept_on_resume(prepared, tmp_path):
+    run = tmp_path / "run"
+    args = ["--preset", "cpu", "--device", "cpu", "--snapshot-kimg", "0.008"]
+    result = _train(prepared, "--out", run, *args, "--kimg", "0.008", "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert cfg["train"]["mixed_precision"] == "bf16"
+    assert cfg["modconv_path"]["fused"] is cfg["train"]["network"]["fused_modconv"]
+    assert all(r["loss_g"] > 0 for r in _metrics(run))
+    conflict = _train(prepared, "--out", run, "--resume", "--kimg", "0.016", "--precision", "off")
+    assert conflict.exit_code != 0 and "--precision off conflicts" in conflict.output
+    resumed = _train(prepared, "--out", run, "--resume", "--kimg", "0.016")
+    assert resumed.exit_code == 0, resumed.output
+    assert tomllib.loads((run / "config.toml").read_text())["train"]["mixed_precision"] == "bf16"

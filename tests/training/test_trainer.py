@@ -235,15 +235,19 @@ def test_run_reports_ticks_and_stops_on_request():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_paths_train(monkeypatch, precision):
-    """The CUDA mixed-precision paths (autocast, and GradScaler for fp16), run with CPU autocast:
-    every loss stays finite, both regularisers run, both networks learn, weights stay float32
-    and the scalers' state survives a state_dict round trip."""
+    """The mixed-precision paths (autocast, and GradScaler for fp16, which only CUDA runs for
+    real), run with CPU autocast: every loss stays finite, both regularisers run, both networks
+    learn, weights stay float32 and the scalers' state survives a state_dict round trip."""
     import fedspine.training.gan_trainer as gan_trainer
+    from fedspine.training.precision import PrecisionChoice
 
-    monkeypatch.setattr(gan_trainer, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    # This CPU may lack bf16 instructions, and fp16 is refused on CPUs: force the choice.
+    monkeypatch.setattr(
+        gan_trainer, "resolve_precision", lambda mode, device: PrecisionChoice(half, "test")
+    )
     data = _data()
     trainer = GanTrainer(tiny_config(mixed_precision=precision), data.label_prior())
-    half = torch.bfloat16 if precision == "bf16" else torch.float16
     assert trainer.amp_dtype == half
     assert trainer.scaler_D.is_enabled() == (precision == "fp16")
     with trainer._autocast():
@@ -270,8 +274,10 @@ def test_mixed_precision_paths_train(monkeypatch, precision):
         assert again.scaler_D.state_dict() == trainer.scaler_D.state_dict()
 
 
-def test_mixed_precision_is_off_where_autocast_is_not_enabled():
-    trainer = GanTrainer(tiny_config(mixed_precision="fp16"), [0.5, 0.5])
+def test_fp16_is_refused_on_cpu_and_off_means_float32():
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        GanTrainer(tiny_config(mixed_precision="fp16"), [0.5, 0.5])
+    trainer = GanTrainer(tiny_config(mixed_precision="off"), [0.5, 0.5])
     assert trainer.amp_dtype is None and not trainer.scaler_G.is_enabled()
 
 

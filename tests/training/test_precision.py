@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from fedspine.training.config import preset_config
+from fedspine.training.precision import cpu_bf16_flags, resolve_precision
+
+CPU = torch.device("cpu")
+X86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\nprocessor\t: 1\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+OLD = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+
+
+def test_cpu_flags_are_read_from_cpuinfo_on_x86_and_arm():
+    assert cpu_bf16_flags(X86) == ["avx512_bf16"]
+    assert cpu_bf16_flags(ARM) == ["bf16"]
+    assert cpu_bf16_flags(OLD) == []
+    assert isinstance(cpu_bf16_flags(), list)
+
+
+def test_cpu_with_bf16_instructions_runs_bf16_for_auto_and_bf16():
+    for mode in ("auto", "bf16"):
+        choice = resolve_precision(mode, CPU, cpu_flags=["avx512_bf16"])
+        assert choice.dtype == torch.bfloat16 and choice.name == "bf16"
+        assert "avx512_bf16" in choice.how
+    assert resolve_precision("off", CPU, cpu_flags=["avx512_bf16"]).dtype is None
+
+
+def test_cpu_without_bf16_instructions_stays_float32_or_is_refused():
+    auto = resolve_precision("auto", CPU, cpu_flags=[])
+    assert auto.dtype is None and auto.name == "off" and "no bf16" in auto.how
+    with pytest.raises(ValueError, match="17x slower.*use off"):
+        resolve_precision("bf16", CPU, cpu_flags=[])
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        resolve_precision("fp16", CPU, cpu_flags=["amx_bf16"])
+    with pytest.raises(ValueError, match="one of"):
+        resolve_precision("fp8", CPU, cpu_flags=[])
+
+
+def test_gpu_presets_pick_precision_by_device_and_the_config_accepts_auto():
+    for cfg in (preset_config("paper", 256, 2), preset_config("auto", 64, 2)):
+        assert cfg.mixed_precision == "auto"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        preset_config("cpu", 32, 2).__class__(mixed_precision="fp8")
