@@ -81,6 +81,15 @@ def test_dry_run_prints_the_plan_of_every_budget(budget, tmp_path):
         else:
             assert f"{arm}: " in text and f"not run: left out of the {budget} budget" in text
     assert ("--dp-scheme paper" in text) == bool(b.paper_dp_kimg)
+    if b.dp_spinegan_epsilon and spinegan_available()[0]:
+        eps = b.dp_spinegan_classifier_epsilon
+        assert f"dp_spinegan: SpineGAN under DP: a DP-SGD clinical classifier (ε = {eps:g})" in text
+        assert f"--dp --epsilon {eps:g}" in text
+        assert "--model spinegan" in text and f"--dp --epsilon {b.dp_spinegan_epsilon:g}" in text
+    else:
+        assert (
+            "dp_spinegan: " in text and "not run" in text.split("dp_spinegan: ")[1].splitlines()[0]
+        )
     assert not (tmp_path / "o").exists(), "a dry run must not write anything"
 
 
@@ -139,6 +148,12 @@ def test_quick_plan_lists_the_ablation_arms_with_rerunnable_commands(tmp_path, m
         result = CliRunner().invoke(app, ["train", *args])
         assert result.exit_code != 0 and "not a prepared dataset" in result.output, result.output
     assert "are NOT private" in text
+
+
+def test_the_dp_spinegan_classifier_spends_part_of_its_total():
+    with pytest.raises(ReproduceError, match="classifier ε"):
+        get_budget("quick", {"dp_spinegan_epsilon": 2.0, "dp_spinegan_classifier_epsilon": 3.0})
+    assert get_budget("quick").dp_spinegan_epsilon == get_budget("full").dp_spinegan_epsilon == 10
 
 
 def test_the_noise_only_arm_needs_its_reference_dp_arm():
@@ -407,3 +422,40 @@ def test_tiny_reproduction_runs_the_dp_ablation_arms(tmp_path):
     md = (out / "reproduce.md").read_text()
     assert "the same σ as the ε = 10 arm" in md and "severely impede" in md
     assert f"{paper['epsilon']:.2g}" in md
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_runs_spinegan_under_dp_with_one_ledger(tmp_path):
+    from fedspine.data.phantom import write_phantom_sites
+    from fedspine.privacy.ledger import PrivacyLedger
+
+    if not spinegan_available()[0]:
+        pytest.skip(SPINEGAN_UNAVAILABLE)
+    (site,) = write_phantom_sites(tmp_path / "ph", sites=1, images_per_site=120, size=128, seed=0)
+    out = tmp_path / "repro"
+    overrides = {
+        **TINY,
+        "lesion_kimg": None,
+        "spinegan_kimg": None,
+        "dp_epsilons": (),
+        "dp_spinegan_epsilon": 10.0,
+        "dp_spinegan_classifier_epsilon": 2.0,
+    }
+    report = reproduce(site, out, "smoke", overrides)
+    arm = report["arms"]["dp_spinegan"]
+    assert arm["status"] == "done", arm
+    assert arm["dp_scheme"] == "dpsgd" and arm["kind"] == "dp-spinegan"
+    args = " ".join(arm["train_args"])
+    assert "--model spinegan" in args and "--dp --epsilon 10" in args
+    privacy = arm["privacy"]
+    assert privacy["private"] is True and 0 < privacy["epsilon"] <= 10.0 * 1.01
+    labels = [m["label"] for m in privacy["mechanisms"]]
+    assert labels == ["clinical-classifier", "gan-discriminator"]
+    ledger = PrivacyLedger.open(out / "arms" / "dp_spinegan" / "ledger.json", create=False)
+    (dataset,) = ledger.datasets()
+    classifier_only = ledger.records(dataset)[:1]
+    assert classifier_only[0]["label"] == "clinical-classifier"
+    assert ledger.spent(dataset, privacy["delta"]) == pytest.approx(privacy["epsilon"], rel=1e-6)
+    md = (out / "reproduce.md").read_text()
+    assert "SpineGAN under DP" in md and f"spent ε = {privacy['epsilon']:.2f}" in md
+    assert "Corrected in the `dp_spinegan` arm" in md
