@@ -82,10 +82,10 @@ def train_command(
         None,
         "--precision",
         help="Half precision of the forward passes (weights, optimizer state, R1 and path "
-        "length stay float32): auto (bf16 on a GPU or on a CPU with bf16 instructions, else "
-        "float32), bf16, fp16 (CUDA only) or off. On a CPU with bf16 instructions bf16 trained "
-        "the cpu preset 1.7-2x as fast as float32; without them it is refused. "
-        "(default: the preset's)",
+        "length stay float32): auto (bf16 on a GPU, float32 on a CPU), bf16, fp16 (CUDA only) "
+        "or off. On a CPU with bf16 instructions bf16 trained the cpu preset 1.7-2x as fast as "
+        "float32 but learned worse (README); without them it is refused. "
+        "(default: the preset's: off for cpu, auto for paper and auto)",
     ),
     dp: bool = typer.Option(
         False, "--dp", help="Differential privacy: patient-level DP-SGD on the discriminator."
@@ -700,7 +700,7 @@ def _train(
                 total=config.total_kimg,
                 completed=trainer.cur_nimg / 1000,
                 loss_g=float("nan"),
-                loss_d=float("nan"),
+                d=_d_loss_text(None, privacy is not None),
                 p=trainer.ada_p,
                 spk=float("nan"),
             )
@@ -713,7 +713,7 @@ def _train(
                 progress.update(
                     task,
                     loss_g=record["loss_g"],
-                    loss_d=record["loss_d"],
+                    d=_d_loss_text(record.get("loss_d"), privacy is not None),
                     p=record["ada_p"],
                     spk=record["sec_per_kimg"] or float("nan"),
                 )
@@ -941,6 +941,13 @@ def _scheme_flags(scheme: str | None) -> str:
     return "--dp" if scheme == "dpsgd" else f"--dp-scheme {scheme}"
 
 
+def _d_loss_text(loss_d: float | None, private: bool) -> str:
+    """D's loss for the progress bar; under DP it is computed on private images, so never shown."""
+    if private:
+        return "private"
+    return "-" if loss_d is None else f"{loss_d:.3f}"
+
+
 def _progress_bar():
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -949,7 +956,7 @@ def _progress_bar():
         BarColumn(),
         TextColumn("{task.completed:.2f}/{task.total:g} kimg"),
         TextColumn("{task.fields[spk]:.1f} s/kimg"),
-        TextColumn("G {task.fields[loss_g]:.3f} D {task.fields[loss_d]:.3f}"),
+        TextColumn("G {task.fields[loss_g]:.3f} D {task.fields[d]}"),
         TextColumn("p {task.fields[p]:.3f}"),
         TimeRemainingColumn(),
         console=_console(),

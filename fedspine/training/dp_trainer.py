@@ -31,8 +31,6 @@ from fedspine.training.dp import (
 )
 from fedspine.training.gan_trainer import GanTrainer, StepMetrics
 
-NAN = float("nan")
-
 
 def dp_train_config(config: TrainConfig, dp: DPConfig) -> TrainConfig:
     """The TrainConfig a DP run must use: no minibatch-std, ADA p fixed at ``dp.ada_p``."""
@@ -130,10 +128,10 @@ class DPGanTrainer(GanTrainer):
         self.cur_nimg += batch
         return StepMetrics(
             loss_g=g["loss_g"],
-            loss_d=torch.tensor(NAN),
-            d_real=torch.tensor(NAN),
-            d_fake=torch.tensor(NAN),
-            d_real_sign=torch.tensor(NAN),
+            loss_d=None,
+            d_real=None,
+            d_fake=None,
+            d_real_sign=None,
             loss_pl=g.get("loss_pl"),
             pl_length=g.get("pl_length"),
             ada_p=self.ada_p,

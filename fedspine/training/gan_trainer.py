@@ -36,13 +36,17 @@ TickCallback = Callable[["GanTrainer", dict], bool | None]
 
 @dataclass
 class StepMetrics:
-    """Detached scalar tensors of one iteration (no device sync until read)."""
+    """Detached scalar tensors of one iteration (no device sync until read).
+
+    D's losses and logits are None under DP: they are computed on private images outside the
+    DP step, so they are not reported at all.
+    """
 
     loss_g: torch.Tensor
-    loss_d: torch.Tensor
-    d_real: torch.Tensor
-    d_fake: torch.Tensor
-    d_real_sign: torch.Tensor
+    loss_d: torch.Tensor | None
+    d_real: torch.Tensor | None
+    d_fake: torch.Tensor | None
+    d_real_sign: torch.Tensor | None
     loss_r1: torch.Tensor | None = None
     r1_penalty: torch.Tensor | None = None
     loss_pl: torch.Tensor | None = None

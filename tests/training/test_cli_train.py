@@ -181,13 +181,19 @@ def test_existing_run_needs_resume_and_resume_checks_the_dataset(prepared, tmp_p
     assert conflict.exit_code != 0 and "--batch 4 conflicts" in conflict.output
 
 
-def test_precision_is_written_to_the_config_and_kept_on_resume(prepared, tmp_path):
+def test_precision_is_written_to_the_config_and_kept_on_resume(prepared, tmp_path, monkeypatch):
+    from fedspine.training import precision
+
+    # bf16 on a CPU needs bf16 instructions; the tiny networks run either way.
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
     run = tmp_path / "run"
     args = ["--preset", "cpu", "--device", "cpu", "--snapshot-kimg", "0.008"]
     result = _train(prepared, "--out", run, *args, "--kimg", "0.008", "--precision", "bf16")
     assert result.exit_code == 0, result.output
     cfg = tomllib.loads((run / "config.toml").read_text())
     assert cfg["train"]["mixed_precision"] == "bf16"
+    assert cfg["precision"] == {"used": "bf16", "how": "asked for bf16; this CPU has avx512_bf16"}
+    assert "precision: bf16" in result.output
     assert cfg["modconv_path"]["fused"] is cfg["train"]["network"]["fused_modconv"]
     assert all(r["loss_g"] > 0 for r in _metrics(run))
     conflict = _train(prepared, "--out", run, "--resume", "--kimg", "0.016", "--precision", "off")
@@ -195,3 +201,13 @@ def test_precision_is_written_to_the_config_and_kept_on_resume(prepared, tmp_pat
     resumed = _train(prepared, "--out", run, "--resume", "--kimg", "0.016")
     assert resumed.exit_code == 0, resumed.output
     assert tomllib.loads((run / "config.toml").read_text())["train"]["mixed_precision"] == "bf16"
+
+
+def test_bf16_is_refused_on_a_cpu_without_bf16_instructions(prepared, tmp_path, monkeypatch):
+    from fedspine.training import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    result = _train(prepared, "--out", tmp_path / "r", "--device", "cpu", "--precision", "bf16")
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1
+    assert "no bf16 instructions" in result.output and "use off" in result.output
+    assert not (tmp_path / "r").exists()

@@ -50,7 +50,7 @@ def test_steps_are_counted_and_nothing_private_is_logged():
     metrics = trainer.train_step(images, labels)
     assert trainer.dp_step.steps_taken == 4 == trainer.d_steps
     assert trainer.mechanism().steps == 4
-    assert np.isnan(float(metrics.d_real)) and np.isnan(float(metrics.loss_d))
+    assert metrics.d_real is None and metrics.loss_d is None and metrics.d_fake is None
     assert any(not torch.equal(d_before[k], v) for k, v in trainer.D.state_dict().items())
     assert trainer.ada is None and trainer.ada_p == pytest.approx(0.2)
     eps = epsilon([trainer.mechanism()], 1e-5, "rdp")
@@ -130,6 +130,11 @@ def test_train_cli_with_dp_records_the_ledger_and_refuses_past_the_cap(tmp_path)
     assert sum(m["steps"] for m in site["mechanisms"]) == 2  # 32 images / batch 16, 1 D step each
     ledger = PrivacyLedger.open(data / "privacy_ledger.json", create=False)
     assert len(ledger.mechanisms(site["dataset_hash"])) == 1
+    # D's loss and logits on private images are not logged, not even as NaN (strict JSON).
+    lines = (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in lines]
+    assert records and all("loss_d" not in r and "d_real" not in r for r in records)
+    assert "D private" in result.output and "D nan" not in result.output
 
     # A second run on the same data composes with the first; a cap below the total refuses.
     refused = CliRunner().invoke(

@@ -17,17 +17,17 @@ def test_cpu_flags_are_read_from_cpuinfo_on_x86_and_arm():
     assert isinstance(cpu_bf16_flags(), list)
 
 
-def test_cpu_with_bf16_instructions_runs_bf16_for_auto_and_bf16():
-    for mode in ("auto", "bf16"):
-        choice = resolve_precision(mode, CPU, cpu_flags=["avx512_bf16"])
-        assert choice.dtype == torch.bfloat16 and choice.name == "bf16"
-        assert "avx512_bf16" in choice.how
-    assert resolve_precision("off", CPU, cpu_flags=["avx512_bf16"]).dtype is None
+def test_cpu_runs_bf16_only_when_asked_and_its_instructions_are_there():
+    choice = resolve_precision("bf16", CPU, cpu_flags=["avx512_bf16"])
+    assert choice.dtype == torch.bfloat16 and choice.name == "bf16"
+    assert "avx512_bf16" in choice.how
+    for flags in (["avx512_bf16"], []):
+        assert resolve_precision("off", CPU, cpu_flags=flags).dtype is None
+        auto = resolve_precision("auto", CPU, cpu_flags=flags)
+        assert auto.dtype is None and auto.name == "off" and "learned worse" in auto.how
 
 
-def test_cpu_without_bf16_instructions_stays_float32_or_is_refused():
-    auto = resolve_precision("auto", CPU, cpu_flags=[])
-    assert auto.dtype is None and auto.name == "off" and "no bf16" in auto.how
+def test_cpu_without_bf16_instructions_refuses_bf16_and_fp16():
     with pytest.raises(ValueError, match="17x slower.*use off"):
         resolve_precision("bf16", CPU, cpu_flags=[])
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
