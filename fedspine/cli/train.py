@@ -544,7 +544,7 @@ def _train(
         last_snapshot_nimg = 0
     config.device = device
     try:
-        precision_choice = resolve_precision(config.mixed_precision, dev)
+        resolve_precision(config.mixed_precision, dev)  # refuse before any data is loaded
     except ValueError as err:
         raise _CliError(f"--precision {config.mixed_precision}: {err}") from None
     if config.tick_kimg > config.snapshot_kimg:
@@ -626,7 +626,7 @@ def _train(
         except ValueError as err:
             raise _CliError(str(err)) from None
         typer.echo(f"resumed {out} at {trainer.cur_nimg / 1000:.3f} kimg")
-    typer.echo(f"precision: {precision_choice.name} ({precision_choice.how})")
+    typer.echo(f"precision: {trainer.precision.name} ({trainer.precision.how})")
     timed = trainer.modconv_choice.seconds
     if timed:
         path = "fused" if trainer.modconv_choice.fused else "non-fused"

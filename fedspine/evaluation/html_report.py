@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
-from fedspine.privacy.report import PHASE_COLUMNS
+from fedspine.privacy.report import PHASE_COLUMNS, phase_cells
 
 DEFAULT_TITLE = "fedspine report"
 EVAL_REPORT = "report.json"
@@ -646,18 +646,11 @@ def _privacy(inp: ReportInputs) -> str:
         rows = []
         for name, site in sites.items():
             mechs = [m for m in site.get("mechanisms") or [] if isinstance(m, dict)]
-            phases = site.get("phases") if isinstance(site.get("phases"), dict) else {}
-            by_phase = [
-                f"{_num(phases[key].get('epsilon'))} ({phases[key].get('steps', '?')} steps)"
-                if isinstance(phases.get(key), dict)
-                else "-"
-                for key, _ in PHASE_COLUMNS
-            ]
             rows.append(
                 [
                     name,
                     _num(site.get("epsilon")),
-                    *(by_phase if phased else []),
+                    *(phase_cells(site) if phased else []),
                     _g(site.get("delta")),
                     _distinct(_g(m.get("noise_multiplier")) for m in mechs),
                     _distinct(_g(m.get("clip_norm")) for m in mechs),

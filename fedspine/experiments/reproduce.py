@@ -1399,10 +1399,9 @@ def _table(
             mech = (p.get("mechanisms") or [{}])[-1]
             if eps and mech.get("noise_multiplier") is not None:
                 sigmas[float(eps)] = float(mech["noise_multiplier"])
-            spent = f"{_num(p.get('epsilon'), 2)} at δ = {_num(p.get('delta'), 2, 'g')}"
+            spent = _spent(p)
             details = (
-                f"spent ε = {_num(p.get('epsilon'), 2)} at δ = {_num(p.get('delta'), 2, 'g')} "
-                f"({p.get('accountant')}, patient level), σ = "
+                f"spent ε = {spent} ({p.get('accountant')}, patient level), σ = "
                 f"{_num(mech.get('noise_multiplier'), 3)}, q = "
                 f"{_num(mech.get('sample_rate'), 3)}, {mech.get('steps', '?')} D steps; "
                 + _gan_metrics(dev)
@@ -1421,6 +1420,11 @@ def _table(
     return rows
 
 
+def _spent(privacy: dict[str, Any]) -> str:
+    """'ε at δ = δ' of an arm's privacy summary."""
+    return f"{_num(privacy.get('epsilon'), 2)} at δ = {_num(privacy.get('delta'), 2, 'g')}"
+
+
 def _dp_spinegan_row(result: dict[str, Any]) -> dict[str, str]:
     """SpineGAN with a DP classifier and DP-SGD on D: ε of both phases from the arm's ledger."""
     ev = result.get("evaluation") if result.get("status") == "done" else None
@@ -1433,11 +1437,10 @@ def _dp_spinegan_row(result: dict[str, Any]) -> dict[str, str]:
             f"{_num(m.get('sample_rate'), 3)}, {m.get('steps', '?')} steps"
             for m in mechs
         )
-        spent = f"{_num(p.get('epsilon'), 2)} at δ = {_num(p.get('delta'), 2, 'g')}"
+        spent = _spent(p)
         details = (
-            f"classifier and GAN in one ledger, spent ε = {_num(p.get('epsilon'), 2)} at δ = "
-            f"{_num(p.get('delta'), 2, 'g')} ({p.get('accountant')}, patient level; {phases}); "
-            + _gan_metrics(ev)
+            f"classifier and GAN in one ledger, spent ε = {spent} ({p.get('accountant')}, "
+            f"patient level; {phases}); " + _gan_metrics(ev)
         )
     eps = result.get("epsilon_target")
     return _row(

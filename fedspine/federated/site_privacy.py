@@ -32,7 +32,30 @@ GAN_PHASE = "gan"
 CLASSIFIER_PHASE = "classifier"
 
 
-class SitePrivacy:
+class _RoundLedger:
+    """What both phases do after a round: record the steps that ran, then summarise the ledger
+    for the server. Subclasses set site, rc, dataset_hash, delta, target and ledger."""
+
+    def _record_round(self, mech, clip: float, phase: str) -> dict[str, float]:
+        if mech.steps > 0:
+            self.ledger.record(
+                self.dataset_hash,
+                mech,
+                self.rc.federation,
+                clip,
+                round=self.rc.server_round,
+                extra={"phase": phase},
+            )
+        self.summary = site_summary(
+            self.ledger, self.dataset_hash, self.delta, self.target, self.rc.federation
+        )
+        return {"epsilon": self.summary["epsilon"], "delta": self.delta}
+
+    def summary_json(self) -> str:
+        return json.dumps(self.summary)
+
+
+class SitePrivacy(_RoundLedger):
     """DP of a GAN round at a site: σ planned once for the federation, cap, ledger record."""
 
     def __init__(self, site: SiteConfig, rc: RoundConfig, dataset, train) -> None:
@@ -110,25 +133,12 @@ class SitePrivacy:
     def record_round(self, trainer: DPGanTrainer) -> dict[str, float]:
         """Write this round's steps to the ledger; the numbers and JSON the server may see."""
         steps = trainer.dp_step.steps_taken - self.steps_at_start
-        if steps > 0:
-            self.ledger.record(
-                self.dataset_hash,
-                mechanism(self.sigma, self.q, steps),
-                self.rc.federation,
-                self.dp.max_grad_norm,
-                round=self.rc.server_round,
-                extra={"phase": GAN_PHASE},
-            )
-        self.summary = site_summary(
-            self.ledger, self.dataset_hash, self.delta, self.target, self.rc.federation
+        return self._record_round(
+            mechanism(self.sigma, self.q, steps), self.dp.max_grad_norm, GAN_PHASE
         )
-        return {"epsilon": self.summary["epsilon"], "delta": self.delta}
-
-    def summary_json(self) -> str:
-        return json.dumps(self.summary)
 
 
-class ClassifierSitePrivacy:
+class ClassifierSitePrivacy(_RoundLedger):
     """DP of a classifier round at a site: σ planned once for the phase, cap, ledger record.
 
     The target is the smaller of the federation's ``classifier.dp_epsilon`` and the site's cap,
@@ -194,25 +204,10 @@ class ClassifierSitePrivacy:
 
     def record_round(self, result: dict[str, Any]) -> dict[str, float]:
         """Record the steps that ran, as the DP step reports them (σ, q, clip and count)."""
-        steps = int(result["steps"])
-        if steps > 0:
-            self.ledger.record(
-                self.dataset_hash,
-                classifier_mechanism(
-                    float(result["noise_multiplier"]), float(result["sample_rate"]), steps
-                ),
-                self.rc.federation,
-                float(result["clip"]),
-                round=self.rc.server_round,
-                extra={"phase": CLASSIFIER_PHASE},
-            )
-        self.summary = site_summary(
-            self.ledger, self.dataset_hash, self.delta, self.target, self.rc.federation
+        mech = classifier_mechanism(
+            float(result["noise_multiplier"]), float(result["sample_rate"]), int(result["steps"])
         )
-        return {"epsilon": self.summary["epsilon"], "delta": self.delta}
-
-    def summary_json(self) -> str:
-        return json.dumps(self.summary)
+        return self._record_round(mech, float(result["clip"]), CLASSIFIER_PHASE)
 
 
 def classifier_mechanism(sigma: float, q: float, steps: int):

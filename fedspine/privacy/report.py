@@ -208,6 +208,24 @@ def _phased(report: dict[str, Any]) -> bool:
     return any(site.get("phases") for site in report["sites"].values())
 
 
+def phase_cells(site: dict[str, Any]) -> list[str]:
+    """One cell per PHASE_COLUMNS: "ε (n steps)" of that phase at this site, "-" where none.
+    Tolerates a hand-edited or older privacy.json (the HTML report reads any file given)."""
+    phases = site.get("phases") if isinstance(site.get("phases"), dict) else {}
+    cells = []
+    for key, _ in PHASE_COLUMNS:
+        phase = phases.get(key)
+        if isinstance(phase, dict):
+            try:
+                eps = f"{float(phase.get('epsilon')):.3f}"
+            except (TypeError, ValueError):
+                eps = "n/a"
+            cells.append(f"{eps} ({phase.get('steps', '?')} steps)")
+        else:
+            cells.append("-")
+    return cells
+
+
 def _header(report: dict[str, Any]) -> list[str]:
     if not _phased(report):
         return HEADER
@@ -223,18 +241,11 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
         q = ", ".join(f"{m['sample_rate']:.3g}" for m in mechs) or "-"
         steps = sum(int(m["steps"]) for m in mechs)
         clip = ", ".join(f"{m.get('clip_norm', '?')}" for m in mechs) or "-"
-        phases = site.get("phases") or {}
-        by_phase = [
-            f"{_num(phases[key]['epsilon'])} ({phases[key]['steps']} steps)"
-            if key in phases
-            else "-"
-            for key, _ in PHASE_COLUMNS
-        ]
         rows.append(
             [
                 name,
                 _num(site.get("epsilon")),
-                *(by_phase if phased else []),
+                *(phase_cells(site) if phased else []),
                 f"{site['delta']:.2g}",
                 sigma,
                 clip,

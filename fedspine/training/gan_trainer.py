@@ -114,7 +114,6 @@ class GanTrainer:
                 self.ada = AdaptiveP(self.augment_pipe, config.augment, config.batch)
 
         self.precision = resolve_precision(config.mixed_precision, self.device)
-        self.amp_dtype = self.precision.dtype
         fp16 = self.amp_dtype == torch.float16
         self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_D = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -304,6 +303,11 @@ class GanTrainer:
 
     # ----------------------------------------------------------------------------------------
     # State.
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the forward passes (None: float32)."""
+        return self.precision.dtype
 
     @property
     def ada_p(self) -> float:
