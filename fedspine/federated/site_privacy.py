@@ -33,8 +33,34 @@ CLASSIFIER_PHASE = "classifier"
 
 
 class _RoundLedger:
-    """What both phases do after a round: record the steps that ran, then summarise the ledger
-    for the server. Subclasses set site, rc, dataset_hash, delta, target and ledger."""
+    """What both phases do around a round: σ and q for it (kept from the phase's first round,
+    else planned for every round left), the cap check, and afterwards the ledger record and the
+    summary for the server. Subclasses set site, rc, dataset_hash, num_patients, delta, target
+    and ledger."""
+
+    def _plan_round(self, dp: DPConfig, state: dict | None, round_steps: int, mech_of):
+        """(σ, q) of this round; refuses a round whose ``mech_of(σ, q, round_steps)`` would
+        pass the target."""
+        if state is not None and state.get("dp"):
+            sigma = float(state["dp"]["noise_multiplier"])
+            q = float(state["dp"]["sample_rate"])
+        else:
+            rounds_left = max(self.rc.total_rounds - self.rc.server_round + 1, 1)
+            try:
+                sigma, q, _ = plan_noise(
+                    dp,
+                    self.num_patients,
+                    round_steps * rounds_left,
+                    prior=self.ledger.mechanisms(self.dataset_hash),
+                )
+            except ValueError as err:
+                raise SiteRefusal(f"site {self.site.site_name}: {err}") from None
+        decision = self.ledger.check_cap(
+            self.dataset_hash, mech_of(sigma, q, round_steps), self.delta, self.target
+        )
+        if not decision.allowed:
+            raise SiteRefusal(f"site {self.site.site_name}: {decision.message}")
+        return float(sigma), float(q)
 
     def _record_round(self, mech, clip: float, phase: str) -> dict[str, float]:
         if mech.steps > 0:
@@ -94,26 +120,8 @@ class SitePrivacy(_RoundLedger):
         config = dp_train_config(config, self.dp)
         uniform = np.asarray(self.rc.label_prior, dtype=np.float64)
         round_steps = planned_d_steps(config, self.dp, self.rc.local_kimg)
-        if state is not None and "dp" in state:
-            sigma = float(state["dp"]["noise_multiplier"])
-            q = float(state["dp"]["sample_rate"])
-        else:
-            rounds_left = max(self.rc.total_rounds - self.rc.server_round + 1, 1)
-            try:
-                sigma, q, _ = plan_noise(
-                    self.dp,
-                    self.num_patients,
-                    round_steps * rounds_left,
-                    prior=self.ledger.mechanisms(self.dataset_hash),
-                )
-            except ValueError as err:
-                raise SiteRefusal(f"site {self.site.site_name}: {err}") from None
+        sigma, q = self._plan_round(self.dp, state, round_steps, mechanism)
         self.sigma, self.q = sigma, q
-        decision = self.ledger.check_cap(
-            self.dataset_hash, mechanism(sigma, q, round_steps), self.delta, self.target
-        )
-        if not decision.allowed:
-            raise SiteRefusal(f"site {self.site.site_name}: {decision.message}")
         if clinical is not None:
             from fedspine.training.clinical import DPSpineGanTrainer
 
@@ -177,29 +185,7 @@ class ClassifierSitePrivacy(_RoundLedger):
             expected_patients_per_step=self.patients_per_step,
             accountant="rdp",
         )
-        if state is not None and state.get("dp"):
-            sigma = float(state["dp"]["noise_multiplier"])
-            q = float(state["dp"]["sample_rate"])
-        else:
-            rounds_left = max(self.rc.total_rounds - self.rc.server_round + 1, 1)
-            try:
-                sigma, q, _ = plan_noise(
-                    dp,
-                    self.num_patients,
-                    self.rc.local_steps * rounds_left,
-                    prior=self.ledger.mechanisms(self.dataset_hash),
-                )
-            except ValueError as err:
-                raise SiteRefusal(f"site {self.site.site_name}: {err}") from None
-        decision = self.ledger.check_cap(
-            self.dataset_hash,
-            classifier_mechanism(sigma, q, self.rc.local_steps),
-            self.delta,
-            self.target,
-        )
-        if not decision.allowed:
-            raise SiteRefusal(f"site {self.site.site_name}: {decision.message}")
-        self.sigma, self.q = float(sigma), float(q)
+        self.sigma, self.q = self._plan_round(dp, state, self.rc.local_steps, classifier_mechanism)
         return self.sigma
 
     def record_round(self, result: dict[str, Any]) -> dict[str, float]:
