@@ -49,3 +49,29 @@ def write_test_dicom(
 @pytest.fixture
 def dicom_writer():
     return write_test_dicom
+
+
+@pytest.fixture(autouse=True)
+def privacy_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test spends from a privacy home of its own: never the user's real ledger."""
+    home = tmp_path_factory.mktemp("privacy-home")
+    monkeypatch.setenv("FEDSPINE_PRIVACY_HOME", str(home))
+    return home
+
+
+def spend(home: Path, patient_ids, mechanism, run_id: str = "earlier") -> None:
+    """Put a settled mechanism on these patients into the privacy home's ledger."""
+    from fedspine.privacy.home import PrivacyHome
+
+    site = PrivacyHome(home)
+    ledger = site.ledger()
+    record = ledger.reserve(site.keys_of(patient_ids), mechanism, run_id, 1.0, unit="patient")
+    ledger.settle(record, mechanism.steps)
+
+
+def home_records(home: Path, run_id: str | None = None) -> list[dict]:
+    """The ledger records of a privacy home ([] where it has no ledger yet)."""
+    from fedspine.privacy.ledger import PrivacyLedger
+
+    path = Path(home) / "ledger.json"
+    return PrivacyLedger.open(path, create=False).records(run_id=run_id) if path.exists() else []

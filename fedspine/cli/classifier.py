@@ -12,7 +12,13 @@ from typing import Any
 
 import typer
 
-from fedspine.cli.common import fail, progress_bar
+from fedspine.cli.common import (
+    DELTA_HELP,
+    fail,
+    privacy_home_option,
+    privacy_unit_option,
+    progress_bar,
+)
 
 CLASSIFIER_FILE = "classifier.pt"
 CONFIG_FILE = "config.json"
@@ -85,18 +91,16 @@ def train(
     dp: bool = typer.Option(
         False,
         "--dp",
-        help="Patient-level DP-SGD (for SpineGAN's clinical loss under --dp); its ε is recorded "
-        "in DATA's privacy ledger.",
+        help="Patient-level DP-SGD (for SpineGAN's clinical loss under --dp); its steps are "
+        "written ahead into the site's privacy ledger (--privacy-home).",
     ),
     epsilon: float = typer.Option(
         None,
         "--epsilon",
-        help="With --dp: target ε of this data after this run, composed with its ledger (σ is "
-        "calibrated from it).",
+        help="With --dp: target ε of the worst training patient after this run, everything on "
+        "record for them composed (σ is calibrated from it).",
     ),
-    delta: float = typer.Option(
-        None, "--delta", help="With --dp: δ (default min(1e-5, 1 / (10 * patients)))."
-    ),
+    delta: float = typer.Option(None, "--delta", help=DELTA_HELP),
     noise_multiplier: float = typer.Option(
         None, "--noise-multiplier", help="With --dp: σ itself, instead of --epsilon."
     ),
@@ -109,15 +113,13 @@ def train(
         min=1,
         help="With --dp: expected patients per step, q = this / patients. (default: 32)",
     ),
-    ledger: Path = typer.Option(
-        None,
-        "--ledger",
-        help="With --dp: the data's privacy ledger (default DATA/privacy_ledger.json).",
-    ),
+    privacy_home: Path = privacy_home_option(),
+    privacy_unit: str = privacy_unit_option(),
     max_epsilon: float = typer.Option(
         None,
         "--max-epsilon",
-        help="With --dp: refuse to start if the data's ledger would exceed this ε.",
+        help="With --dp: refuse to start if the worst training patient would pass this ε "
+        "(everything on record for them composed).",
     ),
 ) -> None:
     """Train a classifier on DATA's 'train' split, keeping the epoch with the best val AUC.
@@ -126,8 +128,9 @@ def train(
     split. Writes classifier.pt, config.json, history.json and training.png into --out.
 
     With --dp: patient-level DP-SGD for a fixed number of steps, keeping the last model (no
-    selection on private data), unweighted BCE, GroupNorm. The mechanism is recorded in DATA's
-    privacy ledger, so a later `fedspine train --dp` on DATA composes with it, and the
+    selection on private data), unweighted BCE, GroupNorm. The steps are written ahead into the
+    site's privacy ledger, so a later `fedspine train --dp` on the same patients composes with
+    it (whatever folder they were prepared into), and the
     classifier's metadata carries its DP record (what a DP SpineGAN needs). The val AUC is
     only reported. Writes classifier.pt, config.json and history.json into --out.
     """
@@ -143,7 +146,8 @@ def train(
         "--noise-multiplier": noise_multiplier,
         "--clip": clip,
         "--patients-per-step": patients_per_step,
-        "--ledger": ledger,
+        "--privacy-home": privacy_home,
+        "--privacy-unit": privacy_unit,
         "--max-epsilon": max_epsilon,
     }
     if not dp and any(v is not None for v in dp_given.values()):
@@ -197,7 +201,8 @@ def train(
                 "delta": delta,
                 "clip": 1.0 if clip is None else clip,
                 "patients_per_step": 32 if patients_per_step is None else patients_per_step,
-                "ledger_path": ledger,
+                "privacy_home": privacy_home,
+                "privacy_unit": privacy_unit,
                 "max_epsilon": max_epsilon,
             },
         )
@@ -312,11 +317,10 @@ def _train_dp(
     taken (an interrupted run included) before any output exists, so no classifier leaves this
     command without its ε in the ledger.
     """
-    import uuid
-
     import torch
 
     from fedspine.models.classifier import ClassifierCheckpointError, build_classifier
+    from fedspine.privacy.home import PrivacyHomeError
     from fedspine.privacy.ledger import LedgerError
     from fedspine.training.classifier_dp import (
         check_dp_model,
@@ -357,16 +361,16 @@ def _train_dp(
         torch.manual_seed(seed)
         model = build_classifier(model_cfg)
         check_dp_model(model)
-    except (ValueError, LedgerError, ClassifierCheckpointError) as err:
+    except (ValueError, LedgerError, PrivacyHomeError, ClassifierCheckpointError) as err:
         fail(str(err))  # PrivacyCapExceeded (a ValueError) says spent, remaining and the cap
     typer.echo(
         f"DP-SGD: {plan.steps} steps at σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g} "
         f"({plan.patients} patients), clip {plan.clip:g}, δ={plan.delta:.3g}; data ε after this "
-        f"run ≤ {plan.projected_epsilon:.3f} (RDP, ledger {plan.ledger_path})",
+        f"run ≤ {plan.projected_epsilon:.3f} (RDP, worst patient; privacy home {plan.privacy_home})",
         err=True,
     )
-    run_id = f"{out.name}-{uuid.uuid4().hex[:8]}"
     notes = {"classifier": out.name, "task": resolved_task, "epochs": epochs}
+    reservation = plan.reserve(notes)
     done = 0
     try:
         with progress_bar() as bar:
@@ -386,23 +390,24 @@ def _train_dp(
                 seed=seed,
                 device=dev,
                 progress=report,
+                reservation=reservation,
             )
     except BaseException as err:
-        record = record_classifier_dp(plan, done, run_id, {**notes, "interrupted": True})
+        record = record_classifier_dp(plan, reservation, {**notes, "interrupted": True})
         if isinstance(err, KeyboardInterrupt):
             fail(
-                f"interrupted after {done} of {plan.steps} steps; they are recorded in "
-                f"{plan.ledger_path} (data ε now {record['data_epsilon_after']:.3f}); nothing "
-                "was written",
+                f"interrupted after {done} of {plan.steps} steps; they are in the ledger of "
+                f"{plan.privacy_home} (worst patient's ε now {record['data_epsilon_after']:.3f}); "
+                "nothing was written",
                 code=EXIT_INTERRUPTED,
             )
         if isinstance(err, ValueError):
             fail(str(err))
         raise
     if (result["steps"], result["sample_rate"]) != (plan.steps, plan.sample_rate):
-        record_classifier_dp(plan, result["steps"], run_id, notes)
+        record_classifier_dp(plan, reservation, notes)
         fail("the DP steps taken differ from the plan; recorded what ran, wrote nothing")
-    dp_record = record_classifier_dp(plan, result["steps"], run_id, notes)
+    dp_record = record_classifier_dp(plan, reservation, notes)
 
     val_eval = None
     if val_name is not None:
@@ -417,7 +422,6 @@ def _train_dp(
         "input_size": model_cfg.input_size,
         "training_data": {
             "path": str(data),
-            "content_hash": dataset.content_hash,
             "split": "train",
             "rows": len(idx),
             "patients": plan.patients,
@@ -447,7 +451,6 @@ def _train_dp(
         if val_eval is None
         else {
             "path": str(val_name),
-            "content_hash": val_source.content_hash,
             "rows": val_eval["rows"],
             "auc": val_eval["mean_auc"],
             "auc_per_output": val_eval["auc"],
@@ -462,7 +465,8 @@ def _train_dp(
             "clip": plan.clip,
             "patients_per_step": plan.patients_per_step,
             "steps": plan.steps,
-            "ledger": str(plan.ledger_path),
+            "privacy_home": str(plan.privacy_home),
+            "run_id": plan.run_id,
             "max_epsilon": plan.max_epsilon,
         },
         "data": str(data),
@@ -473,7 +477,8 @@ def _train_dp(
     typer.echo(
         f"wrote {out}: {resolved_task} DP classifier, {result['steps']} steps; "
         f"ε = {dp_record['epsilon']:.3f} at δ = {plan.delta:.2g} for this classifier, "
-        f"data ε now {dp_record['data_epsilon_after']:.3f} (ledger {plan.ledger_path}); "
+        f"worst patient's ε now {dp_record['data_epsilon_after']:.3f} (privacy home "
+        f"{plan.privacy_home}); "
         f"final val AUC {'n/a' if auc is None else f'{auc:.3f}'} (reported only, not private)"
     )
 

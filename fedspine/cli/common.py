@@ -36,3 +36,26 @@ def progress_bar() -> Progress:
         console=Console(stderr=True),
         transient=False,
     )
+
+
+PRIVACY_HOME_HELP = (
+    "With --dp: the site's privacy home, holding its ledger and patient key (default: "
+    "$FEDSPINE_PRIVACY_HOME, else ~/.local/share/fedspine/privacy). Every DP run on the same "
+    "patients must use the same home: the ledger follows patients across re-ingests."
+)
+PRIVACY_UNIT_HELP = (
+    "With --dp: 'image' accepts data without patient identifiers, each image counted as one "
+    "person (refused otherwise). The unit ingest recorded is used in any case."
+)
+DELTA_HELP = (
+    "With --dp: δ, at most the site's min(1e-5, 1/(10·patients)) (a larger one is refused). "
+    "(default: the site's)"
+)
+
+
+def privacy_home_option():
+    return typer.Option(None, "--privacy-home", help=PRIVACY_HOME_HELP)
+
+
+def privacy_unit_option():
+    return typer.Option(None, "--privacy-unit", help=PRIVACY_UNIT_HELP)

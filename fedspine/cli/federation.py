@@ -216,7 +216,18 @@ def client_start(
         "--max-epsilon",
         help="This site's privacy cap: rounds that would exceed it are refused.",
     ),
-    ledger: Path = typer.Option(None, "--ledger", help="This site's privacy ledger file."),
+    privacy_home: Path = typer.Option(
+        None,
+        "--privacy-home",
+        help="This site's privacy home: its ledger and patient key (default: "
+        "$FEDSPINE_PRIVACY_HOME, else ~/.local/share/fedspine/privacy).",
+    ),
+    privacy_unit: str = typer.Option(
+        None,
+        "--privacy-unit",
+        help="'image' lets DP rounds run on data without patient identifiers, each image "
+        "counted as one person (refused otherwise).",
+    ),
     port: int = typer.Option(
         9094, help="Local port of the SuperNode (differs per SuperNode on one host)."
     ),
@@ -235,7 +246,7 @@ def client_start(
 ) -> None:
     """Start this site's SuperNode: it trains on --data when the coordinator asks, never sends an image.
 
-    The data path, site name, ε cap and ledger are this site's node config: the server cannot change them.
+    The data path, site name, ε cap and privacy home are this site's node config: the server cannot change them.
     """
     import time
 
@@ -251,7 +262,8 @@ def client_start(
         ca=ca,
         key=key,
         max_epsilon=max_epsilon,
-        ledger=ledger,
+        privacy_home=privacy_home,
+        privacy_unit=privacy_unit,
         port=port,
         insecure=insecure,
         threads=threads,

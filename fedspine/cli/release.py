@@ -2,13 +2,20 @@
 
 Shape::
 
-    fedspine release RUN --out RELEASE --max-epsilon E --audit-data PREPARED [...] [--key K]
+    fedspine release RUN --out RELEASE --max-epsilon E --audit-data PREPARED [...]
+                     --audit-dir STEWARD_AUDIT [--privacy-home HOME ...] [--key K]
     fedspine release keygen --out steward.key
     fedspine verify RELEASE [--public-key KEY]
 
 ``release`` is a group whose default command is ``make``: an argument that is not a subcommand
 name is taken as RUN (``fedspine release make RUN ...`` is the same command spelled out).
 Exit status: 0 released / verified, 3 refused by a privacy gate, 1 any other failure.
+
+``--audit-dir`` (also spelled ``--steward-audit``) is required: the memorisation and membership
+audits are computed on real images, so their figures go to that private folder and the release
+only says which gates passed. ``--privacy-home`` (repeat it, one per site) names the sites'
+privacy homes whose ledgers show which ``--audit-data`` set each site trained on; without it,
+the one home ``--privacy-home``/``FEDSPINE_PRIVACY_HOME``/the default would find.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ release_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help=(
-        "Release a synthetic dataset from a DP run: gated on the privacy ledger, the ε cap and a "
-        "memorisation audit, and signed. `fedspine release RUN --out RELEASE ...` makes one; "
+        "Release a synthetic dataset from a DP run: gated on the privacy ledger, the ε cap, the "
+        "generator's binding to its privacy record and a memorisation audit, and signed. "
+        "`fedspine release RUN --out RELEASE ...` makes one; "
         "`fedspine release keygen --out steward.key` creates the steward's signing key."
     ),
 )
@@ -76,14 +84,25 @@ def make_command(
     ),
     steward_audit: Path = typer.Option(
         None,
+        "--audit-dir",
         "--steward-audit",
-        help="Folder for the closest synthetic/training pairs figure. It shows real images, so "
-        "it is never part of the release; keep it private.",
+        help="The steward's private audit folder (required): memorisation.json, "
+        "membership.json and the closest synthetic/training pairs figure go there. They are "
+        "computed on real images, so they are never part of the release; keep it private.",
+    ),
+    privacy_home: list[Path] = typer.Option(
+        None,
+        "--privacy-home",
+        help="A site's privacy home (its ledger.json and site.key); repeat for several sites. "
+        "Its ledger shows which --audit-data set the site trained on. Default: the one home "
+        "FEDSPINE_PRIVACY_HOME or the default location names. A home without a ledger is "
+        "skipped, never created.",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Check, generate, audit and sign a synthetic-data release (nothing is written if refused)."""
     from fedspine.cli.common import fail, progress_bar
+    from fedspine.privacy.home import resolve_home
     from fedspine.privacy.release import (
         MemorisationGate,
         ReleaseError,
@@ -122,6 +141,7 @@ def make_command(
             gate=gate,
             device=str(dev),
             steward_audit_dir=steward_audit,
+            privacy_homes=list(privacy_home or []) or [resolve_home(None)],
             log=progress.console.print,
             advance=advance,
         )
@@ -143,7 +163,8 @@ def make_command(
         f"released {out}: {result.files} files signed by {result.fingerprint}; "
         f"max site ε {eps:.3g} (cap {max_epsilon:g}); memorisation {mem.share_flagged:.1%} "
         f"flagged (allowed {mem.allowed_share:.1%}); membership AUC "
-        f"{result.membership['nearest']['auc']:.3f}"
+        f"{result.membership['nearest']['auc']:.3f}; these audit figures are in "
+        f"{result.steward_audit} (private: not in the release)"
     )
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from fedspine.cli.common import privacy_home_option, privacy_unit_option
+
 MODELS = ("cgan", "spinegan")
 CLINICAL_INPUTS = ("default", "paper")
 PRESET_NAMES = ("paper", "auto", "cpu")
@@ -105,7 +107,8 @@ def train_command(
     epsilon: float = typer.Option(
         None,
         "--epsilon",
-        help="With --dp: target ε of this data after this run, composed with its ledger (σ is calibrated from it).",
+        help="With --dp: target ε of the worst training patient after this run, everything on "
+        "record for them composed (σ is calibrated from it; checked again on --resume).",
     ),
     noise_multiplier: float = typer.Option(
         None,
@@ -121,7 +124,8 @@ def train_command(
     delta: float = typer.Option(
         None,
         "--delta",
-        help="With --dp (or --noise-for-epsilon): δ (default min(1e-5, 1/(10·patients))).",
+        help="With --dp (or --noise-for-epsilon): δ, at most the site's min(1e-5, "
+        "1/(10·patients)) (a larger one is refused). (default: the site's)",
     ),
     clip: float = typer.Option(
         None,
@@ -146,13 +150,13 @@ def train_command(
         help="With --dp or --dp-scheme clip-only/noise-only: fixed augmentation probability "
         "(adaptive ADA reads private data). (default: 0)",
     ),
-    ledger: Path = typer.Option(
-        None,
-        "--ledger",
-        help="With --dp: the data's privacy ledger (default PREPARED/privacy_ledger.json).",
-    ),
+    privacy_home: Path = privacy_home_option(),
+    privacy_unit: str = privacy_unit_option(),
     max_epsilon: float = typer.Option(
-        None, "--max-epsilon", help="With --dp: refuse to start if the ledger would exceed this ε."
+        None,
+        "--max-epsilon",
+        help="With --dp: refuse to start (or resume) if the worst training patient would pass "
+        "this ε, everything on record for them composed.",
     ),
     classifier: Path = typer.Option(
         None,
@@ -186,9 +190,10 @@ def train_command(
 ) -> None:
     """Train a conditional StyleGAN2-ADA on the train split of a prepared dataset.
 
-    With --dp the discriminator is trained with patient-level DP-SGD, every step is recorded in
-    the data's privacy ledger, and RUN/privacy.json says what was spent (see `fedspine privacy
-    report`). Without --dp the run is marked not private.
+    With --dp the discriminator is trained with patient-level DP-SGD; its steps are written
+    into the site's privacy ledger (--privacy-home) before they run, so a crash can only
+    over-count, and RUN/privacy.json says what the worst training patient has spent (see
+    `fedspine privacy report`). Without --dp the run is marked not private.
 
     --dp-scheme clip-only|noise-only|paper (without --dp) trains one arm of the paper's DP
     ablation instead: DP-SGD without its noise, DP-SGD's noise without its clipping, or the
@@ -246,7 +251,8 @@ def train_command(
             "--patients-per-step": patients_per_step,
             "--d-steps-per-g": d_steps_per_g,
             "--ada-p": ada_p,
-            "--ledger": ledger,
+            "--privacy-home": privacy_home,
+            "--privacy-unit": privacy_unit,
             "--max-epsilon": max_epsilon,
         },
     )
@@ -385,7 +391,8 @@ def _privacy_options(dp: bool, scheme: str | None, flags: dict):
             "expected_patients_per_step": value["--patients-per-step"],
             "d_steps_per_g": value["--d-steps-per-g"],
             "ada_p": value["--ada-p"],
-            "ledger": given.get("--ledger"),
+            "privacy_home": given.get("--privacy-home"),
+            "privacy_unit": given.get("--privacy-unit"),
             "max_epsilon": given.get("--max-epsilon"),
         }, None
     if given:
@@ -396,7 +403,9 @@ def _privacy_options(dp: bool, scheme: str | None, flags: dict):
 def _ablation_options(scheme: str, given: dict, value: dict):
     from fedspine.training.dp_ablation import AblationError, AblationOptions
 
-    budget_only = [f for f in ("--epsilon", "--ledger", "--max-epsilon") if f in given]
+    budget_only = [
+        f for f in ("--epsilon", "--privacy-home", "--privacy-unit", "--max-epsilon") if f in given
+    ]
     if budget_only:
         _fail(
             f"{', '.join(budget_only)}: not with --dp-scheme {scheme}, a non-private ablation "
@@ -575,16 +584,22 @@ def _train(
         )
     privacy = None
     if dp_options is not None:
-        if clinical is not None:
-            from fedspine.training.clinical import ClinicalRunPrivacy
+        from fedspine.privacy.home import PrivacyHomeError
+        from fedspine.privacy.ledger import LedgerError
 
-            privacy = ClinicalRunPrivacy(
-                prepared, dataset, train, out, dp_options, clinical, clinical_status
-            )
-        else:
-            from fedspine.training.dp_run import RunPrivacy
+        try:
+            if clinical is not None:
+                from fedspine.training.clinical import ClinicalRunPrivacy
 
-            privacy = RunPrivacy(prepared, dataset, train, out, dp_options)
+                privacy = ClinicalRunPrivacy(
+                    prepared, dataset, train, out, dp_options, clinical, clinical_status
+                )
+            else:
+                from fedspine.training.dp_run import RunPrivacy
+
+                privacy = RunPrivacy(prepared, dataset, train, out, dp_options)
+        except (ValueError, LedgerError, PrivacyHomeError) as err:
+            raise _CliError(str(err)) from None
         config = privacy.adjust_config(config)
     ablation_run = None
     if ablation is not None:
@@ -602,9 +617,11 @@ def _train(
     if dev.type == "cpu":
         configure_cpu()
     if privacy is not None:
+        from fedspine.privacy.ledger import LedgerError
+
         try:
             trainer = privacy.make_trainer(config, data, dev, state)
-        except ValueError as err:
+        except (ValueError, LedgerError) as err:
             raise _CliError(str(err)) from None
     elif ablation_run is not None:
         try:
@@ -644,8 +661,10 @@ def _train(
         "class_names": list(data.class_names),
         "train_images": len(data),
         "prepared_resolution": dataset.resolution,
-        "label_prior": [float(p) for p in data.label_prior()],
     }
+    if privacy is None:
+        # The empirical class frequencies are private data; a DP run uses the uniform prior.
+        dataset_info["label_prior"] = [float(p) for p in data.label_prior()]
     scheme = "dpsgd" if privacy is not None else (ablation.scheme if ablation else "none")
     run_config = {
         "fedspine_version": _version(),
@@ -682,8 +701,8 @@ def _train(
     if ablation_run is not None:
         ablation_run.start()
     run = _Run(out, trainer, dataset_info, last_snapshot_nimg, training_meta)
-    if state is None:
-        run.save_reals(data)
+    if state is None and privacy is None:
+        run.save_reals(data)  # a DP run folder holds nothing drawn from private images
 
     target_nimg = int(round(config.total_kimg * 1000))
     remaining_kimg = max(target_nimg - trainer.cur_nimg, 0) / 1000
@@ -739,8 +758,9 @@ def _train(
     if privacy is not None:
         spent = privacy.finish(trainer)
         typer.echo(
-            f"privacy: ε = {spent:.3f} at δ = {privacy.delta:.2g} spent on this data so far "
-            f"(ledger {privacy.ledger_path}); report: fedspine privacy report {out}"
+            f"privacy: ε = {spent:.3f} at δ = {privacy.delta:.2g} for the worst of the "
+            f"{privacy.num_patients} training {privacy.unit}s, everything on record composed "
+            f"(privacy home {privacy.home}); report: fedspine privacy report {out}"
         )
         if clinical_status is not None and clinical_status.not_private_reason:
             typer.echo(f"the run is marked not private: {clinical_status.not_private_reason}")
@@ -875,7 +895,6 @@ class _Run:
                 "kimg": t.cur_nimg / 1000,
                 "preset": t.config.preset,
                 "seed": t.config.seed,
-                "dataset_content_hash": self.dataset_info["content_hash"],
                 **self.training_meta,
             },
         )

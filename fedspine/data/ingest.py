@@ -60,6 +60,7 @@ class IngestSummary:
     counts: dict[str, dict[str, int]]
     rejection_reasons: dict[str, int]
     patients_moved_to_test: int
+    privacy_unit: str = "patient"
 
 
 ProgressFn = Callable[[int, int, int], None]
@@ -118,6 +119,7 @@ def ingest(
         "label_schema": config.labels if listing.layout == "vindr" else "folder",
         "counts": counts,
         "num_patients": int(len(set(r.patient_id for r in kept_records))),
+        "privacy_unit": listing.privacy_unit,
         "num_rejected": len(rejected),
         "patients_moved_to_test": list(split_result.patients_moved_to_test),
     }
@@ -144,6 +146,7 @@ def ingest(
         counts=counts,
         rejection_reasons=dict(reasons.most_common()),
         patients_moved_to_test=len(split_result.patients_moved_to_test),
+        privacy_unit=listing.privacy_unit,
     )
 
 

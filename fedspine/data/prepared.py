@@ -5,11 +5,16 @@ Layout of a prepared folder::
     images.npy      uint8 [N, R, R], one square grey image per row
     index.csv       row,file,patient_id,split,label,<one 0/1 column per finding>
     rejected.csv    file,reason (files that could not be used, with why)
-    manifest.json   source, settings, class names, counts, content hash, fedspine version
+    manifest.json   source, settings, class names, counts, privacy unit, content hash, version
 
 ``label`` is the conditioning class index under the chosen label schema, or -1 where the image
 is not eligible under it (for example several distinct lesion types under ``lesion``). The
 multi-label finding columns are kept for every image whatever the schema.
+
+``privacy_unit`` in the manifest says what one ``patient_id`` stands for, so that a DP guarantee
+computed per ``patient_id`` is not read as stronger than it is: ``patient`` (the source named
+every image's patient), ``study`` (VinDr ``study_id``, a patient proxy: one person with two
+studies counts twice) or ``image`` (some images had no patient id and are each their own unit).
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ INDEX_FILE = "index.csv"
 REJECTED_FILE = "rejected.csv"
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val", "test")
+PRIVACY_UNITS = ("patient", "study", "image")
+UNIT_DESCRIPTIONS = {
+    "patient": "patient",
+    "study": "study (patient proxy)",
+    "image": "image (each image treated as one person)",
+}
 
 
 class PreparedDatasetError(Exception):
@@ -68,6 +79,27 @@ class PreparedDataset:
     @property
     def content_hash(self) -> str:
         return str(self.manifest.get("content_hash", ""))
+
+    @property
+    def privacy_unit(self) -> str:
+        """What one ``patient_id`` stands for: one of :data:`PRIVACY_UNITS`.
+
+        Manifests written before the key existed get it inferred from the rows, erring weak:
+        ``image`` if any row's patient id is its file name (ingest's fallback for a missing id).
+        """
+        unit = self.manifest.get("privacy_unit")
+        if unit is not None:
+            if unit not in PRIVACY_UNITS:
+                raise PreparedDatasetError(
+                    f"{self.root}: manifest privacy_unit {unit!r} is not one of {PRIVACY_UNITS}"
+                )
+            return str(unit)
+        files = np.asarray(self.files, dtype=str)
+        if files.size and bool(np.any(np.asarray(self.patient_ids).astype(str) == files)):
+            return "image"
+        if self.manifest.get("layout") == "vindr":
+            return "study"
+        return "patient"
 
     def select(
         self, split: str | Sequence[str] | None = None, labelled: bool = True
@@ -229,6 +261,15 @@ def _index_csv(files, patient_ids, splits, labels, findings, finding_names) -> b
     return buf.getvalue().encode()
 
 
+def combine_privacy_units(units: Iterable[str]) -> str:
+    """The unit of pooled data is the weakest of its parts': ``image`` < ``study`` < ``patient``."""
+    units = set(units)
+    unknown = units - set(PRIVACY_UNITS)
+    if unknown:
+        raise ValueError(f"unknown privacy unit(s) {sorted(unknown)}; expected {PRIVACY_UNITS}")
+    return next((u for u in reversed(PRIVACY_UNITS) if u in units), "patient")
+
+
 def merge_prepared(
     parts: Sequence[PreparedDataset],
     out: str | os.PathLike,
@@ -267,6 +308,7 @@ def merge_prepared(
             "format": "fedspine-prepared/1",
             "layout": "merged",
             "parts": {n: p.content_hash for n, p in zip(names, parts, strict=True)},
+            "privacy_unit": combine_privacy_units(p.privacy_unit for p in parts),
         },
         overwrite=overwrite,
     )

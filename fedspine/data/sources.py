@@ -53,11 +53,19 @@ class SourceRecord:
 
 @dataclass
 class SourceListing:
+    """The records of a source and what one ``patient_id`` in them stands for.
+
+    ``privacy_unit`` is ``patient``, ``study`` (VinDr: ``study_id`` as a patient proxy) or
+    ``image`` (a folder row without ``patient_id``: that image stands for itself), so DP results
+    can say which unit their guarantee covers.
+    """
+
     layout: str
     records: list[SourceRecord]
     rejected: list[tuple[str, str]]
     class_names: list[str]
     finding_names: list[str]
+    privacy_unit: str
 
 
 def detect_layout(root: Path) -> str:
@@ -157,7 +165,9 @@ def _list_vindr(root: Path, schema: str, rule: str, split: str | None) -> Source
                     f"no row in annotations/{s}.csv for this image",
                 )
             )
-    return SourceListing("vindr", records, rejected, class_names(schema), list(LESION_TYPES))
+    return SourceListing(
+        "vindr", records, rejected, class_names(schema), list(LESION_TYPES), privacy_unit="study"
+    )
 
 
 def _list_folder(root: Path, split: str | None, classes: Sequence[str] | None) -> SourceListing:
@@ -190,6 +200,7 @@ def _list_folder(root: Path, split: str | None, classes: Sequence[str] | None) -
     records: list[SourceRecord] = []
     rejected: list[tuple[str, str]] = []
     listed: set[str] = set()
+    unnamed_patient = False
     for line_no, row in enumerate(rows, start=2):
         rel = (row["file"] or "").strip()
         value = raw[line_no - 2]
@@ -211,11 +222,13 @@ def _list_folder(root: Path, split: str | None, classes: Sequence[str] | None) -
         label = index[key]
         onehot = np.zeros(len(names), dtype=np.uint8)
         onehot[label] = 1
+        patient_id = (row.get("patient_id") or "").strip()
+        unnamed_patient |= not patient_id
         records.append(
             SourceRecord(
                 path=path,
                 file=rel,
-                patient_id=(row.get("patient_id") or "").strip() or rel,
+                patient_id=patient_id or rel,
                 source_split=row_split,
                 label=label,
                 findings=onehot,
@@ -225,4 +238,5 @@ def _list_folder(root: Path, split: str | None, classes: Sequence[str] | None) -
         rel = str(path.relative_to(root))
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES - {""} and rel not in listed:
             rejected.append((rel, "image file not listed in labels.csv"))
-    return SourceListing("folder", records, rejected, names, list(names))
+    unit = "image" if unnamed_patient else "patient"
+    return SourceListing("folder", records, rejected, names, list(names), privacy_unit=unit)

@@ -298,6 +298,9 @@ def _release(out: Path, sites: list[str], config: DemoConfig) -> dict:
             signing_key=key,
             seed=config.seed,
             steward_audit_dir=out / "steward" / "audit",
+            # Where the demo's sites keep their privacy homes: their ledgers show which
+            # prepared set each site trained on (the audits' coverage).
+            privacy_homes=[out / "sites" / s / "privacy" for s in sites],
         )
     except ReleaseRefused as err:
         return {"released": False, "reason": str(err)}
@@ -350,6 +353,9 @@ def _federate(out: Path, sites: list[str], config: DemoConfig, stage: Stage) -> 
                         key=key,
                         port=free_port(),
                         max_epsilon=config.epsilon,
+                        # Each site's privacy home inside the demo's own folder: a second
+                        # demo starts fresh and a user's real ledger is never touched.
+                        privacy_home=out / "sites" / site / "privacy",
                         # Three sites share this machine's cores: one thread each avoids
                         # oversubscription (a real site uses all of its own cores).
                         threads=1,

@@ -61,6 +61,10 @@ SPINEGAN_UNAVAILABLE = "not run: SpineGAN not available in this build"
 Stage = Callable[[str], None]
 
 
+PRIVACY_HOME_DIR = "privacy"
+"""Each DP arm's privacy home, inside the arm's own folder."""
+
+
 class ReproduceError(Exception):
     """The reproduction cannot start or a stage failed; the message says where and why."""
 
@@ -911,7 +915,7 @@ def _clinical_classifier(
     if arm.kind == "dp-spinegan":
         # A new classifier starts the arm's privacy account afresh: nothing else has run yet.
         shutil.rmtree(work / "run", ignore_errors=True)
-        (work / "ledger.json").unlink(missing_ok=True)
+        shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
         ctx.stage(f"{arm.name}: training the clinical classifier with DP-SGD")
     else:
         ctx.stage(f"{arm.name}: training the clinical classifier on the real training split")
@@ -937,9 +941,9 @@ def _train_gan(ctx: _Context, arm: ArmPlan, data: Path, work: Path, log_path: Pa
     if run.exists():
         shutil.rmtree(run)
     if arm.kind == "dp":
-        (work / "ledger.json").unlink(missing_ok=True)
+        shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
     if arm.kind == "dp-spinegan":
-        _check_only_the_classifier_spent(work / "ledger.json")
+        _check_only_the_classifier_spent(work / PRIVACY_HOME_DIR / "ledger.json")
     ctx.stage(f"{arm.name}: training the GAN ({arm.kimg:g} kimg)")
     _invoke(["train", *args], log_path)
 
@@ -1040,9 +1044,7 @@ def _check_only_the_classifier_spent(ledger_path: Path) -> None:
             "arm's folder and rerun"
         )
     ledger = PrivacyLedger.open(ledger_path, create=False)
-    stale = [
-        r for h in ledger.datasets() for r in ledger.records(h) if r["label"] != MECHANISM_LABEL
-    ]
+    stale = [r for r in ledger.records() if r["label"] != MECHANISM_LABEL]
     if stale:
         raise ReproduceError(
             f"{ledger_path}: holds {len(stale)} GAN record(s) of an earlier attempt beside the "
@@ -1051,9 +1053,10 @@ def _check_only_the_classifier_spent(ledger_path: Path) -> None:
 
 
 def _dp_args(b: ReproduceBudget, arm: ArmPlan, work: Path) -> list[str]:
-    """Each DP arm is its own experiment, so it gets its own ledger (ε does not compose across
-    arms; releasing several of them would). The DP SpineGAN's ledger already holds its
-    classifier's steps, so its target ε covers both."""
+    """Each DP arm is its own experiment, so it gets its own privacy home inside its folder (ε
+    does not compose across arms; releasing several of them would, and a user's real ledger
+    is never touched). The DP SpineGAN's home already holds its classifier's steps, so its
+    target ε covers both."""
     return [
         "--dp",
         "--epsilon",
@@ -1062,8 +1065,8 @@ def _dp_args(b: ReproduceBudget, arm: ArmPlan, work: Path) -> list[str]:
         str(b.dp_patients_per_step),
         "--ada-p",
         f"{b.dp_ada_p:g}",
-        "--ledger",
-        str(work / "ledger.json"),
+        "--privacy-home",
+        str(work / PRIVACY_HOME_DIR),
     ]
 
 
@@ -1091,7 +1094,7 @@ def _classifier_args(
     if arm is not None and arm.kind == "dp-spinegan":
         args += ["--dp", "--epsilon", f"{b.dp_spinegan_classifier_epsilon:g}"]
         args += ["--patients-per-step", str(b.dp_patients_per_step)]
-        args += ["--ledger", str(out.parent / "ledger.json")]
+        args += ["--privacy-home", str(out.parent / PRIVACY_HOME_DIR)]
     args += ["--epochs", str(b.spinegan_classifier_epochs)]
     args += ["--patience", str(b.classifier_patience), "--seed", str(b.seed)]
     args += ["--device", b.device, "--threads", str(b.threads)]

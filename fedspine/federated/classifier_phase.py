@@ -282,12 +282,17 @@ def train_classifier_round(
             lr=rc.lr,
         )
         result = train_classifier_dp_steps(
-            model, dataset, task, dp, rc.local_steps, seed=seed, augment=rc.augment
+            model,
+            dataset,
+            task,
+            dp,
+            rc.local_steps,
+            seed=seed,
+            augment=rc.augment,
+            reservation=privacy.reservation,
         )
         # The DP step's mean loss is computed on real images without noise: it stays here.
         metrics = {"mean-loss": float("nan"), "val-auc": float("nan")}
-        metrics.update(privacy.record_round(result))
-        extra["privacy"] = privacy.summary_json()
         saved_dp = {"noise_multiplier": privacy.sigma, "sample_rate": privacy.q}
         steps = int(result["steps"])
     else:
@@ -299,6 +304,10 @@ def train_classifier_round(
         steps = int(result["steps"])
     seconds = time.perf_counter() - start
     save_checkpoint(state_file, "trainer", {"round": rc.server_round, "dp": saved_dp})
+    if rc.dp:
+        # Settled only once the round's state is saved: a crash before counts it in full.
+        metrics.update(privacy.record_round(result))
+        extra["privacy"] = privacy.summary_json()
     metrics.update(
         {"num-examples": int((train.labels >= 0).sum()), "steps": steps, "seconds": seconds}
     )

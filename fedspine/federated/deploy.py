@@ -257,13 +257,16 @@ class SiteProcessConfig:
     ca: Path | None = None
     key: Path | None = None
     max_epsilon: float | None = None
-    ledger: Path | None = None
+    privacy_home: Path | None = None
+    privacy_unit: str | None = None
     port: int = 9094
     insecure: bool = False
     threads: int | None = None
 
     def node_config(self) -> str:
         """Flower's ``--node-config``: TOML values, strings double-quoted."""
+        from fedspine.privacy.home import resolve_home
+
         items = {
             "data-path": str(self.data.resolve()),
             "site-name": self.site,
@@ -271,8 +274,11 @@ class SiteProcessConfig:
         }
         if self.max_epsilon is not None:
             items["max-epsilon"] = float(self.max_epsilon)
-        if self.ledger is not None:
-            items["ledger-path"] = str(self.ledger.resolve())
+        # Resolved here, from the site's own option or environment: the ClientApp process
+        # must not fall back to another default than the one the site admin sees.
+        items["privacy-home"] = str(resolve_home(self.privacy_home).resolve())
+        if self.privacy_unit is not None:
+            items["privacy-unit"] = self.privacy_unit
         if self.threads is not None:
             items["threads"] = int(self.threads)
         return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())

@@ -25,6 +25,7 @@ from typing import Any
 
 from fedspine import __version__
 from fedspine.federated.classifier_phase import ClassifierPhaseConfig
+from fedspine.privacy.accounting import REPORT_ACCOUNTANT
 
 MODELS = ("cgan", "spinegan")
 ROUNDS_DIR = "rounds"
@@ -524,7 +525,7 @@ def _classifier_meta(out: Path, config: FederationConfig) -> dict[str, Any]:
             meta["dp"] = {
                 "epsilon": max(s["epsilon"] for s in per_site.values()),
                 "delta": max(s["delta"] for s in per_site.values()),
-                "accountant": "prv",
+                "accountant": REPORT_ACCOUNTANT,
                 "unit": "patient",
                 "sites": per_site,
                 "note": "federated DP-SGD at each site; ε per site is its classifier phase alone",
@@ -705,8 +706,9 @@ def _write_privacy(out: Path, config: FederationConfig) -> None:
         entry = site_entry(
             p["epsilon"],
             p["delta"],
-            p["dataset_hash"],
             p["mechanisms"],
+            unit=str(p.get("unit", "patient")),
+            patients=int(p.get("patients", 0)),
             epsilon_per_round=per_round[name],
         )
         entry["phases"] = p.get("phases", {})
@@ -727,7 +729,15 @@ def _write_privacy(out: Path, config: FederationConfig) -> None:
             "(patient-level sampling and clipping), its steps composed into each site's ledger "
             "and into ε above; frozen during the GAN rounds (classifier.pt)"
         )
-    write_privacy_summary(out, sites, components=components, accountant="prv")
+    units = sorted({entry["unit"] for entry in sites.values()}) or ["patient"]
+    write_privacy_summary(
+        out,
+        sites,
+        components=components,
+        accountant=REPORT_ACCOUNTANT,
+        unit=" / ".join(units),
+        run_id=config.name,
+    )
 
 
 def _append_round(out: Path, record: RoundRecord) -> None:

@@ -1,6 +1,6 @@
 """What a site does with a train message: the fedspine installed at the site, not the server's code.
 
-The site's own facts (data path, name, ε cap, ledger, local state folder) come from its node
+The site's own facts (data path, name, ε cap, privacy home, local state folder) come from its node
 config, set by the site admin with `fedspine client start`; nothing the server sends can change
 them. The server sends only the round's settings and the global weights.
 """
@@ -33,7 +33,8 @@ class SiteConfig:
     site_name: str
     state_dir: Path
     max_epsilon: float | None = None
-    ledger_path: Path | None = None
+    privacy_home: Path | None = None
+    privacy_unit: str | None = None
     threads: int | None = None
 
     @classmethod
@@ -46,13 +47,15 @@ class SiteConfig:
         data_path = Path(str(node_config["data-path"]))
         state_dir = Path(str(node_config.get("state-dir") or data_path.parent / ".fedspine-site"))
         cap = node_config.get("max-epsilon")
-        ledger = node_config.get("ledger-path")
+        home = node_config.get("privacy-home")
+        unit = node_config.get("privacy-unit")
         return cls(
             data_path=data_path,
             site_name=str(node_config["site-name"]),
             state_dir=state_dir,
             max_epsilon=float(cap) if cap not in (None, "", -1, -1.0) else None,
-            ledger_path=Path(str(ledger)) if ledger else None,
+            privacy_home=Path(str(home)) if home else None,
+            privacy_unit=str(unit) if unit else None,
             threads=int(node_config["threads"]) if node_config.get("threads") else None,
         )
 

@@ -1,80 +1,126 @@
-"""Differential privacy at a site: the site's ledger, its ε cap, σ for the whole federation.
+"""Differential privacy at a site: the site's privacy home, its ε cap and δ, σ for the federation.
 
 The server asks for DP and says how (patients per step, clip, D steps per G step, target ε);
-the site decides whether to take part. σ is planned once, on the site's first round, for every
-round the federation announced, composed with what the site's ledger already holds and capped
-by the smaller of the server's target and the site's own cap. Each round is checked against the
-cap before any real image is touched, and recorded in the ledger after.
+the site decides whether to take part, on its own terms: its privacy home (ledger and patient
+key), its ε cap and its δ come from its node config, never from the message. A server δ larger
+than the site's (min(1e-5, 1/(10·patients))) is refused; a smaller one is used as is.
 
-A SpineGAN federation spends from the same ledger twice: its classifier rounds first
+σ is planned once, on the site's first round, for every round the federation announced, against
+the worst training patient's history in the site's ledger (every run and ingest of the same
+patients), capped by the smaller of the server's target and the site's cap. Each round is
+checked against the cap before any real image is touched, its steps are written into the ledger
+before the first one runs (:meth:`fedspine.privacy.engine.PrivacyEngine.reserve`), and the
+reservation is settled only after the round's state is saved: a site killed mid-round has its
+whole round counted.
+
+A SpineGAN federation spends twice on the same patients: its classifier rounds first
 (:class:`ClassifierSitePrivacy`, label ``clinical-classifier``), then the GAN rounds
-(:class:`SitePrivacy`), whose σ is planned against everything the ledger holds, classifier
-steps included. Every record notes its phase, and the summary a site sends after each round
-gives ε of each phase alone beside the ledger's total (:func:`site_summary`).
+(:class:`SitePrivacy`), whose σ is planned against everything the ledger holds, classifier steps
+included. Every record notes its phase, and the summary a site sends after each round gives ε of
+each phase alone beside the worst patient's total (:func:`site_summary`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedspine.federated.site import RoundConfig, SiteConfig, SiteRefusal
-from fedspine.training.dp import DPConfig, mechanism, plan_noise
+from fedspine.privacy.accounting import REPORT_ACCOUNTANT, epsilon
+from fedspine.privacy.engine import PrivacyEngine, PrivacyError, Reservation
+from fedspine.privacy.home import PrivacyHomeError
+from fedspine.privacy.ledger import LedgerError, mechanisms_of
+from fedspine.training.dp import MECHANISM_LABEL, DPConfig
 from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
 
-LEDGER_FILE = "privacy_ledger.json"
 GAN_PHASE = "gan"
 CLASSIFIER_PHASE = "classifier"
 
 
 class _RoundLedger:
-    """What both phases do around a round: σ and q for it (kept from the phase's first round,
-    else planned for every round left), the cap check, and afterwards the ledger record and the
-    summary for the server. Subclasses set site, rc, dataset_hash, num_patients, delta, target
-    and ledger."""
+    """What both phases do around a round: the engine on the site's patients, σ and q for the
+    round (kept from the phase's first round, else planned for every round left), the cap
+    check, the write-ahead reservation, and afterwards the settlement and the summary for the
+    server."""
 
-    def _plan_round(self, dp: DPConfig, state: dict | None, round_steps: int, mech_of):
-        """(σ, q) of this round; refuses a round whose ``mech_of(σ, q, round_steps)`` would
-        pass the target."""
-        if state is not None and state.get("dp"):
-            sigma = float(state["dp"]["noise_multiplier"])
-            q = float(state["dp"]["sample_rate"])
-        else:
-            rounds_left = max(self.rc.total_rounds - self.rc.server_round + 1, 1)
-            try:
-                sigma, q, _ = plan_noise(
-                    dp,
-                    self.num_patients,
-                    round_steps * rounds_left,
-                    prior=self.ledger.mechanisms(self.dataset_hash),
-                )
-            except ValueError as err:
-                raise SiteRefusal(f"site {self.site.site_name}: {err}") from None
-        decision = self.ledger.check_cap(
-            self.dataset_hash, mech_of(sigma, q, round_steps), self.delta, self.target
-        )
-        if not decision.allowed:
-            raise SiteRefusal(f"site {self.site.site_name}: {decision.message}")
-        return float(sigma), float(q)
+    def _open_engine(self, site: SiteConfig, rc, dataset, patient_ids: np.ndarray) -> None:
+        from fedspine.training.dp_run import resolve_unit
 
-    def _record_round(self, mech, clip: float, phase: str) -> dict[str, float]:
-        if mech.steps > 0:
-            self.ledger.record(
-                self.dataset_hash,
-                mech,
-                self.rc.federation,
-                clip,
-                round=self.rc.server_round,
-                extra={"phase": phase},
+        options = dict(rc.dp or {})
+        self.site = site
+        self.rc = rc
+        targets = [float(t) for t in (options.get("epsilon"), site.max_epsilon) if t is not None]
+        if not targets:
+            raise SiteRefusal(
+                f"site {site.site_name}: DP was requested without a target ε and the site has "
+                "no ε cap"
             )
-        self.summary = site_summary(
-            self.ledger, self.dataset_hash, self.delta, self.target, self.rc.federation
+        self.target = min(targets)
+        try:
+            self.engine = PrivacyEngine(
+                patient_ids,
+                unit=resolve_unit(dataset, site.privacy_unit),
+                home=site.privacy_home,
+                run_id=rc.federation,
+                delta=options.get("delta"),
+                delta_source="the server's δ",
+            )
+        except (PrivacyError, PrivacyHomeError, LedgerError) as err:
+            raise SiteRefusal(f"site {site.site_name}: {err}") from None
+        self.num_patients = self.engine.num_patients
+        self.delta = self.engine.delta
+        self.reservation: Reservation | None = None
+
+    def _plan_round(
+        self, state: dict | None, round_steps: int, per_step: int, clip: float, label: str
+    ):
+        """The plan of this round; refuses a round that would pass the target or the cap."""
+        rounds_left = max(self.rc.total_rounds - self.rc.server_round + 1, 1)
+        try:
+            if state is not None and state.get("dp"):
+                plan = self.engine.plan(
+                    steps=round_steps,
+                    sample_rate=float(state["dp"]["sample_rate"]),
+                    noise_multiplier=float(state["dp"]["noise_multiplier"]),
+                    clip_norm=clip,
+                    label=label,
+                    cap=self.target,
+                )
+            else:
+                full = self.engine.plan(
+                    steps=round_steps * rounds_left,
+                    expected_per_step=per_step,
+                    target_epsilon=self.target,
+                    clip_norm=clip,
+                    label=label,
+                )
+                plan = self.engine.plan(
+                    steps=round_steps,
+                    sample_rate=full.sample_rate,
+                    noise_multiplier=full.noise_multiplier,
+                    clip_norm=clip,
+                    label=label,
+                    cap=self.target,
+                )
+        except (PrivacyError, LedgerError) as err:
+            raise SiteRefusal(f"site {self.site.site_name}: {err}") from None
+        self.plan = plan
+        self.sigma, self.q = plan.noise_multiplier, plan.sample_rate
+        return plan
+
+    def _reserve(self, phase: str) -> Reservation:
+        self.reservation = self.engine.reserve(
+            self.plan, round=self.rc.server_round, extra={"phase": phase}
         )
+        return self.reservation
+
+    def _settle(self) -> dict[str, float]:
+        if self.reservation is not None and not self.reservation.settled:
+            self.reservation.settle()
+        self.summary = site_summary(self.engine, self.target)
         return {"epsilon": self.summary["epsilon"], "delta": self.delta}
 
     def summary_json(self) -> str:
@@ -82,173 +128,117 @@ class _RoundLedger:
 
 
 class SitePrivacy(_RoundLedger):
-    """DP of a GAN round at a site: σ planned once for the federation, cap, ledger record."""
+    """DP of a GAN round at a site: σ planned once for the federation, cap, reservation."""
 
     def __init__(self, site: SiteConfig, rc: RoundConfig, dataset, train) -> None:
-        from fedspine.privacy.accounting import default_delta
-        from fedspine.privacy.ledger import PrivacyLedger
-
         options = dict(rc.dp or {})
-        self.site = site
-        self.rc = rc
-        self.dataset_hash = dataset.content_hash
         self.patient_ids = np.asarray(train.patient_ids).astype(str)
-        self.num_patients = len(np.unique(self.patient_ids))
-        targets = [float(t) for t in (options.get("epsilon"), site.max_epsilon) if t is not None]
-        if not targets:
-            raise SiteRefusal("DP was requested without a target ε and the site has no ε cap")
-        self.target = min(targets)
+        self._open_engine(site, rc, dataset, self.patient_ids)
         self.dp = DPConfig(
             target_epsilon=self.target,
-            delta=options.get("delta") or default_delta(self.num_patients),
+            delta=self.delta,
             max_grad_norm=float(options.get("clip", 1.0)),
             expected_patients_per_step=min(
                 int(options.get("patients-per-step", 64)), self.num_patients
             ),
             d_steps_per_g=int(options.get("d-steps-per-g", 1)),
             ada_p=float(options.get("ada-p", 0.0)),
-            # Plan σ with RDP, the accountant the cap check uses: a plan made with the tighter
-            # PRV could pass the plan and then fail the cap on the last round.
             accountant="rdp",
         )
-        self.delta = float(self.dp.delta)
-        self.ledger_path = Path(site.ledger_path or Path(site.data_path) / LEDGER_FILE)
-        self.ledger = PrivacyLedger.open(self.ledger_path, create=True)
 
     def make_trainer(self, config, data, state: dict | None, clinical=None) -> DPGanTrainer:
-        """The DP trainer of this round (a DPSpineGanTrainer where ``clinical`` is given)."""
+        """The DP trainer of this round (a DPSpineGanTrainer where ``clinical`` is given), with
+        the round's steps already written into the ledger."""
         config = dp_train_config(config, self.dp)
         uniform = np.asarray(self.rc.label_prior, dtype=np.float64)
         round_steps = planned_d_steps(config, self.dp, self.rc.local_kimg)
-        sigma, q = self._plan_round(self.dp, state, round_steps, mechanism)
-        self.sigma, self.q = sigma, q
+        self._plan_round(
+            state,
+            round_steps,
+            self.dp.expected_patients_per_step,
+            self.dp.max_grad_norm,
+            MECHANISM_LABEL,
+        )
         if clinical is not None:
             from fedspine.training.clinical import DPSpineGanTrainer
 
             trainer = DPSpineGanTrainer(
-                config, self.dp, uniform, self.patient_ids, sigma, q, clinical
+                config, self.dp, uniform, self.patient_ids, self.sigma, self.q, clinical
             )
         else:
-            trainer = DPGanTrainer(config, self.dp, uniform, self.patient_ids, sigma, q)
+            trainer = DPGanTrainer(config, self.dp, uniform, self.patient_ids, self.sigma, self.q)
         if state is not None:
             trainer.load_state_dict(state)
-        self.steps_at_start = trainer.dp_step.steps_taken
+        trainer.dp_step.reservation = self._reserve(GAN_PHASE)
         return trainer
 
     def batches(self, data, device):
         return itertools.repeat((data.images.to(device), data.labels.to(device)))
 
     def record_round(self, trainer: DPGanTrainer) -> dict[str, float]:
-        """Write this round's steps to the ledger; the numbers and JSON the server may see."""
-        steps = trainer.dp_step.steps_taken - self.steps_at_start
-        return self._record_round(
-            mechanism(self.sigma, self.q, steps), self.dp.max_grad_norm, GAN_PHASE
-        )
+        """Settle the round's reservation (after its state is saved); the numbers and JSON the
+        server may see."""
+        return self._settle()
 
 
 class ClassifierSitePrivacy(_RoundLedger):
-    """DP of a classifier round at a site: σ planned once for the phase, cap, ledger record.
+    """DP of a classifier round at a site: σ planned once for the phase, cap, reservation.
 
     The target is the smaller of the federation's ``classifier.dp_epsilon`` and the site's cap,
-    for the ledger's total (every earlier run on this dataset composed in). δ is the one the GAN
-    phase uses (from the same training patients), so both phases add up in one ledger.
+    for the worst patient's total (every earlier run on these patients composed in).
     """
 
     def __init__(self, site: SiteConfig, rc, dataset, train) -> None:
-        from fedspine.privacy.accounting import default_delta
-        from fedspine.privacy.ledger import PrivacyLedger
-
         options = dict(rc.dp or {})
-        self.site = site
-        self.rc = rc
-        self.dataset_hash = dataset.content_hash
-        self.num_patients = len(np.unique(np.asarray(train.patient_ids).astype(str)))
-        targets = [float(t) for t in (options.get("epsilon"), site.max_epsilon) if t is not None]
-        if not targets:
-            raise SiteRefusal(
-                "DP was requested for the classifier without a target ε and the site has no ε cap"
-            )
-        self.target = min(targets)
-        self.delta = float(options.get("delta") or default_delta(self.num_patients))
+        self._open_engine(site, rc, dataset, np.asarray(train.patient_ids).astype(str))
         self.clip = float(options.get("clip", 1.0))
         self.patients_per_step = min(int(options.get("patients-per-step", 32)), self.num_patients)
-        self.ledger_path = Path(site.ledger_path or Path(site.data_path) / LEDGER_FILE)
-        self.ledger = PrivacyLedger.open(self.ledger_path, create=True)
 
     def plan(self, state: dict | None) -> float:
-        """σ for this round: kept from the site's first classifier round, else planned now for
-        every classifier round left; refuses a round that would pass the target."""
-        dp = DPConfig(
-            target_epsilon=self.target,
-            delta=self.delta,
-            max_grad_norm=self.clip,
-            expected_patients_per_step=self.patients_per_step,
-            accountant="rdp",
+        """σ for this round (kept from the site's first classifier round, else planned now for
+        every classifier round left), its steps reserved in the ledger; refuses a round that
+        would pass the target."""
+        from fedspine.training.classifier_dp import MECHANISM_LABEL as CLASSIFIER_LABEL
+
+        self._plan_round(
+            state, self.rc.local_steps, self.patients_per_step, self.clip, CLASSIFIER_LABEL
         )
-        self.sigma, self.q = self._plan_round(dp, state, self.rc.local_steps, classifier_mechanism)
+        self._reserve(CLASSIFIER_PHASE)
         return self.sigma
 
     def record_round(self, result: dict[str, Any]) -> dict[str, float]:
-        """Record the steps that ran, as the DP step reports them (σ, q, clip and count)."""
-        mech = classifier_mechanism(
-            float(result["noise_multiplier"]), float(result["sample_rate"]), int(result["steps"])
-        )
-        return self._record_round(mech, float(result["clip"]), CLASSIFIER_PHASE)
+        """Settle the round to the steps that ran, as the DP step reports them."""
+        if (float(result["noise_multiplier"]), float(result["sample_rate"])) != (
+            self.sigma,
+            self.q,
+        ):
+            raise SiteRefusal("the classifier's DP step ran at another σ or q than planned")
+        return self._settle()
 
 
-def classifier_mechanism(sigma: float, q: float, steps: int):
-    """The ledger entry of ``steps`` DP-SGD steps of the clinical classifier."""
-    from fedspine.training.classifier_dp import MECHANISM_LABEL
-
-    return replace(mechanism(sigma, q, steps), label=MECHANISM_LABEL)
-
-
-def site_summary(
-    ledger, dataset_hash: str, delta: float, cap: float, federation: str
-) -> dict[str, Any]:
-    """What a site tells the server about its privacy after a round: ε in total (the whole
-    ledger of this dataset, every run and phase composed), and ε of each phase of this
-    federation alone, so the report can show both phases per site."""
-    from fedspine.privacy.accounting import epsilon
-
-    all_records = ledger.records(dataset_hash)
-    records = [r for r in all_records if r["run_id"] == federation]
+def site_summary(engine: PrivacyEngine, cap: float) -> dict[str, Any]:
+    """What a site tells the server about its privacy after a round: ε of its worst patient in
+    total (every run and phase on record composed), ε of each phase of this federation alone,
+    and the mechanisms behind them. Nothing that fingerprints its data."""
+    delta = engine.delta
+    records = [r for r in engine.records() if r["run_id"] == engine.run_id]
     phases: dict[str, dict[str, Any]] = {}
     for phase in (CLASSIFIER_PHASE, GAN_PHASE):
         mine = [r for r in records if (r.get("notes") or {}).get("phase", GAN_PHASE) == phase]
         if mine:
-            mechanisms = [_record_mechanism(r) for r in mine]
             phases[phase] = {
-                "epsilon": epsilon(mechanisms, delta, "prv"),
-                "steps": sum(m.steps for m in mechanisms),
+                "epsilon": epsilon(mechanisms_of(mine), delta, REPORT_ACCOUNTANT),
+                "steps": sum(int(r["steps"]) for r in mine),
                 "rounds": sorted({int(r["round"]) for r in mine if r.get("round") is not None}),
                 "clip_norm": float(mine[-1]["clip_norm"]),
             }
+    total, _, rows = engine.reported()
     return {
-        "epsilon": epsilon([_record_mechanism(r) for r in all_records], delta, "prv"),
+        "epsilon": total,
         "delta": float(delta),
-        "dataset_hash": dataset_hash,
+        "unit": engine.unit,
+        "patients": engine.num_patients,
         "cap": float(cap),
         "phases": phases,
-        "mechanisms": [
-            {
-                "label": str(r.get("label", "")),
-                "noise_multiplier": float(r["noise_multiplier"]),
-                "sample_rate": float(r["sample_rate"]),
-                "steps": int(r["steps"]),
-                "clip_norm": float(r["clip_norm"]),
-            }
-            for r in all_records
-        ],
+        "mechanisms": rows,
     }
-
-
-def _record_mechanism(record: dict[str, Any]):
-    from fedspine.privacy.accounting import Mechanism
-
-    return Mechanism(
-        float(record["noise_multiplier"]),
-        float(record["sample_rate"]),
-        int(record["steps"]),
-        label=str(record.get("label", "")),
-    )

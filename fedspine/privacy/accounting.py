@@ -29,6 +29,12 @@ from typing import Literal
 
 Accountant = Literal["prv", "rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp", "pld")
+REPORT_ACCOUNTANT: Accountant = "prv"
+"""What every report, privacy.json and release states ε with (the tightest bound)."""
+PLAN_ACCOUNTANT: Accountant = "rdp"
+"""What plans σ and checks caps: looser than PRV, so a plan that passes also passes the report."""
+CHECK_ACCOUNTANT: Accountant = "pld"
+"""The independent cross-check (Google's dp_accounting), never used to decide."""
 MECHANISM_KINDS: tuple[str, ...] = ("dp-sgd-poisson",)
 
 PRV_BYTES_PER_POINT = 72

@@ -1,27 +1,34 @@
-"""A site's privacy ledger: every DP mechanism run on its data, on the site's own disk.
+"""A site's privacy ledger: every DP mechanism run on its patients, written ahead of the steps.
 
-One JSON file per site (the site chooses the path), keyed by the prepared dataset's content hash,
-so one file can hold several datasets. Each record is one DP mechanism run (σ, q, steps, clip
-norm, privacy unit, run id, round, times, notes); records are kept one by one for the audit
-trail and composed by summing steps per (σ, q), which equals one uninterrupted run.
+One JSON file in the site's privacy home (:mod:`fedspine.privacy.home`). Each record is one DP
+mechanism run (σ, q, steps, clip norm, privacy unit, run id, round, times, notes) and names the
+patients it touched as a *cohort*: a sorted list of keyed patient hashes, stored once and shared
+by every record on the same people. A patient's ε composes every record whose cohort holds
+them; a run's spend, plan and cap use its worst patient (:meth:`PrivacyLedger.histories`).
 
-The ledger is what stops a site from spending more than its cap across rounds, runs and
-restarts, so it is never reset: a missing-after-open, unreadable or malformed file is an error
-naming the file. Appends are atomic (temp file, fsync, ``os.replace``) and serialised across
-processes by ``flock`` on a ``<ledger>.lock`` file beside it (local file systems; flock on some
-network file systems is advisory only or absent).
+Records are written ahead (:meth:`PrivacyLedger.reserve`): the steps are in the file, durably,
+before any of them runs, and a record stays ``reserved`` (counted in full) until
+:meth:`PrivacyLedger.settle` lowers it to the steps that provably ran. A crash at any instant
+therefore leaves the ledger at or above the truth, never below.
+
+The ledger is never reset: a missing-after-open, unreadable or malformed file is an error naming
+the file. Writes are atomic (temp file, fsync, ``os.replace``) and serialised across processes by
+``flock`` on ``<ledger>.lock`` (local file systems; flock on some network file systems is
+advisory only or absent).
 """
 
 from __future__ import annotations
 
 import copy
 import fcntl
+import hashlib
 import json
 import math
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,14 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from fedspine.privacy.accounting import (
+    PLAN_ACCOUNTANT,
+    REPORT_ACCOUNTANT,
     Accountant,
     Mechanism,
     epsilon,
-    merge_mechanisms,
 )
 
 LEDGER_FORMAT = "fedspine.privacy-ledger"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+RESERVED = "reserved"
+SETTLED = "settled"
 _NUMERIC = (int, float)
 
 
@@ -46,7 +56,7 @@ class LedgerError(RuntimeError):
 
 @dataclass(frozen=True)
 class CapDecision:
-    """Whether a planned mechanism fits a dataset's ε cap, with the numbers behind it."""
+    """Whether a planned mechanism fits the worst patient's ε cap, with the numbers behind it."""
 
     allowed: bool
     spent: float
@@ -59,7 +69,7 @@ class CapDecision:
 
 
 class PrivacyLedger:
-    """The per-site ledger file. Every query re-reads the file, so it sees other processes."""
+    """The site's ledger file. Every query re-reads the file, so it sees other processes."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -83,42 +93,22 @@ class PrivacyLedger:
         ledger._read()
         return ledger
 
-    def datasets(self) -> list[str]:
-        """Dataset hashes with an entry in this ledger."""
-        return list(self._read()["datasets"])
+    # -- writing -------------------------------------------------------------------------------
 
-    def records(self, dataset_hash: str) -> list[dict[str, Any]]:
-        """The individual records of one dataset, oldest first (the audit trail)."""
-        _check_hash(dataset_hash)
-        entry = self._read()["datasets"].get(dataset_hash)
-        return copy.deepcopy(entry["records"]) if entry else []
-
-    def mechanisms(self, dataset_hash: str) -> list[Mechanism]:
-        """One Mechanism per record, oldest first."""
-        return [_mechanism(r) for r in self.records(dataset_hash)]
-
-    def spent(self, dataset_hash: str, delta: float, accountant: Accountant = "prv") -> float:
-        """ε spent so far on this dataset at ``delta`` (0.0 for a dataset with no records)."""
-        return epsilon(self.mechanisms(dataset_hash), delta, accountant)
-
-    def record(
+    def reserve(
         self,
-        dataset_hash: str,
+        patients: Sequence[str],
         mechanism: Mechanism,
         run_id: str,
         clip_norm: float,
+        *,
+        unit: str,
         round: int | None = None,
         extra: dict[str, Any] | None = None,
-        *,
-        unit: str = "patient",
-        started: datetime | str | None = None,
-        finished: datetime | str | None = None,
-    ) -> dict[str, Any]:
-        """Append one mechanism run and save atomically; returns the stored record.
-
-        Record what was actually run, even over a cap: the ledger must never under-count.
-        """
-        _check_hash(dataset_hash)
+    ) -> str:
+        """Write ``mechanism.steps`` steps on ``patients`` ahead of running them; returns the
+        record's id. Until :meth:`settle`, the record counts in full."""
+        cohort = _check_patients(patients)
         if not isinstance(mechanism, Mechanism):
             raise TypeError(f"mechanism must be a Mechanism, got {type(mechanism).__name__}")
         if not isinstance(run_id, str) or not run_id:
@@ -135,58 +125,151 @@ class PrivacyLedger:
         except (TypeError, ValueError) as error:
             raise ValueError(f"extra must be JSON-serialisable: {error}") from error
         now = _iso(None)
-        entry = {
+        cohort_id = _cohort_id(cohort)
+        record = {
+            "id": uuid.uuid4().hex,
+            "state": RESERVED,
             "kind": mechanism.kind,
             "label": mechanism.label,
             "noise_multiplier": mechanism.noise_multiplier,
             "sample_rate": mechanism.sample_rate,
             "steps": mechanism.steps,
+            "reserved_steps": mechanism.steps,
             "clip_norm": float(clip_norm),
             "unit": unit,
             "run_id": run_id,
             "round": round,
-            "started": _iso(started) if started is not None else None,
-            "finished": _iso(finished) if finished is not None else now,
-            "recorded": now,
+            "cohort": cohort_id,
+            "reserved": now,
+            "settled": None,
             "notes": notes,
         }
         with self._lock():
             data = self._read()
-            data["datasets"].setdefault(dataset_hash, {"records": []})["records"].append(entry)
+            data["cohorts"].setdefault(cohort_id, cohort)
+            data["records"].append(record)
             self._write(data)
-        return copy.deepcopy(entry)
+        return record["id"]
+
+    def extend(self, record_id: str, more_steps: int) -> int:
+        """Reserve ``more_steps`` further steps on an open record; returns its reserved total."""
+        more = int(more_steps)
+        if more < 0:
+            raise ValueError(f"more_steps must be >= 0, got {more_steps}")
+        with self._lock():
+            data = self._read()
+            record = _find(data, record_id, self.path)
+            if record["state"] != RESERVED:
+                raise LedgerError(
+                    f"privacy ledger {self.path}: record {record_id[:8]} is already settled; "
+                    "reserve a new record for further steps"
+                )
+            record["reserved_steps"] += more
+            record["steps"] = record["reserved_steps"]
+            self._write(data)
+            return int(record["reserved_steps"])
+
+    def settle(self, record_id: str, steps_run: int) -> dict[str, Any]:
+        """Lower an open record to the steps that ran (never raise it: steps that ran beyond
+        the reservation are recorded too, so the ledger never under-counts)."""
+        steps = int(steps_run)
+        if steps < 0:
+            raise ValueError(f"steps_run must be >= 0, got {steps_run}")
+        with self._lock():
+            data = self._read()
+            record = _find(data, record_id, self.path)
+            if record["state"] == SETTLED:
+                return copy.deepcopy(record)
+            record["steps"] = max(steps, 0)
+            if steps > record["reserved_steps"]:
+                record["notes"]["ran_beyond_reservation"] = steps - record["reserved_steps"]
+            record["state"] = SETTLED
+            record["settled"] = _iso(None)
+            self._write(data)
+            return copy.deepcopy(record)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def records(
+        self, run_id: str | None = None, patients: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Records oldest first (the audit trail), of one run and/or touching ``patients``."""
+        data = self._read()
+        wanted = set(patients) if patients is not None else None
+        out = []
+        for record in data["records"]:
+            if run_id is not None and record["run_id"] != run_id:
+                continue
+            if wanted is not None and wanted.isdisjoint(data["cohorts"][record["cohort"]]):
+                continue
+            out.append(copy.deepcopy(record))
+        return out
+
+    def cohort(self, record: dict[str, Any]) -> list[str]:
+        """The patient keys a record touched."""
+        return list(self._read()["cohorts"][record["cohort"]])
+
+    def histories(self, patients: Sequence[str]) -> list[list[Mechanism]]:
+        """The mechanisms each of ``patients`` went through, one list per distinct history
+        that no other patient's history contains (so the worst patient is among them).
+
+        ``[[]]`` when none of them was ever touched.
+        """
+        data = self._read()
+        wanted = set(patients)
+        touching: dict[str, list[int]] = {p: [] for p in wanted}
+        for index, record in enumerate(data["records"]):
+            if record["steps"] == 0:
+                continue
+            for p in wanted.intersection(data["cohorts"][record["cohort"]]):
+                touching[p].append(index)
+        signatures = {frozenset(v) for v in touching.values()}
+        maximal = [s for s in signatures if not any(s < other for other in signatures)]
+        if not maximal:
+            return [[]]
+        return [
+            [_mechanism(data["records"][i]) for i in sorted(signature)]
+            for signature in sorted(maximal, key=lambda s: sorted(s))
+        ]
+
+    def spent(
+        self, patients: Sequence[str], delta: float, accountant: Accountant = REPORT_ACCOUNTANT
+    ) -> float:
+        """ε of the worst of ``patients`` at ``delta`` (0.0 where none was touched)."""
+        return max(epsilon(h, delta, accountant) for h in self.histories(patients))
 
     def project(
         self,
-        dataset_hash: str,
+        patients: Sequence[str],
         mechanism: Mechanism,
         delta: float,
-        accountant: Accountant = "rdp",
+        accountant: Accountant = PLAN_ACCOUNTANT,
     ) -> float:
-        """ε this dataset would have spent if ``mechanism`` were added (RDP: for planning)."""
-        return epsilon([*self.mechanisms(dataset_hash), mechanism], delta, accountant)
+        """ε the worst of ``patients`` would have if ``mechanism`` ran on all of them."""
+        return max(epsilon([*h, mechanism], delta, accountant) for h in self.histories(patients))
 
     def check_cap(
         self,
-        dataset_hash: str,
+        patients: Sequence[str],
         mechanism: Mechanism,
         delta: float,
         cap: float,
-        accountant: Accountant = "rdp",
+        accountant: Accountant = PLAN_ACCOUNTANT,
     ) -> CapDecision:
-        """Whether adding ``mechanism`` keeps this dataset within ``cap``, and a sentence why."""
+        """Whether ``mechanism`` on ``patients`` keeps their worst within ``cap``, and why."""
         if not _positive(cap):
             raise ValueError(f"cap must be a positive finite ε, got {cap!r}")
-        prior = self.mechanisms(dataset_hash)
-        spent = epsilon(prior, delta, accountant)
-        projected = epsilon([*prior, mechanism], delta, accountant)
+        histories = self.histories(patients)
+        spent = max(epsilon(h, delta, accountant) for h in histories)
+        projected = max(epsilon([*h, mechanism], delta, accountant) for h in histories)
         remaining = max(cap - spent, 0.0)
         allowed = projected <= cap
         left = f"ε={_fmt(remaining)} remains" if remaining > 0 else "nothing remains (ε=0)"
         head = (
-            f"site ledger {self.path}: dataset {dataset_hash[:12]} has spent ε={_fmt(spent)} of "
-            f"its cap {_fmt(cap)} at δ={delta:.3g} ({accountant.upper()}), so {left}; "
-            f"this round ({_describe(mechanism)}) would bring it to ε={_fmt(projected)}"
+            f"privacy ledger {self.path}: the worst of these {len(set(patients))} patients has "
+            f"spent ε={_fmt(spent)} of the cap {_fmt(cap)} at δ={delta:.3g} "
+            f"({accountant.upper()}), so {left}; {_describe(mechanism)} would bring it to "
+            f"ε={_fmt(projected)}"
         )
         if allowed:
             message = f"{head}, within the cap, leaving ε={_fmt(cap - projected)}."
@@ -194,96 +277,41 @@ class PrivacyLedger:
             message = f"{head}, over the cap; refusing."
         return CapDecision(allowed, spent, projected, remaining, cap, delta, accountant, message)
 
-    def max_steps_within_cap(
-        self,
-        dataset_hash: str,
-        noise_multiplier: float,
-        sample_rate: float,
-        delta: float,
-        cap: float,
-        accountant: Accountant = "rdp",
-        *,
-        label: str = "",
-        max_steps: int = 10**9,
-    ) -> int:
-        """Most further steps of (σ, q) that keep this dataset within ``cap`` (0 if none).
-
-        The boundary by bisection: n steps fit and n + 1 do not (or ``max_steps`` fit). A
-        trainer uses it to stop cleanly at the last safe snapshot instead of overshooting.
-        """
-        if not _positive(cap):
-            raise ValueError(f"cap must be a positive finite ε, got {cap!r}")
-        prior = self.mechanisms(dataset_hash)
-
-        def fits(steps: int) -> bool:
-            new = Mechanism(noise_multiplier, sample_rate, steps, label=label)
-            return epsilon([*prior, new], delta, accountant) <= cap
-
-        if not fits(1):
-            return 0
-        low, high = 1, 2
-        while fits(high):
-            if high >= max_steps:
-                return max_steps
-            low, high = high, min(2 * high, max_steps)
-        while high - low > 1:
-            mid = (low + high) // 2
-            if fits(mid):
-                low = mid
-            else:
-                high = mid
-        return low
-
     def to_dict(self) -> dict[str, Any]:
         """The whole ledger as stored (a copy)."""
         return self._read()
 
-    def summary(self, delta: float, accountant: Accountant = "prv") -> dict[str, Any]:
-        """Per dataset: ε in total and per label, steps, runs and time span, for reports."""
-        data = self._read()
-        datasets = {}
-        for dataset_hash, entry in data["datasets"].items():
-            records = entry["records"]
-            mechanisms = [_mechanism(r) for r in records]
-            labels = sorted({m.label for m in mechanisms})
-            by_label = {
-                label: {
-                    "epsilon": epsilon(
-                        [m for m in mechanisms if m.label == label], delta, accountant
-                    ),
-                    "steps": sum(m.steps for m in mechanisms if m.label == label),
-                }
-                for label in labels
-            }
-            times = [t for r in records for t in (r["started"], r["finished"]) if t]
-            datasets[dataset_hash] = {
-                "epsilon": epsilon(mechanisms, delta, accountant),
-                "records": len(records),
-                "steps": sum(m.steps for m in mechanisms),
-                "by_label": by_label,
-                "composed": [
-                    {
-                        "kind": m.kind,
-                        "noise_multiplier": m.noise_multiplier,
-                        "sample_rate": m.sample_rate,
-                        "steps": m.steps,
-                    }
-                    for m in merge_mechanisms(mechanisms)
-                ],
-                "runs": sorted({r["run_id"] for r in records}),
-                "units": sorted({r["unit"] for r in records}),
-                "first": min(times) if times else None,
-                "last": max(times) if times else None,
-            }
+    def summary(
+        self, patients: Sequence[str], delta: float, accountant: Accountant = REPORT_ACCOUNTANT
+    ) -> dict[str, Any]:
+        """ε of the worst of ``patients`` in total and per label, with the records behind it."""
+        records = self.records(patients=patients)
+        histories = self.histories(patients)
+        labels = sorted({r["label"] for r in records})
         return {
             "ledger": str(self.path),
             "delta": delta,
             "accountant": accountant,
-            "datasets": datasets,
+            "patients": len(set(patients)),
+            "epsilon": max(epsilon(h, delta, accountant) for h in histories),
+            "by_label": {
+                label: max(
+                    epsilon([m for m in h if m.label == label], delta, accountant)
+                    for h in histories
+                )
+                for label in labels
+            },
+            "steps": sum(int(r["steps"]) for r in records),
+            "records": len(records),
+            "open_reservations": sum(r["state"] == RESERVED for r in records),
+            "runs": sorted({r["run_id"] for r in records}),
+            "units": sorted({r["unit"] for r in records}),
         }
 
     def __repr__(self) -> str:
         return f"PrivacyLedger({str(self.path)!r})"
+
+    # -- the file ------------------------------------------------------------------------------
 
     def _read(self) -> dict[str, Any]:
         """Load and validate the file; any problem is a LedgerError naming it."""
@@ -306,12 +334,12 @@ class PrivacyLedger:
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
-        """Replace the file atomically: a crash leaves the old or the new ledger, never half."""
-        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+        """Replace the file atomically and durably: a crash leaves the old or the new ledger."""
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n"
         try:
             mode = stat.S_IMODE(self.path.stat().st_mode)
         except FileNotFoundError:
-            mode = 0o644
+            mode = 0o600
         fd, tmp = tempfile.mkstemp(
             dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
         )
@@ -336,7 +364,7 @@ class PrivacyLedger:
         """
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as error:
             raise LedgerError(
                 f"privacy ledger {self.path}: cannot create its lock file {lock_path} "
@@ -361,22 +389,27 @@ def _empty_ledger() -> dict[str, Any]:
         "format": LEDGER_FORMAT,
         "version": LEDGER_VERSION,
         "created": _iso(None),
-        "datasets": {},
+        "cohorts": {},
+        "records": [],
     }
 
 
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "state": (str,),
     "kind": (str,),
     "label": (str,),
     "noise_multiplier": _NUMERIC,
     "sample_rate": _NUMERIC,
     "steps": (int,),
+    "reserved_steps": (int,),
     "clip_norm": _NUMERIC,
     "unit": (str,),
     "run_id": (str,),
     "round": (int, type(None)),
-    "started": (str, type(None)),
-    "finished": (str, type(None)),
+    "cohort": (str,),
+    "reserved": (str,),
+    "settled": (str, type(None)),
     "notes": (dict,),
 }
 
@@ -388,32 +421,53 @@ def _validate(data: Any, error: Any) -> None:
     if data.get("format") != LEDGER_FORMAT:
         raise error(f"is not a fedspine privacy ledger (format {data.get('format')!r})")
     version = data.get("version")
+    if version == 1:
+        raise error(
+            "is a version-1 ledger, keyed by prepared-folder content hashes: those reset "
+            "whenever the same patients were re-ingested, so this fedspine does not read them. "
+            "Its spend cannot be tied to patients automatically; keep the file for the audit "
+            "trail and start the site's privacy home (--privacy-home) fresh only after the "
+            "steward has accounted for it by hand"
+        )
     if version != LEDGER_VERSION:
         raise error(
             f"has version {version!r}, this fedspine reads version {LEDGER_VERSION} "
             "(a newer fedspine wrote it? upgrade fedspine at this site)"
         )
-    datasets = data.get("datasets")
-    if not isinstance(datasets, dict):
-        raise error("has no 'datasets' object")
-    for dataset_hash, entry in datasets.items():
-        records = entry.get("records") if isinstance(entry, dict) else None
-        if not isinstance(records, list):
-            raise error(f"dataset {dataset_hash[:12]} has no 'records' list")
-        for index, record in enumerate(records):
-            where = f"dataset {dataset_hash[:12]} record {index}"
-            if not isinstance(record, dict):
-                raise error(f"{where} is not an object")
-            for field, types in _RECORD_FIELDS.items():
-                value = record.get(field)
-                if field not in record or isinstance(value, bool) or not isinstance(value, types):
-                    raise error(f"{where} has a missing or bad {field!r}: {value!r}")
-            try:
-                _mechanism(record)
-            except ValueError as problem:
-                raise error(f"{where} is not a valid mechanism ({problem})") from problem
-            if not _positive(record["clip_norm"]):
-                raise error(f"{where} has a bad clip_norm {record['clip_norm']!r}")
+    cohorts = data.get("cohorts")
+    records = data.get("records")
+    if not isinstance(cohorts, dict) or not isinstance(records, list):
+        raise error("has no 'cohorts' object or no 'records' list")
+    for cohort_id, keys in cohorts.items():
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise error(f"cohort {cohort_id[:12]} is not a list of patient keys")
+    for index, record in enumerate(records):
+        where = f"record {index}"
+        if not isinstance(record, dict):
+            raise error(f"{where} is not an object")
+        for field, types in _RECORD_FIELDS.items():
+            value = record.get(field)
+            if field not in record or isinstance(value, bool) or not isinstance(value, types):
+                raise error(f"{where} has a missing or bad {field!r}: {value!r}")
+        if record["state"] not in (RESERVED, SETTLED):
+            raise error(f"{where} has an unknown state {record['state']!r}")
+        if record["cohort"] not in cohorts:
+            raise error(f"{where} names cohort {record['cohort'][:12]}, which the file lacks")
+        if record["state"] == RESERVED and record["steps"] != record["reserved_steps"]:
+            raise error(f"{where} is reserved but counts fewer steps than it reserved")
+        try:
+            _mechanism(record)
+        except ValueError as problem:
+            raise error(f"{where} is not a valid mechanism ({problem})") from problem
+        if not _positive(record["clip_norm"]):
+            raise error(f"{where} has a bad clip_norm {record['clip_norm']!r}")
+
+
+def _find(data: dict[str, Any], record_id: str, path: Path) -> dict[str, Any]:
+    for record in data["records"]:
+        if record["id"] == record_id:
+            return record
+    raise LedgerError(f"privacy ledger {path}: no record {record_id!r}")
 
 
 def _mechanism(record: dict[str, Any]) -> Mechanism:
@@ -426,9 +480,22 @@ def _mechanism(record: dict[str, Any]) -> Mechanism:
     )
 
 
-def _check_hash(dataset_hash: str) -> None:
-    if not isinstance(dataset_hash, str) or not dataset_hash.strip():
-        raise ValueError(f"dataset_hash must be a non-empty string, got {dataset_hash!r}")
+def mechanisms_of(records: Sequence[dict[str, Any]]) -> list[Mechanism]:
+    """One Mechanism per ledger record (as :meth:`PrivacyLedger.records` returns them)."""
+    return [_mechanism(r) for r in records]
+
+
+def _check_patients(patients: Sequence[str]) -> list[str]:
+    if isinstance(patients, str):
+        raise TypeError("patients must be a sequence of patient keys, not one string")
+    cohort = sorted({str(p) for p in patients})
+    if not cohort or not all(cohort):
+        raise ValueError("a mechanism must name the (non-empty) patient keys it touches")
+    return cohort
+
+
+def _cohort_id(cohort: list[str]) -> str:
+    return hashlib.sha256("\n".join(cohort).encode()).hexdigest()[:24]
 
 
 def _positive(value: Any) -> bool:

@@ -12,9 +12,24 @@
 4. ``RUN/generator.pt`` holds G_ema only (DESIGN decision 6: never release D): every tensor
    lies under ``G_ema`` and its names are exactly a Generator's; a trainer checkpoint, a D, an
    optimizer or any stray tensor is refused;
-5. the audit data covers the run: at least one ``--audit-data`` set has the content hash of a
-   site's training set (otherwise the memorisation gate would compare against unrelated images);
-6. the memorisation gate passes.
+5. ``RUN/generator.pt`` is the generator ``privacy.json`` covers: its SHA-256 equals
+   ``privacy.json``'s ``generator_sha256`` (a DP run writes the generator before its privacy
+   summary, so the summary binds it; a missing or null hash is refused), and its ``training``
+   metadata does not name a ``dp_scheme`` other than ``dpsgd`` (the ablation schemes are not
+   private);
+6. the audit data covers the run, found without any fingerprint of the data: for every audit
+   set the patients of its ``train`` split are named by their keyed hashes under each privacy
+   home given (``privacy_homes``, CLI ``--privacy-home``, default the one
+   :func:`~fedspine.privacy.home.resolve_home` finds), and a site is covered when that home's
+   ledger holds records of this run (``privacy.json``'s ``run_id`` or a run id of the site's
+   mechanism rows) whose cohort shares patients with it. A home is matched to a site by its
+   records' mechanisms (run, round, σ, q, clip, unit, label as ``privacy.json`` lists them);
+   a single-site run takes any matching record. A home without ``ledger.json`` is skipped and
+   never created. No audit set covering any site is a refusal (the memorisation gate would
+   compare against unrelated images); some sites uncovered is a warning;
+7. the memorisation gate passes;
+8. no file of the release contains the content hash of an audit set (nor of the parts of a
+   merged one): a release carries no fingerprint of the private data.
 
 The memorisation gate (``memorisation_gate``). The synthetic set is generated first, in the
 staging folder, and compared in raw pixels (at the generator's resolution) with the audit
@@ -34,22 +49,31 @@ Pixel distances favour blurry, mean-like images (the mean lies closer to every i
 images lie to each other), so a collapsed generator can be refused without copying anyone;
 the steward's closest-pairs figure shows which case it is.
 
-What a release holds (built in a hidden staging folder beside ``out``, renamed when complete)::
+What a release holds (built in a hidden staging folder beside ``out``, renamed when complete);
+everything in it is the DP generator, what was generated from it, or public settings::
 
     synthetic/                 images/*.png, labels.csv, classes.txt, generation.json
     generator.pt               the run's G_ema checkpoint, byte for byte
-    privacy_report.json        the run's privacy.json and the release decision
-    audit/memorisation.json    the gate's numbers and rule
-    audit/membership.json      a synthetic-only membership inference attack (reported, not gated)
+    privacy_report.json        per site (ε, δ, σ, q, steps, clip, unit, accountant), what was
+                               private, and which gates passed (names, rules, settings)
     steward.pub                the steward's public key (OpenSSH line)
     manifest.json              SHA-256 of every other file, the configuration, each site's (ε, δ)
     manifest.sig               base64 Ed25519 signature of manifest.json's bytes
 
-No real image leaves in a release: the closest-pairs figure of the memorisation audit shows
-training images, so it is written only to ``steward_audit_dir`` (for the steward's eyes), never
-into the release. The audit numbers are computed on real data and are not covered by the DP
-guarantee; they are summaries only (no per-image values). Machine paths are not recorded: the
-manifest names the run folder and the audit sets by their folder names and hashes.
+``generation.json`` keeps the generator's own SHA-256 but drops every key naming a hash from
+the copied ``training`` metadata. The sites' (ε, δ) are the privacy of ``generator.pt`` and of
+the synthetic images (post-processing of it) and of nothing else. Dataset sizes are treated as
+public (a site's sampling rate q is its batch over its patient count).
+
+The steward's audit folder (``steward_audit_dir``, CLI ``--audit-dir``) is required: a release
+is not attempted without one (there is no default; the folder must be chosen as private). The
+memorisation and membership audits are computed on real images and are not covered by the DP
+guarantee, so their figures never enter the release: ``memorisation.json`` (the gate's
+distances, threshold and counts, the audit sets' names, content hashes and sizes, the coverage
+found), ``membership.json`` (a synthetic-only membership inference attack, reported, not gated)
+and ``closest_pairs.png`` (real training images) are written there, created 0700, replacing
+those of an earlier release into the same folder. The release only says that the gates passed.
+Machine paths are not recorded in the release: the manifest names the run folder only.
 """
 
 from __future__ import annotations
@@ -59,6 +83,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -71,6 +96,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedspine import __version__
+from fedspine.privacy.home import LEDGER_FILE, PrivacyHomeError, resolve_home
+from fedspine.privacy.ledger import LedgerError
 from fedspine.privacy.signing import (
     MANIFEST_FILE,
     PUBLIC_KEY_FILE,
@@ -84,17 +111,38 @@ from fedspine.privacy.signing import (
     sha256_file,
 )
 
-RELEASE_FORMAT = "fedspine-release/1"
+RELEASE_FORMAT = "fedspine-release/2"
 PRIVACY_FILE = "privacy.json"
 PRIVACY_FORMAT = "fedspine-privacy/1"
 EPSILON_RTOL = 0.01
 GENERATOR_FILE = "generator.pt"
 SYNTHETIC_DIR = "synthetic"
 PRIVACY_REPORT_FILE = "privacy_report.json"
-MEMORISATION_FILE = "audit/memorisation.json"
-MEMBERSHIP_FILE = "audit/membership.json"
+MEMORISATION_FILE = "memorisation.json"
+"""In the steward's audit folder, never in the release (so are the two below)."""
+MEMBERSHIP_FILE = "membership.json"
 CLOSEST_PAIRS_FILE = "closest_pairs.png"
+DP_SCHEME = "dpsgd"
+MEMORISATION_RULE = (
+    "threshold = percentile-th percentile of held-out real images' distances to their closest "
+    "training image; flagged = synthetic images whose distance to their closest training image "
+    "is <= threshold; expected = ((m-1)q+1)/(m+1) for m held-out images, q = percentile/100; "
+    "refused when the flagged share > max_ratio*expected + z*sqrt(expected*(1-expected)/n) "
+    "for n synthetic images"
+)
+DATASET_SIZES_PUBLIC = (
+    "dataset sizes are treated as public: each site's sampling rate q is its expected batch "
+    "over its number of privacy units, so q and the step counts reveal them"
+)
+AUDITS_WITH_STEWARD = (
+    "the memorisation and membership audits were computed on the real training and held-out "
+    "images, outside the DP guarantee: their figures stay with the data steward, and this "
+    "release says only which gates passed"
+)
 HELDOUT_SPLITS = ("val", "test")
+MECHANISM_KEYS = ("label", "kind", "noise_multiplier", "sample_rate", "steps", "clip_norm")
+_HASH_KEY = re.compile(r"hash|sha\d|md5", re.IGNORECASE)
+_FINGERPRINT_HEX = 16
 GENERATOR_KEYS = frozenset(
     {"fedspine_checkpoint", "format_version", "fedspine_version", "network", "class_names"}
     | {"G_ema", "training"}
@@ -164,18 +212,17 @@ class GateDecision:
             "expected_share": self.expected_share,
             "allowed_share": self.allowed_share,
             "settings": asdict(self.gate),
-            "rule": (
-                "threshold = percentile-th percentile of held-out images' nearest-training "
-                "distances; flagged = synthetic images with nearest-training distance <= "
-                "threshold; expected = ((m-1)q+1)/(m+1) for m held-out images, q = percentile/100; "
-                "refused when flagged share > max_ratio*expected + z*sqrt(expected*(1-expected)/n)"
-            ),
+            "rule": MEMORISATION_RULE,
         }
 
 
 @dataclass
 class ReleaseResult:
-    """What :func:`make_release` wrote and the numbers behind the decision."""
+    """What :func:`make_release` wrote and the numbers behind the decision.
+
+    ``memorisation`` and ``membership`` are the steward's (computed on real images); they are
+    written to ``steward_audit``, never into the release.
+    """
 
     out: Path
     files: int
@@ -183,6 +230,7 @@ class ReleaseResult:
     sites: dict[str, dict[str, float]]
     memorisation: GateDecision
     membership: dict
+    steward_audit: Path
     warnings: list[str] = field(default_factory=list)
 
 
@@ -209,12 +257,16 @@ def make_release(
     device: str = "cpu",
     batch: int = 32,
     steward_audit_dir: str | os.PathLike | None = None,
+    privacy_homes: Sequence[str | os.PathLike] = (),
     log: Callable[[str], None] | None = None,
     advance: Callable[[int, int], None] | None = None,
 ) -> ReleaseResult:
     """Check, generate, audit, sign and publish a release at ``out``, or refuse.
 
-    ``signing_key`` is an Ed25519 private key or the path of one. ``log`` receives one line per
+    ``signing_key`` is an Ed25519 private key or the path of one. ``steward_audit_dir`` is the
+    steward's private folder for the audits' figures (required). ``privacy_homes`` are the
+    sites' privacy homes whose ledgers show which audit set each site trained on (empty: the
+    one :func:`~fedspine.privacy.home.resolve_home` finds). ``log`` receives one line per
     stage; ``advance(n, total)`` the number of images generated since its last call. Raises
     :class:`ReleaseRefused` when a gate fails and :class:`ReleaseError` when the inputs are
     unusable; either way nothing exists at ``out`` afterwards and no staging folder remains.
@@ -228,6 +280,7 @@ def make_release(
         raise ReleaseError(f"--per-class must be at least 1, got {per_class}")
     if not audit_data:
         raise ReleaseError("give at least one --audit-data prepared dataset (the training data)")
+    steward = _steward_folder(steward_audit_dir, out)
     if out.exists() or out.is_symlink():
         raise ReleaseError(f"{out} already exists; choose another --out")
     try:
@@ -245,20 +298,29 @@ def make_release(
     gen_path = run / GENERATOR_FILE
     say(f"checking {GENERATOR_FILE} holds G_ema only")
     meta = check_generator_checkpoint(gen_path)
+    say(f"checking {GENERATOR_FILE} is the generator {PRIVACY_FILE} covers")
+    generator_sha256 = check_generator_binding(run, privacy, meta)
     resolution = int(meta["network"]["resolution"])
+    homes = [resolve_home(h) for h in privacy_homes] or [resolve_home(None)]
     say(f"loading {len(audit_data)} audit dataset(s)")
-    audit = _load_audit_data(audit_data, resolution, privacy["sites"], gate)
+    audit = _load_audit_data(audit_data, resolution, privacy, homes, gate)
     warnings = [*checked.warnings, *audit["warnings"]]
 
     created = _missing_ancestors(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        # Generate from, and ship, a copy whose hash is checked again: the bytes released are
+        # the bytes privacy.json covers, whatever happens to RUN/generator.pt meanwhile.
+        staged_generator = stage / GENERATOR_FILE
+        shutil.copyfile(gen_path, staged_generator)
+        if sha256_file(staged_generator) != generator_sha256:
+            raise ReleaseError(f"{run.name}/{GENERATOR_FILE} changed while it was being released")
         total = per_class * len(meta["class_names"])
         say(f"generating {total} synthetic images")
         synthetic_dir = stage / SYNTHETIC_DIR
         _write_synthetic(
-            gen_path,
+            staged_generator,
             synthetic_dir,
             per_class=per_class,
             truncation=truncation,
@@ -267,13 +329,28 @@ def make_release(
             device=device,
             progress=(lambda n: advance(n, total)) if advance else None,
         )
-        _strip_machine_paths(synthetic_dir / "generation.json", run)
+        _clean_generation_json(synthetic_dir / "generation.json", run, generator_sha256)
         synthetic = read_folder_images(synthetic_dir)
 
-        say("memorisation audit")
+        say(f"memorisation audit (figures go to the steward's folder {steward})")
         decision, mem = memorisation_gate(synthetic, audit["train"], audit["heldout"], gate)
-        if steward_audit_dir is not None:
-            _write_closest_pairs(Path(steward_audit_dir), synthetic, audit["train"], mem)
+        _make_private_folder(steward)
+        _write_closest_pairs(steward, synthetic, audit["train"], mem)
+        _write_json(
+            steward / MEMORISATION_FILE,
+            {
+                **mem.summary(),
+                "release": out.name,
+                "run": run.name,
+                "generator_sha256": generator_sha256,
+                "gate": decision.summary(),
+                "audit_data": audit["described"],
+                "coverage": audit["coverage"],
+                "coverage_detail": audit["detail"],
+                "closest_pairs": CLOSEST_PAIRS_FILE,
+                "private": "computed on real images: keep it with the steward, never publish",
+            },
+        )
         if not decision.passed:
             raise ReleaseRefused(decision.reason())
 
@@ -281,8 +358,11 @@ def make_release(
         from fedspine.privacy.membership import membership_audit
 
         membership = membership_audit(synthetic, audit["train"], audit["heldout"]).summary()
+        _write_json(
+            steward / MEMBERSHIP_FILE,
+            {**membership, "release": out.name, "generator_sha256": generator_sha256},
+        )
         say("writing and signing the release")
-        shutil.copyfile(gen_path, stage / GENERATOR_FILE)
         config = {
             "max_epsilon": max_epsilon,
             "per_class": per_class,
@@ -291,41 +371,21 @@ def make_release(
             "format": "png",
             "memorisation_gate": asdict(gate),
         }
-        mem_summary = {
-            **mem.summary(),
-            "gate": decision.summary(),
-            "audit_data": audit["described"],
-            "coverage": audit["coverage"],
-            "closest_pairs": (
-                "withheld from the release: it shows real training images "
-                "(written only to the steward's audit folder when asked for)"
-            ),
-        }
-        _write_json(stage / MEMORISATION_FILE, mem_summary)
-        _write_json(stage / MEMBERSHIP_FILE, membership)
+        gates = _gates(max_epsilon, gate, audit["coverage"])
         _write_json(
             stage / PRIVACY_REPORT_FILE,
             {
-                "format": "fedspine-release-privacy/1",
-                "privacy": privacy,
+                "format": "fedspine-release-privacy/2",
+                "privacy": _public_privacy(privacy, sites, checked.accountant),
                 "release_decision": {
                     "released": True,
                     "max_epsilon": max_epsilon,
                     "max_site_epsilon": max(s["epsilon"] for s in sites.values()),
                     "sites": sites,
-                    "checks": [
-                        "complete privacy ledger for every site",
-                        "every component private",
-                        f"every site's epsilon <= {max_epsilon:g}",
-                        "generator checkpoint holds G_ema only (no D, no optimizer)",
-                        "memorisation gate passed",
-                    ],
-                    "memorisation": decision.summary(),
-                    "membership_inference": {
-                        "nearest_auc": membership["nearest"]["auc"],
-                        "nearest_tpr_at_1pct_fpr": membership["nearest"]["tpr_at_1pct_fpr"],
-                    },
+                    "gates": gates,
+                    "checks": [g["name"] for g in gates],
                     "audit_coverage": audit["coverage"],
+                    "audits": AUDITS_WITH_STEWARD,
                     "warnings": warnings,
                 },
             },
@@ -335,20 +395,33 @@ def make_release(
             "format": RELEASE_FORMAT,
             "fedspine_version": __version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "run": {"name": run.name, "generator_sha256": sha256_file(gen_path)},
+            "run": {"name": run.name, "generator_sha256": generator_sha256},
             "configuration": config,
             "privacy": {
+                "guarantee": (
+                    "each site's (epsilon, delta) below is the differential privacy of "
+                    f"{GENERATOR_FILE} and of the synthetic images generated from it "
+                    f"({SYNTHETIC_DIR}/, post-processing) for that site's patients; nothing "
+                    "else in this release is computed from private data"
+                ),
+                "covers": [GENERATOR_FILE, f"{SYNTHETIC_DIR}/"],
                 "accountant": checked.accountant,
                 "delta": privacy.get("delta"),
                 "unit": privacy.get("unit"),
                 "sites": sites,
+                "dataset_sizes": DATASET_SIZES_PUBLIC,
             },
-            "audit_data": audit["described"],
+            "audits": {
+                "held_by": "the data steward (not part of this release)",
+                "statement": AUDITS_WITH_STEWARD,
+                "gates_passed": [g["name"] for g in gates],
+            },
             "signing_key": fingerprint(key),
             "files": _file_list(stage),
         }
         manifest_bytes = _json_bytes(manifest)
         (stage / MANIFEST_FILE).write_bytes(manifest_bytes)
+        _refuse_fingerprints(stage, audit["fingerprints"])
         (stage / SIGNATURE_FILE).write_bytes(encode_signature(key.sign(manifest_bytes)))
         if out.exists() or out.is_symlink():
             raise ReleaseError(f"{out} appeared while the release was being built; not replaced")
@@ -359,7 +432,7 @@ def make_release(
             with suppress(OSError):
                 folder.rmdir()
         raise
-    say(f"release written to {out}")
+    say(f"release written to {out}; the audits' figures are in {steward} (keep them private)")
     return ReleaseResult(
         out=out,
         files=len(manifest["files"]),
@@ -367,6 +440,7 @@ def make_release(
         sites=sites,
         memorisation=decision,
         membership=membership,
+        steward_audit=steward,
         warnings=warnings,
     )
 
@@ -505,6 +579,44 @@ def check_generator_checkpoint(path: str | os.PathLike) -> dict:
     return {k: v for k, v in data.items() if k != "G_ema"}
 
 
+def check_generator_binding(run: str | os.PathLike, privacy: dict, meta: dict) -> str:
+    """SHA-256 of ``RUN/generator.pt`` if it is the generator ``privacy`` covers; else
+    :class:`ReleaseRefused`.
+
+    A DP run writes generator.pt before privacy.json, which records the generator's SHA-256:
+    any other G_ema put in its place afterwards (another run's, a non-private one) differs.
+    ``meta`` is the checkpoint's metadata (:func:`check_generator_checkpoint`); a ``training``
+    ``dp_scheme`` other than ``dpsgd`` under a privacy record that says private is refused too.
+    """
+    run = Path(run)
+    path = run / GENERATOR_FILE
+    name = f"{run.name}/{GENERATOR_FILE}"
+    if not path.is_file():
+        raise ReleaseError(f"{path}: no generator; the run has not finished")
+    actual = sha256_file(path)
+    stated = privacy.get("generator_sha256")
+    if not isinstance(stated, str) or stated.lower() != actual:
+        recorded = (
+            f"generator_sha256 {stated[:12]}"
+            if isinstance(stated, str) and stated
+            else "no generator_sha256"
+        )
+        raise ReleaseRefused(
+            f"{name} (sha256 {actual[:12]}) is not the generator {PRIVACY_FILE} covers "
+            f"({PRIVACY_FILE} records {recorded}); only the generator its privacy ledger was "
+            "written for can be released"
+        )
+    training = meta.get("training")
+    scheme = training.get("dp_scheme") if isinstance(training, dict) else None
+    if scheme is not None and scheme != DP_SCHEME and privacy.get("private") is True:
+        raise ReleaseRefused(
+            f"{name} says it was trained with dp_scheme {scheme!r}, not {DP_SCHEME!r}, while "
+            f"{PRIVACY_FILE} says the run was private; it is not the generator that privacy "
+            "record covers"
+        )
+    return actual
+
+
 def memorisation_gate(
     synthetic: np.ndarray,
     train: np.ndarray,
@@ -568,20 +680,39 @@ def _write_synthetic(gen_path: Path, out: Path, **kwargs) -> Path:
 
 
 def _load_audit_data(
-    paths: Sequence[str | os.PathLike], resolution: int, sites: dict, gate: MemorisationGate
+    paths: Sequence[str | os.PathLike],
+    resolution: int,
+    privacy: dict,
+    homes: Sequence[Path],
+    gate: MemorisationGate,
 ) -> dict:
-    """Train and held-out images of every audit set at ``resolution``, and run coverage."""
+    """Train and held-out images of every audit set at ``resolution``, and run coverage.
+
+    Coverage comes from the sites' privacy ledgers (module docstring, gate 6), never from a
+    fingerprint of the data. ``described``, ``detail`` and ``fingerprints`` are the steward's:
+    they name the audit sets' content hashes and sizes and never enter the release.
+    """
     import torch
 
     from fedspine.data.prepared import PreparedDatasetError, load_prepared
     from fedspine.training.batches import resize_uint8
 
-    train, heldout, described = [], [], []
+    sites = privacy["sites"]
+    ledgers = _open_ledgers(homes)
+    run_ids = _run_ids(privacy)
+    signatures = {
+        name: {_signature(m) for m in site.get("mechanisms") or [] if isinstance(m, dict)}
+        for name, site in sites.items()
+    }
+    coverage = {name: False for name in sites}
+    train, heldout, described, detail = [], [], [], []
+    fingerprints: dict[str, str] = {}
     for p in paths:
         try:
             data = load_prepared(p)
         except PreparedDatasetError as err:
             raise ReleaseError(str(err)) from None
+        name = Path(p).name
         parts = []
         for split in ("train", HELDOUT_SPLITS):
             imgs = torch.from_numpy(np.ascontiguousarray(data.select(split).images))[:, None]
@@ -592,23 +723,44 @@ def _load_audit_data(
         heldout.append(parts[1])
         described.append(
             {
-                "name": Path(p).name,
+                "name": name,
                 "content_hash": data.content_hash,
                 "n_train": len(parts[0]),
                 "n_heldout": len(parts[1]),
             }
         )
-    hashes = {d["content_hash"] for d in described}
-    coverage = {name: (s.get("dataset_hash") in hashes) for name, s in sites.items()}
+        for digest in [data.content_hash, *(data.manifest.get("parts") or {}).values()]:
+            if isinstance(digest, str) and digest:
+                fingerprints[digest] = name
+        train_ids = data.select("train").patient_ids
+        for home, privacy_home, ledger in ledgers:
+            try:
+                keys = privacy_home.keys_of(train_ids)
+                records = [r for r in ledger.records(patients=keys) if r["run_id"] in run_ids]
+                cohorts = {r["cohort"]: set(ledger.cohort(r)) for r in records}
+            except (PrivacyHomeError, LedgerError) as err:
+                raise ReleaseError(f"privacy home {home}: {err}") from None
+            if not records:
+                continue
+            matched = _sites_of(records, signatures)
+            for site in matched:
+                coverage[site] = True
+            trained = set().union(*cohorts.values()) & set(keys)
+            detail.append(
+                {
+                    "audit_data": name,
+                    "privacy_home": str(home),
+                    "sites": matched,
+                    "records_of_the_run": len(records),
+                    "train_patients": len(keys),
+                    "train_patients_in_the_run": len(trained),
+                }
+            )
     if not any(coverage.values()):
-        raise ReleaseRefused(
-            "memorisation audit: no --audit-data set is the training data of any site "
-            "(content hashes differ from privacy.json's dataset_hash); pass the prepared "
-            "datasets the run was trained on"
-        )
+        raise ReleaseRefused(_uncovered_reason(privacy, homes, ledgers, run_ids))
     warnings = [
-        f"site {name}'s training data was not in --audit-data; the memorisation and membership "
-        "audits do not cover it"
+        f"site {name}: no --audit-data set holds its training patients under the given "
+        "--privacy-home(s); the memorisation and membership audits do not cover it"
         for name, covered in coverage.items()
         if not covered
     ]
@@ -617,18 +769,252 @@ def _load_audit_data(
         "heldout": np.concatenate(heldout),
         "described": described,
         "coverage": coverage,
+        "detail": detail,
+        "fingerprints": fingerprints,
         "warnings": warnings,
     }
 
 
-def _strip_machine_paths(generation_json: Path, run: Path) -> None:
-    """generation.json names the run and generator by absolute path; keep names only."""
+def _open_ledgers(homes: Sequence[Path]) -> list[tuple[Path, Any, Any]]:
+    """(path, PrivacyHome, ledger) of every home that holds a ledger; the others are skipped,
+    never created (a release must not start a ledger or a site key)."""
+    from fedspine.privacy.home import PrivacyHome
+
+    found, seen = [], set()
+    for home in homes:
+        home = Path(home)
+        if home in seen or not home.joinpath(LEDGER_FILE).is_file():
+            continue
+        seen.add(home)
+        try:
+            privacy_home = PrivacyHome(home)
+            found.append((home, privacy_home, privacy_home.ledger()))
+        except (PrivacyHomeError, LedgerError) as err:
+            raise ReleaseError(f"privacy home {home}: {err}") from None
+    return found
+
+
+def _run_ids(privacy: dict) -> set[str]:
+    """The run's id and every run id of the sites' mechanism rows."""
+    ids = {privacy.get("run_id")}
+    for site in privacy["sites"].values():
+        ids.update(m.get("run_id") for m in site.get("mechanisms") or [] if isinstance(m, dict))
+    return {i for i in ids if isinstance(i, str) and i}
+
+
+def _signature(row: dict) -> tuple:
+    """What a ledger record and its row in privacy.json share (steps change as it settles)."""
+
+    def num(value: Any) -> float | None:
+        return float(value) if _is_number(value) else None
+
+    return (
+        row.get("run_id"),
+        row.get("round"),
+        row.get("label"),
+        row.get("unit"),
+        num(row.get("noise_multiplier")),
+        num(row.get("sample_rate")),
+        num(row.get("clip_norm")),
+    )
+
+
+def _sites_of(records: list[dict], signatures: dict[str, set]) -> list[str]:
+    """The sites whose mechanism rows list one of ``records``; for a single-site run, that
+    site whenever a record of the run matched."""
+    found = {_signature(r) for r in records}
+    matched = sorted(name for name, rows in signatures.items() if rows & found)
+    if not matched and len(signatures) == 1:
+        matched = list(signatures)
+    return matched
+
+
+def _uncovered_reason(privacy: dict, homes: Sequence[Path], ledgers: list, run_ids: set) -> str:
+    ask = (
+        "pass the prepared datasets the run was trained on (--audit-data) and each site's "
+        "privacy home (--privacy-home)"
+    )
+    if not ledgers:
+        where = ", ".join(str(h) for h in homes)
+        return (
+            "memorisation audit: cannot tell which --audit-data set is a site's training data: "
+            f"no privacy ledger in {where}; {ask}"
+        )
+    runs = ", ".join(sorted(run_ids)) or "(privacy.json names no run id)"
+    where = ", ".join(str(h) for h, _, _ in ledgers)
+    return (
+        "memorisation audit: no --audit-data set is the training data of any site: the "
+        f"ledgers in {where} record run {runs} on none of the audit sets' train patients "
+        f"(or on none of privacy.json's sites); {ask}"
+    )
+
+
+def _clean_generation_json(generation_json: Path, run: Path, generator_sha256: str) -> None:
+    """generation.json names the run and generator by absolute path and copies the generator's
+    ``training`` metadata: keep names only, and drop every key naming a hash except the
+    generator's own SHA-256 (which must be the one released)."""
     if not generation_json.is_file():
         return
     info = json.loads(generation_json.read_text())
+    stated = info.get("generator_sha256", generator_sha256)
+    if stated != generator_sha256:
+        raise ReleaseError(
+            f"generation.json names generator {str(stated)[:12]}, not the released "
+            f"{generator_sha256[:12]}"
+        )
+    info = _without_hashes(info)
+    info["generator_sha256"] = generator_sha256
     info["run"] = run.name
     info["generator"] = GENERATOR_FILE
     generation_json.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _without_hashes(obj: Any) -> Any:
+    """``obj`` without any dict key that names a hash (hash, sha1/sha256, md5), recursively."""
+    if isinstance(obj, dict):
+        return {k: _without_hashes(v) for k, v in obj.items() if not _HASH_KEY.search(str(k))}
+    if isinstance(obj, list):
+        return [_without_hashes(v) for v in obj]
+    return obj
+
+
+def _public_privacy(privacy: dict, sites: dict[str, dict[str, float]], accountant: str) -> dict:
+    """The DP outputs of privacy.json: per site (ε, δ, σ, q, steps, clip, unit, accountant),
+    what was private and the generator it covers; no patient counts, no per-round detail."""
+    public_sites = {}
+    for name, site in privacy["sites"].items():
+        public_sites[name] = {
+            "epsilon": float(site["epsilon"]),
+            "epsilon_released": sites[name]["epsilon"],
+            "delta": sites[name]["delta"],
+            "unit": site.get("unit", privacy.get("unit")),
+            "accountant": accountant,
+            "mechanisms": [
+                {k: m[k] for k in MECHANISM_KEYS if k in m}
+                for m in site["mechanisms"]
+                if isinstance(m, dict)
+            ],
+        }
+    return {
+        "format": privacy.get("format"),
+        "private": privacy.get("private"),
+        "not_private_reasons": list(privacy.get("not_private_reasons") or []),
+        "accountant": accountant,
+        "delta": privacy.get("delta"),
+        "unit": privacy.get("unit"),
+        "generator_sha256": privacy.get("generator_sha256"),
+        "sites": public_sites,
+        "components": dict(privacy.get("components") or {}),
+        "prng": privacy.get("prng"),
+        "dataset_sizes": DATASET_SIZES_PUBLIC,
+    }
+
+
+def _gates(max_epsilon: float, gate: MemorisationGate, coverage: dict[str, bool]) -> list[dict]:
+    """The gates a released bundle passed: names, rules and settings, no statistic of the data."""
+    covered = sorted(name for name, ok in coverage.items() if ok)
+    return [
+        {
+            "name": "complete privacy ledger for every site",
+            "passed": True,
+            "rule": "privacy.json lists every site with ledger_complete true, a numeric epsilon, "
+            "a delta in (0, 1) and its mechanisms",
+        },
+        {
+            "name": "every component private",
+            "passed": True,
+            "rule": "privacy.json says private: true and lists no reason it is not",
+        },
+        {
+            "name": f"every site's epsilon <= {max_epsilon:g}",
+            "passed": True,
+            "rule": "the larger of the stated epsilon and the one recomputed from the site's "
+            "mechanisms is at most the cap; a stated epsilon more than 1 % below the "
+            "recomputed one is refused",
+        },
+        {
+            "name": "generator checkpoint holds G_ema only (no D, no optimizer)",
+            "passed": True,
+            "rule": "every tensor lies under G_ema and its names are exactly a Generator's",
+        },
+        {
+            "name": "generator is the one privacy.json covers",
+            "passed": True,
+            "rule": "SHA-256 of generator.pt equals privacy.json's generator_sha256, and its "
+            f"training metadata names no dp_scheme other than {DP_SCHEME}",
+        },
+        {
+            "name": "audit data covers the run",
+            "passed": True,
+            "rule": "a site is covered when its privacy ledger records this run on patients of "
+            "an audit set's train split (keyed patient hashes, no data fingerprint); at least "
+            "one site must be",
+            "sites_covered": covered,
+        },
+        {
+            "name": "memorisation gate passed",
+            "passed": True,
+            "rule": MEMORISATION_RULE,
+            "settings": asdict(gate),
+        },
+        {
+            "name": "no fingerprint of the private data",
+            "passed": True,
+            "rule": "no file of the release contains the content hash of an audit set",
+        },
+    ]
+
+
+def _refuse_fingerprints(root: Path, fingerprints: dict[str, str]) -> None:
+    """ReleaseRefused if any file under ``root`` holds a prepared dataset's content hash (its
+    first 16 hex digits, in either case)."""
+    needles = {
+        digest[:_FINGERPRINT_HEX].lower().encode(): name
+        for digest, name in fingerprints.items()
+        if len(digest) >= _FINGERPRINT_HEX
+    }
+    if not needles:
+        return
+    overlap = _FINGERPRINT_HEX - 1
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        tail = b""
+        with open(path, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                text = tail + block.lower()
+                for needle, name in needles.items():
+                    if needle in text:
+                        raise ReleaseRefused(
+                            f"{path.relative_to(root).as_posix()} holds the content hash of "
+                            f"audit set {name}; a release carries no fingerprint of the private "
+                            "data (re-save the generator without it)"
+                        )
+                tail = text[-overlap:]
+
+
+def _steward_folder(steward_audit_dir: str | os.PathLike | None, out: Path) -> Path:
+    """The steward's private audit folder: required, and outside the release."""
+    if steward_audit_dir is None or not str(steward_audit_dir):
+        raise ReleaseError(
+            "give the steward's private audit folder (--audit-dir; steward_audit_dir): the "
+            "memorisation and membership audits are computed on real images, so their figures "
+            "are written there and never into the release"
+        )
+    folder = Path(steward_audit_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ReleaseError(f"--audit-dir {folder} is a file, not a folder")
+    inside = folder.resolve()
+    if inside == out.resolve() or inside.is_relative_to(out.resolve()):
+        raise ReleaseError(
+            f"--audit-dir {folder} lies inside the release {out}; keep the audits outside it"
+        )
+    return folder
+
+
+def _make_private_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise ReleaseError(f"--audit-dir {folder}: cannot create it ({err})") from None
 
 
 def _write_closest_pairs(folder: Path, synthetic: np.ndarray, train: np.ndarray, mem) -> None:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
+from fedspine.fileio import file_sha256
 
 PRIVACY_FILE = "privacy.json"
+GENERATOR_FILE = "generator.pt"
 FORMAT = "fedspine-privacy/1"
 PRNG_NOTE = (
     "DP noise and the Poisson draws of patients come from torch's and numpy's pseudo-random "
@@ -38,34 +40,25 @@ class PrivacyReportError(Exception):
 def site_entry(
     epsilon: float,
     delta: float,
-    dataset_hash: str,
     mechanisms: Sequence[dict[str, Any]],
+    *,
+    unit: str,
+    patients: int,
     ledger_complete: bool = True,
     epsilon_per_round: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """One site's part of ``privacy.json``; mechanisms hold noise_multiplier, sample_rate, steps."""
+    """One site's part of ``privacy.json``: ε of its worst patient, and every mechanism on its
+    patients (noise_multiplier, sample_rate, steps, clip). No fingerprint of the data: the
+    patient count is treated as public, as in Opacus."""
     return {
         "epsilon": float(epsilon),
         "delta": float(delta),
-        "dataset_hash": dataset_hash,
+        "unit": str(unit),
+        "patients": int(patients),
         "ledger_complete": bool(ledger_complete),
         "mechanisms": [dict(m) for m in mechanisms],
         "epsilon_per_round": [dict(r) for r in epsilon_per_round],
     }
-
-
-def ledger_mechanisms(ledger, dataset_hash: str, clip_norm: float) -> list[dict[str, Any]]:
-    """Every DP mechanism a ledger holds for one dataset, as ``privacy.json`` lists them."""
-    return [
-        {
-            "label": m.label,
-            "noise_multiplier": m.noise_multiplier,
-            "sample_rate": m.sample_rate,
-            "steps": m.steps,
-            "clip_norm": clip_norm,
-        }
-        for m in ledger.mechanisms(dataset_hash)
-    ]
 
 
 def write_privacy_summary(
@@ -75,9 +68,15 @@ def write_privacy_summary(
     accountant: str = "prv",
     not_private_reasons: Sequence[str] = (),
     unit: str = "patient",
+    run_id: str | None = None,
 ) -> Path:
-    """Write ``RUN/privacy.json`` atomically. A run with any reason listed is not private."""
+    """Write ``RUN/privacy.json`` atomically. A run with any reason listed is not private.
+
+    It binds itself to ``RUN/generator.pt`` where that exists (its SHA-256), so a release can
+    refuse any other generator put in its place.
+    """
     deltas = {float(s["delta"]) for s in sites.values()}
+    generator = Path(run) / GENERATOR_FILE
     data = {
         "format": FORMAT,
         "fedspine_version": __version__,
@@ -87,6 +86,8 @@ def write_privacy_summary(
         "accountant": accountant,
         "delta": max(deltas) if deltas else None,
         "unit": unit,
+        "run_id": run_id,
+        "generator_sha256": file_sha256(generator) if generator.is_file() else None,
         "sites": sites,
         "components": dict(components),
         "prng": PRNG_NOTE,

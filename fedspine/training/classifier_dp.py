@@ -21,12 +21,14 @@ is. This module trains C the way the discriminator is trained under DP:
   written beside the outputs would let anyone replay the batches and subtract the noise. The
   seed drives only augmentation and dropout, which are independent of the data.
 
-A run plans σ (from a target ε composed with the data's ledger, or a given σ) with
-:func:`plan_classifier_dp`, which also refuses a run that would pass the cap before anything is
-written; :func:`train_classifier_dp_steps` takes the steps; :func:`record_classifier_dp` appends
-the mechanism to the ledger (so a later ``fedspine train --dp`` on the same data composes with
-it) and returns the ``meta["dp"]`` record that :func:`fedspine.training.clinical.clinical_privacy`
-accepts as DP-trained.
+A run goes through the privacy engine (:mod:`fedspine.privacy.engine`):
+:func:`plan_classifier_dp` plans σ against the worst training patient's history in the site's
+privacy home and refuses a run over the cap before anything is written; the steps are reserved
+in the ledger before the first one runs (:meth:`ClassifierDPPlan.reserve`), and
+:func:`train_classifier_dp_steps` takes them; :func:`record_classifier_dp` settles the
+reservation and returns the ``meta["dp"]`` record (with the run id a DP SpineGAN looks up in the
+ledger). A later ``fedspine train --dp`` on the same patients composes with it, whatever folder
+they were prepared into.
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedspine.data.prepared import PreparedDataset
-from fedspine.privacy.accounting import (
-    Mechanism,
-    PrivacyAccountingError,
-    epsilon,
+from fedspine.privacy.accounting import REPORT_ACCOUNTANT, Mechanism
+from fedspine.privacy.engine import (
+    PrivacyCapExceeded,
+    PrivacyEngine,
+    PrivacyPlan,
+    Reservation,
+    worst_epsilon,
 )
 from fedspine.training.classifier_trainer import (
     ClassifierTrainConfig,
@@ -57,14 +62,21 @@ from fedspine.training.classifier_trainer import (
     targets,
 )
 from fedspine.training.dp import (
-    DPConfig,
     PatientPoissonSampler,
     flatten_units,
     make_dp_optimizer,
-    plan_noise,
     privatised_step,
 )
-from fedspine.training.dp_run import LEDGER_FILE, PrivacyCapExceeded
+from fedspine.training.dp_run import resolve_unit
+
+__all__ = [
+    "ClassifierDPConfig",
+    "ClassifierDPPlan",
+    "PrivacyCapExceeded",
+    "plan_classifier_dp",
+    "record_classifier_dp",
+    "train_classifier_dp_steps",
+]
 
 MECHANISM_LABEL = "clinical-classifier"
 WHAT = "classifier DP-SGD"
@@ -117,21 +129,53 @@ class ClassifierDPConfig:
 
 @dataclass(frozen=True)
 class ClassifierDPPlan:
-    """σ, q, steps and δ of one DP classifier run, checked against the data's ledger and cap."""
+    """σ, q, steps and δ of one DP classifier run, checked by the privacy engine."""
 
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    delta: float
-    clip: float
-    patients: int
+    engine: PrivacyEngine
+    privacy: PrivacyPlan
     patients_per_step: int
     target_epsilon: float | None
-    dataset_hash: str
-    ledger_path: Path
-    spent_before: float
-    projected_epsilon: float
     max_epsilon: float | None
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.privacy.noise_multiplier
+
+    @property
+    def sample_rate(self) -> float:
+        return self.privacy.sample_rate
+
+    @property
+    def steps(self) -> int:
+        return self.privacy.steps
+
+    @property
+    def delta(self) -> float:
+        return self.privacy.delta
+
+    @property
+    def clip(self) -> float:
+        return self.privacy.clip_norm
+
+    @property
+    def patients(self) -> int:
+        return self.privacy.patients
+
+    @property
+    def spent_before(self) -> float:
+        return self.privacy.spent_before
+
+    @property
+    def projected_epsilon(self) -> float:
+        return self.privacy.projected
+
+    @property
+    def run_id(self) -> str:
+        return self.engine.run_id
+
+    @property
+    def privacy_home(self) -> Path:
+        return self.engine.home.path
 
     def config(self, lr: float) -> ClassifierDPConfig:
         """The :class:`ClassifierDPConfig` that trains this plan."""
@@ -139,7 +183,11 @@ class ClassifierDPPlan:
 
     def mechanism(self, steps: int) -> Mechanism:
         """The ledger entry of ``steps`` steps of this plan."""
-        return Mechanism(self.noise_multiplier, self.sample_rate, int(steps), label=MECHANISM_LABEL)
+        return self.privacy.mechanism(steps)
+
+    def reserve(self, notes: dict[str, Any] | None = None) -> Reservation:
+        """Write every planned step into the ledger before the first one runs."""
+        return self.engine.reserve(self.privacy, extra={"what": WHAT, **(notes or {})})
 
 
 def train_classifier_dp_steps(
@@ -153,6 +201,7 @@ def train_classifier_dp_steps(
     device: torch.device | str = "cpu",
     augment: bool = True,
     progress: Callable[[int], None] | None = None,
+    reservation: Reservation | None = None,
 ) -> dict[str, Any]:
     """Runs `steps` DP-SGD steps on data's train split, updating `model` in place.
     Returns {"steps", "sample_rate", "noise_multiplier", "clip", "patients", "mean_loss"}.
@@ -163,6 +212,7 @@ def train_classifier_dp_steps(
     ``progress(k)`` is called after step k. ``mean_loss`` is the mean per-image BCE of the
     sampled patients before each update: computed on private data WITHOUT noise, for the data
     owner's own console only; never send it to a server or write it into a shared output.
+    ``reservation.take(1)`` runs before each step (the steps must be in the ledger first).
     The model is left in eval mode.
     """
     if isinstance(steps, bool) or int(steps) < 1:
@@ -221,6 +271,8 @@ def train_classifier_dp_steps(
                 )
             t = labels[torch.from_numpy(index)].to(device)
             losses: list[Tensor] = []
+            if reservation is not None:
+                reservation.take(1)
             privatised_step(
                 dp_optimizer,
                 (rows for rows, _ in engine.chunks(x, t, torch.from_numpy(unit_index), losses)),
@@ -308,101 +360,63 @@ def plan_classifier_dp(
     target_epsilon: float | None = None,
     noise_multiplier: float | None = None,
     delta: float | None = None,
-    ledger_path: str | Path | None = None,
+    privacy_home: str | Path | None = None,
+    privacy_unit: str | None = None,
     max_epsilon: float | None = None,
 ) -> ClassifierDPPlan:
-    """σ, q, steps and δ of a run on ``data``'s train split, composed with its ledger.
+    """σ, q, steps and δ of a run on ``data``'s train split, against its patients' ledger.
 
-    Give exactly one of ``target_epsilon`` (ε of the data after this run, ledger included; σ is
-    calibrated with RDP, the accountant of the cap check) and ``noise_multiplier``. ``data`` is
-    the whole prepared dataset: the ledger is keyed by its content hash and defaults to
-    ``data.root / privacy_ledger.json``, the one `fedspine train --dp` uses. Reads the ledger
-    only (a missing one counts as empty and is not created). Raises PrivacyCapExceeded when
-    the composed ε would pass ``max_epsilon``, and ValueError for an unreachable target.
+    Give exactly one of ``target_epsilon`` (ε of the worst training patient after this run,
+    everything on record included; σ is calibrated with the planning accountant) and
+    ``noise_multiplier``. Writes nothing. Raises PrivacyCapExceeded when the worst patient
+    would pass ``max_epsilon``, and PrivacyError (a ValueError) for an unreachable target, a
+    δ above the site's or data without patient identifiers (unless ``privacy_unit="image"``).
     """
-    from fedspine.privacy.ledger import PrivacyLedger
-
-    if not data.content_hash:
-        raise ValueError(f"{data.root}: the manifest has no content hash to key the ledger by")
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ValueError("give exactly one of target_epsilon and noise_multiplier")
     train = data.select("train", labelled=False)
     _, idx, _ = targets(train, resolve_task(task, train))
-    patients = _count_patients(train.patient_ids[idx])
-    if patients == 0:
+    if len(idx) == 0:
         raise ValueError(f"{data.root}: no training rows with a usable label")
-    dp = DPConfig(
-        target_epsilon=target_epsilon,
-        noise_multiplier=noise_multiplier,
+    engine = PrivacyEngine(
+        np.asarray(train.patient_ids[idx]).astype(str),
+        unit=resolve_unit(data, privacy_unit),
+        home=privacy_home,
+        run_id=f"classifier-{secrets.token_hex(6)}",
         delta=delta,
-        max_grad_norm=clip,
-        expected_patients_per_step=int(patients_per_step),
-        accountant="rdp",
     )
-    q = sample_rate(patients_per_step, patients)
+    q = sample_rate(patients_per_step, engine.num_patients)
     steps = epochs_to_steps(epochs, q)
-    path = Path(ledger_path) if ledger_path is not None else Path(data.root) / LEDGER_FILE
-    ledger = PrivacyLedger.open(path, create=False) if path.exists() else None
-    prior = ledger.mechanisms(data.content_hash) if ledger is not None else []
-    sigma, q_planned, planned_delta = plan_noise(dp, patients, steps, prior=prior)
-    if not math.isclose(q, q_planned):
-        raise AssertionError(f"sample rate {q} differs from the planned {q_planned}")
-    new = Mechanism(sigma, q, steps, label=MECHANISM_LABEL)
-    spent = epsilon(prior, planned_delta, "rdp")
-    projected = epsilon([*prior, new], planned_delta, "rdp")
-    if max_epsilon is not None:
-        if ledger is not None:
-            decision = ledger.check_cap(data.content_hash, new, planned_delta, max_epsilon)
-            allowed, message = decision.allowed, decision.message
-        else:
-            allowed = projected <= max_epsilon
-            message = (
-                f"privacy ledger {path} (new): {steps} steps of {WHAT} at σ={sigma:.3g}, "
-                f"q={q:.3g} would spend ε={projected:.2f} at δ={planned_delta:.3g} (RDP), over "
-                f"the cap {max_epsilon:g}; refusing"
-            )
-        if not allowed:
-            raise PrivacyCapExceeded(
-                f"{message} Lower --epochs or --epsilon, raise --noise-multiplier, or raise "
-                "--max-epsilon if the data owner allows it."
-            )
-    return ClassifierDPPlan(
-        noise_multiplier=float(sigma),
-        sample_rate=float(q),
-        steps=int(steps),
-        delta=float(planned_delta),
-        clip=float(clip),
-        patients=patients,
-        patients_per_step=int(patients_per_step),
-        target_epsilon=target_epsilon,
-        dataset_hash=data.content_hash,
-        ledger_path=path,
-        spent_before=float(spent),
-        projected_epsilon=float(projected),
-        max_epsilon=max_epsilon,
-    )
+    try:
+        privacy = engine.plan(
+            steps=steps,
+            sample_rate=q,
+            clip_norm=clip,
+            label=MECHANISM_LABEL,
+            target_epsilon=target_epsilon,
+            noise_multiplier=noise_multiplier,
+            cap=max_epsilon,
+        )
+    except PrivacyCapExceeded as err:
+        raise PrivacyCapExceeded(
+            f"{err} Lower --epochs or --epsilon, raise --noise-multiplier, or raise "
+            "--max-epsilon if the data owner allows it."
+        ) from None
+    return ClassifierDPPlan(engine, privacy, int(patients_per_step), target_epsilon, max_epsilon)
 
 
 def record_classifier_dp(
-    plan: ClassifierDPPlan, steps_taken: int, run_id: str, notes: dict[str, Any] | None = None
+    plan: ClassifierDPPlan, reservation: Reservation, notes: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Append ``steps_taken`` steps of ``plan`` to the data's ledger; return ``meta["dp"]``.
+    """Settle ``reservation`` to the steps that ran; return ``meta["dp"]``.
 
-    Record every step taken (a run cut short records what it ran): the ledger must never
-    under-count. ε is reported with PRV (RDP where PRV would need too much memory).
+    A run cut short settles to what it ran. ε is reported with PRV (RDP where PRV would need
+    too much memory): the run's own, and its worst patient's with everything on record.
     """
-    from fedspine.privacy.ledger import PrivacyLedger
-
-    mech = plan.mechanism(steps_taken)
-    ledger = None
-    if steps_taken > 0:
-        ledger = PrivacyLedger.open(plan.ledger_path, create=True)
-        ledger.record(
-            plan.dataset_hash, mech, run_id, plan.clip, extra={"what": WHAT, **(notes or {})}
-        )
-    elif plan.ledger_path.exists():
-        ledger = PrivacyLedger.open(plan.ledger_path, create=False)
-    history = ledger.mechanisms(plan.dataset_hash) if ledger is not None else []
-    own, accountant = _report_epsilon([mech], plan.delta)
-    total, total_accountant = _report_epsilon(history, plan.delta)
+    reservation.settle()
+    steps = reservation.taken
+    own, accountant = worst_epsilon([[plan.mechanism(steps)]], plan.delta, REPORT_ACCOUNTANT)
+    total, total_accountant, _ = plan.engine.reported()
     return {
         "epsilon": own,
         "delta": plan.delta,
@@ -410,23 +424,22 @@ def record_classifier_dp(
         "noise_multiplier": plan.noise_multiplier,
         "clip": plan.clip,
         "sample_rate": plan.sample_rate,
-        "steps": int(steps_taken),
+        "steps": int(steps),
         "patients": plan.patients,
         "patients_per_step": plan.patients_per_step,
-        "unit": "patient",
+        "unit": plan.engine.unit,
         "mechanism": "dp-sgd-poisson",
         "what": WHAT,
         "label": MECHANISM_LABEL,
         "target_epsilon": plan.target_epsilon,
         "max_epsilon": plan.max_epsilon,
-        "ledger": str(plan.ledger_path),
-        "dataset_hash": plan.dataset_hash,
-        "run_id": run_id,
+        "run_id": plan.run_id,
         "data_epsilon_after": total,
         "data_epsilon_accountant": total_accountant,
         "class_weighting": CLASS_WEIGHTING,
         "model_selection": MODEL_SELECTION,
         "randomness": RANDOMNESS,
+        **({"notes": dict(notes)} if notes else {}),
     }
 
 
@@ -496,13 +509,3 @@ class _PerPatientGradients:
 
 def _count_patients(patient_ids: np.ndarray) -> int:
     return len(np.unique(np.asarray(patient_ids).astype(str)))
-
-
-def _report_epsilon(mechanisms: list[Mechanism], delta: float) -> tuple[float, str]:
-    """ε with PRV for reports, or RDP (an upper bound too) where PRV would need too much memory."""
-    if not any(m.steps for m in mechanisms):
-        return 0.0, "prv"
-    try:
-        return float(epsilon(mechanisms, delta, "prv")), "prv"
-    except PrivacyAccountingError:
-        return float(epsilon(mechanisms, delta, "rdp")), "rdp"

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedspine.fileio import file_sha256
 from fedspine.models.classifier import ClassifierConfig, from_generator_output, load_classifier
 from fedspine.training.dp_run import RunPrivacy
 from fedspine.training.dp_trainer import DPGanTrainer
@@ -308,8 +309,8 @@ def clinical_privacy(
         eps, delta = record.get("epsilon"), record.get("delta")
         return ClinicalPrivacy(
             "dp",
-            f"DP-trained per its metadata (ε = {eps}, δ = {delta}); that ε counts towards this "
-            "data's budget where the classifier's training recorded it in the data's ledger",
+            f"DP-trained (ε = {eps}, δ = {delta} on its own), its mechanisms found in this "
+            "site's privacy ledger and composed into ε above",
         )
     raise ClinicalPrivacyError(
         f"--model spinegan --dp: {where} was not trained with differential privacy (its "
@@ -329,13 +330,14 @@ def classifier_dp_record(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 
 class ClinicalRunPrivacy(RunPrivacy):
-    """RunPrivacy for a DP SpineGAN run: builds a DPSpineGanTrainer and records C's status.
+    """RunPrivacy for a DP SpineGAN run: a DPSpineGanTrainer, and the classifier in the ledger.
 
-    σ planning, the cap check and the ledger stay RunPrivacy's own: :meth:`make_trainer` lets it
-    plan and check (building a plain DPGanTrainer that is then dropped) and builds the SpineGAN
-    trainer with the same σ and q; :meth:`finish` lets it record and write privacy.json, then adds
-    the clinical classifier's line and, where C is private data without DP, the reason the run is
-    not private.
+    A DP classifier is accepted only where the privacy home's ledger holds its mechanisms (by
+    the run id in its metadata): its metadata alone proves nothing, and a classifier trained
+    from another home, or on another preparation whose spend is not on record, would add ε that
+    no cap saw. Its patients then count in this run's ε (the generator depends on them through
+    C), and where they are this run's patients too, its steps are in their history already, so
+    σ, the cap and the report compose both phases.
     """
 
     def __init__(
@@ -351,41 +353,51 @@ class ClinicalRunPrivacy(RunPrivacy):
         super().__init__(prepared, dataset, train, out, options)
         self.clinical = clinical
         self.status = status
+        self.classifier_patients: list[str] = []
+        if status.basis == "dp":
+            self.classifier_patients = classifier_patients_on_record(
+                self.engine.ledger, clinical.meta, where=f"the classifier {clinical.path}"
+            )
 
-    def make_trainer(self, config, data, device, state: dict | None) -> DPSpineGanTrainer:
-        planned = super().make_trainer(config, data, device, state)
-        trainer = DPSpineGanTrainer(
+    def build_trainer(self, config, label_prior: np.ndarray, device) -> DPSpineGanTrainer:
+        return DPSpineGanTrainer(
             config,
             self.dp,
-            planned.label_prior.numpy(),
+            label_prior,
             self.patient_ids,
             self.sigma,
             self.q,
             self.clinical,
             device=device,
         )
-        del planned
-        return trainer
 
-    def finish(self, trainer: DPSpineGanTrainer) -> float:
-        from fedspine.privacy.report import read_privacy_summary, write_privacy_summary
+    def report_extra_patients(self) -> list[str]:
+        """The classifier's patients: the generator depends on them through C."""
+        return self.classifier_patients
 
-        spent = super().finish(trainer)
-        summary = read_privacy_summary(self.out)
-        components = dict(summary["components"])
-        components["clinical_classifier"] = self.status.component
-        reasons = list(summary.get("not_private_reasons", []))
-        if self.status.not_private_reason and self.status.not_private_reason not in reasons:
-            reasons.append(self.status.not_private_reason)
-        write_privacy_summary(
-            self.out,
-            summary["sites"],
-            components,
-            accountant=summary.get("accountant", "prv"),
-            not_private_reasons=reasons,
-            unit=summary.get("unit", "patient"),
+    def components(self) -> dict[str, str]:
+        return {**super().components(), "clinical_classifier": self.status.component}
+
+    def not_private_reasons(self) -> list[str]:
+        reason = self.status.not_private_reason
+        return [reason] if reason else []
+
+
+def classifier_patients_on_record(ledger, meta: dict[str, Any], where: str) -> list[str]:
+    """The patient keys of a DP classifier's mechanisms in ``ledger``; refused where the ledger
+    holds none of its run."""
+    record = classifier_dp_record(meta) or {}
+    run_id = record.get("run_id")
+    records = ledger.records(run_id=str(run_id)) if run_id else []
+    if not records:
+        raise ClinicalPrivacyError(
+            f"--model spinegan --dp: {where} says it was DP-trained, but the privacy ledger "
+            f"{ledger.path} holds no mechanism of its run ({run_id or 'no run id'}), so its ε "
+            "would not be composed with this run's. Train the classifier with `fedspine "
+            "classifier train --dp` in this site's privacy home (--privacy-home), or pass "
+            "--classifier-public if it saw public data only"
         )
-        return spent
+    return sorted({key for r in records for key in ledger.cohort(r)})
 
 
 def clinical_targets(
@@ -504,14 +516,6 @@ def classifier_file(path: str | os.PathLike) -> Path:
     """A classifier file, or the classifier.pt inside a classifier folder."""
     path = Path(path)
     return path / CLASSIFIER_FILE if path.is_dir() else path
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -305,6 +305,8 @@ class DPDiscriminatorStep:
         self.generator = generator if generator is not None else torch.Generator()
         self.debug_leaks = bool(debug_leaks)
         self.steps_taken = 0
+        self.non_finite_rows = 0
+        self.reservation: Any = None
         self._warmed: set[tuple[torch.device, torch.dtype]] = set()
         self._names = [name for name, _ in D.named_parameters()]
         with _trainable(D):
@@ -349,10 +351,12 @@ class DPDiscriminatorStep:
 
     def step_batch(self, batch: UnitBatch) -> dict[str, Any]:
         """The DP update of :meth:`step` on a batch from :meth:`prepare` (audits, tests)."""
+        if self.reservation is not None:
+            self.reservation.take(1)  # written ahead in the ledger before the step runs
         with _trainable(self.D):
             stats: list[Tensor] = []
             chunks = self._chunk_grads(batch, stats)
-            privatised_step(self.dp_optimizer, chunks)
+            self.non_finite_rows += privatised_step(self.dp_optimizer, chunks)
             # Opacus lists only parameters that require grad: read them while D is trainable.
             grads = [p.grad for p in self.dp_optimizer.params if p.grad is not None]
         self.steps_taken += 1
@@ -614,16 +618,24 @@ def make_dp_optimizer(
     )
 
 
-def privatised_step(dp_optimizer: Any, chunks: Iterable[Sequence[Tensor]]) -> None:
-    """One DP optimizer step from per-unit gradient rows given in chunks.
+def privatised_step(dp_optimizer: Any, chunks: Iterable[Sequence[Tensor]]) -> int:
+    """One DP optimizer step from per-unit gradient rows given in chunks; returns how many
+    rows were not finite (and were zeroed).
 
     Each chunk is a sequence of tensors aligned with ``dp_optimizer.params``, each
     [units in chunk, *param shape]. All chunks are clipped and summed with Opacus' skip-step
     accumulation, then noise is added once and the wrapped optimizer steps once. No chunk at
     all (an empty Poisson draw) still adds noise and steps. Afterwards ``p.grad`` holds the
     privatised gradient (read it for audits or metrics); per-unit rows are released.
+
+    A unit whose row holds a NaN or an infinity anywhere would give a NaN clip factor and
+    poison the whole sum, exactly when that unit was sampled: a server that crafts D to
+    overflow on one patient would learn membership for certain. Such a row is zeroed before
+    clipping (a zero row adds nothing, so the sum's sensitivity is still C); the count is for
+    the site's own eyes only.
     """
     params = dp_optimizer.params
+    non_finite = 0
     # A step that failed half-way must not leave a queued skip or a partial sum behind.
     dp_optimizer._step_skip_queue.clear()
     for p in params:
@@ -633,17 +645,18 @@ def privatised_step(dp_optimizer: Any, chunks: Iterable[Sequence[Tensor]]) -> No
     pending: Sequence[Tensor] | None = None
     for chunk in chunks:
         if pending is not None:
-            _set_rows(params, pending)
+            non_finite += _set_rows(params, pending)
             dp_optimizer.signal_skip_step(do_skip=True)
             dp_optimizer.step()
         pending = chunk
     if pending is None:
         pending = [p.new_zeros((0, *p.shape)) for p in params]
-    _set_rows(params, pending)
+    non_finite += _set_rows(params, pending)
     dp_optimizer.step()
     for p in params:
         p.grad_sample = None
         p.summed_grad = None
+    return non_finite
 
 
 def isolation_violations(
@@ -679,7 +692,9 @@ def isolation_violations(
 # --------------------------------------------------------------------------------------------
 
 
-def _set_rows(params: Sequence[Tensor], rows: Sequence[Tensor]) -> None:
+def _set_rows(params: Sequence[Tensor], rows: Sequence[Tensor]) -> int:
+    """Hand one chunk's rows to Opacus, zeroing every unit whose row is not finite anywhere;
+    returns how many were."""
     if len(rows) != len(params):
         raise ValueError(
             f"privatised_step: a chunk has {len(rows)} tensors for {len(params)} parameters"
@@ -690,7 +705,18 @@ def _set_rows(params: Sequence[Tensor], rows: Sequence[Tensor]) -> None:
                 f"privatised_step: per-unit rows of shape {tuple(row.shape)} do not match a "
                 f"parameter of shape {tuple(p.shape)}"
             )
-        p.grad_sample = row.detach()
+    units = rows[0].shape[0] if rows else 0
+    finite = torch.ones(units, dtype=torch.bool, device=rows[0].device if rows else None)
+    for row in rows:
+        finite &= torch.isfinite(row.detach()).flatten(1).all(dim=1)
+    bad = int(units - int(finite.sum()))
+    for p, row in zip(params, rows, strict=True):
+        row = row.detach()
+        if bad:
+            keep = finite.view(-1, *([1] * (row.dim() - 1)))
+            row = torch.where(keep, row, torch.zeros_like(row))
+        p.grad_sample = row
+    return bad
 
 
 def _flat_rows(rows: Tensor | dict[str, Tensor] | Sequence[Tensor]) -> Tensor:

@@ -1,124 +1,184 @@
-"""A DP training run's privacy bookkeeping: plan σ against the ledger, check the cap, record.
+"""A DP training run's privacy bookkeeping, through the privacy engine.
 
-Shared by `fedspine train --dp` and the federated site, so both spend budget the same way: the
-ledger lives with the data (default ``PREPARED/privacy_ledger.json``) and is keyed by the prepared
-dataset's content hash; every DP discriminator step taken is recorded there, and the run folder
-gets a ``privacy.json`` that `fedspine privacy report` and `fedspine release` read.
+Shared by `fedspine train --dp` (and its SpineGAN variant): σ is planned against the worst
+training patient's history in the site's privacy home, the cap and the target ε are checked (on
+a fresh start and again on every ``--resume``), the steps are reserved in the ledger ahead of the
+discriminator steps that take them, and a clean end settles the reservation and writes
+``RUN/privacy.json`` (which `fedspine privacy report` and `fedspine release` read). A crash leaves
+the reservation counted in full.
 """
 
 from __future__ import annotations
 
 import itertools
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedspine.privacy.accounting import default_delta
-from fedspine.training.dp import DPConfig, mechanism, plan_noise
+from fedspine.privacy.engine import (
+    RESERVE_BLOCK,
+    PrivacyCapExceeded,
+    PrivacyEngine,
+    PrivacyError,
+    new_run_id,
+)
+from fedspine.training.dp import MECHANISM_LABEL, DPConfig
 from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
 
-LEDGER_FILE = "privacy_ledger.json"
+__all__ = ["PrivacyCapExceeded", "PrivacyError", "RunPrivacy", "resolve_unit"]
 
 
-class PrivacyCapExceeded(ValueError):
-    """Training would push the data's ε past its cap; the message says spent and remaining."""
+def resolve_unit(dataset, declared: str | None) -> str:
+    """The privacy unit of a DP run on ``dataset``, refusing an implicit per-image unit.
+
+    Data without patient identifiers would make every image its own "person", which silently
+    multiplies a patient's weight by their image count; only ``--privacy-unit image`` accepts it.
+    """
+    unit = str(getattr(dataset, "privacy_unit", "patient"))
+    if unit == "image" and declared != "image":
+        raise PrivacyError(
+            f"{dataset.root}: the data has no patient identifiers, so each image would count as "
+            "its own person (wrong when a patient has several images); re-ingest with a "
+            "patient_id column, or pass --privacy-unit image to accept that each image is one "
+            "person"
+        )
+    if declared is not None and declared != unit:
+        raise PrivacyError(
+            f"--privacy-unit {declared}: the data's unit is {unit} (recorded at ingest); omit it"
+        )
+    return unit
 
 
 class RunPrivacy:
-    """σ planning, the cap check and the ledger record for one DP run on one prepared dataset."""
+    """σ planning, the cap check and the write-ahead ledger for one DP GAN run."""
 
     def __init__(self, prepared: Path, dataset, train, out: Path, options: dict[str, Any]):
-        self.dataset_hash = dataset.content_hash
         self.site = Path(prepared).resolve().name
         self.out = Path(out)
         self.patient_ids = np.asarray(train.patient_ids).astype(str)
-        self.num_patients = len(np.unique(self.patient_ids))
+        self.unit = resolve_unit(dataset, options.get("privacy_unit"))
+        self.engine = PrivacyEngine(
+            self.patient_ids,
+            unit=self.unit,
+            home=options.get("privacy_home"),
+            run_id=new_run_id(self.out.name),
+            delta=options.get("delta"),
+        )
+        self.num_patients = self.engine.num_patients
+        self.delta = self.engine.delta
         self.dp = DPConfig(
             target_epsilon=options.get("target_epsilon"),
             noise_multiplier=options.get("noise_multiplier"),
-            delta=options.get("delta"),
+            delta=self.delta,
             max_grad_norm=float(options.get("max_grad_norm", 1.0)),
             expected_patients_per_step=min(
                 int(options.get("expected_patients_per_step", 64)), self.num_patients
             ),
             d_steps_per_g=int(options.get("d_steps_per_g", 1)),
             ada_p=float(options.get("ada_p", 0.0)),
-            # Plan σ with RDP, the accountant the cap check uses: a plan made with the tighter
-            # PRV could pass the plan and then fail the cap on the last round.
             accountant="rdp",
         )
         self.cap = options.get("max_epsilon")
-        self.ledger_path = Path(options.get("ledger") or Path(prepared) / LEDGER_FILE)
-        self.run_id = f"{self.out.name}-{uuid.uuid4().hex[:8]}"
-        self.steps_at_start = 0
-        self.recorded = False
+        self.reservation = None
+
+    @property
+    def home(self) -> Path:
+        return self.engine.home.path
 
     def adjust_config(self, config):
         return dp_train_config(config, self.dp)
 
     def make_trainer(self, config, data, device, state: dict | None) -> DPGanTrainer:
-        """Plan σ for the rest of the run (composed with the ledger), check the cap, build."""
-        from fedspine.privacy.ledger import PrivacyLedger
-
-        self.ledger = PrivacyLedger.open(self.ledger_path, create=True)
-        prior = self.ledger.mechanisms(self.dataset_hash)
+        """Plan σ for the rest of the run against the worst patient (on resume: keep the run's
+        σ and q, and check the steps left against the target ε and the cap), then build."""
         uniform = np.full(data.num_classes, 1.0 / data.num_classes)
-        if state is not None:
-            sigma = float(state["dp"]["noise_multiplier"])
-            q = float(state["dp"]["sample_rate"])
-            delta = self.dp.delta or default_delta(self.num_patients)
-            done = int(state["dp"]["step"]["steps_taken"])
-        else:
-            remaining_kimg = config.total_kimg
-            steps = planned_d_steps(config, self.dp, remaining_kimg)
-            sigma, q, delta = plan_noise(self.dp, self.num_patients, steps, prior=prior)
-            done = 0
-        self.delta = float(delta)
-        self.sigma, self.q = sigma, q
-        remaining = planned_d_steps(config, self.dp, config.total_kimg) - done
-        if self.cap is not None:
-            decision = self.ledger.check_cap(
-                self.dataset_hash, mechanism(sigma, q, max(remaining, 1)), self.delta, self.cap
+        total = planned_d_steps(config, self.dp, config.total_kimg)
+        done = int(state["dp"]["step"]["steps_taken"]) if state is not None else 0
+        remaining = total - done
+        if remaining < 1:
+            raise PrivacyError(
+                f"the run has taken all {total} planned DP steps; pass a larger --kimg to go on"
             )
-            if not decision.allowed:
-                raise PrivacyCapExceeded(decision.message)
-        trainer = DPGanTrainer(config, self.dp, uniform, self.patient_ids, sigma, q, device=device)
-        self.steps_at_start = done
+        common = {
+            "steps": remaining,
+            "clip_norm": self.dp.max_grad_norm,
+            "label": MECHANISM_LABEL,
+            "cap": self.cap,
+            "target_epsilon": self.dp.target_epsilon,
+        }
+        if state is not None:
+            # The run's σ and q stand; the steps left are checked against the target and cap
+            # again, with everything the ledger holds now (other runs on these patients too).
+            self.plan = self.engine.plan(
+                sample_rate=float(state["dp"]["sample_rate"]),
+                noise_multiplier=float(state["dp"]["noise_multiplier"]),
+                **common,
+            )
+        else:
+            self.plan = self.engine.plan(
+                expected_per_step=self.dp.expected_patients_per_step,
+                noise_multiplier=self.dp.noise_multiplier,
+                **common,
+            )
+        self.sigma, self.q = self.plan.noise_multiplier, self.plan.sample_rate
+        trainer = self.build_trainer(config, uniform, device)
+        self.attach(trainer)
         return trainer
+
+    def build_trainer(self, config, label_prior: np.ndarray, device) -> DPGanTrainer:
+        """The trainer of the planned σ and q (a subclass builds its own variant)."""
+        return DPGanTrainer(
+            config, self.dp, label_prior, self.patient_ids, self.sigma, self.q, device=device
+        )
+
+    def attach(self, trainer: DPGanTrainer) -> None:
+        """Reserve the run's steps ahead, a block at a time, as the D steps take them."""
+        self.reservation = self.engine.reserve(self.plan, block=RESERVE_BLOCK)
+        trainer.dp_step.reservation = self.reservation
 
     def batches(self, data, device):
         """The DP trainer samples patients itself: it gets the whole training set every step."""
         return itertools.repeat((data.images.to(device), data.labels.to(device)))
 
     def finish(self, trainer: DPGanTrainer) -> float:
-        """Record the steps this invocation took and write RUN/privacy.json; returns ε spent."""
-        from fedspine.privacy.report import ledger_mechanisms, site_entry, write_privacy_summary
+        """Settle the reservation and write RUN/privacy.json; returns ε of the worst patient."""
+        from fedspine.privacy.report import site_entry, write_privacy_summary
 
-        new_steps = trainer.dp_step.steps_taken - self.steps_at_start
-        if new_steps > 0 and not self.recorded:
-            self.ledger.record(
-                self.dataset_hash,
-                mechanism(self.sigma, self.q, new_steps),
-                self.run_id,
-                self.dp.max_grad_norm,
-            )
-            self.recorded = True
-        mechanisms = ledger_mechanisms(self.ledger, self.dataset_hash, self.dp.max_grad_norm)
-        spent = self.ledger.spent(self.dataset_hash, self.delta, "prv") if mechanisms else 0.0
+        if self.reservation is not None and not self.reservation.settled:
+            self.reservation.settle()
+        spent, accountant, rows = self.engine.reported(self.report_extra_patients())
         write_privacy_summary(
             self.out,
-            {self.site: site_entry(spent, self.delta, self.dataset_hash, mechanisms)},
-            components={
-                "discriminator": "DP-SGD, patient-level Poisson sampling, per-patient clipping",
-                "generator": "post-processing of the private discriminator (never sees real data)",
-                "label_prior": "public: uniform over the classes",
-                "ada_p": f"fixed at {self.dp.ada_p} (not adapted to real data)",
-                "clinical_classifier": "none (conditional GAN)",
-                "pretraining": "none",
-                "snapshots and sample grids": "from G_ema only",
+            {
+                self.site: site_entry(
+                    spent, self.delta, rows, unit=self.unit, patients=self.num_patients
+                )
             },
-            accountant="prv",
+            components=self.components(),
+            accountant=accountant,
+            not_private_reasons=self.not_private_reasons(),
+            unit=self.unit,
+            run_id=self.engine.run_id,
         )
         return spent
+
+    def report_extra_patients(self) -> list[str]:
+        """Patients beyond the training ones whose ε this run's output carries (none here)."""
+        return []
+
+    def not_private_reasons(self) -> list[str]:
+        return []
+
+    def components(self) -> dict[str, str]:
+        return {
+            "discriminator": f"DP-SGD, {self.unit}-level Poisson sampling, per-{self.unit} "
+            "clipping, non-finite rows zeroed before clipping",
+            "generator": "post-processing of the private discriminator (never sees real data)",
+            "label_prior": "public: uniform over the classes",
+            "ada_p": f"fixed at {self.dp.ada_p} (not adapted to real data)",
+            "clinical_classifier": "none (conditional GAN)",
+            "pretraining": "none",
+            "snapshots and sample grids": "from G_ema only",
+            "dataset sizes": "treated as public (as in Opacus): q = patients per step / patients",
+        }

@@ -137,7 +137,7 @@ def test_quick_plan_lists_the_ablation_arms_with_rerunnable_commands(tmp_path, m
         args = commands[name]
         joined = " ".join(args)
         assert " ".join(flags) in joined, joined
-        assert "--dp" not in args and "--ledger" not in args and "--epsilon" not in args
+        assert "--dp" not in args and "--privacy-home" not in args and "--epsilon" not in args
         assert args[args.index("--kimg") + 1] == dp10[dp10.index("--kimg") + 1], "same budget"
         assert args[0] == dp10[0], "same data"
         if name != "dp_paper":
@@ -427,7 +427,8 @@ def test_tiny_reproduction_runs_the_dp_ablation_arms(tmp_path):
 @pytest.mark.slow
 def test_tiny_reproduction_runs_spinegan_under_dp_with_one_ledger(tmp_path):
     from fedspine.data.phantom import write_phantom_sites
-    from fedspine.privacy.ledger import PrivacyLedger
+    from fedspine.privacy.accounting import epsilon
+    from fedspine.privacy.ledger import PrivacyLedger, mechanisms_of
 
     if not spinegan_available()[0]:
         pytest.skip(SPINEGAN_UNAVAILABLE)
@@ -451,11 +452,14 @@ def test_tiny_reproduction_runs_spinegan_under_dp_with_one_ledger(tmp_path):
     assert privacy["private"] is True and 0 < privacy["epsilon"] <= 10.0 * 1.01
     labels = [m["label"] for m in privacy["mechanisms"]]
     assert labels == ["clinical-classifier", "gan-discriminator"]
-    ledger = PrivacyLedger.open(out / "arms" / "dp_spinegan" / "ledger.json", create=False)
-    (dataset,) = ledger.datasets()
-    classifier_only = ledger.records(dataset)[:1]
-    assert classifier_only[0]["label"] == "clinical-classifier"
-    assert ledger.spent(dataset, privacy["delta"]) == pytest.approx(privacy["epsilon"], rel=1e-6)
+    ledger = PrivacyLedger.open(
+        out / "arms" / "dp_spinegan" / "privacy" / "ledger.json", create=False
+    )
+    records = ledger.records()
+    assert records[0]["label"] == "clinical-classifier"
+    assert epsilon(mechanisms_of(records), privacy["delta"]) == pytest.approx(
+        privacy["epsilon"], rel=1e-6
+    )
     md = (out / "reproduce.md").read_text()
     assert "SpineGAN under DP" in md and f"spent ε = {privacy['epsilon']:.2f}" in md
     assert "Corrected in the `dp_spinegan` arm" in md

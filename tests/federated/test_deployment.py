@@ -85,6 +85,7 @@ def _site(tmp_path, coordinator, k: int, register: bool = True, data: Path | Non
             ca=workdir / "certs" / "ca.crt",
             key=key,
             port=free_port(),
+            privacy_home=tmp_path / f"privacy{k}",
         )
     )
 

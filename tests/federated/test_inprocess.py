@@ -28,6 +28,7 @@ def _nodes(datasets, tmp_path, overrides=None):
             "data-path": str(data),
             "site-name": f"site-{k}",
             "state-dir": str(tmp_path / f"state_{k}"),
+            "privacy-home": str(tmp_path / f"privacy_{k}"),
         }
         config.update(overrides.get(k, {}))
         nodes.append(InProcessNode(node_id=100 + k, node_config=config, app=client_app))
@@ -169,8 +170,10 @@ def test_federation_config_round_trips_through_run_config(tmp_path):
 
 @pytest.mark.slow
 def test_dp_federation_records_each_sites_epsilon_and_enforces_caps(site_datasets, tmp_path):
-    from fedspine.privacy.ledger import PrivacyLedger
+    from fedspine.privacy.accounting import epsilon
+    from fedspine.privacy.ledger import mechanisms_of
     from fedspine.privacy.report import read_privacy_summary
+    from tests.conftest import home_records
 
     caps = {0: {"max-epsilon": 50.0}, 1: {"max-epsilon": 50.0}, 2: {"max-epsilon": 1e-3}}
     grid = InProcessGrid(_nodes(site_datasets, tmp_path, caps))
@@ -190,8 +193,10 @@ def test_dp_federation_records_each_sites_epsilon_and_enforces_caps(site_dataset
         eps = [r["epsilon"] for r in site["epsilon_per_round"]]
         assert eps[1] > eps[0]
         k = int(name.split("-")[1])
-        ledger = PrivacyLedger.open(site_datasets[k] / "privacy_ledger.json", create=False)
-        assert ledger.spent(site["dataset_hash"], site["delta"]) == pytest.approx(site["epsilon"])
+        records = home_records(tmp_path / f"privacy_{k}")
+        assert records and all(r["state"] == "settled" for r in records)
+        recomputed = epsilon(mechanisms_of(records), site["delta"], "prv")
+        assert recomputed == pytest.approx(site["epsilon"])
 
 
 def test_a_site_with_a_cap_refuses_a_non_dp_federation(site_datasets, tmp_path):

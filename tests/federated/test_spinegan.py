@@ -72,6 +72,7 @@ def _nodes(datasets, tmp_path, seen=None, node_config=None):
             "data-path": str(data),
             "site-name": f"site-{k}",
             "state-dir": str(tmp_path / f"state_{k}"),
+            "privacy-home": str(tmp_path / f"privacy_{k}"),
             **(node_config or {}),
         }
         node = InProcessNode(node_id=100 + k, node_config=config, app=client_app)
@@ -156,45 +157,47 @@ def test_classifier_round_at_a_site_trains_and_keeps_its_state(site_datasets, tm
 
 
 def test_dp_classifier_round_spends_from_the_sites_ledger(site_datasets, tmp_path):
-    from fedspine.privacy.ledger import PrivacyLedger
+    from tests.conftest import home_records
 
     config = _config(tmp_path, classifier={"local_steps": 2})
     dp = {"epsilon": 4.0, "patients-per-step": 4, "clip": 1.0}
     rc, weights, _ = _round_config(config, dp=dp)
-    ledger_path = tmp_path / "ledger.json"
+    home = tmp_path / "home"
     site = SiteConfig.from_node_config(
         {
             "data-path": str(site_datasets[0]),
             "site-name": "a",
             "state-dir": str(tmp_path / "s"),
-            "ledger-path": str(ledger_path),
+            "privacy-home": str(home),
         }
     )
     new, metrics, extra = train_classifier_round(site, rc, weights)
     assert metrics["steps"] == 2 and 0 < metrics["epsilon"] <= 4.0
     # The DP step's loss is computed without noise on real images: it never leaves the site.
     assert metrics["mean-loss"] != metrics["mean-loss"]
-    (record,) = PrivacyLedger.open(ledger_path, create=False).records(
-        json.loads(extra["privacy"])["dataset_hash"]
-    )
+    (record,) = home_records(home)
     assert record["label"] == "clinical-classifier" and record["steps"] == 2
+    assert record["state"] == "settled"
     assert record["round"] == 1 and record["notes"] == {"phase": "classifier"}
     assert record["run_id"] == config.name and record["sample_rate"] == pytest.approx(4 / 16)
     summary = json.loads(extra["privacy"])
     assert summary["phases"]["classifier"]["steps"] == 2
     assert summary["epsilon"] == pytest.approx(metrics["epsilon"])
+    assert "hash" not in extra["privacy"]
 
     # Round 2 keeps round 1's σ; a site whose cap is nearly spent refuses.
     rc2, _, _ = _round_config(config, server_round=2, dp=dp)
     train_classifier_round(site, rc2, new)
-    sigmas = {
-        r["noise_multiplier"]
-        for r in PrivacyLedger.open(ledger_path, create=False).records(summary["dataset_hash"])
-    }
-    assert len(sigmas) == 1
+    assert len({r["noise_multiplier"] for r in home_records(home)}) == 1
     tight = SiteConfig.from_node_config({**_node(site), "max-epsilon": metrics["epsilon"]})
     with pytest.raises(SiteRefusal, match="over the cap"):
         train_classifier_round(tight, rc2, new)
+    # The server cannot choose δ: a larger one than the site's is refused before any step.
+    rc3, _, _ = _round_config(config, server_round=3, dp={**dp, "delta": 0.5})
+    before = home_records(home)
+    with pytest.raises(SiteRefusal, match="the server's δ 0.5"):
+        train_classifier_round(site, rc3, new)
+    assert home_records(home) == before
 
 
 def _node(site: SiteConfig) -> dict:
@@ -202,7 +205,7 @@ def _node(site: SiteConfig) -> dict:
         "data-path": str(site.data_path),
         "site-name": site.site_name,
         "state-dir": str(site.state_dir),
-        "ledger-path": str(site.ledger_path),
+        "privacy-home": str(site.privacy_home),
     }
 
 
@@ -285,9 +288,11 @@ def test_spinegan_federation_runs_the_classifier_phase_first(site_datasets, tmp_
 @pytest.mark.slow
 def test_dp_spinegan_federation_ledgers_and_report_show_both_phases(site_datasets, tmp_path):
     from fedspine.models.classifier import load_classifier
-    from fedspine.privacy.ledger import PrivacyLedger
+    from fedspine.privacy.accounting import epsilon
+    from fedspine.privacy.ledger import mechanisms_of
     from fedspine.privacy.report import read_privacy_summary, write_report
     from fedspine.training.clinical import clinical_privacy
+    from tests.conftest import home_records
 
     config = _config(
         tmp_path,
@@ -317,10 +322,10 @@ def test_dp_spinegan_federation_ledgers_and_report_show_both_phases(site_dataset
         labels = [m["label"] for m in site["mechanisms"]]
         assert labels == ["clinical-classifier"] * 2 + ["gan-discriminator"]
         k = int(name.split("-")[1])
-        ledger = PrivacyLedger.open(site_datasets[k] / "privacy_ledger.json", create=False)
-        records = ledger.records(site["dataset_hash"])
+        records = home_records(tmp_path / f"privacy_{k}")
         assert [r["notes"]["phase"] for r in records] == ["classifier", "classifier", "gan"]
-        assert ledger.spent(site["dataset_hash"], site["delta"]) == pytest.approx(site["epsilon"])
+        recomputed = epsilon(mechanisms_of(records), site["delta"], "prv")
+        assert recomputed == pytest.approx(site["epsilon"])
     report = write_report(out, "md").read_text()
     assert "| site | ε (total) | classifier ε | GAN ε | δ |" in report
     for name, site in summary["sites"].items():

@@ -14,15 +14,17 @@ import torch.nn.functional as F
 from fedspine.models import Discriminator, NetworkConfig
 from fedspine.models.augment import AugmentConfig, AugmentPipe
 from fedspine.privacy.accounting import epsilon
-from fedspine.privacy.ledger import PrivacyLedger
+from fedspine.privacy.engine import PrivacyCapExceeded, PrivacyEngine
 from fedspine.training.dp import (
     DPConfig,
     DPDiscriminatorStep,
     PatientPoissonSampler,
     flatten_units,
     isolation_violations,
+    make_dp_optimizer,
     mechanism,
     plan_noise,
+    privatised_step,
 )
 
 RES = 16
@@ -317,18 +319,27 @@ def test_accountant_steps_equal_optimizer_steps_including_empty_draws(tmp_path):
         return original(*args, **kwargs)
 
     step.dp_optimizer.original_optimizer.step = counting_step
-    k, empties = 8, 0
+    engine = PrivacyEngine(patients.astype(str), unit="patient", home=tmp_path / "home")
+    plan = engine.plan(
+        steps=8, sample_rate=sampler.sample_rate, noise_multiplier=1.3, clip_norm=1.0, label="d"
+    )
+    step.reservation = engine.reserve(plan, block=3)
+    k, empties, ahead = 8, 0, []
     for i in range(k):
         units = [] if i == 3 else sampler()
         empties += not units
         index, unit_index = flatten_units(units)
         step.step(images[index], labels[index], unit_index)
-    assert empties >= 1
+        # Written ahead: the ledger never holds fewer steps than have run.
+        ahead.append(engine.histories()[0][0].steps - step.steps_taken)
+    assert empties >= 1 and min(ahead) >= 0
     assert step.steps_taken == k == optimizer_steps
     assert accountant.history == [(1.3, sampler.sample_rate, k)]
-    ledger = PrivacyLedger.open(tmp_path / "ledger.json")
-    ledger.record("hash", mechanism(1.3, sampler.sample_rate, step.steps_taken), "run", 1.0)
-    assert ledger.mechanisms("hash")[0].steps == k
+    step.reservation.settle()
+    assert engine.histories() == [[plan.mechanism(k)]]
+    with pytest.raises(PrivacyCapExceeded, match="only 8 were planned"):
+        step.reservation.settled = False
+        step.reservation.take(1)
 
 
 # ---- fake labels ------------------------------------------------------------------------------
@@ -441,3 +452,45 @@ def test_plan_noise_calibrates_sigma_for_target_epsilon():
     assert plan_noise(DPConfig(noise_multiplier=0.9), 20000, 10)[2] == pytest.approx(5e-6)
     with pytest.raises(ValueError, match="exactly one"):
         DPConfig(target_epsilon=1.0, noise_multiplier=1.0)
+
+
+# ---- non-finite rows ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_row_is_zeroed_before_clipping(bad: float) -> None:
+    """A server-crafted D that overflows on one patient must not poison (and so reveal) the
+    step: the update equals the update without that row, with the same noise."""
+
+    def update(rows: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        weight = torch.nn.Parameter(torch.zeros(3, 2))
+        optimizer = torch.optim.SGD([weight], lr=1.0)
+        noise = torch.Generator().manual_seed(7)
+        dp = make_dp_optimizer(
+            optimizer, noise_multiplier=0.5, max_grad_norm=1.0, expected_batch_size=4,
+            generator=noise,
+        )  # fmt: skip
+        bad_rows = privatised_step(dp, [[r] for r in rows])
+        return weight.detach().clone(), bad_rows
+
+    gen = torch.Generator().manual_seed(0)
+    clean = [torch.randn(2, 3, 2, generator=gen), torch.randn(3, 3, 2, generator=gen)]
+    poisoned_chunk = torch.cat([clean[1][:1], torch.full((1, 3, 2), 0.0), clean[1][1:]])
+    poisoned_chunk[1, 2, 1] = bad
+    without_row = [clean[0], clean[1]]
+    with_row = [clean[0], poisoned_chunk]
+    expected, none_bad = update(without_row)
+    got, count = update(with_row)
+    assert none_bad == 0 and count == 1
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, expected)
+
+
+def test_the_dp_step_counts_non_finite_rows_for_the_site_only() -> None:
+    step = build_step(r1_gamma=0.0)
+    images = torch.rand(4, 1, RES, RES) * 2 - 1
+    images[2] = float("inf")
+    metrics = step.step(images, torch.tensor([0, 1, 0, 1]), np.array([0, 1, 2, 3]))
+    assert step.non_finite_rows == 1
+    assert all(torch.isfinite(p).all() for p in step.D.parameters())
+    assert not any("finite" in key for key in metrics)

@@ -24,8 +24,10 @@ MECHS = [{"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 200, "clip_norm
 def _run(tmp_path, reasons=()):
     eps = epsilon([Mechanism(1.0, 0.05, 200)], 1e-5, "prv")
     sites = {
-        "site_1": site_entry(eps, 1e-5, "a" * 64, MECHS),
-        "site_2": site_entry(eps / 2, 1e-5, "b" * 64, [{**MECHS[0], "steps": 50}]),
+        "site_1": site_entry(eps, 1e-5, MECHS, unit="patient", patients=100),
+        "site_2": site_entry(
+            eps / 2, 1e-5, [{**MECHS[0], "steps": 50}], unit="patient", patients=80
+        ),
     }
     components = {"discriminator": "DP-SGD (patient-level)", "label_prior": "public: uniform"}
     write_privacy_summary(tmp_path, sites, components, not_private_reasons=reasons)

@@ -18,7 +18,6 @@ from fedspine.cli.classifier import register
 from fedspine.data.prepared import PreparedDataset, load_prepared, write_prepared
 from fedspine.models.classifier import ClassifierConfig, build_classifier, load_classifier
 from fedspine.privacy.accounting import Mechanism, epsilon
-from fedspine.privacy.ledger import PrivacyLedger
 from fedspine.training.classifier_dp import (
     ClassifierDPConfig,
     epochs_to_steps,
@@ -29,7 +28,8 @@ from fedspine.training.classifier_dp import (
 from fedspine.training.clinical import ClinicalLoss, ClinicalPrivacyError, clinical_privacy
 from fedspine.training.dp import isolation_violations
 from fedspine.training.dp import mechanism as dp_mechanism
-from fedspine.training.dp_run import LEDGER_FILE, PrivacyCapExceeded
+from fedspine.training.dp_run import PrivacyCapExceeded
+from tests.conftest import home_records, spend
 
 SIZE = 16
 
@@ -222,24 +222,28 @@ def test_epochs_convert_to_steps() -> None:
     assert epochs_to_steps(1, 0.3) == 4
 
 
-def test_plan_composes_with_the_ledger_and_refuses_over_the_cap(data: PreparedDataset) -> None:
+def test_plan_composes_with_the_ledger_and_refuses_over_the_cap(
+    data: PreparedDataset, privacy_home: Path
+) -> None:
     fresh = plan_classifier_dp(data, "binary", epochs=2, patients_per_step=4, target_epsilon=4.0)
     assert fresh.patients == 12 and fresh.sample_rate == pytest.approx(4 / 12)
     assert fresh.steps == 6 and fresh.projected_epsilon <= 4.0 + 1e-6
-    assert fresh.ledger_path == data.root / LEDGER_FILE and not fresh.ledger_path.exists()
-    ledger = PrivacyLedger.open(data.root / LEDGER_FILE)
-    ledger.record(data.content_hash, Mechanism(3.0, 0.1, 10, label="gan-discriminator"), "g", 1.0)
+    assert fresh.privacy_home == privacy_home and home_records(privacy_home) == []
+    train = data.select("train")
+    spend(privacy_home, train.patient_ids, Mechanism(3.0, 0.1, 10, label="gan-discriminator"))
     later = plan_classifier_dp(data, "binary", epochs=2, patients_per_step=4, target_epsilon=4.0)
     assert later.noise_multiplier > fresh.noise_multiplier and later.spent_before > 0
-    text = ledger.path.read_text()
+    text = (privacy_home / "ledger.json").read_text()
     with pytest.raises(PrivacyCapExceeded, match="over the cap"):
         plan_classifier_dp(
             data, "binary", epochs=2, patients_per_step=4, noise_multiplier=0.5, max_epsilon=0.5
         )
-    assert ledger.path.read_text() == text
+    assert (privacy_home / "ledger.json").read_text() == text
 
 
-def test_cli_trains_records_and_composes(data: PreparedDataset, tmp_path: Path) -> None:
+def test_cli_trains_records_and_composes(
+    data: PreparedDataset, tmp_path: Path, privacy_home: Path
+) -> None:
     out = tmp_path / "cls"
     with count_adam_steps() as adam_steps:
         result = run_cli(data, out, "--epsilon", "6", "--patients-per-step", "4")
@@ -247,15 +251,16 @@ def test_cli_trains_records_and_composes(data: PreparedDataset, tmp_path: Path) 
     assert {p.name for p in out.iterdir()} == {"classifier.pt", "config.json", "history.json"}
     model, cfg, meta = load_classifier(out)
     record = meta["dp"]
-    ledger = PrivacyLedger.open(data.root / LEDGER_FILE, create=False)
-    (entry,) = ledger.records(data.content_hash)
+    (entry,) = home_records(privacy_home)
     steps = epochs_to_steps(2, 4 / 12)
     assert entry["steps"] == record["steps"] == adam_steps() == steps
+    assert entry["state"] == "settled" and entry["run_id"] == record["run_id"]
     assert entry["label"] == "clinical-classifier" and entry["unit"] == "patient"
     assert entry["notes"]["what"] == "classifier DP-SGD"
     assert entry["noise_multiplier"] == record["noise_multiplier"]
     assert entry["sample_rate"] == record["sample_rate"] == pytest.approx(4 / 12)
-    assert record["unit"] == "patient" and record["ledger"] == str(data.root / LEDGER_FILE)
+    assert record["unit"] == "patient" and "ledger" not in record
+    assert "content_hash" not in json.dumps(meta)
     assert record["delta"] == 1e-5  # min(1e-5, 1 / (10 * 12 patients))
     mech = Mechanism(record["noise_multiplier"], record["sample_rate"], record["steps"])
     assert record["epsilon"] == pytest.approx(epsilon([mech], record["delta"], "prv"), rel=1e-6)
@@ -272,10 +277,14 @@ def test_cli_trains_records_and_composes(data: PreparedDataset, tmp_path: Path) 
     assert status.basis == "dp"
     assert ClinicalLoss.from_file(out, ["normal", "abnormal"]).task == "binary"
 
-    # A later `fedspine train --dp` composes its discriminator steps with the classifier's:
-    # RunPrivacy reads the same ledger, keyed by the same content hash.
+    # A later DP run on the same patients composes with the classifier's steps.
+    from fedspine.privacy.engine import PrivacyEngine
+
+    engine = PrivacyEngine(data.select("train").patient_ids, unit="patient")
     gan = dp_mechanism(1.0, 0.25, 20)
-    prior = ledger.mechanisms(data.content_hash)
+    (prior,) = engine.histories()
+    assert prior == [mech.__class__(mech.noise_multiplier, mech.sample_rate, mech.steps,
+                                    label="clinical-classifier")]  # fmt: skip
     assert epsilon([*prior, gan], 1e-5, "rdp") > max(
         epsilon([gan], 1e-5, "rdp"), epsilon(prior, 1e-5, "rdp")
     )
@@ -283,7 +292,7 @@ def test_cli_trains_records_and_composes(data: PreparedDataset, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_a_second_dp_classifier_composes_with_the_first(
-    data: PreparedDataset, tmp_path: Path
+    data: PreparedDataset, tmp_path: Path, privacy_home: Path
 ) -> None:
     first = run_cli(data, tmp_path / "cls1", "--epsilon", "6", "--patients-per-step", "4")
     assert first.exit_code == 0, first.output
@@ -292,27 +301,38 @@ def test_a_second_dp_classifier_composes_with_the_first(
     assert second.exit_code == 0, second.output
     meta2 = load_classifier(tmp_path / "cls2")[2]["dp"]
     assert meta2["noise_multiplier"] > record["noise_multiplier"]
-    records = PrivacyLedger.open(data.root / LEDGER_FILE, create=False).records(data.content_hash)
+    records = home_records(privacy_home)
     assert [r["run_id"] for r in records] == [record["run_id"], meta2["run_id"]]
     assert record["epsilon"] < meta2["data_epsilon_after"] <= 6.0 + 0.05
 
 
-def test_cli_cap_refusal_writes_nothing(data: PreparedDataset, tmp_path: Path) -> None:
+def test_cli_cap_refusal_writes_nothing(
+    data: PreparedDataset, tmp_path: Path, privacy_home: Path
+) -> None:
     out = tmp_path / "cls"
     result = run_cli(data, out, "--epsilon", "5", "--max-epsilon", "1")
     assert result.exit_code != 0 and "over the cap" in result.output
     assert not out.exists() and not list(tmp_path.glob(".cls*"))
-    assert not list(data.root.glob(f"*{LEDGER_FILE}*"))
-    ledger = PrivacyLedger.open(data.root / LEDGER_FILE)
-    ledger.record(data.content_hash, Mechanism(0.8, 0.5, 50, label="gan-discriminator"), "g", 1.0)
-    text = ledger.path.read_text()
+    assert home_records(privacy_home) == []
+    spend(
+        privacy_home,
+        data.select("train").patient_ids,
+        Mechanism(0.8, 0.5, 50, label="gan-discriminator"),
+    )
+    text = (privacy_home / "ledger.json").read_text()
     again = run_cli(data, out, "--noise-multiplier", "2", "--max-epsilon", "1")
     assert again.exit_code != 0 and "over the cap" in again.output
-    assert ledger.path.read_text() == text and not out.exists()
+    assert (privacy_home / "ledger.json").read_text() == text and not out.exists()
+
+
+def test_cli_refuses_a_delta_above_the_sites(data: PreparedDataset, tmp_path: Path) -> None:
+    result = run_cli(data, tmp_path / "c", "--epsilon", "5", "--delta", "0.5")
+    assert result.exit_code != 0 and "δ must be in (0, 1e-05]" in result.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_non_dp_classifier_is_refused_by_dp_spinegan(
-    data: PreparedDataset, tmp_path: Path
+    data: PreparedDataset, tmp_path: Path, privacy_home: Path
 ) -> None:
     out = tmp_path / "plain"
     result = CliRunner().invoke(
@@ -325,10 +345,12 @@ def test_a_non_dp_classifier_is_refused_by_dp_spinegan(
     assert "dp" not in meta and load_classifier(out)[1].norm == "batch"
     with pytest.raises(ClinicalPrivacyError, match="not trained with differential privacy"):
         clinical_privacy(meta, classifier_public=False, not_private=False)
-    assert not (data.root / LEDGER_FILE).exists()
+    assert home_records(privacy_home) == []
 
 
-def test_cli_refuses_bad_dp_options(data: PreparedDataset, tmp_path: Path) -> None:
+def test_cli_refuses_bad_dp_options(
+    data: PreparedDataset, tmp_path: Path, privacy_home: Path
+) -> None:
     runner = CliRunner()
     base = ["classifier", "train", str(data.root), "--out", str(tmp_path / "c")]
     cases = {
@@ -341,7 +363,7 @@ def test_cli_refuses_bad_dp_options(data: PreparedDataset, tmp_path: Path) -> No
     for extra, message in cases.items():
         result = runner.invoke(_app(), [*base, *extra])
         assert result.exit_code != 0 and message in result.output, (extra, result.output)
-    assert not (tmp_path / "c").exists() and not (data.root / LEDGER_FILE).exists()
+    assert not (tmp_path / "c").exists() and home_records(privacy_home) == []
 
 
 # --------------------------------------------------------------------------------------------

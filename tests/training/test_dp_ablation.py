@@ -282,7 +282,9 @@ def tiny_preset(monkeypatch):
         ("paper", []),
     ],
 )
-def test_every_ablation_run_is_marked_not_private(tmp_path, tiny_preset, scheme, extra):
+def test_every_ablation_run_is_marked_not_private(
+    tmp_path, tiny_preset, scheme, extra, privacy_home
+):
     from fedspine.privacy.report import write_report
     from fedspine.training.generate import load_generator
 
@@ -299,7 +301,7 @@ def test_every_ablation_run_is_marked_not_private(tmp_path, tiny_preset, scheme,
     assert any(scheme in reason for reason in privacy["not_private_reasons"])
     summary = json.loads((run / "ablation.json").read_text())
     assert summary["scheme"] == scheme and summary["private"] is False and summary["complete"]
-    assert not list(prepared.glob("privacy_ledger*")), "no ledger is written"
+    assert not (privacy_home / "ledger.json").exists(), "no ledger is written"
     assert tomllib.loads((run / "config.toml").read_text())["dp_scheme"] == scheme
     _, meta = load_generator(run / "generator.pt", device="cpu")
     assert meta["training"]["dp_scheme"] == scheme
@@ -327,7 +329,7 @@ def test_every_ablation_run_is_marked_not_private(tmp_path, tiny_preset, scheme,
     [
         (["--dp", "--epsilon", "3", "--dp-scheme", "paper"], "drop --dp"),
         (["--dp-scheme", "clip-only", "--epsilon", "3"], "no ε budget"),
-        (["--dp-scheme", "clip-only", "--ledger", "l.json"], "no ε budget"),
+        (["--dp-scheme", "clip-only", "--privacy-home", "h"], "no ε budget"),
         (["--dp-scheme", "paper", "--clip", "2"], "the paper's"),
         (["--dp-scheme", "paper", "--batch", "4"], "batch 1"),
         (["--dp-scheme", "noise-only"], "exactly one of --noise-multiplier"),

@@ -94,13 +94,13 @@ def test_noise_and_patient_draws_do_not_follow_the_seed():
 
 
 @pytest.mark.slow
-def test_train_cli_with_dp_records_the_ledger_and_refuses_past_the_cap(tmp_path):
+def test_train_cli_with_dp_records_the_ledger_and_refuses_past_the_cap(tmp_path, privacy_home):
     import json
 
     from typer.testing import CliRunner
 
     from fedspine.cli.main import app
-    from fedspine.privacy.ledger import PrivacyLedger
+    from tests.conftest import home_records
     from tests.federated.conftest import make_site_dataset
 
     data = make_site_dataset(tmp_path / "prep", n=48, seed=0)
@@ -128,8 +128,11 @@ def test_train_cli_with_dp_records_the_ledger_and_refuses_past_the_cap(tmp_path)
     (site,) = summary["sites"].values()
     assert 0 < site["epsilon"] <= 4.0 * 1.01
     assert sum(m["steps"] for m in site["mechanisms"]) == 2  # 32 images / batch 16, 1 D step each
-    ledger = PrivacyLedger.open(data / "privacy_ledger.json", create=False)
-    assert len(ledger.mechanisms(site["dataset_hash"])) == 1
+    (record,) = home_records(privacy_home)
+    assert record["state"] == "settled" and record["steps"] == 2
+    assert record["run_id"] == summary["run_id"]
+    assert summary["generator_sha256"] and "hash" not in json.dumps(site)
+    assert not (tmp_path / "run1" / "samples" / "reals.png").exists()
     # D's loss and logits on private images are not logged, not even as NaN (strict JSON).
     lines = (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in lines]

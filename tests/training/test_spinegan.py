@@ -342,7 +342,9 @@ def test_cli_spinegan_run_records_the_model_and_classifier(cli_setup, tmp_path):
         (["--model", "spinegan", "--classifier", "{clf}", *DP], "--classifier-public"),
     ],
 )  # fmt: skip
-def test_cli_refusals_are_one_line_and_write_nothing(cli_setup, tmp_path, args, needle):
+def test_cli_refusals_are_one_line_and_write_nothing(
+    cli_setup, tmp_path, args, needle, privacy_home
+):
     prepared, classifier = cli_setup
     run = tmp_path / "run"
     args = [a.format(clf=classifier) for a in args]
@@ -351,7 +353,7 @@ def test_cli_refusals_are_one_line_and_write_nothing(cli_setup, tmp_path, args, 
     assert needle in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not run.exists()
-    assert not (prepared / "privacy_ledger.json").exists()
+    assert not (privacy_home / "ledger.json").exists()
 
 
 @pytest.mark.parametrize("flag", ["--not-private", "--classifier-public"])

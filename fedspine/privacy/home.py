@@ -1,0 +1,158 @@
+"""A site's privacy home: the one place that holds its privacy ledger and its patient key.
+
+The ledger must follow patients, not folders: a re-ingest with another seed, resolution, fit or
+split, a merge, or a copy of the prepared folder holds the same people and must hit the same
+spend. So the home lives outside every prepared folder (``--privacy-home``, else the
+``FEDSPINE_PRIVACY_HOME`` environment variable, else ``~/.local/share/fedspine/privacy``, or
+``$XDG_DATA_HOME/fedspine/privacy``), and the ledger names patients by keyed hashes:
+HMAC-SHA256 of the patient identifier under a per-site secret key (``site.key``, 0600, made on
+first use). The identifier is what ingest recorded as the privacy unit (the folder layout's
+``patient_id``, VinDr's ``study_id``, or the image's path for ``--privacy-unit image``), so it
+survives every re-preparation of the same source. Without the key the ledger identifies no one;
+two sources that reuse the same identifier for different people share a budget, which can only
+over-count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+from collections.abc import Iterable
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+
+ENV_VAR = "FEDSPINE_PRIVACY_HOME"
+KEY_FILE = "site.key"
+LEDGER_FILE = "ledger.json"
+KEY_BYTES = 32
+PATIENT_KEY_HEX = 32
+"""Hex digits kept of each patient's HMAC: 128 bits, collisions only ever over-count."""
+_DOMAIN = b"fedspine-privacy-unit\x00"
+
+
+class PrivacyHomeError(RuntimeError):
+    """The privacy home cannot be used; the message names the path and what to do."""
+
+
+def default_home() -> Path:
+    """Where a site's privacy home is when neither the option nor the variable says."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fedspine" / "privacy"
+
+
+def resolve_home(path: str | os.PathLike | None = None) -> Path:
+    """The option if given, else ``$FEDSPINE_PRIVACY_HOME``, else :func:`default_home`."""
+    if path is not None and str(path):
+        return Path(path).expanduser()
+    env = os.environ.get(ENV_VAR)
+    return Path(env).expanduser() if env else default_home()
+
+
+class PrivacyHome:
+    """The folder with ``ledger.json`` and ``site.key``; both made on first use."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = resolve_home(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise PrivacyHomeError(
+                f"privacy home {self.path} is a file, not a folder; pass --privacy-home DIR "
+                f"(or set {ENV_VAR}) to the site's privacy folder"
+            )
+        self._key: bytes | None = None
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.path / LEDGER_FILE
+
+    @property
+    def key_path(self) -> Path:
+        return self.path / KEY_FILE
+
+    def ledger(self):
+        """The site's :class:`~fedspine.privacy.ledger.PrivacyLedger` (created if absent)."""
+        from fedspine.privacy.ledger import PrivacyLedger
+
+        self._site_key()  # the key first: a ledger without its key names no one usable
+        return PrivacyLedger.open(self.ledger_path, create=True)
+
+    def patient_keys(self, identifiers: Iterable[str]) -> list[str]:
+        """The keyed hash of each distinct identifier, sorted (the ledger's names for them)."""
+        key = self._site_key()
+        unique = sorted({str(i) for i in identifiers})
+        return sorted(
+            hmac.new(key, _DOMAIN + i.encode("utf-8"), hashlib.sha256).hexdigest()[:PATIENT_KEY_HEX]
+            for i in unique
+        )
+
+    def keys_of(self, patient_ids: np.ndarray | Iterable[str]) -> list[str]:
+        """:meth:`patient_keys` of an array of per-image patient identifiers."""
+        return self.patient_keys(np.asarray(list(patient_ids)).astype(str).tolist())
+
+    def _site_key(self) -> bytes:
+        if self._key is None:
+            self._ensure_folder()
+            try:
+                self._key = _read_key(self.key_path)
+            except FileNotFoundError:
+                self._key = _create_key(self.key_path)
+        return self._key
+
+    def _ensure_folder(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as error:
+            raise PrivacyHomeError(
+                f"privacy home {self.path}: cannot create it ({error}); pass --privacy-home DIR "
+                f"(or set {ENV_VAR}) to a folder the site's process can write"
+            ) from error
+
+    def __repr__(self) -> str:
+        return f"PrivacyHome({str(self.path)!r})"
+
+
+def _read_key(path: Path) -> bytes:
+    text = path.read_text(encoding="ascii").strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise PrivacyHomeError(
+            f"{path}: not a fedspine site key ({KEY_BYTES} bytes in hex). It names every patient "
+            "in the ledger beside it: restore it from a backup; a new key would forget the "
+            "budget already spent"
+        )
+    return key
+
+
+def _create_key(path: Path) -> bytes:
+    """Write the key whole to a temporary file, then link it into place: two processes
+    starting at once agree on one key, and no reader sees half of one."""
+    key = secrets.token_bytes(KEY_BYTES)
+    ledger = path.with_name(LEDGER_FILE)
+    if ledger.exists():
+        raise PrivacyHomeError(
+            f"{path} is missing but {ledger} exists: the ledger's patients are named under that "
+            "key, so a new one would forget the budget already spent. Restore the key from a "
+            "backup"
+        )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(key.hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return _read_key(path)
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return key
