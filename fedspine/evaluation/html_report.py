@@ -51,8 +51,9 @@ RUN_CONFIG = "config.toml"
 PRIVACY_PLOT = "privacy_report.png"
 RELEASE_MANIFEST = "manifest.json"
 RELEASE_PRIVACY = "privacy_report.json"
-RELEASE_MEMORISATION = "audit/memorisation.json"
-RELEASE_MEMBERSHIP = "audit/membership.json"
+RELEASE_MEMORISATION = "memorisation.json"
+"""In the steward's audit folder: a release carries no audit statistic of private data."""
+RELEASE_MEMBERSHIP = "membership.json"
 STEWARD_PAIRS = "closest_pairs.png"
 CANARY_FILES = ("canary_audit.json", "audit/canary.json")
 SAMPLES_PER_CLASS = 8
@@ -263,6 +264,10 @@ def _load(
     if steward_audit is not None:
         folder = _folder(Path(steward_audit), "steward audit", "the --steward-audit folder")
         inputs.steward_pairs = _png(folder / STEWARD_PAIRS, inputs.problems)
+        mem = _json(folder / RELEASE_MEMORISATION, inputs.problems)
+        inputs.release_memorisation = mem if isinstance(mem, dict) else None
+        membership = _json(folder / RELEASE_MEMBERSHIP, inputs.problems)
+        inputs.membership = membership if isinstance(membership, dict) else None
     for folder in (inputs.run, inputs.release, inputs.evaluation):
         if folder is None or inputs.canary is not None:
             continue
@@ -342,10 +347,6 @@ def _load_release(inputs: ReportInputs, folder: Path) -> None:
         if inputs.privacy is None and isinstance(privacy_report.get("privacy"), dict):
             inputs.privacy = privacy_report["privacy"]
             inputs.privacy_source = f"{folder.name}/{RELEASE_PRIVACY}"
-    mem = _json(folder / RELEASE_MEMORISATION, inputs.problems)
-    inputs.release_memorisation = mem if isinstance(mem, dict) else None
-    membership = _json(folder / RELEASE_MEMBERSHIP, inputs.problems)
-    inputs.membership = membership if isinstance(membership, dict) else None
     inputs.release_grids = _class_grids(folder / "synthetic", inputs.problems)
 
 
@@ -813,7 +814,7 @@ def _audits(inp: ReportInputs) -> str:
             + "</p>"
         )
     elif inp.release is not None:
-        parts.append(_na(f"release gate: {inp.release.name} has no {RELEASE_MEMORISATION}"))
+        parts.append(_na(f"release gate: no {RELEASE_MEMORISATION} in the steward's audit folder"))
     if inp.steward_pairs is not None:
         parts.append(
             _figure(

@@ -228,7 +228,8 @@ def demo_commands(
         f"fedspine privacy report {fed} --format html",
         f"fedspine release {fed} --out {q('release')} --max-epsilon {c.epsilon:g} --per-class "
         f"{c.release_per_class} {audit_data} --key {q('steward', 'steward.key')} --seed "
-        f"{c.seed} --steward-audit {q('steward', 'audit')}",
+        f"{c.seed} --audit-dir {q('steward', 'audit')} "
+        + " ".join(f"--privacy-home {q('sites', s, 'privacy')}" for s in sites),
     ]
 
 
