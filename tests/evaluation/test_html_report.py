@@ -199,8 +199,8 @@ def make_release(root: Path, privacy: dict, key: Ed25519PrivateKey) -> Path:
     with open(syn / "labels.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("file", "label", "patient_id"), *rows])
     (syn / "classes.txt").write_text("normal\nabnormal\n")
-    audit = root / "audit"
-    audit.mkdir()
+    audit = root.parent / "steward"  # the audit figures stay with the steward, not the release
+    audit.mkdir(exist_ok=True)
     gate = {"passed": True, "flagged": 0, "n_synthetic": 6, "share_flagged": 0.0}
     (audit / "memorisation.json").write_text(json.dumps({"gate": gate, "extractor": "pixels"}))
     membership = {
@@ -229,7 +229,6 @@ def make_release(root: Path, privacy: dict, key: Ed25519PrivateKey) -> Path:
         "run": {"name": "federation", "generator_sha256": sha256_file(root / "generator.pt")},
         "configuration": {"max_epsilon": 10.0, "per_class": 3, "seed": 0},
         "privacy": {"accountant": "prv", "delta": 1e-5, "unit": "patient", "sites": sites},
-        "audit_data": [{"name": "site_1", "content_hash": "hash-site_1"}],
         "signing_key": fingerprint(key),
         "files": [
             {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size} for rel, p in files
