@@ -845,8 +845,9 @@ def _audits(inp: ReportInputs) -> str:
         )
         parts.append(_table(["attack", "AUC", "TPR at 1 % FPR"], rows))
         parts.append(
-            f"<p>{_e(mia.get('interpretation'))}. An attack is a lower bound on "
-            "leakage, never a proof of privacy.</p>"
+            f"<p>{_e(mia.get('interpretation'))}. This attack compares populations: the "
+            "generator's ε gives no formal bound on its AUC or TPR, and a low AUC is "
+            "evidence, never a proof of privacy.</p>"
         )
     else:
         parts.append(

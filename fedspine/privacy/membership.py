@@ -13,8 +13,18 @@ scores, both larger = more likely a member:
 The audit scores the audit data's training images (members) and held-out images (non-members)
 and reports, per score, the ROC AUC (0.5 = no better than chance) and the true-positive rate at
 1 % false-positive rate. With fewer than 100 non-members the 1 % point means "no false
-positives at all" and is coarse. For a generator trained with DP at ε, the TPR at FPR α is at most
-e^ε·α + δ; the attack is a lower bound on leakage, never a proof of privacy.
+positives at all" and is coarse.
+
+What the numbers show: how well this one attack, on this release, tells these members from these
+non-members. It is an empirical measurement, not a guarantee, and no formal bound follows from
+the generator's DP ε. DP bounds a hypothesis test about ONE individual's inclusion: for any one
+patient, telling a release trained with them from one trained without them. This audit instead
+compares two populations (the training images against different, held-out people, each scored
+once against one release), so its TPR and AUC are not such a test and ε caps neither of them;
+they also move with any difference between the two sets besides membership (patients, sites,
+acquisition). A high AUC or TPR at low FPR is evidence that the release reveals who was trained
+on (or that the sets differ); a low AUC is evidence, not proof, of privacy: this attack with
+these features found nothing, and a stronger attack might.
 """
 
 from __future__ import annotations
@@ -35,7 +45,11 @@ PIXELS_NAME = "raw pixels (flattened, full resolution)"
 
 @dataclass
 class MembershipResult:
-    """AUC and TPR at 1 % FPR of both attacks; ``summary()`` is JSON-ready."""
+    """AUC and TPR at 1 % FPR of both attacks; ``summary()`` is JSON-ready.
+
+    Empirical results of these attacks on one release: no DP-derived bound applies to them (see
+    the module doc), and a value near chance is evidence, not proof, of privacy.
+    """
 
     features: str
     n_synthetic: int
@@ -63,7 +77,11 @@ class MembershipResult:
             },
             "interpretation": (
                 "members: the audit data's training images; non-members: held-out images. "
-                "AUC 0.5 and TPR@1%FPR near 0.01 mean the attack cannot tell them apart"
+                "An empirical attack on this release, not a guarantee: AUC 0.5 and TPR@1%FPR "
+                "near 0.01 mean this attack could not tell them apart, which is evidence, not "
+                "proof, of privacy (a stronger attack might); the generator's DP ε gives no "
+                "formal bound on this population-level TPR or AUC, since DP bounds a test about "
+                "one individual's inclusion"
             ),
         }
 
@@ -75,7 +93,8 @@ def membership_audit(
     features: FeatureExtractor | Literal["pixels"] = "pixels",
     batch: int = 64,
 ) -> MembershipResult:
-    """Run both synthetic-only attacks on members vs non-members.
+    """Run both synthetic-only attacks on members vs non-members: an empirical measurement on
+    this release, with no DP-derived bound on its results (see the module doc).
 
     Images are uint8 or float [0, 1], ``[N, H, W]`` or ``[N, 1, H, W]``; raw-pixel features need
     one image size for all three sets.

@@ -63,3 +63,18 @@ def test_bad_inputs_are_errors():
         membership_audit(MEMBERS, MEMBERS, NONMEMBERS[:0])
     with pytest.raises(ValueError, match="FeatureExtractor"):
         membership_audit(MEMBERS, MEMBERS, NONMEMBERS, features="inception")
+
+
+def test_summary_claims_no_dp_bound_on_the_population_attack():
+    # DP bounds a test about one individual's inclusion, not this members-vs-held-out comparison:
+    # the summary must not state a TPR ceiling from ε, and must call a low AUC evidence only.
+    import fedspine.privacy.membership as membership
+
+    text = membership.membership_audit(MEMBERS[:20], MEMBERS[:20], NONMEMBERS[:20]).summary()
+    interpretation = text["interpretation"]
+    assert "e^ε" not in interpretation and "≤" not in interpretation
+    assert "evidence, not proof" in interpretation
+    assert "no formal bound" in interpretation
+    for doc in (membership.__doc__, membership.MembershipResult.__doc__):
+        assert "e^ε" not in doc
+        assert "evidence, not proof" in doc
