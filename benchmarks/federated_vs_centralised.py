@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
             if dp:
                 cmd += ["--dp", "--epsilon", str(args.epsilon)]
                 cmd += ["--patients-per-step", str(args.patients_per_step)]
+                cmd += ["--privacy-home", str(folder / "privacy")]
             if not (run / "generator.pt").exists():
                 shutil.rmtree(run, ignore_errors=True)
                 _fedspine(cmd)
@@ -116,6 +117,7 @@ def _federate(data: list[Path], names: list[str], folder: Path, args, dp: bool) 
                 "data-path": str(path),
                 "site-name": name,
                 "state-dir": str(folder / "state" / name),
+                "privacy-home": str(folder / "privacy" / name),
                 **({"max-epsilon": float(args.epsilon)} if dp else {}),
             },
             app=client_app,
@@ -165,7 +167,7 @@ def _summary(report_dir: Path, run: Path, seconds: float) -> dict:
 def _copy(src: Path, dst: Path) -> Path:
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("privacy_ledger.json*"))
+        shutil.copytree(src, dst)
     return dst
 
 

@@ -178,6 +178,7 @@ def _federated(args: argparse.Namespace, work: Path, sites: list[Path]) -> dict:
                         port=free_port(),
                         insecure=not args.tls,
                         threads=args.threads_per_site,
+                        privacy_home=work / f"node-{k}" / "privacy",
                     )
                 )
             )

@@ -8,7 +8,9 @@ import typer
 
 from fedspine.cli.common import fail
 
-privacy_app = typer.Typer(help="Privacy reports of training runs.", no_args_is_help=True)
+privacy_app = typer.Typer(
+    help="Privacy reports of training runs, and the site's privacy ledger.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,3 +42,34 @@ def report(
     for reason in summary["not_private_reasons"]:
         typer.echo(f"  not private: {reason}")
     typer.echo(f"report: {path}")
+
+
+@privacy_app.command("import-ledger")
+def import_ledger(
+    prepared: Path = typer.Argument(
+        ..., help="A prepared folder holding a version-1 privacy_ledger.json."
+    ),
+    privacy_home: Path = typer.Option(
+        None,
+        "--privacy-home",
+        help="The site's privacy home (default: $FEDSPINE_PRIVACY_HOME, else "
+        "~/.local/share/fedspine/privacy).",
+    ),
+) -> None:
+    """Bring an old ledger's spend into the site's privacy home, attributed to every patient of
+    PREPARED (which can only over-count); the old file is renamed *.imported."""
+    from fedspine.data.prepared import PreparedDatasetError
+    from fedspine.privacy.engine import PrivacyError
+    from fedspine.privacy.home import PrivacyHome, PrivacyHomeError
+    from fedspine.privacy.ledger import LedgerError
+    from fedspine.privacy.migrate import import_v1_ledger
+
+    try:
+        home = PrivacyHome(privacy_home)
+        records = import_v1_ledger(prepared, home)
+    except (PrivacyError, PrivacyHomeError, LedgerError, PreparedDatasetError) as err:
+        fail(str(err))
+    steps = sum(r["steps"] for r in records)
+    typer.echo(
+        f"imported {len(records)} record(s), {steps} steps, from {prepared} into {home.path}"
+    )

@@ -363,7 +363,7 @@ def _privacy_options(dp: bool, scheme: str | None, flags: dict):
 
     --dp is differential privacy and nothing else; the ablation schemes are not private, so
     they are refused with --dp, and flags that only make sense for a DP budget (--epsilon,
-    --ledger, --max-epsilon) are refused with them.
+    --privacy-home, --privacy-unit, --max-epsilon) are refused with them.
     """
     from fedspine.training.dp_ablation import ABLATION_SCHEMES, SCHEMES
 

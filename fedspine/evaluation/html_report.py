@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
-from fedspine.privacy.report import PHASE_COLUMNS, phase_cells
+from fedspine.privacy.report import PHASE_COLUMNS, describe_unit, phase_cells
 
 DEFAULT_TITLE = "fedspine report"
 EVAL_REPORT = "report.json"
@@ -361,7 +361,7 @@ def _summary(inp: ReportInputs) -> str:
         verdict = "private" if private else "NOT PRIVATE"
         details = [
             f"accountant {privacy.get('accountant', '?')}",
-            f"unit of privacy: {privacy.get('unit', '?')}",
+            f"unit of privacy: {describe_unit(privacy.get('unit'))}",
         ]
         if _float(privacy.get("delta")) is not None:
             details.append(f"δ = {_g(privacy.get('delta'))}")

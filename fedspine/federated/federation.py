@@ -721,7 +721,9 @@ def _write_privacy(out: Path, config: FederationConfig) -> None:
         + ("uniform" if config.label_prior is None else str(config.label_prior)),
         "ada_p": f"fixed at {config.dp_ada_p}",
         "clinical_classifier": "none (conditional GAN)",
-        "site ledgers": "kept at each site; ε here is what each site reported",
+        "site ledgers": "kept in each site's privacy home, steps written before they run; ε "
+        "here is what each site reported for its worst patient",
+        "dataset sizes": "treated as public (as in Opacus): q = patients per step / patients",
     }
     if spinegan:
         components["clinical_classifier"] = (

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from fedspine.federated.site import RoundConfig, SiteConfig, SiteRefusal
-from fedspine.privacy.accounting import REPORT_ACCOUNTANT, epsilon
+from fedspine.privacy.accounting import PLAN_ACCOUNTANT, REPORT_ACCOUNTANT, epsilon
 from fedspine.privacy.engine import PrivacyEngine, PrivacyError, Reservation
 from fedspine.privacy.home import PrivacyHomeError
 from fedspine.privacy.ledger import LedgerError, mechanisms_of
@@ -47,7 +47,7 @@ class _RoundLedger:
     server."""
 
     def _open_engine(self, site: SiteConfig, rc, dataset, patient_ids: np.ndarray) -> None:
-        from fedspine.training.dp_run import resolve_unit
+        from fedspine.training.dp_run import dp_unit_of
 
         options = dict(rc.dp or {})
         self.site = site
@@ -62,7 +62,7 @@ class _RoundLedger:
         try:
             self.engine = PrivacyEngine(
                 patient_ids,
-                unit=resolve_unit(dataset, site.privacy_unit),
+                unit=dp_unit_of(dataset, site.privacy_unit),
                 home=site.privacy_home,
                 run_id=rc.federation,
                 delta=options.get("delta"),
@@ -143,7 +143,7 @@ class SitePrivacy(_RoundLedger):
             ),
             d_steps_per_g=int(options.get("d-steps-per-g", 1)),
             ada_p=float(options.get("ada-p", 0.0)),
-            accountant="rdp",
+            accountant=PLAN_ACCOUNTANT,
         )
 
     def make_trainer(self, config, data, state: dict | None, clinical=None) -> DPGanTrainer:

@@ -150,7 +150,7 @@ def audit_dp_step(
     k_minus: int | None = None,
     delta: float = 1e-5,
     beta: float = DEFAULT_BETA,
-    accountant: Accountant = "prv",
+    accountant: Accountant = REPORT_ACCOUNTANT,
     directions: Literal["dirac", "random"] = "dirac",
     chunk_size: int = 512,
     seed: int = 0,

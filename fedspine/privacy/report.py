@@ -20,6 +20,7 @@ from typing import Any
 
 from fedspine import __version__
 from fedspine.fileio import file_sha256
+from fedspine.privacy.accounting import PLAN_ACCOUNTANT, REPORT_ACCOUNTANT
 
 PRIVACY_FILE = "privacy.json"
 GENERATOR_FILE = "generator.pt"
@@ -35,6 +36,14 @@ FORMATS = ("md", "json", "html")
 
 class PrivacyReportError(Exception):
     """The run has no readable privacy summary; the message says what to do."""
+
+
+def describe_unit(unit: str | None) -> str:
+    """The privacy unit in words: VinDr's study is a patient proxy, an image may not be a person."""
+    from fedspine.data.prepared import UNIT_DESCRIPTIONS
+
+    parts = [p.strip() for p in str(unit or "?").split("/")]
+    return " / ".join(UNIT_DESCRIPTIONS.get(p, p) for p in parts)
 
 
 def site_entry(
@@ -65,7 +74,7 @@ def write_privacy_summary(
     run: str | os.PathLike,
     sites: dict[str, dict[str, Any]],
     components: dict[str, str],
-    accountant: str = "prv",
+    accountant: str = REPORT_ACCOUNTANT,
     not_private_reasons: Sequence[str] = (),
     unit: str = "patient",
     run_id: str | None = None,
@@ -126,7 +135,7 @@ def build_report(run: str | os.PathLike) -> dict[str, Any]:
     for name, site in summary["sites"].items():
         mechanisms = [_mechanism(m) for m in site.get("mechanisms", [])]
         recomputed = (
-            epsilon(mechanisms, float(site["delta"]), summary.get("accountant", "prv"))
+            epsilon(mechanisms, float(site["delta"]), summary.get("accountant", REPORT_ACCOUNTANT))
             if mechanisms
             else None
         )
@@ -195,7 +204,9 @@ def _plot(report: dict[str, Any], path: Path) -> Path | None:
     curves = {}
     for name, mechanisms in report["_mechanisms"].items():
         if mechanisms:
-            curves[name] = epsilon_curve(mechanisms, float(report["sites"][name]["delta"]), "rdp")
+            curves[name] = epsilon_curve(
+                mechanisms, float(report["sites"][name]["delta"]), PLAN_ACCOUNTANT
+            )
     if not curves:
         return None
     return plot_epsilon_curve(curves, path)
@@ -267,7 +278,8 @@ def _markdown(report: dict[str, Any], plot_name: str | None) -> str:
     lines += [
         f"**This run is {verdict}.** Overall ε = {_num(report['overall_epsilon'])} at "
         f"δ = {report['delta']} (accountant: {report['accountant']}, unit of privacy: "
-        f"{report['unit']}).",
+        f"{describe_unit(report['unit'])}). Dataset sizes (patients per site) are treated as "
+        "public, as in Opacus.",
         "",
     ]
     for reason in report["not_private_reasons"]:
@@ -307,7 +319,7 @@ def _html(report: dict[str, Any], plot: Path | None) -> str:
 td,th{{border:1px solid #999;padding:.3em .6em}}img{{max-width:100%}}</style></head><body>
 <h1>Privacy report: {esc(report["run"])}</h1>
 <p><b>This run is {verdict}.</b> Overall ε = {_num(report["overall_epsilon"])} at δ = {report["delta"]}
-(accountant: {esc(str(report["accountant"]))}, unit of privacy: {esc(report["unit"])}).</p>
+(accountant: {esc(str(report["accountant"]))}, unit of privacy: {esc(describe_unit(report["unit"]))}).</p>
 <ul>{reasons}</ul><p>{esc(report["overall_note"])}</p>
 <h2>Sites</h2><table><tr>{head}</tr>{rows}</table>
 <h2>What was private and what was public</h2><ul>{parts}</ul>

@@ -67,7 +67,7 @@ from fedspine.training.dp import (
     make_dp_optimizer,
     privatised_step,
 )
-from fedspine.training.dp_run import resolve_unit
+from fedspine.training.dp_run import dp_unit_of
 
 __all__ = [
     "ClassifierDPConfig",
@@ -380,7 +380,7 @@ def plan_classifier_dp(
         raise ValueError(f"{data.root}: no training rows with a usable label")
     engine = PrivacyEngine(
         np.asarray(train.patient_ids[idx]).astype(str),
-        unit=resolve_unit(data, privacy_unit),
+        unit=dp_unit_of(data, privacy_unit),
         home=privacy_home,
         run_id=f"classifier-{secrets.token_hex(6)}",
         delta=delta,

@@ -47,7 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedspine.privacy.accounting import Mechanism, calibrate_noise, default_delta
+from fedspine.privacy.accounting import (
+    ACCOUNTANTS,
+    REPORT_ACCOUNTANT,
+    Mechanism,
+    calibrate_noise,
+    default_delta,
+)
 
 MECHANISM_LABEL = "gan-discriminator"
 FakeSource = Callable[[int, Tensor], Tensor]
@@ -76,7 +82,7 @@ class DPConfig:
     r1_every_step: bool = True
     r1_interval: int = 16
     ada_p: float = 0.0
-    accountant: str = "prv"
+    accountant: str = REPORT_ACCOUNTANT
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
@@ -101,7 +107,7 @@ class DPConfig:
                 raise ValueError(f"DPConfig: {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ada_p <= 1.0:
             raise ValueError(f"DPConfig: ada_p must lie in [0, 1], got {self.ada_p}")
-        if self.accountant not in ("prv", "rdp", "pld"):
+        if self.accountant not in ACCOUNTANTS:
             raise ValueError(
                 f"DPConfig: accountant must be 'prv', 'rdp' or 'pld', got {self.accountant!r}"
             )

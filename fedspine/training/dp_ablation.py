@@ -44,6 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from fedspine.privacy.accounting import (
+    PLAN_ACCOUNTANT,
+    REPORT_ACCOUNTANT,
     Mechanism,
     PrivacyAccountingError,
     default_delta,
@@ -66,7 +68,7 @@ PAPER_KIMG = 8000.0
 PAPER_R1_INTERVAL = 16
 ABLATION_FILE = "ablation.json"
 ABLATION_FORMAT = "fedspine-dp-ablation/1"
-ACCOUNTANT_ORDER: tuple[str, ...] = ("prv", "rdp")
+ACCOUNTANT_ORDER: tuple[str, ...] = (REPORT_ACCOUNTANT, PLAN_ACCOUNTANT)
 # DPConfig and DPDiscriminatorStep insist on σ > 0 (rightly, for DP runs); the clip-only step
 # is built with this stand-in and then sets σ = 0 on its own optimizer.
 _SIGMA_STAND_IN = 1.0
@@ -155,7 +157,7 @@ class AblationOptions:
             expected_patients_per_step=min(int(self.expected_patients_per_step), num_patients),
             d_steps_per_g=int(self.d_steps_per_g),
             ada_p=float(self.ada_p),
-            accountant="rdp",
+            accountant=PLAN_ACCOUNTANT,
         )
 
 
@@ -556,7 +558,7 @@ class AblationRun:
             expected_patients_per_step=self.dp.expected_patients_per_step,
             d_steps_per_g=self.dp.d_steps_per_g,
             ada_p=self.dp.ada_p,
-            accountant="rdp",
+            accountant=PLAN_ACCOUNTANT,
         )
         steps = planned_d_steps(config, target, config.total_kimg)
         sigma, q, delta = plan_noise(target, self.num_patients, steps)
@@ -565,7 +567,7 @@ class AblationRun:
             "delta": delta,
             "sample_rate": q,
             "planned_d_steps": steps,
-            "accountant": "rdp",
+            "accountant": PLAN_ACCOUNTANT,
             "how": "the σ `--dp --epsilon` calibrates for this data and run length with an "
             "empty ledger (what each DP arm of `fedspine reproduce` uses)",
         }
@@ -579,7 +581,7 @@ class AblationRun:
             self.out,
             {},
             self._components(),
-            accountant=summary.get("accounting", {}).get("accountant", "prv"),
+            accountant=summary.get("accounting", {}).get("accountant", REPORT_ACCOUNTANT),
             not_private_reasons=[self.not_private_reason(summary)],
             unit="image" if self.scheme == "paper" else "patient",
         )

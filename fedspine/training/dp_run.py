@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fedspine.privacy.accounting import PLAN_ACCOUNTANT
 from fedspine.privacy.engine import (
     RESERVE_BLOCK,
     PrivacyCapExceeded,
@@ -26,15 +27,19 @@ from fedspine.privacy.engine import (
 from fedspine.training.dp import MECHANISM_LABEL, DPConfig
 from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
 
-__all__ = ["PrivacyCapExceeded", "PrivacyError", "RunPrivacy", "resolve_unit"]
+__all__ = ["PrivacyCapExceeded", "PrivacyError", "RunPrivacy", "dp_unit_of"]
 
 
-def resolve_unit(dataset, declared: str | None) -> str:
-    """The privacy unit of a DP run on ``dataset``, refusing an implicit per-image unit.
+def dp_unit_of(dataset, declared: str | None) -> str:
+    """The privacy unit of a DP run on ``dataset``, refusing an implicit per-image unit, and
+    refusing a folder whose version-1 ledger has not been imported into the privacy home.
 
     Data without patient identifiers would make every image its own "person", which silently
     multiplies a patient's weight by their image count; only ``--privacy-unit image`` accepts it.
     """
+    from fedspine.privacy.migrate import check_no_v1_ledger
+
+    check_no_v1_ledger(dataset.root)
     unit = str(getattr(dataset, "privacy_unit", "patient"))
     if unit == "image" and declared != "image":
         raise PrivacyError(
@@ -57,7 +62,7 @@ class RunPrivacy:
         self.site = Path(prepared).resolve().name
         self.out = Path(out)
         self.patient_ids = np.asarray(train.patient_ids).astype(str)
-        self.unit = resolve_unit(dataset, options.get("privacy_unit"))
+        self.unit = dp_unit_of(dataset, options.get("privacy_unit"))
         self.engine = PrivacyEngine(
             self.patient_ids,
             unit=self.unit,
@@ -77,7 +82,7 @@ class RunPrivacy:
             ),
             d_steps_per_g=int(options.get("d_steps_per_g", 1)),
             ada_p=float(options.get("ada_p", 0.0)),
-            accountant="rdp",
+            accountant=PLAN_ACCOUNTANT,
         )
         self.cap = options.get("max_epsilon")
         self.reservation = None

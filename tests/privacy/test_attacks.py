@@ -181,3 +181,37 @@ def test_sigkill_after_a_snapshot_then_resume_never_under_counts(tmp_path, priva
         epsilon(mechanisms_of(records), site["delta"]), rel=1e-6
     )
     assert site["epsilon"] > epsilon([Mechanism(1.5, 4 / 20, behind_g_ema)], site["delta"])
+
+
+def test_an_upgrade_keeps_a_version_1_ledgers_spend(tmp_path, privacy_home):
+    """A v1 ledger in the prepared folder is not silently forgotten: DP is refused until it is
+    imported, and then its spend counts for every patient of that folder."""
+    data = _prepared(tmp_path / "old", 16)
+    mech = {"kind": "dp-sgd-poisson", "label": "gan-discriminator", "noise_multiplier": 0.8,
+            "sample_rate": 0.2, "steps": 300, "clip_norm": 1.0, "unit": "patient",
+            "run_id": "old-run", "round": None, "started": None,
+            "finished": "2026-11-01T00:00:00+00:00", "notes": {}}  # fmt: skip
+    v1 = {
+        "format": "fedspine.privacy-ledger",
+        "version": 1,
+        "datasets": {"abc": {"records": [mech]}},
+    }
+    (data / "privacy_ledger.json").write_text(json.dumps(v1))
+    args = [TRAIN[0], str(data), *TRAIN[1:], "--kimg", "0.016", *DP]
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r1")])
+    assert refused.exit_code != 0 and "fedspine privacy import-ledger" in refused.output
+    assert home_records(privacy_home) == []
+
+    imported = CliRunner().invoke(app, ["privacy", "import-ledger", str(data)])
+    assert imported.exit_code == 0, imported.output
+    assert not (data / "privacy_ledger.json").exists()
+    assert (data / "privacy_ledger.json.imported").exists()
+    (record,) = home_records(privacy_home)
+    assert record["run_id"] == "old-run" and record["steps"] == 300
+    spent = epsilon([Mechanism(0.8, 0.2, 300)], 1e-5)
+    patients = load_prepared(data).select("train").patient_ids
+    assert PrivacyEngine(patients, unit="patient").spent() == pytest.approx(spent)
+    capped = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "r2"), "--max-epsilon", f"{spent:.3f}"]
+    )
+    assert capped.exit_code != 0 and "over the cap" in capped.output

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from fedspine.cli.main import app
 from fedspine.data.labels import LESION_CLASSES, LESION_TYPES
 from fedspine.models.classifier import ClassifierConfig, build_classifier, save_classifier
+from fedspine.privacy.accounting import Mechanism, epsilon
 from fedspine.training import config as config_module
 from fedspine.training.clinical import (
     DECLARED_PUBLIC,
@@ -376,3 +377,57 @@ def test_cli_dp_spinegan_privacy_json(cli_setup, tmp_path, flag):
         assert summary["private"] is True and summary["not_private_reasons"] == []
         assert summary["components"]["clinical_classifier"] == DECLARED_PUBLIC
         assert "NOT PRIVATE" not in report.output
+
+
+@pytest.mark.slow
+def test_dp_spinegan_composes_a_classifier_from_another_ingest_and_refuses_one_off_record(
+    tmp_path, tiny_cpu_preset, privacy_home, monkeypatch
+):
+    """The classifier trained on a 32 px preparation of the same patients: its spend is found
+    in the ledger, composed into the GAN's ε and under the cap; a classifier whose spend went
+    to another privacy home is refused."""
+    gan_data = make_prepared(tmp_path / "p16", resolution=16)
+    clf_data = make_prepared(tmp_path / "p32", resolution=32)  # the same patients, re-ingested
+    classifier_args = ["--dp", "--epsilon", "3", "--patients-per-step", "4", "--arch", "small",
+                       "--epochs", "1", "--device", "cpu", "--threads", "1"]  # fmt: skip
+    trained = runner.invoke(
+        app, ["classifier", "train", str(clf_data), "--out", str(tmp_path / "clf"),
+              *classifier_args],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    clf_eps = json.loads((tmp_path / "clf" / "history.json").read_text())  # written, so settled
+    assert clf_eps["dp"] is True
+    spinegan = ["--model", "spinegan", "--classifier", tmp_path / "clf"]
+
+    run = tmp_path / "run"
+    result = _train(gan_data, "--out", run, *COMMON, *DP, *spinegan)
+    assert result.exit_code == 0, result.output
+    privacy = json.loads((run / "privacy.json").read_text())
+    (site,) = privacy["sites"].values()
+    labels = [m["label"] for m in site["mechanisms"]]
+    assert labels == ["clinical-classifier", "gan-discriminator"]
+    classifier_only = epsilon([Mechanism(**_mech(site["mechanisms"][0]))], site["delta"])
+    assert privacy["private"] is True and site["epsilon"] > classifier_only
+
+    capped = _train(
+        gan_data, "--out", tmp_path / "capped", *COMMON, *DP, *spinegan,
+        "--max-epsilon", f"{classifier_only:.3f}",
+    )  # fmt: skip
+    assert capped.exit_code != 0 and "over the cap" in capped.output
+
+    monkeypatch.setenv("FEDSPINE_PRIVACY_HOME", str(tmp_path / "elsewhere"))
+    elsewhere = runner.invoke(
+        app, ["classifier", "train", str(clf_data), "--out", str(tmp_path / "clf2"),
+              *classifier_args],
+    )  # fmt: skip
+    assert elsewhere.exit_code == 0, elsewhere.output
+    monkeypatch.setenv("FEDSPINE_PRIVACY_HOME", str(privacy_home))
+    refused = _train(
+        gan_data, "--out", tmp_path / "r2", *COMMON, *DP, "--model", "spinegan",
+        "--classifier", tmp_path / "clf2",
+    )  # fmt: skip
+    assert refused.exit_code != 0 and "holds no mechanism of its run" in refused.output
+
+
+def _mech(row: dict) -> dict:
+    return {k: row[k] for k in ("noise_multiplier", "sample_rate", "steps", "label")}
