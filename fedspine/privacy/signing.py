@@ -27,6 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedspine.fileio import file_sha256
+
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 PUBLIC_KEY_FILE = "steward.pub"
@@ -141,13 +143,8 @@ def encode_signature(signature: bytes) -> bytes:
     return base64.b64encode(signature) + b"\n"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256
+"""Hex SHA-256 of a file's bytes (one implementation, in fedspine.fileio)."""
 
 
 def verify_release(

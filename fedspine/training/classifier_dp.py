@@ -368,9 +368,10 @@ def plan_classifier_dp(
 
     Give exactly one of ``target_epsilon`` (ε of the worst training patient after this run,
     everything on record included; σ is calibrated with the planning accountant) and
-    ``noise_multiplier``. Writes nothing. Raises PrivacyCapExceeded when the worst patient
-    would pass ``max_epsilon``, and PrivacyError (a ValueError) for an unreachable target, a
-    δ above the site's or data without patient identifiers (unless ``privacy_unit="image"``).
+    ``noise_multiplier``. Records nothing (the privacy home and its key are made if absent).
+    Raises PrivacyCapExceeded when the worst patient would pass ``max_epsilon``, and
+    PrivacyError (a ValueError) for an unreachable target, a δ above the site's or data without
+    patient identifiers (unless ``privacy_unit="image"``).
     """
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ValueError("give exactly one of target_epsilon and noise_multiplier")
