@@ -452,7 +452,7 @@ def check_privacy(run: str | os.PathLike, max_epsilon: float) -> PrivacyCheck:
     ε below the recomputed one (by more than 1 %) is refused, and the cap applies to the larger
     of the two. All ledger, privacy and cap failures are reported together, joined by "; ".
     """
-    from fedspine.privacy.accounting import ACCOUNTANTS
+    from fedspine.privacy.accounting import ACCOUNTANTS, default_delta
 
     run = Path(run)
     if not run.is_dir():
@@ -503,6 +503,15 @@ def check_privacy(run: str | os.PathLike, max_epsilon: float) -> PrivacyCheck:
             continue
         stated = float(site["epsilon"])
         delta = float(site.get("delta", privacy.get("delta")))
+        patients = site.get("patients")
+        if not (isinstance(patients, int) and not isinstance(patients, bool) and patients > 0):
+            problems.append(f"site {name} does not state its number of privacy units")
+        elif delta > default_delta(patients):
+            problems.append(
+                f"site {name} states delta {delta:g}, above min(1e-5, 1/(10*{patients} units)) = "
+                f"{default_delta(patients):.3g}: a guarantee that may fail outright for a "
+                "patient is not released"
+            )
         recomputed, problem = _recompute_epsilon(site["mechanisms"], delta, accountant)
         if problem:
             warnings.append(f"site {name}: {problem}; the stated epsilon is used as it is")

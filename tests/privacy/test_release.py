@@ -226,6 +226,16 @@ def test_refused_when_the_stated_epsilon_understates_the_mechanisms(base, tmp_pa
     _assert_nothing_written(outdir)
 
 
+def test_refused_when_a_site_states_a_delta_above_the_sites(base, tmp_path, outdir):
+    run = _make_run(tmp_path / "run", base["rows"], base["eps"])
+    summary = json.loads((run / "privacy.json").read_text())
+    summary["sites"]["site_1"]["delta"] = 0.5
+    (run / "privacy.json").write_text(json.dumps(summary))
+    with pytest.raises(ReleaseRefused, match=r"site site_1 states delta 0\.5, above"):
+        _release(base, run, outdir / "rel")
+    _assert_nothing_written(outdir)
+
+
 def test_refused_without_privacy_json(base, tmp_path, outdir):
     run = _make_run(tmp_path / "run", None)
     with pytest.raises(ReleaseRefused, match="no complete privacy ledger: no privacy.json"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import tomllib
 
 import numpy as np
 import pytest
@@ -132,7 +133,10 @@ def test_train_cli_with_dp_records_the_ledger_and_refuses_past_the_cap(tmp_path,
     assert record["state"] == "settled" and record["steps"] == 2
     assert record["run_id"] == summary["run_id"]
     assert summary["generator_sha256"] and "hash" not in json.dumps(site)
+    # Nothing drawn from private images outside the mechanism: no real grid, no class prior.
     assert not (tmp_path / "run1" / "samples" / "reals.png").exists()
+    config = tomllib.loads((tmp_path / "run1" / "config.toml").read_text())
+    assert "label_prior" not in config["dataset"]
     # D's loss and logits on private images are not logged, not even as NaN (strict JSON).
     lines = (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in lines]
