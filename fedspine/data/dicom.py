@@ -195,7 +195,33 @@ def _ensure_transfer_syntax(ds: Any, path: Path) -> None:
 # --- the grayscale pipeline ----------------------------------------------------------------
 
 
+def decode_stored_values(path: str | os.PathLike[str]) -> np.ndarray:
+    """The stored pixel values of one single-frame greyscale DICOM, as fedspine decodes them
+    before any transform (masked to BitsStored, sign-extended): what the cross-check against an
+    independent toolkit compares. Raises DicomDecodeError like :func:`decode_dicom`."""
+    path = Path(path)
+    try:
+        return _stored(path)[1]
+    except DicomDecodeError:
+        raise
+    except Exception as err:
+        raise DicomDecodeError(path, f"could not decode: {_short(err)}") from err
+
+
 def _decode(path: Path) -> np.ndarray:
+    ds, stored, photometric = _stored(path)
+    values = _apply_modality(stored, ds, path)
+    if not np.all(np.isfinite(values)):
+        raise DicomDecodeError(path, "modality transform gave non-finite values")
+    shown = _apply_voi(values, ds, path)
+    shown = np.clip(shown, 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        shown = 1.0 - shown
+    return shown.astype(np.float32)
+
+
+def _stored(path: Path) -> tuple[Any, np.ndarray, str]:
+    """(dataset, stored values, photometric interpretation) of one grey frame."""
     ds = _read_dataset(path)
     try:
         bits_stored, signed, photometric = _check_image(ds, path)
@@ -215,15 +241,7 @@ def _decode(path: Path) -> np.ndarray:
         raise DicomDecodeError(
             path, f"decoded pixels have shape {stored.shape}, header says {rows}x{columns}"
         )
-    stored = _mask_to_bits_stored(stored, bits_stored, signed)
-    values = _apply_modality(stored, ds, path)
-    if not np.all(np.isfinite(values)):
-        raise DicomDecodeError(path, "modality transform gave non-finite values")
-    shown = _apply_voi(values, ds, path)
-    shown = np.clip(shown, 0.0, 1.0)
-    if photometric == "MONOCHROME1":
-        shown = 1.0 - shown
-    return shown.astype(np.float32)
+    return ds, _mask_to_bits_stored(stored, bits_stored, signed), photometric
 
 
 def _check_image(ds: Any, path: Path) -> tuple[int, bool, str]:

@@ -342,7 +342,6 @@ def _dicom_dataset(image, domain, case, rec, view, patient, size, seed, rng):
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[*key, "study", rec.study_id])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[*key, "series", rec.series_id])
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[*key, "frame", rec.series_id])
     date = f"2020{1 + patient % 12:02d}{1 + patient % 28:02d}"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{8 + patient % 10:02d}{patient % 60:02d}00"
@@ -354,6 +353,7 @@ def _dicom_dataset(image, domain, case, rec, view, patient, size, seed, rng):
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "simulated phantom: of no person"
     ds.Modality = domain.modality
     ds.Manufacturer = domain.manufacturer
     ds.InstitutionName = domain.institution
@@ -361,16 +361,16 @@ def _dicom_dataset(image, domain, case, rec, view, patient, size, seed, rng):
     ds.SeriesNumber = case.views.index(view) + 1
     ds.InstanceNumber = 1
     ds.BodyPartExamined = "LSPINE"
-    ds.ViewPosition = view
+    # A defined term of View Position: lumbar laterals are conventionally left lateral, and the
+    # phantom draws no left-right asymmetry, so "LL" is as true of it as "RL" would be.
+    ds.ViewPosition = "LL" if view == "LAT" else view
     ds.ImageLaterality = "U"
     ds.PatientOrientation = ["A", "F"] if view == "LAT" else ["L", "F"]
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.BurnedInAnnotation = "NO"
     ds.ImageComments = PHANTOM_COMMENT
     if domain.modality == "DX":
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.PixelIntensityRelationship = "LOG"
-        ds.PixelIntensityRelationshipSign = 1 if domain.photometric == "MONOCHROME2" else -1
+        _dx_attributes(ds, domain, view, key, rec)
     spacing = round(domain.pixel_spacing_mm(size), 6)
     ds.PixelSpacing = [spacing, spacing]
     ds.ImagerPixelSpacing = [spacing, spacing]
@@ -391,6 +391,37 @@ def _dicom_dataset(image, domain, case, rec, view, patient, size, seed, rng):
     if domain.transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(domain.transfer_syntax, generate_instance_uid=False)
     return ds
+
+
+def _dx_attributes(ds, domain: SiteDomain, view: str, key: list[str], rec) -> None:
+    """What the DX For Presentation IOD requires beyond CR, so dciodvfy finds no error.
+
+    Type 2 attributes the simulation cannot state truly (detector and positioner type, the
+    acquisition context, the frame of reference's position) are present and empty. The stored
+    values were never lossy-compressed (the site stores JPEG 2000 lossless at most).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    def code(value: str, meaning: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SCT", meaning
+        return item
+
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1 if domain.photometric == "MONOCHROME2" else -1
+    ds.PresentationLUTShape = "IDENTITY" if domain.photometric == "MONOCHROME2" else "INVERSE"
+    ds.LossyImageCompression = "00"
+    ds.DetectorType = ""
+    ds.PositionerType = ""
+    ds.AcquisitionContextSequence = []
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[*key, "frame", rec.series_id])
+    ds.PositionReferenceIndicator = ""
+    ds.AnatomicRegionSequence = [code("122496007", "Lumbar spine")]
+    ds.ViewCodeSequence = [
+        code("399067008", "lateral") if view == "LAT" else code("399348003", "antero-posterior")
+    ]
 
 
 def _stored_values(image: np.ndarray, domain: SiteDomain, rng: np.random.Generator):

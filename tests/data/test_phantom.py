@@ -91,7 +91,7 @@ def test_dicom_decodes_with_site_conventions(sites_root: Path) -> None:
             assert ds.PhotometricInterpretation == domain.photometric
             assert ds.BitsAllocated == 16 and ds.BitsStored == domain.bits_stored
             assert ds.Modality == domain.modality and ds.BodyPartExamined == "LSPINE"
-            assert ds.ViewPosition in ("LAT", "AP")
+            assert ds.ViewPosition in ("LL", "AP")
             assert "SYNTHETIC" in ds.ImageComments
             assert ds.PatientID.startswith("PHANTOM-")
             assert float(ds.RescaleSlope) == domain.rescale_slope
