@@ -498,6 +498,7 @@ def engine_canary_audit(
     taken_total = held_total = unrecorded = violations = 0
     ledger_eps: list[float] = []
     deltas: list[float] = []
+    known_eps: dict[tuple, float] = {}
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
         root = Path(tempfile.mkdtemp(prefix="canary-audit-", dir=home if home else tmp))
         all_ids = np.repeat([f"canary-{j}" for j in range(m)], per_patient)
@@ -535,7 +536,7 @@ def engine_canary_audit(
             held_total += held
             unrecorded += max(taken - held, 0)
             violations += late
-            ledger_eps.append(_ledger_epsilon(engine))
+            ledger_eps.append(_ledger_epsilon(engine, known_eps))
             deltas.append(float(engine.delta))
 
     score_all = np.concatenate(scores)
@@ -653,20 +654,13 @@ def _canary_directions(
     return own / lengths.clamp_min(1e-12), float(clipped.mean() / clip_norm)
 
 
-_SPENT_CACHE: dict[str, float] = {}
-_SPENT_CACHE_SIZE = 64
-
-
-def _ledger_epsilon(engine: Any) -> float:
-    """``engine.spent()``, computed once per engine type, δ and ledger histories: every run
-    of an audit holds the same mechanism, and the reporting accountant takes seconds."""
-    kind = type(engine)
-    key = f"{kind.__module__}.{kind.__qualname__} {engine.delta!r} {engine.histories()!r}"
-    if key not in _SPENT_CACHE:
-        if len(_SPENT_CACHE) >= _SPENT_CACHE_SIZE:
-            _SPENT_CACHE.clear()
-        _SPENT_CACHE[key] = float(engine.spent())
-    return _SPENT_CACHE[key]
+def _ledger_epsilon(engine: Any, known: dict[tuple, float]) -> float:
+    """``engine.spent()``, computed once per δ and ledger history within one audit: every run
+    holds the same mechanism, and the reporting accountant takes seconds."""
+    key = (engine.delta, tuple(tuple(h) for h in engine.histories()))
+    if key not in known:
+        known[key] = float(engine.spent())
+    return known[key]
 
 
 def _ledger_steps(engine: Any) -> int:

@@ -255,10 +255,6 @@ class PrivacyEngine:
         """Ledger records touching this run's patients (of ``run_id`` only, if given)."""
         return self.ledger.records(run_id=run_id, patients=self.patients)
 
-    def mechanism_rows(self) -> list[dict[str, Any]]:
-        """Every mechanism on these patients as privacy.json lists them (no patient keys)."""
-        return [_row(r) for r in self.records()]
-
 
 class Reservation:
     """Steps written ahead in the ledger for one run (or round). Call :meth:`take` before each

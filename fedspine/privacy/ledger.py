@@ -238,16 +238,6 @@ class PrivacyLedger:
         """ε of the worst of ``patients`` at ``delta`` (0.0 where none was touched)."""
         return max(epsilon(h, delta, accountant) for h in self.histories(patients))
 
-    def project(
-        self,
-        patients: Sequence[str],
-        mechanism: Mechanism,
-        delta: float,
-        accountant: Accountant = PLAN_ACCOUNTANT,
-    ) -> float:
-        """ε the worst of ``patients`` would have if ``mechanism`` ran on all of them."""
-        return max(epsilon([*h, mechanism], delta, accountant) for h in self.histories(patients))
-
     def check_cap(
         self,
         patients: Sequence[str],
