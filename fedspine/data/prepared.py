@@ -101,6 +101,28 @@ class PreparedDataset:
             return "study"
         return "patient"
 
+    @property
+    def privacy_ids(self) -> np.ndarray:
+        """Each row's privacy-unit identifier: its patient id without the prefixes
+        :func:`merge_prepared` added.
+
+        DP samples, clips and keys the ledger by this, never by the prefixed id: a person merged
+        in twice (two ingests of one source) must stay one unit with one spend. Two people who
+        share an id across merged sources become one unit, which can only over-count.
+        """
+        ids = np.asarray(self.patient_ids).astype(str)
+        prefixes = set(self.manifest.get("merge_prefixes") or self.manifest.get("parts") or ())
+        if not prefixes:
+            return ids
+        out = []
+        for pid in ids.tolist():
+            head, sep, rest = pid.partition("/")
+            while sep and head in prefixes:
+                pid = rest
+                head, sep, rest = pid.partition("/")
+            out.append(pid)
+        return np.asarray(out)
+
     def select(
         self, split: str | Sequence[str] | None = None, labelled: bool = True
     ) -> PreparedDataset:
@@ -308,6 +330,10 @@ def merge_prepared(
             "format": "fedspine-prepared/1",
             "layout": "merged",
             "parts": {n: p.content_hash for n, p in zip(names, parts, strict=True)},
+            # Every prefix on the patient ids, nested merges included: privacy_ids strips them.
+            "merge_prefixes": sorted(
+                {*names, *(x for p in parts for x in p.manifest.get("merge_prefixes") or ())}
+            ),
             "privacy_unit": combine_privacy_units(p.privacy_unit for p in parts),
         },
         overwrite=overwrite,

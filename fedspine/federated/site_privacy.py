@@ -132,7 +132,7 @@ class SitePrivacy(_RoundLedger):
 
     def __init__(self, site: SiteConfig, rc: RoundConfig, dataset, train) -> None:
         options = dict(rc.dp or {})
-        self.patient_ids = np.asarray(train.patient_ids).astype(str)
+        self.patient_ids = train.privacy_ids
         self._open_engine(site, rc, dataset, self.patient_ids)
         self.dp = DPConfig(
             target_epsilon=self.target,
@@ -190,7 +190,7 @@ class ClassifierSitePrivacy(_RoundLedger):
 
     def __init__(self, site: SiteConfig, rc, dataset, train) -> None:
         options = dict(rc.dp or {})
-        self._open_engine(site, rc, dataset, np.asarray(train.patient_ids).astype(str))
+        self._open_engine(site, rc, dataset, train.privacy_ids)
         self.clip = float(options.get("clip", 1.0))
         self.patients_per_step = min(int(options.get("patients-per-step", 32)), self.num_patients)
 

@@ -54,7 +54,7 @@ def import_v1_ledger(
     if data.get("format") != "fedspine.privacy-ledger" or data.get("version") != 1:
         raise PrivacyError(f"{path}: not a version-1 fedspine privacy ledger")
     site = home if isinstance(home, PrivacyHome) else PrivacyHome(home)
-    patients = site.keys_of(load_prepared(root).patient_ids)
+    patients = site.keys_of(load_prepared(root).privacy_ids)
     ledger = site.ledger()
     imported = []
     for record in records:

@@ -741,7 +741,7 @@ def _load_audit_data(
         for digest in [data.content_hash, *(data.manifest.get("parts") or {}).values()]:
             if isinstance(digest, str) and digest:
                 fingerprints[digest] = name
-        train_ids = data.select("train").patient_ids
+        train_ids = data.select("train").privacy_ids
         for home, privacy_home, ledger in ledgers:
             try:
                 keys = privacy_home.keys_of(train_ids)

@@ -235,9 +235,10 @@ def train_classifier_dp_steps(
     size = int(getattr(model_cfg, "input_size", None) or train.resolution)
     images = load_images(train, idx, size)
     labels = torch.from_numpy(y)
+    units = train.privacy_ids[idx]
     sampler = PatientPoissonSampler(
-        np.asarray(train.patient_ids[idx]).astype(str),
-        sample_rate(dp.patients_per_step, _count_patients(train.patient_ids[idx])),
+        units,
+        sample_rate(dp.patients_per_step, _count_patients(units)),
         np.random.default_rng(secrets.randbits(128)),
     )
 
@@ -380,7 +381,7 @@ def plan_classifier_dp(
     if len(idx) == 0:
         raise ValueError(f"{data.root}: no training rows with a usable label")
     engine = PrivacyEngine(
-        np.asarray(train.patient_ids[idx]).astype(str),
+        train.privacy_ids[idx],
         unit=dp_unit_of(data, privacy_unit),
         home=privacy_home,
         run_id=f"classifier-{secrets.token_hex(6)}",

@@ -61,7 +61,7 @@ class RunPrivacy:
     def __init__(self, prepared: Path, dataset, train, out: Path, options: dict[str, Any]):
         self.site = Path(prepared).resolve().name
         self.out = Path(out)
-        self.patient_ids = np.asarray(train.patient_ids).astype(str)
+        self.patient_ids = train.privacy_ids
         self.unit = dp_unit_of(dataset, options.get("privacy_unit"))
         self.engine = PrivacyEngine(
             self.patient_ids,

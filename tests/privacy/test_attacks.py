@@ -215,3 +215,31 @@ def test_an_upgrade_keeps_a_version_1_ledgers_spend(tmp_path, privacy_home):
         app, [*args, "--out", str(tmp_path / "r2"), "--max-epsilon", f"{spent:.3f}"]
     )
     assert capped.exit_code != 0 and "over the cap" in capped.output
+
+
+def test_merging_the_same_patients_in_twice_keeps_one_unit_and_one_spend(tmp_path, privacy_home):
+    """merge_prepared prefixes patient ids with each part's name; DP must still see one person
+    (one sampling unit, one ledger key), or merging two ingests of one source would double a
+    patient's weight in every step and give them a fresh budget."""
+    from fedspine.data.prepared import merge_prepared
+    from fedspine.training.dp import PatientPoissonSampler
+
+    first = load_prepared(_prepared(tmp_path / "a", 16))
+    again = load_prepared(_prepared(tmp_path / "b", 16, moved=1))
+    merged = load_prepared(merge_prepared([first, again], tmp_path / "m", ["a", "b"]))
+    nested = load_prepared(merge_prepared([merged, first], tmp_path / "n", ["m", "c"]))
+    train = first.select("train")
+    spend(privacy_home, train.privacy_ids, Mechanism(1.0, 0.2, 200, label="gan-discriminator"))
+    spent = PrivacyEngine(train.privacy_ids, unit="patient").spent()
+    for data in (merged, nested):
+        rows = data.select("train")
+        assert set(rows.privacy_ids) == set(again.select("train").privacy_ids)
+        assert PrivacyEngine(rows.privacy_ids, unit="patient").spent() == pytest.approx(spent)
+        sampler = PatientPoissonSampler(rows.privacy_ids, 0.5, np.random.default_rng(0))
+        assert sampler.num_patients == len(set(again.select("train").privacy_ids))
+    result = CliRunner().invoke(
+        app,
+        [TRAIN[0], str(tmp_path / "m"), *TRAIN[1:], "--out", str(tmp_path / "run"),
+         "--kimg", "0.032", *DP, "--max-epsilon", f"{spent * 1.01:g}"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "over the cap" in result.output, result.output
