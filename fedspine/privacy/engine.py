@@ -74,10 +74,10 @@ def site_delta(num_patients: int, requested: float | None = None, source: str = 
     return value
 
 
-def new_run_id(name: str = "run") -> str:
-    """A random run identifier (nothing in it is derived from private data)."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:40] or "run"
-    return f"{safe}-{uuid.uuid4().hex[:12]}"
+def new_run_id(kind: str = "run") -> str:
+    """A random run identifier. It reaches the server and reports, so nothing in it comes from
+    the site: not the data, and not the run folder's name, which a user may have chosen."""
+    return f"{kind}-{uuid.uuid4().hex[:12]}"
 
 
 @dataclass(frozen=True)

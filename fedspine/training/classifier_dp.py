@@ -52,6 +52,7 @@ from fedspine.privacy.engine import (
     PrivacyEngine,
     PrivacyPlan,
     Reservation,
+    new_run_id,
     worst_epsilon,
 )
 from fedspine.training.classifier_trainer import (
@@ -384,7 +385,7 @@ def plan_classifier_dp(
         train.privacy_ids[idx],
         unit=dp_unit_of(data, privacy_unit),
         home=privacy_home,
-        run_id=f"classifier-{secrets.token_hex(6)}",
+        run_id=new_run_id("classifier"),
         delta=delta,
     )
     q = sample_rate(patients_per_step, engine.num_patients)

@@ -27,6 +27,12 @@ from fedspine.privacy.engine import (
 from fedspine.training.dp import MECHANISM_LABEL, DPConfig
 from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
 
+IMAGE_UNIT_CAVEAT = (
+    "each image is its own unit, keyed by its file path (declared with --privacy-unit image): "
+    "a person with several images is protected only as one image each, and spend recorded "
+    "for the same people under patient identifiers is not linked to these images"
+)
+
 __all__ = ["PrivacyCapExceeded", "PrivacyError", "RunPrivacy", "dp_unit_of"]
 
 
@@ -67,7 +73,7 @@ class RunPrivacy:
             self.patient_ids,
             unit=self.unit,
             home=options.get("privacy_home"),
-            run_id=new_run_id(self.out.name),
+            run_id=new_run_id("gan"),
             delta=options.get("delta"),
         )
         self.num_patients = self.engine.num_patients
@@ -186,4 +192,5 @@ class RunPrivacy:
             "pretraining": "none",
             "snapshots and sample grids": "from G_ema only",
             "dataset sizes": "treated as public (as in Opacus): q = patients per step / patients",
+            **({"privacy unit": IMAGE_UNIT_CAVEAT} if self.unit == "image" else {}),
         }

@@ -98,6 +98,7 @@ def test_data_without_patient_ids_needs_privacy_unit_image(tmp_path, privacy_hom
     assert accepted.exit_code == 0, accepted.output
     summary = json.loads((tmp_path / "r2" / "privacy.json").read_text())
     assert summary["unit"] == "image" and home_records(privacy_home)[0]["unit"] == "image"
+    assert "not linked" in summary["components"]["privacy unit"]
 
 
 def test_a_classifier_is_accepted_only_with_its_spend_on_record(tmp_path, privacy_home):

@@ -132,6 +132,7 @@ def test_train_cli_with_dp_records_the_ledger_and_refuses_past_the_cap(tmp_path,
     (record,) = home_records(privacy_home)
     assert record["state"] == "settled" and record["steps"] == 2
     assert record["run_id"] == summary["run_id"]
+    assert "run1" not in summary["run_id"]  # random: the folder's name does not leave the site
     assert summary["generator_sha256"] and "hash" not in json.dumps(site)
     # Nothing drawn from private images outside the mechanism: no real grid, no class prior.
     assert not (tmp_path / "run1" / "samples" / "reals.png").exists()
