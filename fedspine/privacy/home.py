@@ -15,13 +15,14 @@ over-count.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable
-from contextlib import suppress
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import numpy as np
 ENV_VAR = "FEDSPINE_PRIVACY_HOME"
 KEY_FILE = "site.key"
 LEDGER_FILE = "ledger.json"
+INIT_LOCK = ".home.lock"
 KEY_BYTES = 32
 PATIENT_KEY_HEX = 32
 """Hex digits kept of each patient's HMAC: 128 bits, collisions only ever over-count."""
@@ -77,8 +79,8 @@ class PrivacyHome:
         """The site's :class:`~fedspine.privacy.ledger.PrivacyLedger` (created if absent)."""
         from fedspine.privacy.ledger import PrivacyLedger
 
-        self._site_key()  # the key first: a ledger without its key names no one usable
-        return PrivacyLedger.open(self.ledger_path, create=True)
+        self._site_key()  # makes (or checks) the key and the ledger together
+        return PrivacyLedger.open(self.ledger_path, create=False)
 
     def patient_keys(self, identifiers: Iterable[str]) -> list[str]:
         """The keyed hash of each distinct identifier, sorted (the ledger's names for them)."""
@@ -94,12 +96,31 @@ class PrivacyHome:
         return self.patient_keys(np.asarray(list(patient_ids)).astype(str).tolist())
 
     def _site_key(self) -> bytes:
+        """The key, made with an empty ledger on first use. Under a lock, so two processes
+        starting at once agree; and the pair is checked, so neither file can be lost silently:
+        a key without its ledger, or a ledger with records without its key, is an error."""
         if self._key is None:
+            from fedspine.privacy.ledger import PrivacyLedger
+
             self._ensure_folder()
-            try:
-                self._key = _read_key(self.key_path)
-            except FileNotFoundError:
-                self._key = _create_key(self.key_path)
+            with _locked(self.path / INIT_LOCK):
+                if self.key_path.exists():
+                    if not self.ledger_path.exists():
+                        raise PrivacyHomeError(
+                            f"{self.ledger_path} is missing beside {self.key_path}: the budget "
+                            "already spent would be forgotten. Restore the ledger from a "
+                            "backup; only if this site never trained with DP, delete the key"
+                        )
+                    self._key = _read_key(self.key_path)
+                else:
+                    ledger = PrivacyLedger.open(self.ledger_path, create=True)
+                    if ledger.records():
+                        raise PrivacyHomeError(
+                            f"{self.key_path} is missing but {self.ledger_path} holds records: "
+                            "they name patients under that key, so a new one would forget the "
+                            "budget already spent. Restore the key from a backup"
+                        )
+                    self._key = _create_key(self.key_path)
         return self._key
 
     def _ensure_folder(self) -> None:
@@ -131,16 +152,8 @@ def _read_key(path: Path) -> bytes:
 
 
 def _create_key(path: Path) -> bytes:
-    """Write the key whole to a temporary file, then link it into place: two processes
-    starting at once agree on one key, and no reader sees half of one."""
+    """Write a new key whole (0600) and rename it into place; the caller holds the lock."""
     key = secrets.token_bytes(KEY_BYTES)
-    ledger = path.with_name(LEDGER_FILE)
-    if ledger.exists():
-        raise PrivacyHomeError(
-            f"{path} is missing but {ledger} exists: the ledger's patients are named under that "
-            "key, so a new one would forget the budget already spent. Restore the key from a "
-            "backup"
-        )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o600)
@@ -148,11 +161,18 @@ def _create_key(path: Path) -> bytes:
             handle.write(key.hex() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return _read_key(path)
+        os.replace(tmp, path)
     finally:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
     return key
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fedspine.privacy.accounting import Mechanism
+from fedspine.privacy.engine import PrivacyEngine
 from fedspine.privacy.home import (
     ENV_VAR,
     PrivacyHome,
@@ -15,6 +17,7 @@ from fedspine.privacy.home import (
     default_home,
     resolve_home,
 )
+from tests.conftest import spend
 
 
 def test_the_option_wins_then_the_variable_then_the_default(tmp_path, monkeypatch) -> None:
@@ -37,17 +40,36 @@ def test_patients_are_named_by_a_keyed_hash_that_survives_reopening(tmp_path) ->
     assert PrivacyHome(tmp_path / "other").keys_of(["p1", "p2"]) != keys
 
 
-def test_a_lost_key_beside_a_ledger_is_an_error_not_a_new_key(tmp_path) -> None:
-    home = PrivacyHome(tmp_path / "home")
-    home.ledger()
+def test_a_lost_key_beside_a_ledger_with_records_is_an_error_not_a_new_key(tmp_path) -> None:
+    spend(tmp_path / "home", ["p1"], Mechanism(1.0, 0.1, 5))
     (tmp_path / "home" / "site.key").unlink()
     with pytest.raises(PrivacyHomeError, match="Restore the key"):
         PrivacyHome(tmp_path / "home").keys_of(["p1"])
     assert not (tmp_path / "home" / "site.key").exists()
 
 
+def test_a_deleted_ledger_beside_its_key_is_an_error_not_a_fresh_budget(tmp_path) -> None:
+    """Deleting ledger.json must not reset the site: the key says a ledger existed."""
+    spend(tmp_path / "home", ["p1"], Mechanism(1.0, 0.1, 5))
+    (tmp_path / "home" / "ledger.json").unlink()
+    with pytest.raises(PrivacyHomeError, match="ledger.json is missing"):
+        PrivacyEngine(["p1"], unit="patient", home=tmp_path / "home")
+    assert not (tmp_path / "home" / "ledger.json").exists()
+
+
+def test_an_empty_ledger_left_by_a_crash_on_first_use_gets_its_key(tmp_path) -> None:
+    """The ledger is made before the key: a crash between them leaves an empty ledger, which
+    names no one, so the next start may make the key."""
+    from fedspine.privacy.ledger import PrivacyLedger
+
+    PrivacyLedger.open(tmp_path / "home" / "ledger.json", create=True)
+    assert len(PrivacyHome(tmp_path / "home").keys_of(["p1"])) == 1
+
+
 def test_a_damaged_key_is_an_error(tmp_path) -> None:
-    (tmp_path / "home").mkdir()
+    from fedspine.privacy.ledger import PrivacyLedger
+
+    PrivacyLedger.open(tmp_path / "home" / "ledger.json", create=True)
     (tmp_path / "home" / "site.key").write_text("not hex\n")
     with pytest.raises(PrivacyHomeError, match="not a fedspine site key"):
         PrivacyHome(tmp_path / "home").keys_of(["p1"])
@@ -76,4 +98,5 @@ def test_two_processes_starting_at_once_agree_on_one_key(tmp_path) -> None:
     for w in workers:
         w.join(timeout=120)
     assert len(got) == 1
-    assert sorted(p.name for p in Path(tmp_path / "home").iterdir()) == ["site.key"]
+    names = sorted(p.name for p in Path(tmp_path / "home").iterdir())
+    assert names == [".home.lock", "ledger.json", "ledger.json.lock", "site.key"]
