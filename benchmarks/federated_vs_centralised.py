@@ -158,6 +158,8 @@ def _summary(report_dir: Path, run: Path, seconds: float) -> dict:
         "tstr_auc": arms["TSTR"]["auc"],
         "tstr_ci": arms["TSTR"]["ci"],
         "tstr_over_trtr": report["ratios"]["tstr_over_trtr"],
+        "signal_retained": report["utility"]["arms"]["TSTR"]["signal_retained"],
+        "signal_retained_ci": report["utility"]["arms"]["TSTR"]["signal_retained_ci"],
         "trts_auc": (report.get("class_fidelity") or {}).get("auc"),
         "epsilon": epsilons,
         "train_seconds": seconds,

@@ -138,7 +138,11 @@ def train(
 
     from fedspine.data.prepared import PreparedDatasetError, load_prepared
     from fedspine.models.classifier import ClassifierCheckpointError, ClassifierConfig
-    from fedspine.training.classifier_trainer import ClassifierTrainConfig, train_classifier
+    from fedspine.training.classifier_trainer import (
+        ClassifierTrainConfig,
+        classifier_recipe,
+        train_classifier,
+    )
 
     dp_given = {
         "--epsilon": epsilon,
@@ -284,6 +288,7 @@ def train(
         input_size=history["input_size"],
         model=ClassifierConfig.from_dict(history["model_config"]),
     )
+    meta["recipe"] = classifier_recipe(resolved)
     config = {"train": resolved.to_dict(), "data": str(data), "val": str(val_name)}
     _write_outputs(out, model, meta, config, history)
     per_output = history["epochs"][history["best_epoch"] - 1]["val_auc_per_output"]
@@ -330,6 +335,7 @@ def _train_dp(
     )
     from fedspine.training.classifier_trainer import (
         ClassifierTrainConfig,
+        classifier_recipe,
         evaluate_classifier,
         resolve_device,
         resolve_task,
@@ -428,6 +434,7 @@ def _train_dp(
         },
         "selection_data": None,
         "dp": dp_record,
+        "recipe": classifier_recipe(cfg, dp=True),
     }
     history = {
         "task": resolved_task,

@@ -82,6 +82,7 @@ def demo(
             f"  classifier AUC on real test images: trained on real {ev['trtr_auc']:.3f}, "
             f"on synthetic {ev['tstr_auc']:.3f} (TSTR/TRTR {ev['tstr_over_trtr']:.3f})"
         )
+        typer.echo(f"  synthetic data: {ev['verdict']}")
         typer.echo(f"  evaluation report: {ev['report']}")
     typer.echo(f"  privacy report: {result.out / 'federation' / 'privacy_report.html'}")
     if result.release.get("released"):

@@ -32,9 +32,16 @@ def evaluate(
     out: Path = typer.Option(..., "--out", help="Report folder to write (atomically)."),
     arch: str = typer.Option("small", help="Classifier: small (CPU) or densenet121 (the paper)."),
     task: str = typer.Option("auto", help="auto, binary, multiclass or multilabel (findings)."),
-    epochs: int = typer.Option(30, min=1, help="Most epochs per classifier (early stopping)."),
+    epochs: int = typer.Option(
+        30,
+        min=1,
+        help="Most validation checks per classifier; every arm trains the same optimizer steps "
+        "between checks (one pass over TRTR's training rows), so arms get equal steps.",
+    ),
     batch: int = typer.Option(32, min=2, help="Classifier batch size."),
-    patience: int = typer.Option(5, min=1, help="Epochs without a better val AUC before stopping."),
+    patience: int = typer.Option(
+        5, min=1, help="Checks without a better val AUC before stopping (same steps every arm)."
+    ),
     input_size: int = typer.Option(
         None, "--input-size", min=8, help="Classifier input side (default: the data's)."
     ),
@@ -68,6 +75,13 @@ def evaluate(
         None, "--max-metric-images", min=4, help="Cap on each image set of the GAN metrics."
     ),
     seed: int = typer.Option(0, help="Seed of training, sampling and bootstrap."),
+    judge_seed: int = typer.Option(
+        None,
+        "--judge-seed",
+        help="Seed of the TRTS judge (default: the TRTR classifier when the generator trained "
+        "against no classifier, else another seed). Refused when it would rebuild the "
+        "classifier a SpineGAN generator trained against.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: torch's default)."),
     overwrite: bool = typer.Option(False, help="Replace an existing report folder at --out."),
@@ -103,6 +117,7 @@ def evaluate(
         threads=threads,
         max_train_images=max_train_images,
         max_metric_images=max_metric_images,
+        judge_seed=judge_seed,
     )
     try:
         with progress_bar() as bar:
@@ -127,8 +142,10 @@ def evaluate(
 
 
 def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
-    """The final summary: each arm's AUC, the ratios, and FID with its extractor."""
+    """The final summary: whether there is signal, each arm's AUC, the ratios, KID and FID."""
     lines = []
+    for arm, u in (report.get("utility") or {}).get("arms", {}).items():
+        lines.append(f"{arm}: {u['verdict']}")
     for name, arm in report["arms"].items():
         ci = arm["ci"]
         interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
@@ -137,8 +154,12 @@ def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
     for key, label in (("tstr_over_trtr", "TSTR/TRTR"), ("mixed_over_trtr", "mixed/TRTR")):
         if ratios.get(key) is not None:
             lines.append(f"{label} = {ratios[key]:.3f}")
-    first = report["generative"]["results"][0]
-    lines.append(f"FID {first['fid']:.4g} on {first['extractor']}")
+    for row in report["generative"]["results"][:2]:
+        if row.get("kid") is not None:
+            lines.append(
+                f"{row['compared']}: KID {row['kid']:.4g}, FID {row['fid']:.4g} "
+                f"(n = {report['generative']['n_each']}, {row['extractor']})"
+            )
     mem = report["memorisation"]
     lines.append(
         f"memorisation audit on {mem['extractor']}: {mem['verdict']} "

@@ -29,6 +29,12 @@ def reproduce(
         help="smoke (2 CPU cores, ~15 min, phantom data), quick (every arm, the DP ablation "
         "included, CPU), full (the paper's configuration, for a GPU).",
     ),
+    seeds: int | None = typer.Option(
+        None,
+        "--seeds",
+        help="Train every arm with N training seeds (the budget's seed, +1, ...) and report the "
+        "mean and range across them (default: the budget's; smoke and quick 1, full 3).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
     inception: Path = typer.Option(
         None,
@@ -50,7 +56,8 @@ def reproduce(
     marked so (`fedspine train --dp-scheme`).
 
     Each arm is written to OUT/arms/NAME only when complete; rerunning the same command skips
-    complete arms and continues an interrupted one.
+    complete arms and continues an interrupted one. With --seeds N, seed replicates after the
+    first are written to OUT/arms/NAME-seedS; rerunning with a larger N adds replicates.
     """
     from fedspine.experiments.reproduce import (
         ReproduceError,
@@ -68,9 +75,10 @@ def reproduce(
         "inception": str(inception) if inception else None,
         "classifier_weights": str(classifier_weights) if classifier_weights else None,
     }
+    overrides = {"seeds": seeds} if seeds is not None else None
     try:
         if dry_run:
-            typer.echo(format_plan(make_plan(root, out, budget, **extra)), nl=False)
+            typer.echo(format_plan(make_plan(root, out, budget, overrides, **extra)), nl=False)
             if not root.is_dir():
                 typer.echo(f"note: {root} does not exist yet; a real run needs it")
             return
@@ -79,6 +87,7 @@ def reproduce(
             root,
             out,
             budget,
+            overrides,
             stage=lambda msg: typer.echo(f"==> {msg}", err=True),
             **extra,
         )
@@ -90,7 +99,7 @@ def reproduce(
     for row in report["table"]:
         typer.echo(
             f"  {row['experiment']}: ours {row['ours']}"
-            + (f" (/ TRTR {row['ratio']})" if row["ratio"] else "")
+            + (f"; signal retained {row['signal']}" if row["signal"] else "")
             + (f"; ε {row['epsilon']}" if row.get("epsilon") else "")
             + f"; paper {row['paper']}"
         )

@@ -696,6 +696,8 @@ def _train(
             "classifier_sha256": clinical.sha256,
             "weight": clinical.weight,
             "input_mapping": clinical.mapping,
+            # Lets an evaluation refuse to judge TRTS with this very classifier.
+            "classifier_recipe": clinical.meta.get("recipe"),
         }
     write_config_toml(out / CONFIG_FILE, run_config)
     if ablation_run is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -251,3 +252,149 @@ def _weighted_auc(y_sorted: np.ndarray, bins: np.ndarray, weights: np.ndarray) -
         return float("nan")
     neg_below = np.cumsum(neg) - neg
     return float(np.sum(pos * (neg_below + 0.5 * neg)) / (total_pos * total_neg))
+
+
+CHANCE_AUC = 0.5
+
+
+def signal_retained(auc_arm: float, auc_reference: float) -> float | None:
+    """(AUC − 0.5) / (reference AUC − 0.5): 0 is chance, 1 is as good as the real data.
+
+    Unlike the ratio AUC / reference AUC it does not credit an arm for the 0.5 every
+    classifier gets for free. None when the reference itself is at or below chance.
+    """
+    if auc_reference <= CHANCE_AUC:
+        return None
+    return (auc_arm - CHANCE_AUC) / (auc_reference - CHANCE_AUC)
+
+
+def paired_bootstrap_aucs(
+    y: np.ndarray,
+    scores: Mapping[str, np.ndarray],
+    groups: Sequence | np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Per-resample AUCs of several classifiers scored on the same test rows, patients paired.
+
+    ``y`` is 0/1 ``[N, K]`` (one column per output) and ``scores[name]`` is ``[N, K]``. Every
+    resample draws patients with replacement once and weighs every classifier's rows by the same
+    draw, so differences and ratios between classifiers get intervals that account for their
+    shared test set. Returns ``{name: [n_boot, K]}``; a resample holding one class of an output
+    gives NaN for that output.
+    """
+    y_arr = np.asarray(y)
+    if y_arr.ndim == 1:
+        y_arr = y_arr[:, None]
+    g = np.asarray(groups)
+    if g.shape[0] != y_arr.shape[0]:
+        raise ValueError(f"{g.shape[0]} groups for {y_arr.shape[0]} rows")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    _, group_of = np.unique(g, return_inverse=True)
+    n_groups = int(group_of.max()) + 1
+    prepared = {}
+    for name, s in scores.items():
+        s_arr = np.asarray(s, dtype=np.float64)
+        if s_arr.ndim == 1:
+            s_arr = s_arr[:, None]
+        if s_arr.shape != y_arr.shape:
+            raise ValueError(f"scores of {name!r} have shape {s_arr.shape}, expected {y_arr.shape}")
+        columns = []
+        for k in range(y_arr.shape[1]):
+            yk, sk = _binary_inputs(y_arr[:, k], s_arr[:, k], need_both=False)
+            order, bins = _tie_bins(sk)
+            columns.append((yk[order], bins, group_of[order]))
+        prepared[name] = columns
+    rng = np.random.default_rng(seed)
+    out = {name: np.full((n_boot, y_arr.shape[1]), np.nan) for name in scores}
+    for b in range(n_boot):
+        counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        counts = counts.astype(np.float64)
+        for name, columns in prepared.items():
+            for k, (y_sorted, bins, g_sorted) in enumerate(columns):
+                out[name][b, k] = _weighted_auc(y_sorted, bins, counts[g_sorted])
+    return out
+
+
+def paired_utility(
+    aucs: np.ndarray,
+    reference_aucs: np.ndarray,
+    boot: np.ndarray,
+    reference_boot: np.ndarray,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Signal retained and AUC difference of one arm against the reference, with intervals.
+
+    ``aucs`` / ``reference_aucs`` are the point AUCs per output ``[K]`` and ``boot`` /
+    ``reference_boot`` the paired resamples ``[B, K]`` of :func:`paired_bootstrap_aucs`. The
+    macro value (K > 1) is the mean over outputs scored in every resample. A resample where the
+    reference is at or below chance has no signal retained; when more than ``alpha / 2`` of
+    them lack one the interval is unbounded and reported as None.
+    """
+    aucs, reference_aucs = np.atleast_1d(aucs), np.atleast_1d(reference_aucs)
+    scored = ~(np.isnan(aucs) | np.isnan(reference_aucs))
+    if not scored.any():
+        raise ValueError("no output has an AUC for both classifiers")
+    arm_b = np.nanmean(boot[:, scored], axis=1) if scored.sum() > 1 else boot[:, scored][:, 0]
+    ref_b = (
+        np.nanmean(reference_boot[:, scored], axis=1)
+        if scored.sum() > 1
+        else reference_boot[:, scored][:, 0]
+    )
+    point, ref_point = float(aucs[scored].mean()), float(reference_aucs[scored].mean())
+    ok = ~(np.isnan(arm_b) | np.isnan(ref_b))
+    arm_b, ref_b = arm_b[ok], ref_b[ok]
+    lo_q, hi_q = 100 * alpha / 2, 100 * (1 - alpha / 2)
+
+    def interval(values: np.ndarray) -> list[float] | None:
+        if not len(values):
+            return None
+        lo, hi = np.percentile(values, [lo_q, hi_q])
+        return [float(lo), float(hi)]
+
+    arm_ci = interval(arm_b)
+    defined = ref_b > CHANCE_AUC
+    retained_ci = None
+    if len(ref_b) and (1 - defined.mean()) <= alpha / 2:
+        # An undefined resample has the reference at chance: the ratio there is unbounded, so
+        # it counts as +inf or -inf by the arm's side of chance (never dropped, which would
+        # narrow the interval).
+        values = np.where(
+            defined,
+            (arm_b - CHANCE_AUC) / np.where(defined, ref_b - CHANCE_AUC, 1.0),
+            np.where(arm_b >= CHANCE_AUC, np.inf, -np.inf),
+        )
+        retained_ci = interval(values)
+        if retained_ci is not None and not all(np.isfinite(retained_ci)):
+            retained_ci = None
+    contains = arm_ci is None or arm_ci[0] <= CHANCE_AUC <= arm_ci[1]
+    return {
+        "auc": point,
+        "ci": arm_ci,
+        "ci_contains_chance": bool(contains),
+        "reference_auc": ref_point,
+        "signal_retained": signal_retained(point, ref_point),
+        "signal_retained_ci": retained_ci,
+        "difference": point - ref_point,
+        "difference_ci": interval(arm_b - ref_b),
+        "ratio": point / ref_point if ref_point > 0 else None,
+        "resamples": int(len(arm_b)),
+    }
+
+
+def utility_verdict(result: Mapping[str, Any], arm: str = "TSTR") -> str:
+    """One sentence a reader cannot misread: is there signal, and how much of the real data's."""
+    retained = result.get("signal_retained")
+    ci = result.get("signal_retained_ci")
+    amount = (
+        "signal retained undefined (the real-data classifier is at chance)"
+        if retained is None
+        else f"signal retained {retained:.2f}"
+        + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else " [interval unbounded]")
+    )
+    if result.get("ci_contains_chance"):
+        return f"no evidence of signal: {arm}'s 95 % interval contains chance (AUC 0.5); {amount}"
+    if result["auc"] < CHANCE_AUC:
+        return f"worse than chance: {arm}'s 95 % interval lies below AUC 0.5; {amount}"
+    return f"signal above chance: {arm}'s 95 % interval excludes AUC 0.5; {amount}"

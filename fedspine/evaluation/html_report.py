@@ -392,11 +392,12 @@ def _summary(inp: ReportInputs) -> str:
             for name, arm in arms.items()
         ]
         parts.append(_table(["arm", "trained on", "test AUC [95 % CI]"], rows))
+        parts.append(_utility_html(report))
         ratios = report.get("ratios", {})
         parts.append(
-            f"<p>TSTR / TRTR = <b>{_num(ratios.get('tstr_over_trtr'))}</b>; mixed / TRTR = "
-            f"<b>{_num(ratios.get('mixed_over_trtr'))}</b> (1 = synthetic data teach as much as "
-            "real data).</p>"
+            f"<p>TSTR / TRTR = {_num(ratios.get('tstr_over_trtr'))}; mixed / TRTR = "
+            f"{_num(ratios.get('mixed_over_trtr'))} (ratios of AUCs credit the 0.5 any "
+            "classifier gets by chance; signal retained does not).</p>"
         )
         mem = report.get("memorisation") or {}
         if mem:
@@ -489,14 +490,16 @@ def _classifiers(inp: ReportInputs) -> str:
                 _auc_ci(arm.get("auc"), arm.get("ci")),
                 _num(arm.get("sensitivity")),
                 _num(arm.get("specificity")),
-                f"{history.get('best_epoch', '?')} of {len(history.get('epochs') or [])} "
+                f"step {history.get('best_steps', '?')} of {history.get('steps', '?')} "
                 f"(val AUC {_num(history.get('best_val_auc'))})",
             ]
         )
     ratios = report.get("ratios", {})
     test_set = report.get("test_set", {})
     selection = report.get("selection", {})
+    budget = report.get("classifier_budget") or {}
     parts = [
+        _utility_html(report),
         f"<p>Task: {_e(report.get('task'))} over classes {_e(', '.join(map(str, report.get('class_names', []))))}. "
         "TRTR trains on real images, TSTR on synthetic images only, mixed on both; all are "
         f"tested on the same real test split ({_e(test_set.get('images', '?'))} images of "
@@ -509,12 +512,15 @@ def _classifiers(inp: ReportInputs) -> str:
                 "test AUC [95 % CI]",
                 "sensitivity",
                 "specificity",
-                "selected epoch",
+                "selected checkpoint",
             ],
             rows,
         ),
+        f"<p>Training budget, the same for every arm: {_e(budget['rule'])}.</p>"
+        if budget.get("rule")
+        else "",
         _table(
-            ["ratio", "value"],
+            ["ratio (credits chance; see signal retained above)", "value"],
             [
                 ["TSTR / TRTR (AUC)", _num(ratios.get("tstr_over_trtr"))],
                 ["mixed / TRTR (AUC)", _num(ratios.get("mixed_over_trtr"))],
@@ -535,6 +541,12 @@ def _classifiers(inp: ReportInputs) -> str:
             "(0.5: the generator's classes are indistinguishable to a classifier that knows the "
             "real ones).</p>"
         )
+        independence = (trts.get("judge") or {}).get("independence")
+        if independence:
+            parts.append(
+                "<p>The judge must be a classifier the generator never trained against; "
+                f"independence: {_e(independence)}.</p>"
+            )
         scores = [
             f"{_e(name)}: mean score {_num(o.get('mean_score_positive'))} on images generated "
             f"as {_e(name)}, {_num(o.get('mean_score_negative'))} on the others"
@@ -581,6 +593,31 @@ def _classifiers(inp: ReportInputs) -> str:
     return "\n".join(parts)
 
 
+def _utility_html(report: dict[str, Any]) -> str:
+    """Signal retained per arm with its paired interval, and whether TSTR beats chance."""
+    utility = (report.get("utility") or {}).get("arms") or {}
+    if not utility:
+        return _na("signal retained: this evaluation predates it; rerun `fedspine evaluate`")
+    rows = []
+    for arm, u in utility.items():
+        ci = u.get("signal_retained_ci")
+        rows.append(
+            [
+                arm,
+                _num(u.get("signal_retained"))
+                + (f" [{_num(ci[0])}, {_num(ci[1])}]" if ci else " [unbounded]"),
+                _auc_ci(u.get("auc"), u.get("ci")),
+                _num(u.get("reference_auc")),
+                _e(u.get("verdict", "")),
+            ]
+        )
+    return (
+        "<p>Signal retained = (AUC − 0.5) / (TRTR AUC − 0.5): 0 = no more than chance, 1 = as "
+        "much as the real training data; paired patient-level bootstrap intervals.</p>"
+        + _table(["arm", "signal retained [95 % CI]", "AUC [95 % CI]", "TRTR AUC", "verdict"], rows)
+    )
+
+
 def _fidelity(inp: ReportInputs) -> str:
     report = inp.eval_report
     if report is None:
@@ -593,8 +630,8 @@ def _fidelity(inp: ReportInputs) -> str:
         [
             r.get("extractor", "?"),
             r.get("compared", "?"),
-            _num(r.get("fid"), 4),
             f"{_num(_times(r.get('kid'), 1e3))} ± {_num(_times(r.get('kid_std'), 1e3))}",
+            _num(r.get("fid"), 4),
             _num(r.get("precision")),
             _num(r.get("recall")),
             _num(r.get("density")),
@@ -604,17 +641,18 @@ def _fidelity(inp: ReportInputs) -> str:
     ]
     return "\n".join(
         [
-            f"<p>{_e(gen.get('n_synthetic', '?'))} synthetic images against "
-            f"{_e(gen.get('n_real', '?'))} real training images; precision/recall and "
-            f"density/coverage with k = {_e(gen.get('k', '?'))}. Each number holds only for the "
-            "feature extractor named in its row. The 'real val vs real train' rows are the "
-            "floor two real samples of this distribution reach.</p>",
+            f"<p>Reference: {_e(gen.get('reference') or str(gen.get('n_real', '?')) + ' real images')}. "
+            + (f"The {_e(gen['equal_n'])}. " if gen.get("equal_n") else "")
+            + f"Precision/recall and density/coverage with k = {_e(gen.get('k', '?'))}. Each "
+            "number holds only for the feature extractor named in its row. The floor rows are "
+            "what a second real sample reaches at the same size and class mix; KID leads "
+            "because it is unbiased, while FID grows at small n.</p>",
             _table(
                 [
                     "extractor",
                     "compared",
-                    "FID",
                     "KID × 10³ (± std)",
+                    "FID",
                     "precision",
                     "recall",
                     "density",

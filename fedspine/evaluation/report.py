@@ -7,14 +7,19 @@ Three classifiers are trained and tested on the same real test split:
 - mixed: the real training split plus N synthetic images per class.
 
 Every arm selects its epoch and its operating threshold on the same real validation split
-(carved by patient from the training data), so the arms are comparable. That split is private
-real data; it is used for selection only, never for training, and the test split is used for
-nothing but the final numbers. Test AUCs carry 95 % intervals from a patient-level bootstrap.
+(carved by patient from the training data), so the arms are comparable, and every arm gets the
+same optimizer steps (TRTR's epoch length sets the steps between validation checks). That split
+is private real data; it is used for selection only, never for training, and the test split is
+used for nothing but the final numbers. Test AUCs carry 95 % intervals from a patient-level
+bootstrap, and the report leads with the signal retained, (TSTR − 0.5) / (TRTR − 0.5), whose
+interval comes from a paired bootstrap: the same resampled patients score every arm.
 
-Beside the classifiers: FID, KID, precision/recall and density/coverage between the synthetic
-images and the real training images, each number printed with the feature extractor that made
-it (a user-supplied Inception-v3, else a domain CNN trained on the real training split, plus raw
-pixels as a trivial baseline); and a memorisation audit with the closest synthetic/training
+Beside the classifiers: KID, FID, precision/recall and density/coverage of the synthetic images
+and, as the floor, of real validation images, against one real reference, at equal size and
+class mix. Each number is printed with the feature extractor that made it (a user-supplied
+Inception-v3, else a domain CNN trained on half of the real training patients, the other half
+being the reference, plus raw pixels as a trivial baseline). TRTS is judged by a classifier the
+generator never trained against. A memorisation audit shows the closest synthetic/training
 pairs. The report folder is written atomically (temporary folder, then rename).
 """
 
@@ -36,13 +41,17 @@ import numpy as np
 from fedspine import __version__
 from fedspine.data.prepared import MANIFEST_FILE, PreparedDataset, load_prepared
 from fedspine.evaluation.classification import (
+    CHANCE_AUC,
     auc,
     bootstrap_auc_ci,
     choose_threshold,
     one_vs_rest_aucs,
+    paired_bootstrap_aucs,
+    paired_utility,
     plot_rocs,
     roc_curve_points,
     sensitivity_specificity,
+    utility_verdict,
 )
 from fedspine.evaluation.generative import (
     density_coverage,
@@ -90,6 +99,10 @@ class EvaluateConfig:
     images that calibrate the memorisation audit: ``test`` (TEST's test split) or ``val``
     (TRAIN's validation split); the generator saw neither. ``max_train_images`` caps every arm's
     training rows and ``max_metric_images`` each image set of the distribution metrics (CPU).
+    ``epochs`` and ``patience`` count validation checks, TRTR's epoch length apart, so every arm
+    trains for the same optimizer steps. ``judge_seed`` None picks the TRTS judge itself (the
+    TRTR classifier when the generator trained against no classifier, else one of another
+    seed); a seed given is refused when it would rebuild the generator's own classifier.
     """
 
     arch: str = "small"
@@ -115,6 +128,7 @@ class EvaluateConfig:
     threads: int = 0
     max_train_images: int | None = None
     max_metric_images: int | None = None
+    judge_seed: int | None = None
 
     def validate(self) -> None:
         from fedspine.models.classifier import ARCHS, NORMS, TASKS
@@ -175,6 +189,7 @@ def evaluate(
     cfg: EvaluateConfig | None = None,
     progress: ProgressFn | None = None,
     overwrite: bool = False,
+    trtr_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``synthetic`` against real data and write the report folder ``out``.
 
@@ -184,7 +199,9 @@ def evaluate(
     TRTR and its 'val' split selects every arm. ``test`` is a prepared dataset whose 'test'
     split is the test set (it may be the same folder as ``train``). ``progress`` receives
     ``{"stage": ..., "event": "start"|"end", ...}`` per stage and the classifier trainer's
-    batch/epoch events with ``"arm"`` added. Returns what report.json holds.
+    batch/epoch events with ``"arm"`` added. ``trtr_cache`` is a folder that keeps the TRTR
+    classifier and its test scores, so evaluations of several synthetic sets against the same
+    real data and settings share one reference. Returns what report.json holds.
     """
     cfg = cfg or EvaluateConfig()
     cfg.validate()
@@ -200,6 +217,7 @@ def evaluate(
     test_rows = test_source.select("test", labelled=False)
     _check_real(real, train_path, test_source, test_path, real_train, real_val, test_rows)
     _check_synthetic_source(syn_path, real)
+    _check_generator_patients(syn_path, real, train_path, test_source, test_path, test_rows)
 
     import torch
 
@@ -227,20 +245,58 @@ def evaluate(
         _check_synthetic_rows(syn_rows, syn_path, task, real)
         notify({"stage": "synthetic", "event": "end", "images": len(syn_rows)})
 
+        from fedspine.training.classifier_trainer import targets
+
+        budget = _step_budget(real_train, task, cfg)
         arm_data = _arm_datasets(real_train, syn_rows, syn_images, cfg, task)
+        y_test, idx_test, _ = targets(test_rows, task)
+        groups = test_rows.patient_ids[idx_test]
         arms: dict[str, dict[str, Any]] = {}
         curves: dict[str, tuple] = {}
+        scores: dict[str, np.ndarray] = {}
         for arm, (data, composition) in arm_data.items():
             notify({"stage": "classifier", "event": "start", "arm": arm, "rows": len(data)})
-            record, curve, model = _run_arm(arm, data, real_val, test_rows, task, cfg, tmp, notify)
+            if arm == "TRTR" and trtr_cache is not None:
+                record, p_test, model = _cached_trtr(
+                    Path(trtr_cache),
+                    data,
+                    real,
+                    test_source,
+                    real_val,
+                    test_rows,
+                    task,
+                    cfg,
+                    budget,
+                    tmp,
+                    notify,
+                )
+            else:
+                record, p_test, model = _run_arm(
+                    arm, data, real_val, test_rows, task, cfg, budget, tmp, notify
+                )
             if arm == "TRTR":
                 trtr_model = model
             record["train_data"] = composition
             arms[arm] = record
-            curves[arm] = curve
+            curves[arm] = _roc(y_test, p_test, record)
+            scores[arm] = p_test
             notify({"stage": "classifier", "event": "end", "arm": arm, "auc": record["auc"]})
+        utility = _utility(y_test, scores, groups, arms, cfg)
 
-        trts = _class_fidelity(trtr_model, syn_rows, syn_images, task, cfg)
+        judge_model, judge = _trts_judge(
+            syn_info,
+            trtr_model,
+            real,
+            real_train,
+            real_val,
+            test_rows,
+            task,
+            cfg,
+            budget,
+            tmp,
+            notify,
+        )
+        trts = _class_fidelity(judge_model, syn_rows, syn_images, task, cfg, judge)
         multi = len(arms["TRTR"]["output_names"]) > 1
         plot_rocs(
             curves,
@@ -253,10 +309,9 @@ def evaluate(
         )
 
         notify({"stage": "metrics", "event": "start", "description": "feature extractors"})
-        extractors = _extractors(real, cfg, device, tmp / WORK_DIR)
-        generative = _generative_metrics(
-            extractors, real_train.images, syn_images, real_val.images, cfg, notify
-        )
+        samples = _metric_samples(real_train, real_val, syn_rows, syn_images, cfg)
+        extractors = _extractors(samples, cfg, device, tmp / WORK_DIR)
+        generative = _generative_metrics(extractors, samples, cfg, notify)
         notify({"stage": "metrics", "event": "end"})
 
         notify({"stage": "memorisation", "event": "start", "description": "memorisation audit"})
@@ -306,7 +361,9 @@ def evaluate(
                     real_train, real_val, test_rows
                 ),
             },
+            "utility": utility,
             "ratios": _ratios(arms),
+            "classifier_budget": budget,
             "arms": arms,
             "class_fidelity": trts,
             "generative": generative,
@@ -386,14 +443,53 @@ def load_synthetic(
     return data, info
 
 
+def utility_lines(report: dict[str, Any]) -> list[str]:
+    """The lead of every report: signal retained with its interval and whether there is any."""
+    utility = report.get("utility")
+    if not utility:
+        return []
+    lines = []
+    for arm, u in utility["arms"].items():
+        retained = u.get("signal_retained")
+        ci = u.get("signal_retained_ci")
+        diff_ci = u.get("difference_ci")
+        lines += [
+            f"**{arm}: signal retained {_num(retained, 2)}"
+            + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else " [interval unbounded]")
+            + f"** ({arm} AUC {_auc_ci(u['auc'], u['ci'])}, TRTR AUC "
+            f"{_num(u['reference_auc'])}; {arm} − TRTR = {_num(u['difference'])}"
+            + (f" [{diff_ci[0]:.3f}, {diff_ci[1]:.3f}]" if diff_ci else "")
+            + f"). {u['verdict'].split(';')[0][0].upper()}{u['verdict'].split(';')[0][1:]}.",
+            "",
+        ]
+        for name, one in (u.get("per_output") or {}).items():
+            one_ci = one.get("signal_retained_ci")
+            lines.append(
+                f"- {name}: signal retained {_num(one.get('signal_retained'), 2)}"
+                + (f" [{one_ci[0]:.2f}, {one_ci[1]:.2f}]" if one_ci else "")
+                + f", AUC {_auc_ci(one['auc'], one['ci'])}"
+                + ("; interval contains chance" if one["ci_contains_chance"] else "")
+            )
+        if u.get("per_output"):
+            lines.append("")
+    lines += [
+        "Signal retained is (AUC − 0.5) / (TRTR AUC − 0.5): 0 means the synthetic data teach "
+        "nothing beyond chance, 1 as much as the real training data. Intervals: "
+        f"{utility['method']} ({utility['bootstrap']} resamples).",
+        "",
+    ]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """The human-readable report: the ratio first, then arms, GAN metrics and memorisation."""
+    """The human-readable report: signal retained first, then arms, metrics and memorisation."""
     lines: list[str] = ["# fedspine evaluation report", ""]
     inputs = report["inputs"]
     ratios = report["ratios"]
     arms = report["arms"]
+    lines += utility_lines(report)
     lines += [
-        f"**TSTR / TRTR = {_num(ratios['tstr_over_trtr'])}** "
+        f"For comparison with published ratios: TSTR / TRTR = {_num(ratios['tstr_over_trtr'])} "
         f"(TSTR AUC {_num(arms['TSTR']['auc'])}, TRTR AUC {_num(arms['TRTR']['auc'])})"
         + (
             f"; mixed / TRTR = {_num(ratios['mixed_over_trtr'])} "
@@ -401,7 +497,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             if "mixed" in arms
             else ""
         )
-        + ".",
+        + ". A ratio of AUCs credits every arm with the 0.5 any classifier gets by chance; "
+        "signal retained does not.",
         "",
         f"- synthetic: `{inputs['synthetic']['path']}` ({inputs['synthetic']['kind']}, "
         f"{inputs['synthetic']['images']} images, {_counts(inputs['synthetic']['class_counts'])})",
@@ -413,16 +510,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Classifiers on the real test split",
         "",
         "| arm | trained on | test AUC [95 % CI] | sensitivity | specificity | "
-        "selected epoch (val AUC) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "selected at step (val AUC) | steps run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, arm in arms.items():
+        history = arm["history"]
         lines.append(
             f"| {name} | {_composition(arm['train_data'])} | {_auc_ci(arm['auc'], arm['ci'])} | "
             f"{_num(arm['sensitivity'])} | {_num(arm['specificity'])} | "
-            f"{arm['history']['best_epoch']} of {len(arm['history']['epochs'])} "
-            f"({_num(arm['history']['best_val_auc'])}) |"
+            f"{history.get('best_steps', '?')} ({_num(history['best_val_auc'])}) | "
+            f"{history.get('steps', '?')} |"
         )
+    budget = report.get("classifier_budget")
+    if budget:
+        lines += ["", f"Training budget, the same for every arm: {budget['rule']}."]
     multi = len(report["output_names"]) > 1
     test_set, selection = report["test_set"], report["selection"]
     lines += [
@@ -439,12 +540,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         + "Sensitivity and specificity are at the threshold that maximises Youden's J on the "
         "validation split.",
         "",
-        f"Model selection: every arm chose its epoch (best validation AUC) and its threshold on "
+        f"Model selection: every arm chose its checkpoint (best validation AUC) and its threshold on "
         f"the 'val' split of `{selection['dataset']}` ({selection['images']} images, "
         f"{selection['patients']} patients), the same real split for all arms so they are "
         "comparable. That split is private real data: the classifiers use it only for "
-        "selection, never for training (it is also the real reference sample of the metrics "
-        "table below). The test split was used for nothing but the numbers above"
+        "selection, never for training (it is also the floor sample of the metrics table "
+        "below). The test split was used for nothing but the numbers above"
         + (" and the memorisation calibration." if report["config"]["heldout"] == "test" else "."),
     ]
     if test_set["patients_shared_with_train_or_val"]:
@@ -479,6 +580,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             "what real images of the two classes give. Intervals bootstrap synthetic images.",
             "",
         ]
+        judge = trts.get("judge") or {}
+        if judge.get("independence"):
+            lines += [
+                "The judge must be a classifier the generator never trained against; "
+                f"independence: {judge['independence']}.",
+                "",
+            ]
         for name, o in trts["per_output"].items():
             if o.get("auc") is None:
                 continue
@@ -496,27 +604,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     gen = report["generative"]
     lines += [
-        "## Synthetic vs real training images",
+        "## Synthetic vs real images",
         "",
-        f"Synthetic images ({gen['n_synthetic']}) against the real training split "
-        f"({gen['n_real']}); precision/recall and density/coverage with k = {PRECISION_K}. "
-        "Every number holds only for the extractor named beside it.",
+        f"Reference: {gen['reference']}. The {gen['equal_n']}. Precision/recall and "
+        f"density/coverage with k = {PRECISION_K}. Every number holds only for the extractor "
+        "named beside it.",
         "",
-        "| extractor | compared | FID | KID × 10³ (± std) | precision | recall | density | "
+        "| extractor | compared | KID × 10³ (± std) | FID | precision | recall | density | "
         "coverage |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in gen["results"]:
         lines.append(
-            f"| {row['extractor']} | {row['compared']} | {_num(row['fid'], 4)} | "
-            f"{_num(_scaled(row['kid']), 3)} ± {_num(_scaled(row['kid_std']), 3)} | "
-            f"{_num(row['precision'])} | {_num(row['recall'])} | {_num(row['density'])} | "
-            f"{_num(row['coverage'])} |"
+            f"| {row['extractor']} | {row['compared']} | "
+            f"{_num(_scaled(row.get('kid')), 3)} ± {_num(_scaled(row.get('kid_std')), 3)} | "
+            f"{_num(row.get('fid'), 4)} | {_num(row.get('precision'))} | "
+            f"{_num(row.get('recall'))} | {_num(row.get('density'))} | "
+            f"{_num(row.get('coverage'))} |"
         )
     lines += [
         "",
-        "The 'real val vs real train' rows show what two real samples of this distribution give: "
-        "the floor a perfect generator would reach (smaller samples give larger FIDs).",
+        "The floor rows show what a second real sample of this distribution gives, at the same "
+        "size and class mix as the synthetic rows: a perfect generator would match them. KID "
+        "leads because it is unbiased; FID is biased upward at small n, which is why the two "
+        "rows are compared at equal n and never against a floor of another size.",
         "",
         "Extractors:",
         "",
@@ -676,6 +787,53 @@ def _check_synthetic_rows(
         )
 
 
+def _check_generator_patients(
+    syn_path: Path,
+    real: PreparedDataset,
+    train_path: Path,
+    test_source: PreparedDataset,
+    test_path: Path,
+    test_rows: PreparedDataset,
+) -> None:
+    """Refuse a test split holding patients the synthetic set's generator trained on.
+
+    The generator's run folder (generation.json names it) records the prepared data it trained
+    on by content hash; when that data is one of the inputs or still on disk, its training
+    patients are compared with the test patients. A generator that saw a test patient makes every
+    synthetic number on that test set optimistic.
+    """
+    from fedspine.training.config import read_config_toml
+
+    generation = syn_path / "generation.json"
+    if not generation.is_file():
+        return
+    try:
+        run = Path(json.loads(generation.read_text()).get("run") or "")
+        dataset = read_config_toml(run / "config.toml").get("dataset") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    content_hash, where = dataset.get("content_hash"), dataset.get("path")
+    candidates = [(real, train_path), (test_source, test_path)]
+    source = next((d for d, _ in candidates if d.content_hash == content_hash), None)
+    if source is None and where and Path(where).is_dir():
+        try:
+            other = load_prepared(where)
+        except Exception:
+            return
+        source = other if other.content_hash == content_hash else None
+    if source is None:
+        return
+    seen = set(source.select("train", labelled=True).patient_ids.tolist())
+    shared = sorted(seen & set(test_rows.patient_ids.tolist()))
+    if shared:
+        raise EvaluateError(
+            f"{test_path}: {len(shared)} patient(s) of its 'test' split (e.g. {shared[0]}) are "
+            f"among those the generator of {syn_path} trained on (its run {run} trained on "
+            f"{where}); synthetic images judged on patients their generator saw flatter it. "
+            "Test on patients the generator never saw"
+        )
+
+
 def _at_resolution(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [N, R, R] -> uint8 [N, size, size] (unchanged when R == size)."""
     if images.shape[-1] == size:
@@ -718,14 +876,108 @@ def _arm_datasets(
     return arms
 
 
-def _class_fidelity(
+def _generator_classifiers(syn_info: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Recipes of the classifiers the generator trained against: [] for none, None if unknown."""
+    training = (syn_info.get("generation") or {}).get("training")
+    if not training:
+        return None
+    clinical = training.get("clinical")
+    if clinical is None:
+        return [] if training.get("model") not in (None, "spinegan") else None
+    recipe = clinical.get("classifier_recipe")
+    return [recipe] if recipe else None
+
+
+def _trts_judge(
+    syn_info: dict[str, Any],
     trtr_model: torch.nn.Module,
+    real: PreparedDataset,
+    real_train: PreparedDataset,
+    real_val: PreparedDataset,
+    test_rows: PreparedDataset,
+    task: str,
+    cfg: EvaluateConfig,
+    budget: dict[str, Any],
+    tmp: Path,
+    notify: ProgressFn,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The classifier that scores the synthetic images in TRTS: one the generator never saw.
+
+    A SpineGAN generator was trained to please its clinical classifier; judged by a classifier
+    of the same recipe (the evaluation's TRTR usually is one: same architecture, rows and seed),
+    its TRTS measures how well it fooled that network, not whether its classes are right.
+    """
+    from fedspine.training.classifier_trainer import classifier_recipe, same_recipe
+
+    seen = _generator_classifiers(syn_info)
+    size = cfg.input_size or real.resolution
+
+    def recipe(seed: int) -> dict[str, Any]:
+        return classifier_recipe(_classifier_config(cfg, task, size, budget, seed))
+
+    if cfg.judge_seed is not None:
+        seed = cfg.judge_seed
+        if any(same_recipe(recipe(seed), c) for c in seen or []):
+            raise EvaluateError(
+                f"--judge-seed {seed}: a classifier of this recipe ({cfg.arch}, seed {seed}, "
+                f"{size} px, trained on the real training split) is the one the generator was "
+                "trained against, so TRTS judged by it would be circular; choose another seed"
+            )
+    elif seen == []:
+        return trtr_model, {
+            "classifier": "the TRTR arm's classifier",
+            "recipe": recipe(cfg.seed),
+            "independence": "the generator trained against no classifier (generation.json)",
+        }
+    else:
+        seed = cfg.seed + 1
+        while any(same_recipe(recipe(seed), c) for c in seen or []):
+            seed += 1
+    if seen is None:
+        independence = (
+            "unverified: the synthetic set does not say which classifier its generator trained "
+            f"against (no generation.json record); if it was a {cfg.arch} of seed {seed} on "
+            "these rows, TRTS is circular"
+        )
+    elif seen:
+        independence = (
+            "verified: its recipe differs from that of the classifier the generator trained "
+            f"against ({', '.join(f'{k} {v}' for k, v in seen[0].items())})"
+        )
+    else:
+        independence = "the generator trained against no classifier (generation.json)"
+    if seed == cfg.seed:
+        return trtr_model, {
+            "classifier": "the TRTR arm's classifier",
+            "recipe": recipe(seed),
+            "independence": independence,
+        }
+    notify({"stage": "classifier", "event": "start", "arm": "TRTS judge", "rows": 0})
+    record, _, model = _run_arm(
+        "TRTS-judge", real_train, real_val, test_rows, task, cfg, budget, tmp, notify, seed
+    )
+    notify({"stage": "classifier", "event": "end", "arm": "TRTS judge", "auc": record["auc"]})
+    return model, {
+        "classifier": (
+            f"a separate {cfg.arch} classifier trained on the real training split with seed "
+            f"{seed} (test AUC {record['auc']:.3f})"
+        ),
+        "recipe": recipe(seed),
+        "independence": independence,
+        "test_auc": record["auc"],
+        "classifier_file": record["classifier_file"],
+    }
+
+
+def _class_fidelity(
+    judge_model: torch.nn.Module,
     syn_rows: PreparedDataset,
     syn_images: np.ndarray,
     task: str,
     cfg: EvaluateConfig,
+    judge: dict[str, Any],
 ) -> dict[str, Any]:
-    """TRTS: the real-trained classifier scored on the synthetic images and their labels.
+    """TRTS: a real-trained classifier scored on the synthetic images and their labels.
 
     It asks whether each synthetic class looks like that class to a classifier that has only
     seen real images, which shows a generator learning its classes long before TSTR does. Each
@@ -735,7 +987,7 @@ def _class_fidelity(
     from fedspine.training.classifier_trainer import targets
 
     y, idx, names = targets(syn_rows, task)
-    probs = predict_proba(trtr_model, syn_images[idx], batch=128)
+    probs = predict_proba(judge_model, syn_images[idx], batch=128)
     groups = np.arange(len(idx))
     scores = {}
     for k, name in enumerate(names):
@@ -757,7 +1009,8 @@ def _class_fidelity(
     aucs = [o["auc"] for o in scores.values() if o["auc"] is not None]
     return {
         "name": "TRTS (train real, test synthetic)",
-        "classifier": "the TRTR arm's classifier",
+        "classifier": judge["classifier"],
+        "judge": judge,
         "images": len(idx),
         "auc": float(np.mean(aucs)) if aucs else None,
         "ci": scores[names[0]]["ci"] if len(names) == 1 else None,
@@ -825,6 +1078,56 @@ def _combine(
     )
 
 
+def _classifier_config(
+    cfg: EvaluateConfig, task: str, size: int, budget: dict[str, Any], seed: int | None = None
+) -> Any:
+    """Every arm's classifier settings: the same steps between checks, the same checks."""
+    from fedspine.models.classifier import ClassifierConfig
+    from fedspine.training.classifier_trainer import ClassifierTrainConfig
+
+    return ClassifierTrainConfig(
+        task=task,
+        epochs=cfg.epochs,
+        batch=cfg.batch,
+        lr=cfg.lr,
+        patience=cfg.patience,
+        seed=cfg.seed if seed is None else seed,
+        device=cfg.device,
+        max_train_images=cfg.max_train_images,
+        input_size=size,
+        steps_per_epoch=budget["steps_per_check"],
+        model=ClassifierConfig(
+            arch=cfg.arch, norm=cfg.norm, input_size=size, weights_path=cfg.weights
+        ),
+    )
+
+
+def _step_budget(real_train: PreparedDataset, task: str, cfg: EvaluateConfig) -> dict[str, Any]:
+    """One optimizer-step budget for every arm, set by TRTR's epoch length.
+
+    Matching epochs would give an arm with more rows more steps (and more patience in steps);
+    matching steps lets the arms differ only in what they learn from.
+    """
+    from fedspine.training.classifier_trainer import targets
+
+    _, idx, _ = targets(real_train, task)
+    rows = len(idx) if cfg.max_train_images is None else min(len(idx), cfg.max_train_images)
+    per_check = max(1, math.ceil(rows / cfg.batch))
+    return {
+        "batch": cfg.batch,
+        "steps_per_check": per_check,
+        "max_checks": cfg.epochs,
+        "max_steps": per_check * cfg.epochs,
+        "patience_checks": cfg.patience,
+        "patience_steps": per_check * cfg.patience,
+        "rule": (
+            f"every arm: at most {per_check * cfg.epochs} optimizer steps of {cfg.batch} images, "
+            f"validated every {per_check} steps (one pass over TRTR's {rows} training rows), "
+            f"stopping after {per_check * cfg.patience} steps without a better validation AUC"
+        ),
+    }
+
+
 def _run_arm(
     arm: str,
     data: PreparedDataset,
@@ -832,33 +1135,17 @@ def _run_arm(
     test: PreparedDataset,
     task: str,
     cfg: EvaluateConfig,
+    budget: dict[str, Any],
     tmp: Path,
     notify: ProgressFn,
-) -> tuple[dict[str, Any], tuple, torch.nn.Module]:
-    """Train one arm, select on ``val``, score on ``test``; returns its record, ROC and model."""
-    from fedspine.models.classifier import ClassifierConfig, predict_proba, save_classifier
-    from fedspine.training.classifier_trainer import (
-        ClassifierTrainConfig,
-        load_images,
-        targets,
-        train_classifier,
-    )
+    seed: int | None = None,
+) -> tuple[dict[str, Any], np.ndarray, torch.nn.Module]:
+    """Train one arm, select on ``val``, score on ``test``; its record, test scores and model."""
+    from fedspine.models.classifier import predict_proba, save_classifier
+    from fedspine.training.classifier_trainer import load_images, targets, train_classifier
 
     size = cfg.input_size or data.resolution
-    train_cfg = ClassifierTrainConfig(
-        task=task,
-        epochs=cfg.epochs,
-        batch=cfg.batch,
-        lr=cfg.lr,
-        patience=cfg.patience,
-        seed=cfg.seed,
-        device=cfg.device,
-        max_train_images=cfg.max_train_images,
-        input_size=size,
-        model=ClassifierConfig(
-            arch=cfg.arch, norm=cfg.norm, input_size=size, weights_path=cfg.weights
-        ),
-    )
+    train_cfg = _classifier_config(cfg, task, size, budget, seed)
     try:
         model, history = train_classifier(
             data, val, train_cfg, progress=lambda event: notify({"arm": arm, **event})
@@ -882,12 +1169,129 @@ def _run_arm(
         {
             "output_names": names,
             "history": history,
+            "seed": train_cfg.seed,
             "test_images": len(idx_test),
             "test_patients": len(set(groups.tolist())),
             "classifier_file": f"{WORK_DIR}/classifiers/{arm}.pt",
         }
     )
-    return record, _roc(y_test, p_test, record), model
+    return record, p_test, model
+
+
+def _cached_trtr(
+    cache: Path,
+    data: PreparedDataset,
+    real: PreparedDataset,
+    test_source: PreparedDataset,
+    val: PreparedDataset,
+    test: PreparedDataset,
+    task: str,
+    cfg: EvaluateConfig,
+    budget: dict[str, Any],
+    tmp: Path,
+    notify: ProgressFn,
+) -> tuple[dict[str, Any], np.ndarray, torch.nn.Module]:
+    """TRTR from ``cache`` when it was trained on the same data with the same settings, else
+    trained here and stored there (atomically), so several evaluations share one reference."""
+    from fedspine.models.classifier import load_classifier
+
+    train_cfg = _classifier_config(cfg, task, cfg.input_size or data.resolution, budget)
+    settings = {k: v for k, v in train_cfg.to_dict().items() if k != "device"}
+    key = _plain(
+        {
+            "fedspine_version": __version__,
+            "train": real.content_hash,
+            "test": test_source.content_hash,
+            "task": task,
+            "classifier": settings,
+            "bootstrap": cfg.bootstrap,
+        }
+    )
+    stored_file = cache / "trtr.json"
+    target = tmp / WORK_DIR / "classifiers" / "TRTR.pt"
+    if stored_file.is_file():
+        stored = json.loads(stored_file.read_text())
+        if stored.get("key") != key:
+            raise EvaluateError(
+                f"{cache}: holds a TRTR classifier of other data or settings; pass another "
+                "TRTR cache folder or remove this one"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache / "TRTR.pt", target)
+        model, _, _ = load_classifier(target)
+        model.eval()
+        record = dict(stored["record"], reused_from=str(cache))
+        notify({"arm": "TRTR", "event": "reused", "from": str(cache)})
+        return record, np.load(cache / "p_test.npy"), model
+    if cache.exists():
+        raise EvaluateError(f"{cache}: exists but holds no trtr.json; remove it or pass another")
+    record, p_test, model = _run_arm("TRTR", data, val, test, task, cfg, budget, tmp, notify)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{cache.name}.partial-", dir=cache.parent))
+    try:
+        shutil.copyfile(target, work / "TRTR.pt")
+        np.save(work / "p_test.npy", p_test)
+        (work / "trtr.json").write_text(
+            json.dumps({"key": key, "record": _plain(record)}, indent=2) + "\n"
+        )
+        os.replace(work, cache)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return record, p_test, model
+
+
+def _utility(
+    y_test: np.ndarray,
+    scores: dict[str, np.ndarray],
+    groups: np.ndarray,
+    arms: dict[str, dict[str, Any]],
+    cfg: EvaluateConfig,
+) -> dict[str, Any]:
+    """Signal retained and AUC difference of each arm against TRTR, paired over patients."""
+    names = arms["TRTR"]["output_names"]
+    boot = paired_bootstrap_aucs(y_test, scores, groups, cfg.bootstrap, cfg.seed)
+
+    def points(arm: str) -> np.ndarray:
+        return np.array(
+            [np.nan if (v := arms[arm]["per_output"][n]["auc"]) is None else v for n in names],
+            dtype=np.float64,
+        )
+
+    reference = points("TRTR")
+    out: dict[str, Any] = {}
+    for arm in arms:
+        if arm == "TRTR":
+            continue
+        result = paired_utility(points(arm), reference, boot[arm], boot["TRTR"])
+        result["verdict"] = utility_verdict(result, arm)
+        if len(names) > 1:
+            per_output = {}
+            for k, name in enumerate(names):
+                if np.isnan(reference[k]) or np.isnan(points(arm)[k]):
+                    continue
+                one = paired_utility(
+                    points(arm)[k : k + 1],
+                    reference[k : k + 1],
+                    boot[arm][:, k : k + 1],
+                    boot["TRTR"][:, k : k + 1],
+                )
+                one["verdict"] = utility_verdict(one, arm)
+                per_output[name] = one
+            result["per_output"] = per_output
+        out[arm] = result
+    return {
+        "reference": "TRTR",
+        "chance": CHANCE_AUC,
+        "bootstrap": cfg.bootstrap,
+        "method": (
+            "paired patient-level percentile bootstrap: each resample draws test patients with "
+            "replacement once and scores every arm on the same draw; signal retained is "
+            "(AUC − 0.5) / (TRTR AUC − 0.5), 0 at chance and 1 at the real data's level"
+            + ("; multi-output values are macro means over the outputs" if len(names) > 1 else "")
+        ),
+        "arms": out,
+    }
 
 
 def _score(
@@ -1029,8 +1433,88 @@ def _ratios(arms: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return {"tstr_over_trtr": ratio("TSTR"), "mixed_over_trtr": ratio("mixed")}
 
 
+def _metric_samples(
+    real_train: PreparedDataset,
+    real_val: PreparedDataset,
+    syn_rows: PreparedDataset,
+    syn_images: np.ndarray,
+    cfg: EvaluateConfig,
+) -> dict[str, Any]:
+    """The image sets of the distribution metrics, chosen so that no row can flatter.
+
+    - reference: labelled real training images (the rows the GAN trained on; unlabelled rows
+      such as multi-lesion images are excluded). With the domain CNN, half of the training
+      patients fit the extractor and only the other half is the reference, so no reference
+      image is in-sample for the extractor.
+    - floor (real val) and synthetic: the same number of images of each class, the real
+      validation split's class mix, because FID is biased upward at small n and a class-balanced
+      synthetic set against an unbalanced reference would be penalised (or flattered) by mix.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    labelled = real_train.select(None, labelled=True)
+    fit: PreparedDataset | None = None
+    reference = labelled
+    if not (cfg.extractor == "inception" or (cfg.extractor == "auto" and cfg.inception)):
+        fit_mask = _half_of_patients(labelled, rng)
+        fit, reference = _rows(labelled, fit_mask), _rows(labelled, ~fit_mask)
+    val = real_val.select(None, labelled=True)
+    per_class = {}
+    for k, name in enumerate(real_train.class_names):
+        per_class[name] = min(int((val.labels == k).sum()), int((syn_rows.labels == k).sum()))
+    total = sum(per_class.values())
+    if cfg.max_metric_images is not None and total > cfg.max_metric_images:
+        scale = cfg.max_metric_images / total
+        per_class = {name: int(n * scale) for name, n in per_class.items()}
+    floor_idx, syn_idx = [], []
+    for k, name in enumerate(real_train.class_names):
+        n = per_class[name]
+        if n:
+            floor_idx.append(rng.choice(np.flatnonzero(val.labels == k), n, replace=False))
+            syn_idx.append(rng.choice(np.flatnonzero(syn_rows.labels == k), n, replace=False))
+    floor_idx_arr = np.sort(np.concatenate(floor_idx)) if floor_idx else np.zeros(0, int)
+    syn_idx_arr = np.sort(np.concatenate(syn_idx)) if syn_idx else np.zeros(0, int)
+    ref_images = _cap(np.asarray(reference.images), cfg.max_metric_images, rng)
+    return {
+        "fit": fit,
+        "reference": ref_images,
+        "floor": np.asarray(val.images[floor_idx_arr], dtype=np.uint8),
+        "synthetic": np.asarray(syn_images[syn_idx_arr], dtype=np.uint8),
+        "class_counts": per_class,
+        "reference_patients": len(set(reference.patient_ids.tolist())),
+        "fit_patients": None if fit is None else len(set(fit.patient_ids.tolist())),
+        "excluded_unlabelled": int(np.sum(real_train.labels < 0)),
+    }
+
+
+def _half_of_patients(data: PreparedDataset, rng: np.random.Generator) -> np.ndarray:
+    """Row mask of a random half of the patients, drawn within each patient's first class so
+    both halves hold every class the data has."""
+    patients, first = np.unique(data.patient_ids, return_index=True)
+    chosen: list[str] = []
+    for k in np.unique(data.labels[first]):
+        group = patients[data.labels[first] == k]
+        chosen += rng.permutation(group)[: len(group) // 2 + len(group) % 2].tolist()
+    return np.isin(data.patient_ids, chosen)
+
+
+def _rows(data: PreparedDataset, mask: np.ndarray) -> PreparedDataset:
+    idx = np.flatnonzero(mask)
+    return PreparedDataset(
+        root=data.root,
+        images=np.asarray(data.images[idx]),
+        files=[data.files[i] for i in idx],
+        patient_ids=data.patient_ids[idx],
+        splits=data.splits[idx],
+        labels=data.labels[idx],
+        findings=data.findings[idx],
+        finding_names=list(data.finding_names),
+        class_names=list(data.class_names),
+        manifest=data.manifest,
+    )
+
+
 def _extractors(
-    real: PreparedDataset, cfg: EvaluateConfig, device: torch.device, work: Path
+    samples: dict[str, Any], cfg: EvaluateConfig, device: torch.device, work: Path
 ) -> list[FeatureExtractor]:
     """The primary extractor (user Inception or the domain CNN), then raw pixels as a baseline."""
     from fedspine.evaluation.features import (
@@ -1040,54 +1524,73 @@ def _extractors(
         PixelExtractor,
     )
 
-    use_inception = cfg.extractor == "inception" or (cfg.extractor == "auto" and cfg.inception)
+    resolution = samples["reference"].shape[-1]
     try:
-        if use_inception:
+        if samples["fit"] is None:
             primary: FeatureExtractor = InceptionTorchScript(cfg.inception, device=str(device))
         else:
             primary = DomainExtractor.fit(
-                real,
+                samples["fit"],
                 epochs=cfg.domain_epochs,
                 seed=cfg.seed,
-                input_size=cfg.domain_input_size or min(64, real.resolution),
+                input_size=cfg.domain_input_size or min(64, resolution),
                 device=str(device),
             )
             primary.save(work / "domain_extractor.pt")
     except (FeatureExtractorError, ValueError) as err:
         raise EvaluateError(f"feature extractor: {err}") from None
-    return [primary, PixelExtractor(min(cfg.pixel_size, real.resolution))]
+    return [primary, PixelExtractor(min(cfg.pixel_size, resolution))]
 
 
 def _generative_metrics(
     extractors: Sequence[FeatureExtractor],
-    real_images: np.ndarray,
-    syn_images: np.ndarray,
-    val_images: np.ndarray,
+    samples: dict[str, Any],
     cfg: EvaluateConfig,
     notify: ProgressFn,
 ) -> dict[str, Any]:
-    rng = np.random.default_rng(cfg.seed)
-    real_images = _cap(real_images, cfg.max_metric_images, rng)
-    syn_images = _cap(syn_images, cfg.max_metric_images, rng)
-    val_images = _cap(val_images, cfg.max_metric_images, rng)
+    n_each = len(samples["synthetic"])
     results = []
     for ext in extractors:
         notify({"stage": "metrics", "event": "extractor", "description": ext.name})
-        f_real = _features(ext, real_images)
-        f_syn = _features(ext, syn_images)
-        results.append(
-            {"compared": "synthetic vs real train", **_distribution(f_real, f_syn, ext, cfg)}
-        )
-        if len(val_images) > PRECISION_K:
-            f_val = _features(ext, val_images)
-            results.append(
-                {"compared": "real val vs real train", **_distribution(f_real, f_val, ext, cfg)}
-            )
+        f_ref = _features(ext, samples["reference"])
+        for compared, images in (
+            ("synthetic vs real reference", samples["synthetic"]),
+            ("real val vs real reference (floor)", samples["floor"]),
+        ):
+            row = {"compared": compared, "extractor": ext.name, "n_real": len(f_ref)}
+            if n_each < 2:
+                row["reason"] = "fewer than 2 images of matching classes in val and synthetic"
+            else:
+                row.update(_distribution(f_ref, _features(ext, images), ext, cfg))
+            results.append(row)
+    fit = samples["fit_patients"]
     return {
-        "n_real": len(real_images),
-        "n_synthetic": len(syn_images),
-        "n_reference": len(val_images),
+        "n_real": len(samples["reference"]),
+        "n_synthetic": n_each,
+        "n_reference": n_each,
+        "n_each": n_each,
+        "class_counts": samples["class_counts"],
         "k": PRECISION_K,
+        "reference": (
+            f"{len(samples['reference'])} labelled real training images of "
+            f"{samples['reference_patients']} patients"
+            + (
+                f"; the other {fit} training patients fitted the domain extractor, so no "
+                "reference image is in-sample for it"
+                if fit is not None
+                else ""
+            )
+            + (
+                f"; {samples['excluded_unlabelled']} unlabelled training rows excluded (the GAN "
+                "never trained on them)"
+                if samples["excluded_unlabelled"]
+                else ""
+            )
+        ),
+        "equal_n": (
+            f"synthetic and floor rows use {n_each} images each with the same class counts "
+            f"({_counts(samples['class_counts'])}), the real validation split's mix"
+        ),
         "extractors": [ext.describe() for ext in extractors],
         "results": results,
     }
@@ -1099,8 +1602,11 @@ def _distribution(
     kid, kid_std = kernel_inception_distance(
         f_real, f_other, subsets=cfg.kid_subsets, subset_size=1000, seed=cfg.seed
     )
-    precision, recall = precision_recall(f_real, f_other, k=PRECISION_K)
-    density, coverage = density_coverage(f_real, f_other, k=PRECISION_K)
+    if min(len(f_real), len(f_other)) > PRECISION_K:
+        precision, recall = precision_recall(f_real, f_other, k=PRECISION_K)
+        density, coverage = density_coverage(f_real, f_other, k=PRECISION_K)
+    else:  # k-nearest-neighbour balls need more than k points on each side
+        precision = recall = density = coverage = None
     return {
         "extractor": ext.name,
         "fid": frechet_distance(f_real, f_other),

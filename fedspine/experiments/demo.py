@@ -258,6 +258,9 @@ def _evaluate(out: Path, sites: list[str], config: DemoConfig) -> dict:
         "tstr_auc": arms["TSTR"]["auc"],
         "mixed_auc": arms.get("mixed", {}).get("auc"),
         "tstr_over_trtr": report["ratios"]["tstr_over_trtr"],
+        "signal_retained": report["utility"]["arms"]["TSTR"]["signal_retained"],
+        "signal_retained_ci": report["utility"]["arms"]["TSTR"]["signal_retained_ci"],
+        "verdict": report["utility"]["arms"]["TSTR"]["verdict"],
         "report": str(out / "evaluation" / "report.md"),
     }
 

@@ -21,6 +21,11 @@ budget (``smoke`` for two CPU cores, ``quick``, ``full`` for the paper's GPU con
 one typed row of :data:`BUDGETS`. Each arm is built in a hidden work folder and renamed into
 ``OUT/arms/NAME`` when complete, so an arm folder is either complete or absent, and a rerun
 skips complete arms and continues an interrupted one from its last finished stage.
+
+``seeds`` > 1 repeats every arm with the next training seeds (GAN, generation, classifiers,
+evaluation) in ``OUT/arms/NAME-seedS``; replicate 0 keeps ``OUT/arms/NAME``, so a folder made
+with one seed is continued by a run with more. The table gives replicate 0 with its interval
+and the mean and range across seeds, the variation the test-set intervals do not cover.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import tempfile
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,8 @@ class ReproduceBudget:
     noise of the ``ablation_noise_epsilon`` arm); ``paper_dp_kimg`` None leaves out the paper's
     own scheme (batch 1, so a kimg costs a thousand steps). ``gan_batch`` None keeps the preset's batch; ``classifier_input_size`` None
     uses the prepared resolution. ``max_metric_images`` caps each image set of FID and friends.
+    ``seeds`` replicates every arm with training seeds ``seed``, ``seed + 1``, ...: the test-set
+    intervals do not show how much a result moves from one training run to the next.
     """
 
     name: str
@@ -114,6 +121,7 @@ class ReproduceBudget:
     # slower in wall time and CPU time (OpenMP threads wait on each other); 0 = all cores.
     threads: int = 1
     seed: int = 0
+    seeds: int = 1
     device: str = "auto"
 
     def validate(self) -> None:
@@ -161,6 +169,7 @@ class ReproduceBudget:
             "kid_subsets": self.kid_subsets,
             "dp_patients_per_step": self.dp_patients_per_step,
             "ingest_workers": self.ingest_workers,
+            "seeds": self.seeds,
         }
         for name, value in positive.items():
             if value < 1:
@@ -174,7 +183,8 @@ class ReproduceBudget:
 # each evaluation 11-21 s, each ingest 17 s); SpineGAN and the DP ablation are left to quick (the
 # paper scheme's batch 1 ran 0.31 s a step at 32 px under load 6.5: about 5 min a kimg). quick:
 # every arm. full: the paper's configuration for a GPU (256 px, paper preset, 8000 kimg,
-# DenseNet-121 at 224 px, 1,000 images per class; the paper scheme at batch 1, as they ran it).
+# DenseNet-121 at 224 px, 1,000 images per class; the paper scheme at batch 1, as they ran it),
+# three training seeds, so the table shows how far each number moves between training runs.
 BUDGETS: dict[str, ReproduceBudget] = {
     b.name: b
     for b in (
@@ -257,6 +267,7 @@ BUDGETS: dict[str, ReproduceBudget] = {
             dp_spinegan_epsilon=10.0,
             ingest_workers=8,
             threads=0,
+            seeds=3,
         ),
     )
 }
@@ -265,12 +276,16 @@ BUDGETS: dict[str, ReproduceBudget] = {
 PAPER = {
     "trtr": "0.856 (journal); 0.886 (preprint)",
     "cgan_tstr": "0.814",
-    "cgan_ratio": "0.951 (derived: 0.814 / 0.856)",
+    "cgan_ratio": "0.951 (derived: 0.814 / 0.856, journal TRTR) or 0.919 (derived: "
+    "0.814 / 0.886, preprint TRTR)",
+    "cgan_signal": "0.882 (derived: (0.814 − 0.5) / (0.856 − 0.5), journal TRTR)",
     "mixed": "trained, no AUC published",
     "cgan_metrics": "no numbers published",
     "lesion": "trained, no AUC published",
     "spinegan_tstr": "0.830",
-    "spinegan_ratio": "0.970",
+    "spinegan_ratio": "0.970 (derived: 0.830 / 0.856, journal TRTR) or 0.937 (derived: "
+    "0.830 / 0.886, preprint TRTR)",
+    "spinegan_signal": "0.927 (derived: (0.830 − 0.5) / (0.856 − 0.5), journal TRTR)",
     "spinegan_metrics": "higher FID, lower precision, higher recall than the cGAN (no numbers)",
     "dp": '"differential privacy impositions severely impede GAN training" (no numbers)',
     "dp_ablation": "ablated clipping, noise and micro-batch of 1; blamed the failure on the "
@@ -285,7 +300,11 @@ ABLATION_ARMS = ("dp_clip_only", "dp_noise_only", "dp_paper")
 
 @dataclass(frozen=True)
 class ArmPlan:
-    """One arm: what it trains, on which prepared data, and whether this budget runs it."""
+    """One arm: what it trains, on which prepared data, and whether this budget runs it.
+
+    ``replicate`` counts the training seeds of the arm from 0 and ``seed`` is the one it trains
+    with; replicates of an arm share ``name`` and differ in :attr:`folder`.
+    """
 
     name: str
     title: str
@@ -296,6 +315,19 @@ class ArmPlan:
     not_run: str | None = None
     mixed: bool = False
     noise_epsilon: float | None = None
+    seed: int = 0
+    replicate: int = 0
+
+    @property
+    def folder(self) -> str:
+        """The arm's folder under ``OUT/arms``, its log's name and its key in the results."""
+        return arm_folder(self.name, self.replicate, self.seed)
+
+
+def arm_folder(name: str, replicate: int, seed: int) -> str:
+    """``NAME`` for replicate 0 (the folder name before seeds existed, so old outputs resume),
+    ``NAME-seedS`` for the others."""
+    return name if replicate == 0 else f"{name}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -314,7 +346,7 @@ class ReproducePlan:
         return {
             "root": str(self.root),
             "budget": _plain(asdict(self.budget)),
-            "arms": [asdict(a) for a in self.arms],
+            "arms": [{**asdict(a), "folder": a.folder} for a in self.arms],
             "inception": self.inception,
             "classifier_weights": self.classifier_weights,
         }
@@ -407,11 +439,19 @@ def make_plan(
         )
     arms.append(_dp_spinegan_arm(b, spinegan))
     arms += _ablation_arms(b)
+    first = [dataclasses.replace(a, seed=b.seed) for a in arms]
+    # Replicate-major: the first seed's whole table is complete before the next seed starts.
+    replicas = [
+        dataclasses.replace(a, seed=b.seed + r, replicate=r)
+        for r in range(1, b.seeds)
+        for a in first
+        if not a.not_run
+    ]
     return ReproducePlan(
         root=Path(root),
         out=Path(out),
         budget=b,
-        arms=tuple(arms),
+        arms=tuple(first + replicas),
         spinegan=spinegan,
         inception=inception,
         classifier_weights=classifier_weights,
@@ -485,7 +525,7 @@ def format_plan(plan: ReproducePlan) -> str:
         f"at {b.resolution} px (label rule: correct; val split carved by patient)",
         f"  GAN: preset {b.gan_preset}, {b.resolution} px"
         + (f", batch {b.gan_batch}" if b.gan_batch else "")
-        + f", seed {b.seed}, device {b.device}",
+        + f", {_seeds_text(b)}, device {b.device}",
         f"  classifiers: {b.classifier_arch}"
         + (f" at {b.classifier_input_size} px" if b.classifier_input_size else "")
         + f", ≤ {b.classifier_epochs} epochs (patience {b.classifier_patience}), "
@@ -497,14 +537,26 @@ def format_plan(plan: ReproducePlan) -> str:
         ),
         "  (paths below are relative to OUT)",
         f"  SpineGAN in this build: {'yes' if plan.spinegan[0] else 'no'} ({plan.spinegan[1]})",
-        "  arms:",
     ]
+    if b.seeds > 1:
+        lines.append(
+            f"  {b.seeds} training seeds: each trains, generates, classifies and evaluates every "
+            f"arm that runs; seed {b.seed} in {ARMS_DIR}/NAME, the others in {ARMS_DIR}/NAME-seedS"
+        )
+    replicate = -1
     for arm in plan.arms:
+        if arm.replicate != replicate:
+            replicate = arm.replicate
+            lines.append(
+                f"  arms, replicate {replicate + 1} of {b.seeds} (seed {arm.seed}):"
+                if b.seeds > 1
+                else "  arms:"
+            )
         if arm.not_run:
-            lines.append(f"    - {arm.name}: {arm.title} -- {arm.not_run}")
+            lines.append(f"    - {arm.folder}: {arm.title} -- {arm.not_run}")
             continue
-        lines.append(f"    - {arm.name}: {arm.title}")
-        folder = Path(ARMS_DIR) / arm.name
+        lines.append(f"    - {arm.folder}: {arm.title}")
+        folder = Path(ARMS_DIR) / arm.folder
         data = Path(DATA_DIR) / arm.data
         if arm.kind in SPINEGAN_KINDS:
             lines.append(
@@ -514,13 +566,22 @@ def format_plan(plan: ReproducePlan) -> str:
         lines.append(
             "        fedspine train " + " ".join(_train_args(plan, arm, data, folder / "run"))
         )
-        lines.append(f"        generate {b.per_class} per class; evaluate " + _eval_note(arm))
+        lines.append(
+            f"        generate {b.per_class} per class, seed {arm.seed}; evaluate "
+            + _eval_note(arm)
+        )
     if any(a.kind in ABLATION_KINDS and not a.not_run for a in plan.arms):
         lines.append(
             "  the DP ablation arms (dp_clip_only, dp_noise_only, dp_paper) are NOT private: each "
             "run's privacy.json says so and no privacy ledger is written"
         )
     return "\n".join(lines) + "\n"
+
+
+def _seeds_text(b: ReproduceBudget) -> str:
+    if b.seeds == 1:
+        return f"seed {b.seed}"
+    return f"seeds {', '.join(str(b.seed + r) for r in range(b.seeds))}"
 
 
 def reproduce(
@@ -555,15 +616,15 @@ def reproduce(
         results: dict[str, dict[str, Any]] = {}
         for arm in plan.arms:
             if arm.not_run:
-                stage(f"{arm.name}: {arm.not_run}")
-                results[arm.name] = {"status": "not run", "reason": arm.not_run}
+                stage(f"{arm.folder}: {arm.not_run}")
+                results[arm.folder] = {"status": "not run", "reason": arm.not_run}
                 continue
             if arm.data not in ctx.data:
                 reason = ctx.data_info.get(arm.data, {}).get("not_run", "no prepared data")
-                results[arm.name] = {"status": "not run", "reason": reason}
-                stage(f"{arm.name}: {reason}")
+                results[arm.folder] = {"status": "not run", "reason": reason}
+                stage(f"{arm.folder}: {reason}")
                 continue
-            results[arm.name] = _run_arm(ctx, arm)
+            results[arm.folder] = _run_arm(ctx, arm)
 
     report = _build_report(ctx, results, time.perf_counter() - started)
     _write_json(out / REPORT_JSON, report)
@@ -615,7 +676,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "| experiment | paper (published) | ours: test AUC [95 % CI] | ours / TRTR | ε | details |",
+        "| experiment | paper (published) | ours: test AUC [95 % CI] | signal retained [95 % CI] "
+        "| ε | details |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     lines += [_md_row(row) for row in report["table"]]
@@ -632,21 +694,43 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     lines += [
         "",
+        "**Signal retained** = (TSTR AUC − 0.5) / (TRTR AUC − 0.5): the share of the real-data "
+        "classifier's lead over chance that a classifier trained on synthetic images keeps; "
+        "0 = chance, 1 = as good as real data, with its interval from the evaluation's "
+        "bootstrap. Where TSTR's own interval contains chance the cell says so: there is then no "
+        "evidence of any signal, whatever the point estimate. The plain ratio TSTR/TRTR is in "
+        "the details; it flatters, since a classifier at chance already scores 0.5 / TRTR on it. "
+        "The paper's signal retained is derived from its published AUCs.",
+        "",
         "AUCs are on the real test split (VinDr's own test images, or the phantom site's), with "
         "patient-level bootstrap intervals; each classifier's epoch and threshold were chosen on "
-        "a validation split carved by patient from the training data. TRTR is retrained with "
-        "the same seed inside every arm's evaluation; the table's TRTR is the cGAN arm's. TRTS "
+        "a validation split carved by patient from the training data. One TRTR classifier per "
+        f"task and seed is trained once (`{DATA_DIR}/trtr/`) and shared by every arm's "
+        "evaluation, so every row is measured against the same real-data reference. TRTS "
         "(in the details) scores each arm's synthetic images with that real-trained classifier "
         "against the class they were generated for: 0.5 means the generator has not learned "
         "its classes yet, whatever its TSTR.",
         "",
+        _seeds_paragraph(b),
+        "",
     ]
+    budgets = {
+        (arm.get("evaluation") or {}).get("classifier_budget", {}).get("rule")
+        for arm in report["arms"].values()
+        if arm.get("status") == "done"
+    } - {None}
+    if budgets:
+        lines += [
+            "Classifier training budget (matched in optimizer steps, not epochs, so an arm with "
+            "more rows gets no more steps): " + "; ".join(sorted(budgets)) + ".",
+            "",
+        ]
     weak = _weak_references(report["arms"])
     if weak:
         lines += [
-            "**A ratio to TRTR means little here:** the real-data classifier is itself near "
-            f"chance ({weak}), so the real images at this size teach it little, and TSTR / TRTR "
-            "can exceed 1 by noise alone.",
+            "**Signal retained means little here:** the real-data classifier is itself near "
+            f"chance ({weak}), so the real images at this size teach it little; with TRTR − 0.5 "
+            "that small, signal retained and TSTR/TRTR can leave [0, 1] by noise alone.",
             "",
         ]
     lines += [
@@ -701,6 +785,27 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- `{name}`: {status}{reason}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _seeds_paragraph(budget: dict[str, Any]) -> str:
+    """What the intervals cover, and where the training-seed variation they leave out is."""
+    n, first = budget.get("seeds", 1), budget.get("seed", 0)
+    if n < 2:
+        return (
+            "The intervals cover test sampling only: they resample the test patients of one "
+            "trained model and leave out the training-seed variation (how far a number moves "
+            "when the GAN and classifiers are trained again with another seed). This run trained "
+            "each arm once; `--seeds N` trains every arm with N seeds and gives the spread."
+        )
+    listed = ", ".join(str(first + r) for r in range(n))
+    return (
+        "The intervals cover test sampling only: they resample the test patients of one trained "
+        f"model. Every arm was trained {n} times, with seeds {listed} (GAN, synthetic images, "
+        'classifiers and evaluation); "mean over N seeds X (min–max)" is the spread across '
+        "them: the training-seed variation the intervals do not cover. The cells' AUC and "
+        f"interval are seed {first}'s; every replicate is in {REPORT_JSON} (`arms`, by folder; "
+        "`seeds`, by arm)."
+    )
 
 
 def _arm_minutes(arms: dict[str, dict[str, Any]]) -> float:
@@ -852,20 +957,20 @@ def _lesion_classes(ctx: _Context, prepared: Any) -> None:
 def _run_arm(ctx: _Context, arm: ArmPlan) -> dict[str, Any]:
     """Build one arm in its work folder (continuing what an earlier run finished), then rename."""
     plan = ctx.plan
-    final = plan.out / ARMS_DIR / arm.name
+    final = plan.out / ARMS_DIR / arm.folder
     if (final / ARM_FILE).is_file():
-        ctx.stage(f"{arm.name}: complete from an earlier run, skipped")
+        ctx.stage(f"{arm.folder}: complete from an earlier run, skipped")
         record = json.loads((final / ARM_FILE).read_text())
         record["skipped_this_time"] = True
         return record
     if final.exists():
         raise ReproduceError(f"{final}: an arm folder without {ARM_FILE}; remove it and rerun")
-    work = plan.out / ARMS_DIR / f".{arm.name}.partial"
+    work = plan.out / ARMS_DIR / f".{arm.folder}.partial"
     work.mkdir(parents=True, exist_ok=True)
-    log_path = plan.out / LOGS_DIR / f"{arm.name}.log"
+    log_path = plan.out / LOGS_DIR / f"{arm.folder}.log"
     seconds: dict[str, float] = {}
     data = ctx.data[arm.data]
-    ctx.stage(f"{arm.name}: {arm.title}")
+    ctx.stage(f"{arm.folder}: {arm.title}" + (f" (seed {arm.seed})" if arm.replicate else ""))
     try:
         with _timed(seconds, "classifier"):
             if arm.kind in SPINEGAN_KINDS:
@@ -877,11 +982,14 @@ def _run_arm(ctx: _Context, arm: ArmPlan) -> dict[str, Any]:
         with _timed(seconds, "evaluate"):
             _evaluate(ctx, arm, data, work)
     except ReproduceError as err:
-        ctx.stage(f"{arm.name}: FAILED: {err}")
+        ctx.stage(f"{arm.folder}: FAILED: {err}")
         return {"status": "failed", "reason": str(err), "log": str(log_path)}
     record: dict[str, Any] = {
         "status": "done",
         "name": arm.name,
+        "folder": arm.folder,
+        "seed": arm.seed,
+        "replicate": arm.replicate,
         "title": arm.title,
         "kind": arm.kind,
         "data": arm.data,
@@ -899,7 +1007,7 @@ def _run_arm(ctx: _Context, arm: ArmPlan) -> dict[str, Any]:
     _write_json(work / ARM_FILE, record)
     os.replace(work, final)
     auc = record["evaluation"]["tstr"]["auc"]
-    ctx.stage(f"{arm.name}: done, TSTR AUC {_num(auc)} ({sum(seconds.values()) / 60:.1f} min)")
+    ctx.stage(f"{arm.folder}: done, TSTR AUC {_num(auc)} ({sum(seconds.values()) / 60:.1f} min)")
     return record
 
 
@@ -908,7 +1016,7 @@ def _clinical_classifier(
 ) -> None:
     target = work / "classifier"
     if (target / "classifier.pt").is_file():
-        ctx.stage(f"{arm.name}: clinical classifier trained earlier, reused")
+        ctx.stage(f"{arm.folder}: clinical classifier trained earlier, reused")
         return
     if target.exists():
         shutil.rmtree(target)
@@ -916,20 +1024,20 @@ def _clinical_classifier(
         # A new classifier starts the arm's privacy account afresh: nothing else has run yet.
         shutil.rmtree(work / "run", ignore_errors=True)
         shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
-        ctx.stage(f"{arm.name}: training the clinical classifier with DP-SGD")
+        ctx.stage(f"{arm.folder}: training the clinical classifier with DP-SGD")
     else:
-        ctx.stage(f"{arm.name}: training the clinical classifier on the real training split")
+        ctx.stage(f"{arm.folder}: training the clinical classifier on the real training split")
     _invoke(["classifier", "train", *_classifier_args(ctx.plan, data, target, arm)], log_path)
 
 
 def _train_gan(ctx: _Context, arm: ArmPlan, data: Path, work: Path, log_path: Path) -> None:
     run = work / "run"
     if (run / "generator.pt").is_file():
-        ctx.stage(f"{arm.name}: GAN trained earlier, reused")
+        ctx.stage(f"{arm.folder}: GAN trained earlier, reused")
         return
     args = _train_args(ctx.plan, arm, data, run)
     if (run / "latest.json").is_file():
-        ctx.stage(f"{arm.name}: continuing the interrupted GAN run")
+        ctx.stage(f"{arm.folder}: continuing the interrupted GAN run")
         args = ["train", str(data), "--out", str(run), "--resume", "--kimg", str(arm.kimg)]
         args += ["--device", ctx.plan.budget.device]
         if arm.kind in DP_KINDS:
@@ -944,7 +1052,7 @@ def _train_gan(ctx: _Context, arm: ArmPlan, data: Path, work: Path, log_path: Pa
         shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
     if arm.kind == "dp-spinegan":
         _check_only_the_classifier_spent(work / PRIVACY_HOME_DIR / "ledger.json")
-    ctx.stage(f"{arm.name}: training the GAN ({arm.kimg:g} kimg)")
+    ctx.stage(f"{arm.folder}: training the GAN ({arm.kimg:g} kimg)")
     _invoke(["train", *args], log_path)
 
 
@@ -955,10 +1063,10 @@ def _generate(ctx: _Context, arm: ArmPlan, work: Path) -> None:
 
     target = work / "synthetic"
     if (target / "labels.csv").is_file():
-        ctx.stage(f"{arm.name}: synthetic images generated earlier, reused")
+        ctx.stage(f"{arm.folder}: synthetic images generated earlier, reused")
         return
     b = ctx.plan.budget
-    ctx.stage(f"{arm.name}: generating {b.per_class} images per class")
+    ctx.stage(f"{arm.folder}: generating {b.per_class} images per class")
     if target.exists():
         shutil.rmtree(target)
     try:
@@ -966,7 +1074,7 @@ def _generate(ctx: _Context, arm: ArmPlan, work: Path) -> None:
             work / "run",
             target,
             per_class=b.per_class,
-            seed=b.seed,
+            seed=arm.seed,
             device=resolve_device(b.device),
         )
     except (GenerationError, CheckpointError) as err:
@@ -978,7 +1086,7 @@ def _evaluate(ctx: _Context, arm: ArmPlan, data: Path, work: Path) -> None:
 
     target = work / "evaluation"
     if (target / "report.json").is_file():
-        ctx.stage(f"{arm.name}: evaluated earlier, reused")
+        ctx.stage(f"{arm.folder}: evaluated earlier, reused")
         return
     b = ctx.plan.budget
     cfg = EvaluateConfig(
@@ -987,7 +1095,7 @@ def _evaluate(ctx: _Context, arm: ArmPlan, data: Path, work: Path) -> None:
         epochs=b.classifier_epochs,
         patience=b.classifier_patience,
         input_size=b.classifier_input_size,
-        seed=b.seed,
+        seed=arm.seed,
         mix_per_class=None if arm.mixed else 0,
         bootstrap=b.bootstrap,
         inception=ctx.plan.inception,
@@ -997,17 +1105,28 @@ def _evaluate(ctx: _Context, arm: ArmPlan, data: Path, work: Path) -> None:
         threads=b.threads,
         max_metric_images=b.max_metric_images,
     )
-    ctx.stage(f"{arm.name}: evaluating ({_eval_note(arm)})")
+    ctx.stage(f"{arm.folder}: evaluating ({_eval_note(arm)})")
 
     def progress(event: dict[str, Any]) -> None:
         if event.get("stage") == "classifier" and event.get("event") in ("start", "end"):
             what = "training" if event["event"] == "start" else f"test AUC {_num(event['auc'])}"
-            ctx.stage(f"{arm.name}: evaluate: {event['arm']} classifier {what}")
+            ctx.stage(f"{arm.folder}: evaluate: {event['arm']} classifier {what}")
         elif event.get("event") == "extractor":
-            ctx.stage(f"{arm.name}: evaluate: GAN metrics with {event['description']}")
+            ctx.stage(f"{arm.folder}: evaluate: GAN metrics with {event['description']}")
 
+    # One TRTR per task and seed: the first evaluation trains it, every later arm reuses it, so
+    # the whole table is measured against the same real-data classifier.
+    trtr_cache = ctx.plan.out / DATA_DIR / "trtr" / f"{arm.data}-seed{arm.seed}"
     try:
-        evaluate(work / "synthetic", data, data, target, cfg, progress=progress)
+        evaluate(
+            work / "synthetic",
+            data,
+            data,
+            target,
+            cfg,
+            progress=progress,
+            trtr_cache=trtr_cache,
+        )
     except EvaluateError as err:
         raise ReproduceError(f"evaluate: {err}") from None
 
@@ -1018,7 +1137,7 @@ def _evaluate(ctx: _Context, arm: ArmPlan, data: Path, work: Path) -> None:
 def _train_args(plan: ReproducePlan, arm: ArmPlan, data: Path, run: Path) -> list[str]:
     b = plan.budget
     args = [str(data), "--out", str(run), "--preset", b.gan_preset]
-    args += ["--kimg", f"{arm.kimg:g}", "--resolution", str(b.resolution), "--seed", str(b.seed)]
+    args += ["--kimg", f"{arm.kimg:g}", "--resolution", str(b.resolution), "--seed", str(arm.seed)]
     if b.gan_batch and arm.kind != "paper":  # the paper scheme is batch 1
         args += ["--batch", str(b.gan_batch)]
     args += ["--device", b.device]
@@ -1096,7 +1215,8 @@ def _classifier_args(
         args += ["--patients-per-step", str(b.dp_patients_per_step)]
         args += ["--privacy-home", str(out.parent / PRIVACY_HOME_DIR)]
     args += ["--epochs", str(b.spinegan_classifier_epochs)]
-    args += ["--patience", str(b.classifier_patience), "--seed", str(b.seed)]
+    seed = arm.seed if arm is not None else b.seed
+    args += ["--patience", str(b.classifier_patience), "--seed", str(seed)]
     args += ["--device", b.device, "--threads", str(b.threads)]
     if b.classifier_input_size:
         args += ["--input-size", str(b.classifier_input_size)]
@@ -1209,12 +1329,12 @@ def _summarise_evaluation(path: Path) -> dict[str, Any]:
     primary = [
         r
         for r in generative["results"]
-        if r["compared"] == "synthetic vs real train" and not r["extractor"].startswith("pixel")
+        if r["compared"].startswith("synthetic vs real") and not r["extractor"].startswith("pixel")
     ]
     reference = [
         r
         for r in generative["results"]
-        if r["compared"] == "real val vs real train" and not r["extractor"].startswith("pixel")
+        if r["compared"].startswith("real val vs real") and not r["extractor"].startswith("pixel")
     ]
     return {
         "task": report["task"],
@@ -1224,6 +1344,8 @@ def _summarise_evaluation(path: Path) -> dict[str, Any]:
         "mixed": arm("mixed"),
         "ratios": report["ratios"],
         "trts": (report.get("class_fidelity") or {}).get("auc"),
+        "trts_judge": (report.get("class_fidelity") or {}).get("classifier"),
+        "classifier_budget": report.get("classifier_budget"),
         "trts_scores": [
             [o.get("mean_score_positive"), o.get("mean_score_negative")]
             for o in ((report.get("class_fidelity") or {}).get("per_output") or {}).values()
@@ -1235,6 +1357,8 @@ def _summarise_evaluation(path: Path) -> dict[str, Any]:
             k: v for k, v in report["memorisation"].items() if isinstance(v, (int, float, str))
         },
         "test_images": report["test_set"]["images"],
+        # Signal retained per arm, with intervals; None in reports written before it existed.
+        "utility": report.get("utility"),
         "report": str(path.parent.name + "/report.md"),
     }
 
@@ -1297,19 +1421,21 @@ def _build_report(
             "lesion", {"not_run": "not prepared: no arm of this budget uses it"}
         ),
     }
+    seeds = _seed_summary(plan.arms, results)
     return _plain(
         {
-            "format": "fedspine-reproduce/1",
+            "format": "fedspine-reproduce/2",
             "fedspine_version": __version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "seconds": round(seconds, 1),
             "budget": asdict(plan.budget),
             "spinegan_available": {"available": plan.spinegan[0], "how": plan.spinegan[1]},
             "data": data,
-            "table": _table(results, ctx.data_info),
+            "table": _table(results, ctx.data_info, seeds),
             "paper": PAPER,
             "errors": _errors(plan, results, ctx.data_info),
             "arms": results,
+            "seeds": seeds,
             "options": {
                 "inception": plan.inception,
                 "classifier_weights": plan.classifier_weights,
@@ -1318,32 +1444,101 @@ def _build_report(
     )
 
 
+SEED_METRICS = ("tstr_auc", "signal_retained", "trtr_auc", "mixed_auc")
+_REPLICATE_SUFFIX = re.compile(r"-seed\d+$")
+
+
+def _seed_summary(
+    arms: Sequence[ArmPlan], results: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per arm: its replicates' seeds and folders, and each of :data:`SEED_METRICS` across them.
+
+    The patient-level intervals resample the test set of one trained model; how far a result
+    moves when the training seed changes is only seen here.
+    """
+    groups: dict[str, list[ArmPlan]] = {}
+    for arm in arms:
+        groups.setdefault(arm.name, []).append(arm)
+    summary: dict[str, dict[str, Any]] = {}
+    for name, replicates in groups.items():
+        replicates.sort(key=lambda a: a.replicate)
+        entry: dict[str, Any] = {
+            "replicates": len(replicates),
+            "seeds": [a.seed for a in replicates],
+            "folders": [a.folder for a in replicates],
+        }
+        for metric in SEED_METRICS:
+            found = [(a.seed, _seed_metric(results.get(a.folder), metric)) for a in replicates]
+            entry[metric] = _spread_stats([(s, v) for s, v in found if v is not None])
+        summary[name] = entry
+    return summary
+
+
+def _seed_metric(result: dict[str, Any] | None, metric: str) -> float | None:
+    """One replicate's value of a :data:`SEED_METRICS` entry; None when it has none."""
+    ev = _done(result)
+    if ev is None:
+        return None
+    if metric == "signal_retained":
+        return _utility(ev, "TSTR").get("signal_retained")
+    arm = ev.get(metric.removesuffix("_auc"))
+    return arm.get("auc") if arm else None
+
+
+def _spread_stats(pairs: list[tuple[int, float]]) -> dict[str, Any]:
+    """n, the seeds and their values, mean, sample SD (None under two values), min and max."""
+    values = [float(v) for _, v in pairs]
+    n = len(values)
+    return {
+        "n": n,
+        "seeds": [s for s, _ in pairs],
+        "values": values,
+        "mean": float(np.mean(values)) if n else None,
+        "sd": float(np.std(values, ddof=1)) if n > 1 else None,
+        "min": min(values) if n else None,
+        "max": max(values) if n else None,
+    }
+
+
 def _table(
-    results: dict[str, dict[str, Any]], data_info: dict[str, dict[str, Any]]
+    results: dict[str, dict[str, Any]],
+    data_info: dict[str, dict[str, Any]],
+    seeds: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, str]]:
-    """The rows of the one table, each with the paper's value beside ours and the ε it has."""
+    """The rows of the one table, each with the paper's value beside ours and the ε it has.
+
+    Cells hold replicate 0 with its patient-level interval; with several training seeds
+    (``seeds``, from :func:`_seed_summary`) they add the mean and range across them.
+    """
+    seeds = seeds or {}
     rows: list[dict[str, str]] = []
     cgan = results.get("cgan", {})
-    ev = cgan.get("evaluation") if cgan.get("status") == "done" else None
-    trtr = ev["trtr"] if ev else None
+    ev = _done(cgan)
     no_dp = "∞ (no DP)"
     rows.append(
         _row(
             "1. real classifier (TRTR), normal vs abnormal",
             PAPER["trtr"],
-            _auc_ci(trtr) if ev else _status(cgan),
+            _join(
+                _auc_ci(ev["trtr"]) if ev else _status(cgan),
+                _over_seeds(seeds.get("cgan"), "trtr_auc"),
+            ),
             "1 (reference)" if ev else "",
-            f"trained on the real training split; {ev['test_images']} test images" if ev else "",
+            "trained once per seed on the real training split and shared by every arm's "
+            f"evaluation; {ev['test_images']} test images"
+            if ev
+            else "",
             "— (real images, nothing released)",
         )
     )
+    ours, signal = _tstr_cells(cgan, seeds.get("cgan"))
     rows.append(
         _row(
             "2. cGAN (abnormality): TSTR",
-            PAPER["cgan_tstr"],
-            _auc_ci(ev["tstr"]) if ev else _status(cgan),
-            _num(ev["ratios"]["tstr_over_trtr"]) if ev else "",
-            f"paper's ratio {PAPER['cgan_ratio']}; " + _gan_metrics(ev) if ev else "",
+            _paper_tstr("cgan"),
+            ours,
+            signal,
+            _join(_ratio_note(ev), _gan_metrics(ev)) if ev else "",
             no_dp,
         )
     )
@@ -1351,48 +1546,60 @@ def _table(
         _row(
             "2. cGAN (abnormality): mixed, real + synthetic",
             PAPER["mixed"],
-            _auc_ci(ev["mixed"]) if ev and ev.get("mixed") else _status(cgan),
-            _num(ev["ratios"].get("mixed_over_trtr")) if ev else "",
-            "all synthetic images added to the real training split" if ev else "",
+            _join(
+                _auc_ci(ev.get("mixed")) if ev else _status(cgan),
+                _over_seeds(seeds.get("cgan"), "mixed_auc"),
+            ),
+            _signal_cell(ev, "mixed") if ev and ev.get("mixed") else "",
+            _join(
+                _ratio_note(ev, key="mixed_over_trtr", label="mixed/TRTR"),
+                "all synthetic images added to the real training split",
+            )
+            if ev
+            else "",
             no_dp,
         )
     )
     lesion = results.get("lesion", {})
-    lev = lesion.get("evaluation") if lesion.get("status") == "done" else None
+    lev = _done(lesion)
+    ours, signal = _tstr_cells(lesion, seeds.get("lesion"))
     rows.append(
         _row(
             "3. cGAN (lesion type; the paper's 8 classes): TSTR, one-vs-rest mean AUC",
             PAPER["lesion"],
-            _auc_ci(lev["tstr"]) if lev else _status(lesion),
-            _num(lev["ratios"]["tstr_over_trtr"]) if lev else "",
-            _lesion_details(lev, data_info.get("lesion", {})) if lev else "",
+            ours,
+            signal,
+            _join(_ratio_note(lev), _lesion_details(lev, data_info.get("lesion", {})))
+            if lev
+            else "",
             no_dp,
         )
     )
     spine = results.get("spinegan", {})
-    sev = spine.get("evaluation") if spine.get("status") == "done" else None
+    sev = _done(spine)
+    ours, signal = _tstr_cells(spine, seeds.get("spinegan"))
     rows.append(
         _row(
             "4. SpineGAN (abnormality, clinical loss): TSTR",
-            f"{PAPER['spinegan_tstr']} (TSTR / TRTR {PAPER['spinegan_ratio']})",
-            _auc_ci(sev["tstr"]) if sev else _status(spine),
-            _num(sev["ratios"]["tstr_over_trtr"]) if sev else "",
-            (
-                f"paper: {PAPER['spinegan_metrics']}; ours: "
-                + _gan_metrics(sev)
-                + "; not private: its classifier saw the real images (error 7)"
-                if sev
-                else ""
-            ),
+            _paper_tstr("spinegan"),
+            ours,
+            signal,
+            _join(
+                _ratio_note(sev),
+                f"paper: {PAPER['spinegan_metrics']}; ours: " + _gan_metrics(sev),
+                "not private: its classifier saw the real images (error 7)",
+            )
+            if sev
+            else "",
             no_dp,
         )
     )
-    rows.append(_dp_spinegan_row(results.get("dp_spinegan", {})))
+    rows.append(_dp_spinegan_row(results.get("dp_spinegan", {}), seeds.get("dp_spinegan")))
     sigmas: dict[float, float] = {}
     for name, result in results.items():
-        if not name.startswith("dp_eps"):
+        if not name.startswith("dp_eps") or _REPLICATE_SUFFIX.search(name):
             continue
-        dev = result.get("evaluation") if result.get("status") == "done" else None
+        dev = _done(result)
         eps = result.get("epsilon_target")
         title = f"5. DP-SGD cGAN, target ε = {eps:g}" if eps else f"5. DP-SGD cGAN ({name})"
         details = ""
@@ -1403,24 +1610,86 @@ def _table(
             if eps and mech.get("noise_multiplier") is not None:
                 sigmas[float(eps)] = float(mech["noise_multiplier"])
             spent = _spent(p)
-            details = (
+            details = _join(
                 f"spent ε = {spent} ({p.get('accountant')}, patient level), σ = "
                 f"{_num(mech.get('noise_multiplier'), 3)}, q = "
-                f"{_num(mech.get('sample_rate'), 3)}, {mech.get('steps', '?')} D steps; "
-                + _gan_metrics(dev)
+                f"{_num(mech.get('sample_rate'), 3)}, {mech.get('steps', '?')} D steps",
+                _ratio_note(dev),
+                _gan_metrics(dev),
             )
-        rows.append(
-            _row(
-                title,
-                PAPER["dp"],
-                _auc_ci(dev["tstr"]) if dev else _status(result),
-                _num(dev["ratios"]["tstr_over_trtr"]) if dev else "",
-                details,
-                spent,
-            )
-        )
-    rows += _ablation_rows(results, sigmas)
+        ours, signal = _tstr_cells(result, seeds.get(name))
+        rows.append(_row(title, PAPER["dp"], ours, signal, details, spent))
+    rows += _ablation_rows(results, sigmas, seeds)
     return rows
+
+
+def _done(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The evaluation summary of a completed arm; None for one not run or failed."""
+    result = result or {}
+    return result.get("evaluation") if result.get("status") == "done" else None
+
+
+def _tstr_cells(result: dict[str, Any], summary: dict[str, Any] | None) -> tuple[str, str]:
+    """(ours, signal retained) of a generator arm: replicate 0 with its intervals, then the mean
+    and range across training seeds when there are several."""
+    ev = _done(result)
+    return (
+        _join(
+            _auc_ci(ev["tstr"]) if ev else _status(result),
+            _over_seeds(summary, "tstr_auc"),
+        ),
+        _join(
+            _signal_cell(ev, "TSTR") if ev else "",
+            _over_seeds(summary, "signal_retained", digits=2),
+        ),
+    )
+
+
+def _utility(ev: dict[str, Any], arm: str) -> dict[str, Any]:
+    """One arm of the evaluation's utility block; empty for reports written before it."""
+    return ((ev.get("utility") or {}).get("arms") or {}).get(arm) or {}
+
+
+def _signal_cell(ev: dict[str, Any], arm: str) -> str:
+    """Signal retained [95 % CI]; an interval containing chance, or none at all, is said in
+    words, since the point estimate alone would read as a result."""
+    u = _utility(ev, arm)
+    value, ci = u.get("signal_retained"), u.get("signal_retained_ci")
+    if value is None:
+        cell = "n/a (TRTR at or below chance)" if u else "n/a"
+    else:
+        bounds = f"{_signed(ci[0])}, {_signed(ci[1])}" if ci else "interval unbounded"
+        cell = f"{_signed(value)} [{bounds}]"
+    if u.get("ci_contains_chance"):
+        cell += f"; {arm}'s interval contains chance: no evidence of signal"
+    return cell
+
+
+def _paper_tstr(arm: str) -> str:
+    """The paper's TSTR with the signal retained and ratio derived from it, marked derived."""
+    return (
+        f"{PAPER[f'{arm}_tstr']}; signal retained {PAPER[f'{arm}_signal']}; "
+        f"TSTR/TRTR {PAPER[f'{arm}_ratio']}"
+    )
+
+
+def _ratio_note(ev: dict[str, Any], key: str = "tstr_over_trtr", label: str = "TSTR/TRTR") -> str:
+    """The plain ratio, for the details: a chance-level TSTR already scores 0.5 / TRTR on it."""
+    return f"{label} {_num(ev['ratios'].get(key))}"
+
+
+def _over_seeds(summary: dict[str, Any] | None, metric: str, digits: int = 3) -> str:
+    """'mean over N seeds X (min–max)' of one metric; empty when the arm has one replicate."""
+    if not summary or summary.get("replicates", 1) < 2:
+        return ""
+    stats = summary.get(metric) or {}
+    n, planned = stats.get("n", 0), summary["replicates"]
+    if not n:
+        return ""
+    low, high = _signed(stats["min"], digits), _signed(stats["max"], digits)
+    span = f"{low} to {high}" if stats["min"] < 0 else f"{low}–{high}"
+    of = f" of {planned}" if n < planned else ""
+    return f"mean over {n}{of} seeds {_signed(stats['mean'], digits)} ({span})"
 
 
 def _spent(privacy: dict[str, Any]) -> str:
@@ -1428,9 +1697,11 @@ def _spent(privacy: dict[str, Any]) -> str:
     return f"{_num(privacy.get('epsilon'), 2)} at δ = {_num(privacy.get('delta'), 2, 'g')}"
 
 
-def _dp_spinegan_row(result: dict[str, Any]) -> dict[str, str]:
+def _dp_spinegan_row(
+    result: dict[str, Any], summary: dict[str, Any] | None = None
+) -> dict[str, str]:
     """SpineGAN with a DP classifier and DP-SGD on D: ε of both phases from the arm's ledger."""
-    ev = result.get("evaluation") if result.get("status") == "done" else None
+    ev = _done(result)
     details = spent = ""
     if ev:
         p = result.get("privacy", {})
@@ -1441,27 +1712,33 @@ def _dp_spinegan_row(result: dict[str, Any]) -> dict[str, str]:
             for m in mechs
         )
         spent = _spent(p)
-        details = (
+        details = _join(
             f"classifier and GAN in one ledger, spent ε = {spent} ({p.get('accountant')}, "
-            f"patient level; {phases}); " + _gan_metrics(ev)
+            f"patient level; {phases})",
+            _ratio_note(ev),
+            _gan_metrics(ev),
         )
     eps = result.get("epsilon_target")
+    ours, signal = _tstr_cells(result, summary)
     return _row(
         "4. SpineGAN under DP (DP classifier, DP-SGD on D)"
         + (f", target ε = {eps:g} in all" if eps else ""),
         "not in the paper (its SpineGAN had no DP)",
-        _auc_ci(ev["tstr"]) if ev else _status(result),
-        _num(ev["ratios"]["tstr_over_trtr"]) if ev else "",
+        ours,
+        signal,
         details,
         spent,
     )
 
 
 def _ablation_rows(
-    results: dict[str, dict[str, Any]], dp_sigmas: dict[float, float]
+    results: dict[str, dict[str, Any]],
+    dp_sigmas: dict[float, float],
+    seeds: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, str]]:
     """The DP ablation rows: ε = ∞ for clip-only and noise-only, the paper scheme's ε from
     standard accounting, each with its mechanism and GAN metrics."""
+    seeds = seeds or {}
     rows = []
     titles = {
         "dp_clip_only": (
@@ -1482,19 +1759,13 @@ def _ablation_rows(
         result = results.get(name)
         if result is None:
             continue
-        ev = result.get("evaluation") if result.get("status") == "done" else None
-        ablation = (result.get("ablation") or {}) if ev else {}
-        details, eps = _ablation_details(name, ablation, dp_sigmas) if ev else ("", "")
-        rows.append(
-            _row(
-                title,
-                paper,
-                _auc_ci(ev["tstr"]) if ev else _status(result),
-                _num(ev["ratios"]["tstr_over_trtr"]) if ev else "",
-                details + ("; " + _gan_metrics(ev) if ev else ""),
-                eps,
-            )
-        )
+        ev = _done(result)
+        details, eps = "", ""
+        if ev:
+            details, eps = _ablation_details(name, result.get("ablation") or {}, dp_sigmas)
+            details = _join(details, _ratio_note(ev), _gan_metrics(ev))
+        ours, signal = _tstr_cells(result, seeds.get(name))
+        rows.append(_row(title, paper, ours, signal, details, eps))
     return rows
 
 
@@ -1566,7 +1837,11 @@ def _errors(
     """Which of the paper's seven errors each of our settings corrects (paper.md's list)."""
     ab = data_info.get("abnormality", {})
     spine = results.get("spinegan", {})
-    dp_done = [r for n, r in results.items() if n.startswith("dp_eps") and r["status"] == "done"]
+    dp_done = [
+        r
+        for n, r in results.items()
+        if n.startswith("dp_eps") and not _REPLICATE_SUFFIX.search(n) and r["status"] == "done"
+    ]
     if spine.get("status") == "done":
         clinical = (
             "Corrected: SpineGAN's frozen classifier receives the generator's output mapped to "
@@ -1672,16 +1947,21 @@ def _errors(
 
 
 def _row(
-    experiment: str, paper: str, ours: str, ratio: str, details: str, epsilon: str = ""
+    experiment: str, paper: str, ours: str, signal: str, details: str, epsilon: str = ""
 ) -> dict[str, str]:
     return {
         "experiment": experiment,
         "paper": paper,
         "ours": ours,
-        "ratio": ratio,
+        "signal": signal,
         "epsilon": epsilon,
         "details": details,
     }
+
+
+def _join(*parts: str) -> str:
+    """The non-empty parts of a cell, separated by '; '."""
+    return "; ".join(p for p in parts if p)
 
 
 def _md_row(row: dict[str, str]) -> str:
@@ -1689,7 +1969,7 @@ def _md_row(row: dict[str, str]) -> str:
         row["experiment"],
         row["paper"],
         row["ours"],
-        row["ratio"],
+        row["signal"],
         row.get("epsilon", ""),
         row["details"],
     ]
@@ -1716,10 +1996,13 @@ def _gan_metrics(ev: dict[str, Any]) -> str:
             if len(scores) == 1
             else ""
         )
-        trts = f"TRTS {_num(ev['trts'])}{mean}; "
+        judge = f" by {ev['trts_judge']}" if ev.get("trts_judge") else ""
+        trts = f"TRTS {_num(ev['trts'])}{mean}{judge}; "
     return trts + (
-        f"FID {_num(m['fid'], 3, 'g')} (real val vs train: {_num(ref.get('fid'), 3, 'g')}), precision "
-        f"{_num(m['precision'], 2)}, recall {_num(m['recall'], 2)} ({m['extractor']})"
+        f"KID {_num(m.get('kid'), 2, 'e')} (real val floor at equal n: "
+        f"{_num(ref.get('kid'), 2, 'e')}), FID {_num(m.get('fid'), 3, 'g')} (floor "
+        f"{_num(ref.get('fid'), 3, 'g')}), precision {_num(m.get('precision'), 2)}, recall "
+        f"{_num(m.get('recall'), 2)} ({m['extractor']})"
     )
 
 
@@ -1737,6 +2020,11 @@ def _num(value: Any, digits: int = 3, style: str = "f") -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "n/a"
     return f"{value:.{digits}{style}}"
+
+
+def _signed(value: Any, digits: int = 2) -> str:
+    """A number with a true minus sign, so a negative signal retained is not read as a dash."""
+    return _num(value, digits).replace("-", "−")
 
 
 def _fmt_setting(value: Any) -> str:
@@ -1771,12 +2059,13 @@ def _check_previous(plan: ReproducePlan) -> None:
         raise ReproduceError(
             f"{plan.out} holds a reproduction of {previous.get('root')}; choose another --out"
         )
-    # A setting the earlier plan lacks came with a newer fedspine; it only adds arms.
+    # A setting the earlier plan lacks came with a newer fedspine; it only adds arms. The number
+    # of seeds only adds or leaves out replicate folders: replicate 0 is the same run either way.
     before = previous.get("budget", {})
     changed = sorted(
         k
         for k, v in current["budget"].items()
-        if k in before and before[k] != v and k not in ("ingest_workers", "threads")
+        if k in before and before[k] != v and k not in ("ingest_workers", "threads", "seeds")
     )
     if changed:
         raise ReproduceError(

@@ -36,6 +36,9 @@ class ClassifierTrainConfig:
 
     ``input_size`` None means the dataset's own resolution. ``model`` describes the network;
     its ``num_outputs`` and ``input_size`` are filled in from the task and ``input_size``.
+    ``steps_per_epoch`` None makes an epoch one pass over the training rows; a number makes it
+    that many optimizer steps of full batches drawn from reshuffled passes, so classifiers
+    trained on sets of different sizes get the same optimizer steps and patience in steps.
     """
 
     task: str = "auto"
@@ -52,6 +55,7 @@ class ClassifierTrainConfig:
     device: str = "auto"
     max_train_images: int | None = None
     input_size: int | None = None
+    steps_per_epoch: int | None = None
     eval_batch: int = 128
     amp: bool = True
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -68,6 +72,8 @@ class ClassifierTrainConfig:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         if self.max_train_images is not None and self.max_train_images < 2:
             raise ValueError("max_train_images must be at least 2")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -164,16 +170,25 @@ def train_classifier(
     best_key = (-math.inf, -math.inf)
     best_state: dict[str, torch.Tensor] | None = None
     n = len(idx_train)
-    batches = math.ceil(n / cfg.batch)
+    batches = cfg.steps_per_epoch or math.ceil(n / cfg.batch)
+    stream = _RowStream(n, gen) if cfg.steps_per_epoch is not None else None
+    steps = 0
+    history["steps_per_epoch"] = batches
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         start = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
+        if cfg.steps_per_epoch is None:
+            perm = torch.randperm(n, generator=gen)
         total_loss, seen = 0.0, 0
         for b in range(batches):
-            rows = perm[b * cfg.batch : (b + 1) * cfg.batch]
+            if cfg.steps_per_epoch is None:
+                rows = perm[b * cfg.batch : (b + 1) * cfg.batch]
+            else:
+                assert stream is not None
+                rows = stream.take(min(cfg.batch, n))
             if len(rows) < 2:
                 continue
+            steps += 1
             x = x_train[rows].to(device, non_blocking=True).float().div_(255.0)
             if cfg.augment:
                 x = augment_batch(x, cfg.flip_p, cfg.rotate_deg, cfg.crop_scale, generator=gen)
@@ -202,6 +217,7 @@ def train_classifier(
         mean_auc = _mean(aucs)
         record = {
             "epoch": epoch,
+            "steps": steps,
             "train_loss": total_loss / max(seen, 1),
             "val_loss": _bce(y_val, probs),
             "val_auc": mean_auc,
@@ -223,9 +239,62 @@ def train_classifier(
             history["stopped_early"] = True
             break
     assert best_state is not None
+    history["steps"] = steps
+    history["best_steps"] = history["epochs"][history["best_epoch"] - 1]["steps"]
     model.load_state_dict(best_state)
     model.eval()
     return model, history
+
+
+RECIPE_KEYS = ("arch", "norm", "seed", "input_size", "init", "dp")
+
+
+def classifier_recipe(cfg: ClassifierTrainConfig, dp: bool = False) -> dict[str, Any]:
+    """What makes two classifiers trained on the same rows the same network.
+
+    Recorded beside every classifier (and, for SpineGAN, in the generator's metadata) so that an
+    evaluation can refuse to judge a generator with the classifier it was trained against. No
+    data hash is included: the generator's metadata is released, and the recipe must not
+    fingerprint private data (two recipes are compared as if trained on the same rows).
+    """
+    from fedspine.fileio import file_sha256
+
+    weights = cfg.model.weights_path
+    return {
+        "arch": cfg.model.arch,
+        "norm": cfg.model.norm,
+        "seed": int(cfg.seed),
+        "input_size": cfg.input_size or cfg.model.input_size,
+        "init": f"sha256:{file_sha256(weights)}" if weights else "scratch",
+        "dp": bool(dp),
+    }
+
+
+def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True unless some setting of :data:`RECIPE_KEYS` is known in both and differs.
+
+    A setting missing from either side counts as equal: when unsure, assume the same classifier.
+    """
+    return all(a.get(k) is None or b.get(k) is None or a.get(k) == b.get(k) for k in RECIPE_KEYS)
+
+
+class _RowStream:
+    """Row indices from back-to-back shuffled passes, so a step always holds a full batch."""
+
+    def __init__(self, n: int, gen: torch.Generator) -> None:
+        self.n, self.gen = n, gen
+        self.rows = torch.randperm(n, generator=gen)
+        self.pos = 0
+
+    def take(self, k: int) -> torch.Tensor:
+        if self.pos + k > self.n:
+            self.rows = torch.cat(
+                [self.rows[self.pos :], torch.randperm(self.n, generator=self.gen)]
+            )
+            self.pos = 0
+        out = self.rows[self.pos : self.pos + k]
+        self.pos += k
+        return out
 
 
 def evaluate_classifier(

@@ -82,6 +82,19 @@ def make_evaluation(root: Path, extractor: str = "fedspine-domain-cnn v1") -> Pa
         "selection": {"dataset": "pooled", "images": 40, "patients": 20, "use": "selection only"},
         "test_set": {"images": 80, "patients": 40, "patients_shared_with_train_or_val": 0},
         "ratios": {"tstr_over_trtr": 0.871, "mixed_over_trtr": 1.012},
+        "utility": {
+            "arms": {
+                "TSTR": {
+                    "auc": 0.7055,
+                    "ci": [0.61, 0.79],
+                    "reference_auc": 0.81,
+                    "signal_retained": 0.6629,
+                    "signal_retained_ci": [0.3, 0.9],
+                    "ci_contains_chance": False,
+                    "verdict": "signal above chance: TSTR's 95 % interval excludes AUC 0.5",
+                }
+            }
+        },
         "arms": {
             "TRTR": _arm(0.81, [0.74, 0.88], 120, 0),
             "TSTR": _arm(0.7055, [0.61, 0.79], 0, 200),
@@ -359,11 +372,13 @@ def test_full_report_has_every_section_and_renders_in_chromium(full, tmp_path):
     summary = section_text(text, "summary")
     assert "Released: a signed release of" in summary and "verified" in summary
     assert "0.810 [0.740, 0.880]" in summary and "0.871" in summary
+    assert "0.663 [0.300, 0.900]" in summary and "signal above chance" in summary
     for site, eps in ((SITES[0], "6.000"), (SITES[1], "7.000")):
         assert f"<td>{site}</td><td>{eps}</td>" in summary
     assert "1e-05" in summary
     fidelity = section_text(text, "fidelity")
-    assert "<td>fedspine-domain-cnn v1</td><td>synthetic vs real train</td><td>0.4321" in fidelity
+    row = "<td>fedspine-domain-cnn v1</td><td>synthetic vs real train</td><td>12.300 ± 1.000</td>"
+    assert row + "<td>0.4321" in fidelity  # KID leads, FID beside it
     privacy = section_text(text, "privacy")
     assert "<td>3</td><td>6.000</td><td>7.000</td>" in privacy  # ε per round table
     assert "site_2: timeout" in privacy

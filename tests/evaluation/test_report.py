@@ -329,8 +329,11 @@ def test_cli_multiclass_summary_and_errors(tmp_path):
     args += ["--batch", "16", "--threads", "1", "--device", "cpu"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    for text in ("TRTR AUC", "TSTR AUC", "TSTR/TRTR =", "FID", "fedspine-domain-cnn"):
+    for text in ("TRTR AUC", "TSTR AUC", "TSTR/TRTR =", "KID", "FID", "fedspine-domain-cnn"):
         assert text in result.output
+    # The summary says whether the synthetic data carry any signal, in words.
+    lines = result.output.splitlines()
+    assert any(line.startswith("TSTR: ") and "chance" in line for line in lines), lines[-12:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["task"] == "multiclass" and report["output_names"] == list(names)
     assert report["arms"]["mixed"]["train_data"]["synthetic"] == 15

@@ -38,6 +38,14 @@ def test_demo_end_to_end(tmp_path):
     ev = result.evaluation
     assert 0.0 <= ev["tstr_auc"] <= 1.0 and 0.0 <= ev["trtr_auc"] <= 1.0
     assert ev["tstr_over_trtr"] == pytest.approx(ev["tstr_auc"] / ev["trtr_auc"])
+    if ev["trtr_auc"] > 0.5:
+        expected = (ev["tstr_auc"] - 0.5) / (ev["trtr_auc"] - 0.5)
+        assert ev["signal_retained"] == pytest.approx(expected)
+    assert ev["verdict"].split(":")[0] in (
+        "no evidence of signal",
+        "signal above chance",
+        "worse than chance",
+    )
     assert (out / "evaluation" / "report.md").is_file()
     # A release was made and verifies, or the refusal says why and nothing was written.
     if result.release["released"]:

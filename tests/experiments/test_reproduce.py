@@ -463,3 +463,275 @@ def test_tiny_reproduction_runs_spinegan_under_dp_with_one_ledger(tmp_path):
     md = (out / "reproduce.md").read_text()
     assert "SpineGAN under DP" in md and f"spent ε = {privacy['epsilon']:.2f}" in md
     assert "Corrected in the `dp_spinegan` arm" in md
+
+
+# ---------------------------------------------------------------- seeds and signal retained
+
+
+LESION_ROW = "3. cGAN (lesion type; the paper's 8 classes): TSTR, one-vs-rest mean AUC"
+
+
+def _utility(signal: float | None, ci: list[float] | None, contains_chance: bool) -> dict:
+    tstr = {
+        "auc": 0.5,
+        "ci": None,
+        "ci_contains_chance": contains_chance,
+        "signal_retained": signal,
+        "signal_retained_ci": ci,
+        "difference": 0.0,
+        "difference_ci": None,
+        "ratio": None,
+        "verdict": "",
+    }
+    return {
+        "reference": "TRTR",
+        "chance": 0.5,
+        "bootstrap": 20,
+        "method": "paired",
+        "arms": {"TSTR": tstr},
+    }
+
+
+def _with_signal(auc: float, contains_chance: bool = False) -> dict:
+    """A fake evaluation whose signal retained is (auc − 0.5) / (0.8 − 0.5), interval ± 0.2."""
+    signal = (auc - 0.5) / 0.3
+    ev = _fake_evaluation(auc)
+    ev["utility"] = _utility(signal, [signal - 0.2, signal + 0.2], contains_chance)
+    return ev
+
+
+def test_budgets_have_seeds_and_refuse_none():
+    assert [BUDGETS[n].seeds for n in ("smoke", "quick", "full")] == [1, 1, 3]
+    with pytest.raises(ReproduceError, match="seeds must be at least 1"):
+        get_budget("smoke", {"seeds": 0})
+
+
+def test_seed_replicates_get_their_own_folders_seeds_and_privacy_homes(tmp_path):
+    plan = make_plan(tmp_path, tmp_path / "o", "smoke", {"seeds": 3, "seed": 5})
+    run = [a for a in plan.arms if not a.not_run]
+    first = [a for a in run if a.replicate == 0]
+    assert [a.folder for a in first] == [a.name for a in first], "replicate 0 keeps its folder"
+    assert {a.seed for a in first} == {5}
+    for replicate, seed in ((1, 6), (2, 7)):
+        arms = [a for a in run if a.replicate == replicate]
+        assert [a.name for a in arms] == [a.name for a in first]
+        assert [a.folder for a in arms] == [f"{a.name}-seed{seed}" for a in first]
+        assert {a.seed for a in arms} == {seed}
+    assert not [a for a in plan.arms if a.not_run and a.replicate], "arms not run appear once"
+    assert [a["folder"] for a in plan.to_dict()["arms"]] == [a.folder for a in plan.arms]
+
+    text = format_plan(plan)
+    assert "seeds 5, 6, 7" in text and "arms, replicate 3 of 3 (seed 7):" in text
+    assert "    - cgan-seed6: " in text
+    assert "--out arms/cgan-seed6/run" in text and "--resolution 32 --seed 6" in text
+    assert "--privacy-home arms/dp_eps10-seed7/privacy" in text
+    assert "--privacy-home arms/dp_eps10/privacy" in text
+    assert "spinegan-seed" not in text, "not run in smoke, so no replicates"
+
+
+def test_the_clinical_classifier_generation_and_evaluation_use_the_replicate_seed(
+    tmp_path, monkeypatch
+):
+    from fedspine.evaluation import report as evaluation
+    from fedspine.experiments.reproduce import (
+        DATA_DIR,
+        _classifier_args,
+        _Context,
+        _evaluate,
+        _generate,
+    )
+    from fedspine.training import generate
+
+    plan = make_plan(tmp_path, tmp_path / "o", "quick", {"seeds": 2})
+    arm = next(a for a in plan.arms if a.name == "cgan" and a.replicate == 1)
+    assert arm.seed == 1
+    args = _classifier_args(plan, tmp_path, tmp_path / "cls", arm)
+    assert args[args.index("--seed") + 1] == "1"
+    seen: dict = {}
+
+    def fake_generate(run, target, per_class, seed, device):
+        seen["generate"] = seed
+
+    def fake_evaluate(synthetic, train, test, out, cfg, progress=None, **kwargs):
+        seen["evaluate"] = (cfg.seed, kwargs.get("trtr_cache"))
+
+    monkeypatch.setattr(generate, "generate_dataset", fake_generate)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    ctx = _Context(plan=plan, stage=lambda _m: None)
+    _generate(ctx, arm, tmp_path / "work")
+    _evaluate(ctx, arm, tmp_path / "data", tmp_path / "work")
+    assert seen["generate"] == 1
+    assert seen["evaluate"] == (1, plan.out / DATA_DIR / "trtr" / "abnormality-seed1")
+
+
+def test_a_rerun_with_more_seeds_continues_the_same_folder(tmp_path):
+    from fedspine.experiments.reproduce import _check_previous
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / PLAN_FILE).write_text(json.dumps(make_plan(tmp_path, out, "smoke").to_dict()))
+    _check_previous(make_plan(tmp_path, out, "smoke", {"seeds": 3}))
+    with pytest.raises(ReproduceError, match="seed"):
+        _check_previous(make_plan(tmp_path, out, "smoke", {"seed": 1}))
+
+
+def test_the_dry_run_takes_seeds(tmp_path):
+    args = ["reproduce", str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"]
+    result = runner.invoke(_app(), [*args, "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    assert "cgan-seed1: " in result.output and "seeds 0, 1" in result.output
+    result = runner.invoke(_app(), [*args, "--seeds", "0"])
+    assert result.exit_code != 0 and "seeds must be at least 1" in result.output
+
+
+def test_the_report_gives_each_arm_its_spread_across_seeds(tmp_path):
+    from fedspine.experiments.reproduce import _build_report, _Context, render_markdown
+
+    plan = make_plan(tmp_path, tmp_path / "o", "smoke", {"seeds": 3})
+    dp = {
+        "epsilon_target": 10.0,
+        "privacy": {"private": True, "epsilon": 9.9, "delta": 1e-5, "mechanisms": []},
+    }
+    done = {"status": "done", "seconds": {"train": 60.0}}
+    results = {
+        "cgan": {**done, "evaluation": _with_signal(0.6)},
+        "dp_eps10": {**done, **dp, "evaluation": _with_signal(0.55)},
+        "cgan-seed1": {**done, "evaluation": _with_signal(0.7)},
+        "dp_eps10-seed1": {**done, **dp, "evaluation": _with_signal(0.65)},
+        "cgan-seed2": {**done, "evaluation": _with_signal(0.8)},
+        "dp_eps10-seed2": {"status": "failed", "reason": "`fedspine train` exited 1: boom"},
+    }
+    ctx = _Context(plan=plan, stage=lambda _m: None)
+    report = _build_report(ctx, results, 1.0)
+    json.dumps(report)
+    cgan = report["seeds"]["cgan"]
+    assert cgan["seeds"] == [0, 1, 2] and cgan["folders"] == ["cgan", "cgan-seed1", "cgan-seed2"]
+    tstr = cgan["tstr_auc"]
+    assert tstr["n"] == 3 and tstr["values"] == pytest.approx([0.6, 0.7, 0.8])
+    assert (tstr["mean"], tstr["sd"]) == pytest.approx((0.7, 0.1))
+    assert (tstr["min"], tstr["max"]) == pytest.approx((0.6, 0.8))
+    signal = cgan["signal_retained"]
+    assert signal["mean"] == pytest.approx(2 / 3) and signal["min"] == pytest.approx(1 / 3)
+    assert report["seeds"]["dp_eps10"]["tstr_auc"]["seeds"] == [0, 1]
+    assert report["arms"]["cgan-seed2"]["evaluation"]["tstr"]["auc"] == 0.8, "every replicate"
+
+    rows = report["table"]
+    row = next(r for r in rows if r["experiment"] == "2. cGAN (abnormality): TSTR")
+    assert row["ours"] == "0.600 [0.500, 0.700]; mean over 3 seeds 0.700 (0.600–0.800)"
+    assert row["signal"] == "0.33 [0.13, 0.53]; mean over 3 seeds 0.67 (0.33–1.00)"
+    trtr = rows[0]
+    assert trtr["ours"].endswith("mean over 3 seeds 0.800 (0.800–0.800)")
+    (dp_row,) = [r for r in rows if r["experiment"].startswith("5. DP-SGD cGAN")]
+    assert dp_row["ours"].endswith("mean over 2 of 3 seeds 0.600 (0.550–0.650)")
+    md = render_markdown(report)
+    assert "mean over 3 seeds 0.700 (0.600–0.800)" in md
+    assert "the training-seed variation the intervals do not cover" in md
+    assert "seeds 0, 1, 2" in md and "`arms/cgan-seed2/evaluation/report.md`" in md
+    assert "target 10 → spent 9.90" in md and md.count("target 10 → spent") == 1
+
+    single = _build_report(
+        _Context(plan=make_plan(tmp_path, tmp_path / "o", "smoke"), stage=lambda _m: None),
+        {"cgan": results["cgan"]},
+        1.0,
+    )
+    assert "mean over" not in render_markdown(single)
+    assert "`--seeds N` trains every arm with N seeds" in render_markdown(single)
+
+
+def test_the_signal_retained_cell_says_when_tstr_is_at_chance(tmp_path):
+    from fedspine.experiments.reproduce import _table, render_markdown
+
+    chance = _fake_evaluation(0.52)
+    chance["utility"] = _utility(0.05, [-0.31, 0.40], True)
+    results = {
+        "cgan": {"status": "done", "evaluation": chance},
+        "lesion": {"status": "done", "evaluation": _with_signal(0.74)},
+        "spinegan": {"status": "done", "evaluation": _fake_evaluation(0.7)},
+    }
+    rows = {r["experiment"]: r for r in _table(results, {})}
+    cgan = rows["2. cGAN (abnormality): TSTR"]
+    assert (
+        cgan["signal"]
+        == "0.05 [−0.31, 0.40]; TSTR's interval contains chance: no evidence of signal"
+    )
+    assert "TSTR/TRTR 0.650" in cgan["details"]
+    assert rows[LESION_ROW]["signal"] == "0.80 [0.60, 1.00]"
+    spine = rows["4. SpineGAN (abnormality, clinical loss): TSTR"]
+    assert spine["signal"] == "n/a", "an evaluation written before signal retained"
+    assert "TSTR/TRTR 0.875" in spine["details"]
+    assert rows["1. real classifier (TRTR), normal vs abnormal"]["signal"] == "1 (reference)"
+    unbounded = _fake_evaluation(0.7)
+    unbounded["utility"] = _utility(0.67, None, False)
+    undefined = _fake_evaluation(0.7)
+    undefined["utility"] = _utility(None, None, False)
+    results["spinegan"]["evaluation"], results["lesion"]["evaluation"] = unbounded, undefined
+    rows = {r["experiment"]: r for r in _table(results, {})}
+    assert rows["4. SpineGAN (abnormality, clinical loss): TSTR"]["signal"] == (
+        "0.67 [interval unbounded]"
+    )
+    assert rows[LESION_ROW]["signal"] == "n/a (TRTR at or below chance)"
+
+    from fedspine.experiments.reproduce import _build_report, _Context
+
+    ctx = _Context(plan=make_plan(tmp_path, tmp_path / "o", "smoke"), stage=lambda _m: None)
+    md = render_markdown(_build_report(ctx, results, 1.0))
+    assert "| ours: test AUC [95 % CI] | signal retained [95 % CI] | ε | details |" in md
+    assert "ours / TRTR" not in md
+    assert "0 = chance, 1 = as good as real data" in md
+    assert "One TRTR classifier per task and seed is trained once" in md
+    assert "retrained with the same seed inside every arm" not in md
+
+
+def test_the_evaluation_summary_carries_the_utility_block(tmp_path):
+    from fedspine.experiments.reproduce import _summarise_evaluation
+
+    arm = {"auc": 0.7, "ci": [0.6, 0.8], "history": {"best_epoch": 2}}
+    report = {
+        "task": "binary",
+        "class_names": ["normal", "abnormal"],
+        "arms": {"TRTR": arm, "TSTR": arm},
+        "ratios": {"tstr_over_trtr": 1.0},
+        "generative": {"results": []},
+        "memorisation": {},
+        "test_set": {"images": 10},
+    }
+    path = tmp_path / "evaluation" / "report.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(report))
+    assert _summarise_evaluation(path)["utility"] is None, "older reports have none"
+    report["utility"] = _utility(0.05, [-0.31, 0.40], True)
+    path.write_text(json.dumps(report))
+    assert _summarise_evaluation(path)["utility"] == report["utility"]
+
+
+def test_the_papers_derived_figures_are_marked_and_right():
+    for key, value, derived in (
+        ("cgan_ratio", 0.814 / 0.856, 0.814 / 0.886),
+        ("spinegan_ratio", 0.830 / 0.856, 0.830 / 0.886),
+    ):
+        text = PAPER[key]
+        assert text.startswith(f"{value:.3f} (derived") and f"or {derived:.3f} (derived" in text
+        assert "journal TRTR" in text and "preprint TRTR" in text
+    assert PAPER["spinegan_ratio"].startswith("0.970") and "0.937" in PAPER["spinegan_ratio"]
+    for key, tstr, value in (("cgan_signal", 0.814, "0.882"), ("spinegan_signal", 0.830, "0.927")):
+        assert f"{(tstr - 0.5) / (0.856 - 0.5):.3f}" == value
+        assert PAPER[key].startswith(f"{value} (derived") and "journal TRTR" in PAPER[key]
+
+    from fedspine.experiments.reproduce import _table
+
+    results = {
+        "cgan": {"status": "done", "evaluation": _with_signal(0.7)},
+        "spinegan": {"status": "done", "evaluation": _with_signal(0.7)},
+    }
+    rows = {r["experiment"]: r for r in _table(results, {})}
+    cgan = rows["2. cGAN (abnormality): TSTR"]
+    spine = rows["4. SpineGAN (abnormality, clinical loss): TSTR"]
+    assert cgan["paper"] == (
+        f"0.814; signal retained {PAPER['cgan_signal']}; TSTR/TRTR {PAPER['cgan_ratio']}"
+    )
+    assert spine["paper"] == (
+        f"0.830; signal retained {PAPER['spinegan_signal']}; TSTR/TRTR {PAPER['spinegan_ratio']}"
+    )
+    assert "TSTR/TRTR 0.875" in cgan["details"] and "derived" not in cgan["details"]
+    not_run = {r["experiment"]: r for r in _table({}, {})}
+    assert "0.970" in not_run["4. SpineGAN (abnormality, clinical loss): TSTR"]["paper"]
