@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedspine.training.run import DPRequest, TrainRequest, train
+
 ARMS = ("federated", "centralised", "federated-dp", "centralised-dp")
 
 
@@ -62,15 +64,23 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             data = _copy(pooled, folder / "data" / "pooled")
             run = folder / "run"
-            cmd = ["train", str(data), "--out", str(run), "--preset", "cpu"]
-            cmd += ["--kimg", str(total_kimg), "--seed", str(args.seed)]
-            if dp:
-                cmd += ["--dp", "--epsilon", str(args.epsilon)]
-                cmd += ["--patients-per-step", str(args.patients_per_step)]
-                cmd += ["--privacy-home", str(folder / "privacy")]
+            request = TrainRequest(
+                prepared=data,
+                out=run,
+                preset="cpu",
+                kimg=total_kimg,
+                seed=args.seed,
+                dp=DPRequest(
+                    target_epsilon=args.epsilon,
+                    expected_patients_per_step=args.patients_per_step,
+                    privacy_home=folder / "privacy",
+                )
+                if dp
+                else None,
+            )
             if not (run / "generator.pt").exists():
                 shutil.rmtree(run, ignore_errors=True)
-                _fedspine(cmd)
+                train(request)
         train_seconds = time.perf_counter() - start
         syn, report = folder / "synthetic", folder / "evaluation"
         if not syn.exists():

@@ -60,7 +60,6 @@ DATA_DIR = "data"
 ARMS_DIR = "arms"
 LOGS_DIR = "logs"
 CLINICAL_WEIGHT = 0.1  # the paper's λ
-EXIT_INTERRUPTED = 130  # what `fedspine train` exits with on Ctrl-C: stop, do not go on
 SPINEGAN_UNAVAILABLE = "not run: SpineGAN not available in this build"
 
 Stage = Callable[[str], None]
@@ -634,18 +633,15 @@ def reproduce(
 
 
 def spinegan_available() -> tuple[bool, str]:
-    """Ask this build's `fedspine train` (its --help) whether it accepts --model spinegan."""
-    from typer.testing import CliRunner
+    """Whether this build's training library offers SpineGAN (the clinical-loss model)."""
+    from fedspine.training.run import MODELS
 
-    from fedspine.cli.main import app
-
-    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
-    text = _strip_ansi(result.output)
-    if result.exit_code != 0:
-        return False, f"`fedspine train --help` exited {result.exit_code}"
-    if "spinegan" in text and "--classifier" in text:
-        return True, "`fedspine train --help` offers --model spinegan and --classifier"
-    return False, "`fedspine train --help` offers no --model spinegan with --classifier"
+    if "spinegan" in MODELS:
+        return (
+            True,
+            "fedspine.training.run offers model spinegan (`fedspine train --model spinegan`)",
+        )
+    return False, "fedspine.training.run offers no model spinegan"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -1027,33 +1023,170 @@ def _clinical_classifier(
         ctx.stage(f"{arm.folder}: training the clinical classifier with DP-SGD")
     else:
         ctx.stage(f"{arm.folder}: training the clinical classifier on the real training split")
-    _invoke(["classifier", "train", *_classifier_args(ctx.plan, data, target, arm)], log_path)
+    from fedspine.training.classifier_run import ClassifierRunError, train_classifier_run
+
+    command = "fedspine classifier train " + " ".join(_classifier_args(ctx.plan, data, target, arm))
+    with _logged(log_path, command, "`fedspine classifier train`"):
+        try:
+            train_classifier_run(
+                _classifier_request(ctx.plan, data, target, arm), _PlainClassifierReporter()
+            )
+        except ClassifierRunError as err:
+            raise ReproduceError(f"`fedspine classifier train` stopped: {err}") from None
+
+
+def _classifier_request(plan: ReproducePlan, data: Path, out: Path, arm: ArmPlan) -> Any:
+    """The clinical classifier as a typed request: what :func:`_classifier_args` spells."""
+    from fedspine.training.classifier_run import ClassifierDPRequest, ClassifierRequest
+
+    b = plan.budget
+    dp = None
+    if arm.kind == "dp-spinegan":
+        dp = ClassifierDPRequest(
+            target_epsilon=b.dp_spinegan_classifier_epsilon,
+            patients_per_step=b.dp_patients_per_step,
+            privacy_home=out.parent / PRIVACY_HOME_DIR,
+        )
+    return ClassifierRequest(
+        data=data,
+        out=out,
+        arch=b.classifier_arch,
+        epochs=b.spinegan_classifier_epochs,
+        patience=b.classifier_patience,
+        seed=arm.seed,
+        device=b.device,
+        threads=b.threads,
+        input_size=b.classifier_input_size,
+        weights=Path(plan.classifier_weights) if plan.classifier_weights else None,
+        dp=dp,
+    )
+
+
+class _PlainClassifierReporter:
+    """A classifier run's lines and one line per epoch, as plain text for the arm's log."""
+
+    def message(self, text: str) -> None:
+        print(text)
+
+    def event(self, event: dict[str, Any]) -> None:
+        if event["event"] == "epoch":
+            auc = event["val_auc"]
+            print(
+                f"epoch {event['epoch']:3d}  train loss {event['train_loss']:.4f}  val AUC "
+                + ("n/a" if auc is None else f"{auc:.3f}")
+            )
+
+    def dp_start(self, steps: int) -> None:
+        print(f"DP training: {steps} steps")
+
+    def dp_step(self, step: int) -> None:
+        pass
 
 
 def _train_gan(ctx: _Context, arm: ArmPlan, data: Path, work: Path, log_path: Path) -> None:
+    """Train (or continue) the arm's GAN through the library's one training call."""
+    from fedspine.training.run import TrainRunError, train
+
     run = work / "run"
     if (run / "generator.pt").is_file():
         ctx.stage(f"{arm.folder}: GAN trained earlier, reused")
         return
-    args = _train_args(ctx.plan, arm, data, run)
-    if (run / "latest.json").is_file():
+    resume = (run / "latest.json").is_file()
+    if resume:
         ctx.stage(f"{arm.folder}: continuing the interrupted GAN run")
-        args = ["train", str(data), "--out", str(run), "--resume", "--kimg", str(arm.kimg)]
-        args += ["--device", ctx.plan.budget.device]
-        if arm.kind in DP_KINDS:
-            args += _dp_args(ctx.plan.budget, arm, work)
-        elif arm.kind in ABLATION_KINDS:
-            args += _ablation_args(ctx.plan.budget, arm)
-        _invoke(args, log_path)
-        return
-    if run.exists():
-        shutil.rmtree(run)
-    if arm.kind == "dp":
-        shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
-    if arm.kind == "dp-spinegan":
-        _check_only_the_classifier_spent(work / PRIVACY_HOME_DIR / "ledger.json")
-    ctx.stage(f"{arm.folder}: training the GAN ({arm.kimg:g} kimg)")
-    _invoke(["train", *args], log_path)
+    else:
+        if run.exists():
+            shutil.rmtree(run)
+        if arm.kind == "dp":
+            shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
+        if arm.kind == "dp-spinegan":
+            _check_only_the_classifier_spent(work / PRIVACY_HOME_DIR / "ledger.json")
+        ctx.stage(f"{arm.folder}: training the GAN ({arm.kimg:g} kimg)")
+    request = _train_request(ctx.plan, arm, data, run, resume)
+    command = "fedspine train " + " ".join(_train_args(ctx.plan, arm, data, run))
+    with _logged(log_path, command + (" (resumed)" if resume else ""), "`fedspine train`"):
+        try:
+            train(request, _PlainReporter())
+        except TrainRunError as err:
+            raise ReproduceError(f"`fedspine train` stopped: {err}") from None
+
+
+def _train_request(
+    plan: ReproducePlan, arm: ArmPlan, data: Path, run: Path, resume: bool = False
+) -> Any:
+    """The arm's training as a typed request: what :func:`_train_args` spells as a command."""
+    from fedspine.training.dp_ablation import AblationOptions
+    from fedspine.training.run import ClinicalRequest, DPRequest, TrainRequest
+
+    b = plan.budget
+    dp = ablation = clinical = None
+    if arm.kind in DP_KINDS:
+        dp = DPRequest(
+            target_epsilon=arm.epsilon,
+            expected_patients_per_step=b.dp_patients_per_step,
+            ada_p=b.dp_ada_p,
+            privacy_home=run.parent / PRIVACY_HOME_DIR,
+        )
+    elif arm.kind == "paper":
+        ablation = AblationOptions("paper")
+    elif arm.kind in ABLATION_KINDS:
+        ablation = AblationOptions(
+            arm.kind,
+            noise_for_epsilon=arm.noise_epsilon if arm.kind == "noise-only" else None,
+            expected_patients_per_step=b.dp_patients_per_step,
+            ada_p=b.dp_ada_p,
+        )
+    if arm.kind in SPINEGAN_KINDS and not resume:
+        clinical = ClinicalRequest(
+            classifier=run.parent / "classifier", weight=CLINICAL_WEIGHT, mapping="default"
+        )
+    if resume:
+        return TrainRequest(
+            prepared=data,
+            out=run,
+            resume=True,
+            kimg=arm.kimg,
+            device=b.device,
+            dp=dp,
+            ablation=ablation,
+        )
+    return TrainRequest(
+        prepared=data,
+        out=run,
+        preset=b.gan_preset,
+        kimg=arm.kimg,
+        resolution=b.resolution,
+        seed=arm.seed,
+        batch=b.gan_batch if b.gan_batch and arm.kind != "paper" else None,
+        device=b.device,
+        model="spinegan" if arm.kind in SPINEGAN_KINDS else None,
+        dp=dp,
+        clinical=clinical,
+        ablation=ablation,
+    )
+
+
+class _PlainReporter:
+    """A training run's lines and a tick line per tick, as plain text for the arm's log."""
+
+    def message(self, text: str) -> None:
+        print(text)
+
+    def start(self, total_kimg: float, done_kimg: float, ada_p: float, private: bool) -> None:
+        print(f"training from {done_kimg:.3f} to {total_kimg:g} kimg")
+
+    def step(self, kimg: float) -> None:
+        pass
+
+    def tick(self, record: dict[str, Any], private: bool) -> None:
+        spk = record.get("sec_per_kimg")
+        print(
+            f"kimg {record['cur_nimg'] / 1000:.3f}  loss G {record['loss_g']:.3f}  "
+            f"p {record['ada_p']:.3f}" + (f"  {spk:.1f} s/kimg" if spk else "")
+        )
+
+    def stop(self) -> None:
+        pass
 
 
 def _generate(ctx: _Context, arm: ArmPlan, work: Path) -> None:
@@ -1234,41 +1367,28 @@ def _eval_note(arm: ArmPlan) -> str:
 # ---------------------------------------------------------------------------- invoking the CLI
 
 
-def _invoke(args: list[str], log_path: Path) -> None:
-    """Run ``fedspine ARGS`` in this process, its output shown and appended to ``log_path``.
+@contextlib.contextmanager
+def _logged(log_path: Path, title: str, what: str) -> Iterator[None]:
+    """Run a library call with its output shown and appended to ``log_path``.
 
-    A non-zero exit becomes a ReproduceError carrying the command's one-line reason.
+    A crash costs this arm, not the whole reproduction: it is logged with its traceback and
+    becomes a ReproduceError; Ctrl-C goes through.
     """
-    import click
-
-    from fedspine.cli.main import app
-
     tail: deque[str] = deque(maxlen=40)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n$ fedspine {' '.join(args)}\n")
+        log.write(f"\n$ {title}\n")
         log.flush()
         out_tee = _Tee(sys.stdout, log, tail)
         err_tee = _Tee(sys.stderr, log, tail)
-        code: Any
         with contextlib.redirect_stdout(out_tee), contextlib.redirect_stderr(err_tee):
             try:
-                code = app(args, standalone_mode=False, prog_name="fedspine")
-            except click.ClickException as err:
-                code = err.exit_code
-                tail.append(f"error: {err.format_message()}")
-            except click.exceptions.Abort:
-                raise KeyboardInterrupt from None
-            except Exception as err:  # a crash costs this arm, not the whole reproduction
+                yield
+            except (ReproduceError, KeyboardInterrupt):
+                raise
+            except Exception as err:
                 log.write(traceback.format_exc())
-                code = 1
-                tail.append(f"error: {type(err).__name__}: {err}")
-        log.write(f"[exit {code or 0}]\n")
-    if code == EXIT_INTERRUPTED:
-        raise KeyboardInterrupt
-    if code:
-        command = " ".join(args[:2]) if args[0] == "classifier" else args[0]
-        raise ReproduceError(f"`fedspine {command}` exited {code}: {_reason(tail)}")
+                raise ReproduceError(f"{what} failed: {type(err).__name__}: {err}") from None
 
 
 class _Tee(io.TextIOBase):
@@ -1294,13 +1414,6 @@ class _Tee(io.TextIOBase):
     @property
     def encoding(self) -> str:
         return getattr(self._console, "encoding", None) or "utf-8"
-
-
-def _reason(tail: deque[str]) -> str:
-    errors = [line for line in tail if line.startswith("error:")]
-    if errors:
-        return errors[-1][len("error:") :].strip()
-    return tail[-1].strip() if tail else "no output"
 
 
 # ---------------------------------------------------------------------------- results

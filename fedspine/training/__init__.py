@@ -1,10 +1,28 @@
 """fedspine.training: the GAN trainer shared by centralised and federated training.
 
 `GanTrainer` (one training state and its step), `TrainConfig` with `preset_config` (every knob
-and the presets), the per-sample losses, safe checkpoints and synthetic dataset generation.
+and the presets), the per-sample losses, safe checkpoints, synthetic dataset generation, and
+`fedspine.training.run.train`, one whole run as a library call. The names below load on first
+use, so that importing a light submodule (the run's request types, for `--help`) does not import
+torch.
 """
 
-from fedspine.training.config import TrainConfig, preset_config
-from fedspine.training.gan_trainer import GanTrainer, StepMetrics
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "GanTrainer": "fedspine.training.gan_trainer",
+    "StepMetrics": "fedspine.training.gan_trainer",
+    "TrainConfig": "fedspine.training.config",
+    "preset_config": "fedspine.training.config",
+}
 
 __all__ = ["GanTrainer", "StepMetrics", "TrainConfig", "preset_config"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fedspine.training' has no attribute {name!r}")

@@ -735,3 +735,66 @@ def test_the_papers_derived_figures_are_marked_and_right():
     assert "TSTR/TRTR 0.875" in cgan["details"] and "derived" not in cgan["details"]
     not_run = {r["experiment"]: r for r in _table({}, {})}
     assert "0.970" in not_run["4. SpineGAN (abnormality, clinical loss): TSTR"]["paper"]
+
+
+def test_reproduce_trains_through_the_library_exactly_what_its_commands_say(tmp_path, monkeypatch):
+    """Each arm's typed request equals what `fedspine train` / `classifier train` builds from
+    the command the plan prints, so the printed commands rerun the same experiment."""
+    import fedspine.training.classifier_run as classifier_run
+    import fedspine.training.run as run_module
+    from fedspine.cli.main import app
+    from fedspine.experiments.reproduce import (
+        _classifier_args,
+        _classifier_request,
+        _train_args,
+        _train_request,
+    )
+
+    captured: list = []
+    monkeypatch.setattr(
+        run_module, "train", lambda request, reporter=None: captured.append(request)
+    )
+    monkeypatch.setattr(
+        classifier_run,
+        "train_classifier_run",
+        lambda request, reporter=None: captured.append(request),
+    )
+    plan = make_plan(tmp_path, tmp_path / "o", "quick", {"seeds": 2})
+    data = tmp_path / "data"
+    checked = set()
+    for arm in plan.arms:
+        if arm.not_run:
+            continue
+        run = tmp_path / "o" / "arms" / arm.folder / "run"
+        captured.clear()
+        result = runner.invoke(app, ["train", *_train_args(plan, arm, data, run)])
+        assert result.exit_code == 0, result.output
+        assert captured == [_train_request(plan, arm, data, run)], arm.folder
+        if arm.kind in ("spinegan", "dp-spinegan"):
+            out = run.parent / "classifier"
+            captured.clear()
+            args = ["classifier", "train", *_classifier_args(plan, data, out, arm)]
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, result.output
+            assert captured == [_classifier_request(plan, data, out, arm)], arm.folder
+        checked.add(arm.kind)
+    assert checked >= {"cgan", "dp", "clip-only", "noise-only", "paper"}
+
+
+def test_experiments_import_no_command_line_module():
+    """`reproduce` and the demo call the library; the CLI sits above them, never below."""
+    import ast
+    from pathlib import Path
+
+    import fedspine.experiments as experiments
+
+    for path in Path(experiments.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith("fedspine.cli"), f"{path.name} imports {name}"
