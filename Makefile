@@ -28,6 +28,8 @@ test-quick: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check fedspine tests benchmarks
 	$(BIN)/ruff format --check fedspine tests benchmarks
+	# The layer contract in .importlinter: imports flow one way (docs/DESIGN.md).
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_throughput.py

@@ -103,7 +103,7 @@ def make_command(
     """Check, generate, audit and sign a synthetic-data release (nothing is written if refused)."""
     from fedspine.cli.common import fail, progress_bar
     from fedspine.privacy.home import resolve_home
-    from fedspine.privacy.release import (
+    from fedspine.release.gate import (
         MemorisationGate,
         ReleaseError,
         ReleaseRefused,

@@ -282,8 +282,8 @@ def _evaluate_config(config: DemoConfig) -> EvaluateConfig:
 
 def _release(out: Path, sites: list[str], config: DemoConfig) -> dict:
     """A signed release if every gate passes; otherwise the refusal, said as it is."""
-    from fedspine.privacy.release import ReleaseRefused, make_release
     from fedspine.privacy.signing import make_signing_key
+    from fedspine.release.gate import ReleaseRefused, make_release
 
     key = out / "steward" / "steward.key"
     if not key.exists():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedspine.privacy.canary import (
+from fedspine.audit.canary import (
     audit_dp_step,
     audit_p_value,
     engine_canary_audit,

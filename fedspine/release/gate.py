@@ -355,7 +355,7 @@ def make_release(
             raise ReleaseRefused(decision.reason())
 
         say("membership inference audit")
-        from fedspine.privacy.membership import membership_audit
+        from fedspine.audit.membership import membership_audit
 
         membership = membership_audit(synthetic, audit["train"], audit["heldout"]).summary()
         _write_json(

@@ -24,18 +24,8 @@ from typer.testing import CliRunner
 from fedspine.cli.release import EXIT_REFUSED, register
 from fedspine.data.prepared import load_prepared, write_prepared
 from fedspine.models import Generator, NetworkConfig
-from fedspine.privacy import release as release_module
 from fedspine.privacy.accounting import Mechanism, epsilon
 from fedspine.privacy.home import PrivacyHome
-from fedspine.privacy.release import (
-    MemorisationGate,
-    ReleaseError,
-    ReleaseRefused,
-    check_generator_binding,
-    check_generator_checkpoint,
-    make_release,
-    memorisation_gate,
-)
 from fedspine.privacy.report import site_entry, write_privacy_summary
 from fedspine.privacy.signing import (
     SigningError,
@@ -45,6 +35,16 @@ from fedspine.privacy.signing import (
     make_signing_key,
     sha256_file,
     verify_release,
+)
+from fedspine.release import gate as release_module
+from fedspine.release.gate import (
+    MemorisationGate,
+    ReleaseError,
+    ReleaseRefused,
+    check_generator_binding,
+    check_generator_checkpoint,
+    make_release,
+    memorisation_gate,
 )
 from fedspine.training.checkpoint import save_checkpoint
 from fedspine.training.generate import save_generator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedspine.privacy.membership import membership_audit
+from fedspine.audit.membership import membership_audit
 
 
 def _images(n: int, seed: int, size: int = 16) -> np.ndarray:
@@ -68,7 +68,7 @@ def test_bad_inputs_are_errors():
 def test_summary_claims_no_dp_bound_on_the_population_attack():
     # DP bounds a test about one individual's inclusion, not this members-vs-held-out comparison:
     # the summary must not state a TPR ceiling from ε, and must call a low AUC evidence only.
-    import fedspine.privacy.membership as membership
+    import fedspine.audit.membership as membership
 
     text = membership.membership_audit(MEMBERS[:20], MEMBERS[:20], NONMEMBERS[:20]).summary()
     interpretation = text["interpretation"]

@@ -36,7 +36,7 @@ canary is one unit whose inclusion the mechanism protects with that (ε, δ).
 How tight it can be: for a Gaussian mechanism the (ε, δ) one-run bound reaches roughly 0.6 of
 the true ε at m = 10^5 (about 0.5 at m = 10^3), so noise of σ·C/2 where σ·C was claimed (true ε
 about 2.2 times the claim) is caught by a margin of about 1.3×, and only with m ≳ 5·10^4 canaries
-and a claim near ε ≈ 1 (σ ≈ 3 per step). See tests/privacy/test_canary.py.
+and a claim near ε ≈ 1 (σ ≈ 3 per step). See tests/audit/test_canary.py.
 
 2. :func:`engine_canary_audit`: the whole private path against the ledger
 -------------------------------------------------------------------------
@@ -72,7 +72,7 @@ initial D (computed by the auditor, independently of the coins) and summed over 
 updates. Each canary is in one run only, so the runs together are (max ε, δ)-DP for every
 canary (parallel composition) and the one-run theorem covers all runs' canaries at once.
 
-What it catches (measured with the defaults, see tests/privacy/test_canary.py): steps that ran
+What it catches (measured with the defaults, see tests/audit/test_canary.py): steps that ran
 but are not in the ledger, or were written only after D's update (exactly, from the step counts,
 whatever the noise); noise 100× weaker than the ledger records (every top guess right: bound
 about 3.0 from 512 canaries and 64 guesses, against the ledger's ε ≈ 1.05). What it does not:
