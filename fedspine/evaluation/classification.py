@@ -330,7 +330,9 @@ def paired_utility(
     ``reference_boot`` the paired resamples ``[B, K]`` of :func:`paired_bootstrap_aucs`. The
     macro value (K > 1) is the mean over outputs scored in every resample. A resample where the
     reference is at or below chance has no signal retained; when more than ``alpha / 2`` of
-    them lack one the interval is unbounded and reported as None.
+    them lack one the interval is unbounded and reported as None. When the reference's own
+    interval contains chance, signal retained is None: its denominator is indistinguishable
+    from zero.
     """
     aucs, reference_aucs = np.atleast_1d(aucs), np.atleast_1d(reference_aucs)
     scored = ~(np.isnan(aucs) | np.isnan(reference_aucs))
@@ -369,13 +371,20 @@ def paired_utility(
         if retained_ci is not None and not all(np.isfinite(retained_ci)):
             retained_ci = None
     contains = arm_ci is None or arm_ci[0] <= CHANCE_AUC <= arm_ci[1]
+    ref_ci = interval(ref_b)
+    ref_contains = ref_ci is None or ref_ci[0] <= CHANCE_AUC <= ref_ci[1]
+    # With the real-data classifier's own interval reaching chance the denominator cannot be told
+    # from zero: any ratio (0.09, 23.5, ...) would be noise read as a result.
+    retained = None if ref_contains else signal_retained(point, ref_point)
     return {
         "auc": point,
         "ci": arm_ci,
         "ci_contains_chance": bool(contains),
         "reference_auc": ref_point,
-        "signal_retained": signal_retained(point, ref_point),
-        "signal_retained_ci": retained_ci,
+        "reference_ci": ref_ci,
+        "reference_contains_chance": bool(ref_contains),
+        "signal_retained": retained,
+        "signal_retained_ci": None if ref_contains else retained_ci,
         "difference": point - ref_point,
         "difference_ci": interval(arm_b - ref_b),
         "ratio": point / ref_point if ref_point > 0 else None,
@@ -388,7 +397,8 @@ def utility_verdict(result: Mapping[str, Any], arm: str = "TSTR") -> str:
     retained = result.get("signal_retained")
     ci = result.get("signal_retained_ci")
     amount = (
-        "signal retained undefined (the real-data classifier is at chance)"
+        "signal retained undefined (TRTR's own 95 % interval contains chance: the real data "
+        "teach this classifier nothing measurable on this test set)"
         if retained is None
         else f"signal retained {retained:.2f}"
         + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else " [interval unbounded]")

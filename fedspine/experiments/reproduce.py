@@ -1769,7 +1769,7 @@ def _signal_cell(ev: dict[str, Any], arm: str) -> str:
     u = _utility(ev, arm)
     value, ci = u.get("signal_retained"), u.get("signal_retained_ci")
     if value is None:
-        cell = "n/a (TRTR at or below chance)" if u else "n/a"
+        cell = "n/a (TRTR's own interval contains chance)" if u else "n/a"
     else:
         bounds = f"{_signed(ci[0])}, {_signed(ci[1])}" if ci else "interval unbounded"
         cell = f"{_signed(value)} [{bounds}]"

@@ -3,9 +3,13 @@
 A coordinator keeps everything in one work folder::
 
     certs/            ca.crt, server.pem, server.key (and ca.key: keep it offline if you can)
-    flwr_home/        the `flwr` CLI's own home with one connection, ``fedspine``
+    flwr_home/        the `flwr` CLI's own home with one connection, ``fedspine`` (loopback)
     state.db          the SuperLink's database (registered sites, runs): survives restarts
     superlink.pid     superlink.log     server.json (address and TLS mode)
+    front.pid         front.log         the TLS front on the public address (Fleet API only)
+
+With TLS the SuperLink listens on loopback only, where its Control and Runtime APIs stay; the
+public HOST:PORT is :mod:`fedspine.federated.front`, which forwards the Fleet API alone.
 
 A site keeps its own work folder with its SuperNode's PID file and log.
 """
@@ -16,6 +20,7 @@ import ipaddress
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +35,7 @@ from fedspine.federated.processes import (
     executable,
     flower_env,
     flwr_cli,
+    free_port,
     pid_alive,
     read_pid_file,
     start_process,
@@ -39,6 +45,7 @@ from fedspine.federated.processes import (
 )
 
 SERVER_FILE = "server.json"
+FRONT_PID = "front.pid"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -48,6 +55,7 @@ class ServerInfo:
     port: int
     insecure: bool
     connect_host: str
+    superlink_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -86,12 +94,21 @@ def start_superlink(
             "sites would send weights in clear text"
         )
     certs = workdir / "certs"
+    if not insecure:
+        for name in ("ca.crt", "server.pem", "server.key"):
+            if not (certs / name).is_file():
+                raise FlowerProcessError(
+                    f"{certs / name} is missing; run `fedspine server certs --workdir {workdir}` first"
+                )
+    # With TLS the SuperLink (Fleet, Control and Runtime APIs on one port) binds loopback only and
+    # the front below is the one public port; --insecure is loopback-only, so nothing is exposed.
+    link_host, link_port = ("127.0.0.1", free_port()) if not insecure else (host, port)
     argv = [
         executable("flower-superlink"),
         "--host",
-        host,
+        link_host,
         "--port",
-        str(port),
+        str(link_port),
         "--database",
         str(workdir / "state.db"),
         "--disable-runtime-dependency-installation",
@@ -99,11 +116,6 @@ def start_superlink(
     if insecure:
         argv.append("--insecure")
     else:
-        for name in ("ca.crt", "server.pem", "server.key"):
-            if not (certs / name).is_file():
-                raise FlowerProcessError(
-                    f"{certs / name} is missing; run `fedspine server certs --workdir {workdir}` first"
-                )
         argv += [
             "--ssl-ca-certfile",
             str(certs / "ca.crt"),
@@ -124,26 +136,60 @@ def start_superlink(
         cwd=workdir,
     )
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
-    info = ServerInfo(host=host, port=port, insecure=insecure, connect_host=connect_host)
+    info = ServerInfo(
+        host=host,
+        port=port,
+        insecure=insecure,
+        connect_host=connect_host,
+        superlink_port=None if insecure else link_port,
+    )
     scheme = "http" if insecure else "https"
+    ca = None if insecure else certs / "ca.crt"
+    front = None
     try:
-        wait_for_health(
-            f"{scheme}://{info.address}/health",
-            None if insecure else certs / "ca.crt",
-            timeout,
-            process,
-        )
+        link_address = info.address if insecure else f"127.0.0.1:{link_port}"
+        wait_for_health(f"{scheme}://{link_address}/health", ca, timeout, process)
+        if not insecure:
+            front = start_process(
+                "front",
+                [
+                    sys.executable,
+                    "-m",
+                    "fedspine.federated.front",
+                    "--listen",
+                    f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                    "--upstream",
+                    f"https://127.0.0.1:{link_port}",
+                    "--ca",
+                    str(certs / "ca.crt"),
+                    "--cert",
+                    str(certs / "server.pem"),
+                    "--key",
+                    str(certs / "server.key"),
+                ],
+                workdir / "front.log",
+                flower_env(flwr_home),
+                pid_file=workdir / FRONT_PID,
+                cwd=workdir,
+            )
+            # Through the front, as a site would; the chain is verified, the name is not (the
+            # operator's certificate names the public host, this check dials this machine).
+            wait_for_health(f"https://{info.address}/health", ca, timeout, front, False)
     except FlowerProcessError:
+        if front is not None:
+            front.stop()
         process.stop()
         raise
-    write_connection(flwr_home, info.address, None if insecure else certs / "ca.crt", insecure)
+    write_connection(flwr_home, link_address, ca, insecure)
     _write_json(workdir / SERVER_FILE, asdict(info))
     return process
 
 
 def stop_superlink(workdir: Path) -> bool:
-    """Stop the SuperLink of ``workdir`` and its children; False if none was running."""
-    return _stop_recorded(Path(workdir) / "superlink.pid")
+    """Stop the front and the SuperLink of ``workdir`` with their children; False if neither
+    was running."""
+    front = _stop_recorded(Path(workdir) / FRONT_PID)
+    return _stop_recorded(Path(workdir) / "superlink.pid") or front
 
 
 def register_site(workdir: Path, public_key: Path) -> dict:

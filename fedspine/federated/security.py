@@ -34,14 +34,23 @@ class SiteKeyPair:
     public_key: Path
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 def make_server_certificates(
     out: str | os.PathLike,
     hosts: Sequence[str] = ("localhost", "127.0.0.1", "::1"),
     days: int = 825,
     organisation: str = "fedspine federation",
 ) -> ServerCertificates:
-    """A CA and a server certificate whose SANs name ``hosts`` (DNS names or IP addresses)."""
+    """A CA and a server certificate whose SANs name ``hosts`` (DNS names or IP addresses).
+
+    The loopback names are always added: the coordinator's own checks, its `flwr` connection and
+    the front's link to the SuperLink dial this machine on loopback, whatever public name the
+    operator certifies (a loopback name cannot be reached from another machine).
+    """
     out = Path(out)
+    hosts = [*hosts, *(h for h in LOOPBACK_HOSTS if h not in hosts)]
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
 

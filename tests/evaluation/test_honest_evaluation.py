@@ -294,3 +294,19 @@ def test_one_trtr_is_shared_through_the_cache_and_other_settings_are_refused(sta
             fast_cfg(mix_per_class=0, lr=5e-4),
             trtr_cache=cache,
         )
+
+
+def test_signal_retained_is_undefined_when_trtr_itself_is_at_chance():
+    """A TRTR of 0.52 [0.40, 0.64] would turn a TSTR of 0.56 into 'signal retained 3.0'."""
+    rng = np.random.default_rng(9)
+    y = np.repeat([0, 1], 30)
+    trtr = _scores(rng, y, 0.1)  # barely any signal on 60 images
+    tstr = _scores(rng, y, 0.3)
+    boot = paired_bootstrap_aucs(y, {"TRTR": trtr, "TSTR": tstr}, np.arange(60), 400)
+    from fedspine.evaluation.classification import auc
+
+    a, r = auc(y, tstr), auc(y, trtr)
+    result = paired_utility(np.array([a]), np.array([r]), boot["TSTR"], boot["TRTR"])
+    assert result["reference_contains_chance"]
+    assert result["signal_retained"] is None and result["signal_retained_ci"] is None
+    assert "undefined" in utility_verdict(result)

@@ -38,7 +38,7 @@ def test_demo_end_to_end(tmp_path):
     ev = result.evaluation
     assert 0.0 <= ev["tstr_auc"] <= 1.0 and 0.0 <= ev["trtr_auc"] <= 1.0
     assert ev["tstr_over_trtr"] == pytest.approx(ev["tstr_auc"] / ev["trtr_auc"])
-    if ev["trtr_auc"] > 0.5:
+    if ev["signal_retained"] is not None:  # None when TRTR's own interval contains chance
         expected = (ev["tstr_auc"] - 0.5) / (ev["trtr_auc"] - 0.5)
         assert ev["signal_retained"] == pytest.approx(expected)
     assert ev["verdict"].split(":")[0] in (

@@ -669,7 +669,7 @@ def test_the_signal_retained_cell_says_when_tstr_is_at_chance(tmp_path):
     assert rows["4. SpineGAN (abnormality, clinical loss): TSTR"]["signal"] == (
         "0.67 [interval unbounded]"
     )
-    assert rows[LESION_ROW]["signal"] == "n/a (TRTR at or below chance)"
+    assert rows[LESION_ROW]["signal"] == "n/a (TRTR's own interval contains chance)"
 
     from fedspine.experiments.reproduce import _build_report, _Context
 
