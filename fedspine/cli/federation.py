@@ -240,6 +240,17 @@ def client_start(
         "--threads",
         help="CPU threads for training (default: all cores this process may use).",
     ),
+    max_local_kimg: float = typer.Option(
+        None,
+        "--max-local-kimg",
+        help="Most local work per round this site accepts, in kimg (default: 50); a server "
+        "asking for more is refused.",
+    ),
+    max_resolution: int = typer.Option(
+        None,
+        "--max-resolution",
+        help="Largest network resolution this site trains, in px (default: 256).",
+    ),
     detach: bool = typer.Option(
         False, "--detach", help="Return at once; stop with `fedspine client stop`."
     ),
@@ -267,6 +278,8 @@ def client_start(
         port=port,
         insecure=insecure,
         threads=threads,
+        max_local_kimg=max_local_kimg,
+        max_resolution=max_resolution,
     )
     try:
         process = start_supernode(cfg)

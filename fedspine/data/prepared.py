@@ -136,7 +136,10 @@ class PreparedDataset:
             mask &= np.isin(self.splits, wanted)
         if labelled:
             mask &= self.labels >= 0
-        idx = np.flatnonzero(mask)
+        return self.rows(np.flatnonzero(mask))
+
+    def rows(self, idx: np.ndarray) -> PreparedDataset:
+        """The rows at indices ``idx``, in that order, with this dataset's schema and manifest."""
         return PreparedDataset(
             root=self.root,
             images=self.images[idx],

@@ -1456,7 +1456,8 @@ def _metric_samples(
     reference = labelled
     if not (cfg.extractor == "inception" or (cfg.extractor == "auto" and cfg.inception)):
         fit_mask = _half_of_patients(labelled, rng)
-        fit, reference = _rows(labelled, fit_mask), _rows(labelled, ~fit_mask)
+        fit = labelled.rows(np.flatnonzero(fit_mask))
+        reference = labelled.rows(np.flatnonzero(~fit_mask))
     val = real_val.select(None, labelled=True)
     per_class = {}
     for k, name in enumerate(real_train.class_names):
@@ -1495,22 +1496,6 @@ def _half_of_patients(data: PreparedDataset, rng: np.random.Generator) -> np.nda
         group = patients[data.labels[first] == k]
         chosen += rng.permutation(group)[: len(group) // 2 + len(group) % 2].tolist()
     return np.isin(data.patient_ids, chosen)
-
-
-def _rows(data: PreparedDataset, mask: np.ndarray) -> PreparedDataset:
-    idx = np.flatnonzero(mask)
-    return PreparedDataset(
-        root=data.root,
-        images=np.asarray(data.images[idx]),
-        files=[data.files[i] for i in idx],
-        patient_ids=data.patient_ids[idx],
-        splits=data.splits[idx],
-        labels=data.labels[idx],
-        findings=data.findings[idx],
-        finding_names=list(data.finding_names),
-        class_names=list(data.class_names),
-        manifest=data.manifest,
-    )
 
 
 def _extractors(

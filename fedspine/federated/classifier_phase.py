@@ -268,7 +268,7 @@ def train_classifier_round(
     state = load_checkpoint(state_file, kind="trainer") if state_file.is_file() else None
 
     start = time.perf_counter()
-    extra = {"site-name": site.site_name}
+    extra = {"site-name": site.site_name, "federation": rc.federation, "round": rc.server_round}
     if rc.dp:
         from fedspine.federated.site_privacy import ClassifierSitePrivacy
         from fedspine.training.classifier_dp import ClassifierDPConfig, train_classifier_dp_steps

@@ -6,6 +6,8 @@ Two train actions: the default one trains the GAN (``train``), Flower's custom a
 
 from __future__ import annotations
 
+import re
+import sys
 import traceback
 from collections.abc import Callable
 
@@ -60,7 +62,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         site = SiteConfig.from_node_config(context.node_config)
         check_version(str(msg.content["config"].get("fedspine-version", "")))
     except (SiteRefusal, KeyError) as err:
-        return Message(Error(code=SITE_REFUSED, reason=f"refused: {err}"), reply_to=msg)
+        return Message(
+            Error(code=SITE_REFUSED, reason=f"refused: {public_reason(err)}"), reply_to=msg
+        )
     from fedspine.data.prepared import load_prepared
 
     train_images = len(load_prepared(site.data_path).select("train"))
@@ -73,18 +77,34 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\s'\":,;()\[\]]+)+")
+
+
+def public_reason(err: BaseException, limit: int = 300) -> str:
+    """What the server may learn about a site's failure: one line, no local path, no traceback.
+
+    Paths name a hospital's folders and, through them, sometimes patients; the full traceback
+    goes to the site's own SuperNode log instead.
+    """
+    first = (str(err).strip().splitlines() or [""])[0]
+    text = _PATH.sub("<local path>", first)
+    reason = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
+
+
 def _reply(msg: Message, context: Context, run: Callable[[SiteConfig], tuple]) -> Message:
     """Run a train action and reply with weights, metrics and the site record, or the error."""
     try:
         site = SiteConfig.from_node_config(context.node_config)
         new_weights, metrics, extra = run(site)
     except SiteRefusal as err:
-        return Message(Error(code=SITE_REFUSED, reason=f"refused: {err}"), reply_to=msg)
-    except Exception as err:  # the server must learn why a site dropped out
-        detail = traceback.format_exc(limit=3)
         return Message(
-            Error(code=SITE_FAILED, reason=f"failed: {type(err).__name__}: {err}\n{detail}"),
-            reply_to=msg,
+            Error(code=SITE_REFUSED, reason=f"refused: {public_reason(err)}"), reply_to=msg
+        )
+    except Exception as err:  # the server learns that and roughly why; the site log has the rest
+        traceback.print_exc(file=sys.stderr)
+        return Message(
+            Error(code=SITE_FAILED, reason=f"failed: {public_reason(err)}"), reply_to=msg
         )
     content = RecordDict(
         {

@@ -308,6 +308,8 @@ class SiteProcessConfig:
     port: int = 9094
     insecure: bool = False
     threads: int | None = None
+    max_local_kimg: float | None = None
+    max_resolution: int | None = None
 
     def node_config(self) -> str:
         """Flower's ``--node-config``: TOML values, strings double-quoted."""
@@ -327,6 +329,10 @@ class SiteProcessConfig:
             items["privacy-unit"] = self.privacy_unit
         if self.threads is not None:
             items["threads"] = int(self.threads)
+        if self.max_local_kimg is not None:
+            items["max-local-kimg"] = float(self.max_local_kimg)
+        if self.max_resolution is not None:
+            items["max-resolution"] = int(self.max_resolution)
         return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 

@@ -317,7 +317,8 @@ class _Rounds:
         # Message ids are set when pushed; a reply made by the SuperLink (a node that stopped
         # sending heartbeats) comes from the SuperLink itself, so map replies by what they answer.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        sites, failures = _sort_replies(replies, sent_to, self.names)
+        expected = {"weights": weights, "federation": config.name, "round": server_round}
+        sites, failures, valid = _sort_replies(replies, sent_to, self.names, expected)
         label = (
             f"classifier round {server_round}" if phase == "classifier" else f"round {server_round}"
         )
@@ -335,8 +336,7 @@ class _Rounds:
                 done = server_round - 1
                 _status(self.out, config, "failed", 0, reason, phase=phase, classifier_done=done)
             raise FederationError(reason)
-        ok = [r for r in replies if not r.has_error()]
-        arrays, _ = self.strategy.aggregate_train(server_round, ok)
+        arrays, _ = self.strategy.aggregate_train(server_round, valid)
         new_weights = arrays.to_torch_state_dict()
         timing = {
             "exchange": t_replies - t_send,
@@ -568,11 +568,17 @@ def _known_site_names(out: Path) -> dict[int, str]:
 
 
 def _sort_replies(
-    replies, sent_to: dict[str, int], names: dict[int, str]
-) -> tuple[list[dict], list[dict]]:
-    """Successful replies and failures of one round; ``names`` learns each replying site's name."""
+    replies, sent_to: dict[str, int], names: dict[int, str], expected: dict[str, Any]
+) -> tuple[list[dict], list[dict], list]:
+    """Successful replies, failures and the replies fit to aggregate, of one round.
+
+    Every reply is checked first (:func:`reply_problem`); a bad one counts as a failed site, so
+    one corrupt or hostile reply cannot fail the run or poison the average. ``names`` learns
+    each replying site's name.
+    """
     sites: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    valid = []
     answered = set()
     for reply in replies:
         node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -581,21 +587,71 @@ def _sort_replies(
             site = names.get(node, f"node {node}")
             failures.append({"node_id": node, "site": site, "reason": reply.error.reason})
             continue
-        metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-        site_name = (
-            str(reply.content["site"]["site-name"]) if "site" in reply.content else str(node)
-        )
+        problem = reply_problem(reply, expected)
+        if problem is not None:
+            site = names.get(node, f"node {node}")
+            failures.append({"node_id": node, "site": site, "reason": f"invalid reply: {problem}"})
+            continue
+        metrics = dict(reply.content["metrics"])
+        site_name = str(reply.content["site"]["site-name"])
         names[node] = site_name
         entry = {"node_id": node, "site": site_name, **{k: _plain(v) for k, v in metrics.items()}}
-        if "site" in reply.content and "privacy" in reply.content["site"]:
+        if "privacy" in reply.content["site"]:
             entry["privacy"] = json.loads(str(reply.content["site"]["privacy"]))
         sites.append(entry)
+        valid.append(reply)
     for node in sorted(set(sent_to.values()) - answered):
         site = names.get(node, f"node {node}")
         failures.append(
             {"node_id": node, "site": site, "reason": "no reply within the round timeout"}
         )
-    return sites, failures
+    return sites, failures, valid
+
+
+def reply_problem(reply, expected: dict[str, Any]) -> str | None:
+    """Why a site's reply cannot be aggregated, or None: the records it must hold, the round and
+    federation it answers, and weights with the sent keys, shapes and dtypes, all finite."""
+    import math
+
+    import torch
+
+    content = reply.content
+    for name in ("arrays", "metrics", "site"):
+        if name not in content:
+            return f"no {name!r} record"
+    site = content["site"]
+    if "site-name" not in site:
+        return "no site name"
+    if str(site.get("federation", "")) != expected["federation"]:
+        return f"answers federation {site.get('federation')!r}, not {expected['federation']!r}"
+    if int(site.get("round", -1)) != int(expected["round"]):
+        return f"answers round {site.get('round')}, not {expected['round']}"
+    if "privacy" in site:
+        try:
+            json.loads(str(site["privacy"]))
+        except ValueError:
+            return "unreadable privacy summary"
+    examples = content["metrics"].get("num-examples")
+    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
+        return f"num-examples {examples!r} is not a positive count"
+    try:
+        weights = content["arrays"].to_torch_state_dict()
+    except Exception as err:
+        return f"unreadable weights ({type(err).__name__})"
+    sent = expected["weights"]
+    if set(weights) != set(sent):
+        missing, extra = sorted(set(sent) - set(weights)), sorted(set(weights) - set(sent))
+        return f"weight keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, tensor in weights.items():
+        want = sent[key]
+        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
+            return (
+                f"{key}: {tuple(tensor.shape)} {tensor.dtype}, sent {tuple(want.shape)} "
+                f"{want.dtype}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"{key} holds NaN or infinite values"
+    return None
 
 
 def _too_few(label: str, sites, failures, config: FederationConfig) -> str:

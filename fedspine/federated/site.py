@@ -25,6 +25,11 @@ class SiteRefusal(Exception):
     """The site declines the round (version mismatch, wrong data, privacy cap); says why."""
 
 
+# What a site trains per round unless its admin sets more: the server cannot raise them.
+DEFAULT_MAX_LOCAL_KIMG = 50.0
+DEFAULT_MAX_RESOLUTION = 256
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """A site's node config: what only the site decides."""
@@ -36,6 +41,8 @@ class SiteConfig:
     privacy_home: Path | None = None
     privacy_unit: str | None = None
     threads: int | None = None
+    max_local_kimg: float = DEFAULT_MAX_LOCAL_KIMG
+    max_resolution: int = DEFAULT_MAX_RESOLUTION
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -57,6 +64,8 @@ class SiteConfig:
             privacy_home=Path(str(home)) if home else None,
             privacy_unit=str(unit) if unit else None,
             threads=int(node_config["threads"]) if node_config.get("threads") else None,
+            max_local_kimg=float(node_config.get("max-local-kimg") or DEFAULT_MAX_LOCAL_KIMG),
+            max_resolution=int(node_config.get("max-resolution") or DEFAULT_MAX_RESOLUTION),
         )
 
 
@@ -115,6 +124,26 @@ class RoundConfig:
             ) from None
 
 
+def check_round_limits(site: SiteConfig, rc: RoundConfig) -> None:
+    """Refuse a round asking for more local work or a bigger network than the site allows.
+
+    The server chooses the work; only the site bounds it (compute, wall time and, under DP, the
+    steps its ledger must hold), so the bounds come from the node config.
+    """
+    if not 0 < rc.local_kimg <= site.max_local_kimg:
+        raise SiteRefusal(
+            f"the server asks for {rc.local_kimg:g} kimg this round; this site trains at most "
+            f"{site.max_local_kimg:g} (`fedspine client start --max-local-kimg`)"
+        )
+    network = rc.train_config.get("network") or {}
+    resolution = int(network.get("resolution") or rc.train_config.get("resolution") or 0)
+    if resolution > site.max_resolution:
+        raise SiteRefusal(
+            f"the server asks for a {resolution} px network; this site trains at most "
+            f"{site.max_resolution} px (`fedspine client start --max-resolution`)"
+        )
+
+
 def check_version(server_version: str) -> None:
     if server_version != __version__:
         raise SiteRefusal(
@@ -144,6 +173,7 @@ def train_round(
 
     setup_start = time.perf_counter()
     check_version(rc.fedspine_version)
+    check_round_limits(site, rc)
     dataset = load_site_data(site, rc.class_names)
     train = dataset.select("train")
     config_dict = dict(rc.train_config)
@@ -211,7 +241,7 @@ def train_round(
     for key in keys:
         value = last.get(key)
         metrics[key.replace("_", "-")] = float(value) if value is not None else float("nan")
-    extra = {"site-name": site.site_name}
+    extra = {"site-name": site.site_name, "federation": rc.federation, "round": rc.server_round}
     if privacy is not None:
         metrics.update(privacy.record_round(trainer))
         extra["privacy"] = privacy.summary_json()

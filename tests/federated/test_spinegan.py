@@ -145,7 +145,11 @@ def test_classifier_round_at_a_site_trains_and_keeps_its_state(site_datasets, tm
     assert set(new) == set(weights)
     assert any(not torch.equal(new[k], weights[k]) for k in weights)
     assert metrics["steps"] == 3 and metrics["num-examples"] == 32 and metrics["epsilon"] == -1.0
-    assert metrics["mean-loss"] > 0 and extra == {"site-name": "a"}
+    assert metrics["mean-loss"] > 0 and extra == {
+        "site-name": "a",
+        "federation": config.name,
+        "round": 1,
+    }
     state = torch.load(site_state_file(site, config.name, SITE_STATE_FILE), weights_only=True)
     assert state["round"] == 1 and state["dp"] is None
 
