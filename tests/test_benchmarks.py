@@ -67,3 +67,12 @@ def test_train_throughput_compares_every_setting_in_one_run(capsys):
     )
     assert row["ratio_on_over_off"] > 0 and isinstance(report["cpu_bf16_flags"], list)
     assert '"benchmark": "train_throughput"' in capsys.readouterr().out
+
+
+def test_aggregation_memory_compares_both_variants_in_one_run(capsys):
+    """The smallest configuration of benchmarks/aggregation_memory.py (issue 13, item 8)."""
+    report = _load("aggregation_memory").main(["--sites", "4", "--megabytes", "16"])
+    capsys.readouterr()
+    assert report["same_average"]
+    models = report["models_in_memory"]
+    assert models["running_sum"] < models["all_replies"]

@@ -20,7 +20,14 @@ from fedspine.federated.classifier_phase import (
     ClassifierRoundConfig,
     train_classifier_round,
 )
-from fedspine.federated.site import RoundConfig, SiteConfig, SiteRefusal, check_version, train_round
+from fedspine.federated.site import (
+    RoundConfig,
+    SiteConfig,
+    SiteRefusal,
+    check_not_stale,
+    check_version,
+    train_round,
+)
 
 # Error codes the server shows; Flower reserves small numbers for its own.
 SITE_REFUSED = 601
@@ -95,6 +102,7 @@ def public_reason(err: BaseException, limit: int = 300) -> str:
 def _reply(msg: Message, context: Context, run: Callable[[SiteConfig], tuple]) -> Message:
     """Run a train action and reply with weights, metrics and the site record, or the error."""
     try:
+        check_not_stale(msg.metadata.created_at, msg.metadata.ttl)
         site = SiteConfig.from_node_config(context.node_config)
         new_weights, metrics, extra = run(site)
     except SiteRefusal as err:

@@ -36,8 +36,7 @@ from fedspine.federated.processes import (
     flower_env,
     flwr_cli,
     free_port,
-    pid_alive,
-    read_pid_file,
+    recorded_pid,
     start_process,
     stop_pid,
     wait_for_health,
@@ -46,6 +45,10 @@ from fedspine.federated.processes import (
 
 SERVER_FILE = "server.json"
 FRONT_PID = "front.pid"
+# What each recorded process's command line must name before fedspine signals it.
+SUPERLINK_MARKER = "flower-superlink"
+SUPERNODE_MARKER = "flower-supernode"
+FRONT_MARKER = "fedspine.federated.front"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -83,8 +86,8 @@ def start_superlink(
     """Start the SuperLink with TLS and SuperNode authentication and wait for /health."""
     workdir = Path(workdir).resolve()
     pid_file = workdir / "superlink.pid"
-    old = read_pid_file(pid_file)
-    if old is not None and pid_alive(old):
+    old = recorded_pid(pid_file, SUPERLINK_MARKER)
+    if old is not None:
         raise FlowerProcessError(
             f"a SuperLink already runs from {workdir} (PID {old}); stop it first"
         )
@@ -188,8 +191,8 @@ def start_superlink(
 def stop_superlink(workdir: Path) -> bool:
     """Stop the front and the SuperLink of ``workdir`` with their children; False if neither
     was running."""
-    front = _stop_recorded(Path(workdir) / FRONT_PID)
-    return _stop_recorded(Path(workdir) / "superlink.pid") or front
+    front = _stop_recorded(Path(workdir) / FRONT_PID, FRONT_MARKER)
+    return _stop_recorded(Path(workdir) / "superlink.pid", SUPERLINK_MARKER) or front
 
 
 def register_site(workdir: Path, public_key: Path) -> dict:
@@ -344,8 +347,8 @@ def start_supernode(cfg: SiteProcessConfig) -> ManagedProcess:
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     pid_file = workdir / "supernode.pid"
-    old = read_pid_file(pid_file)
-    if old is not None and pid_alive(old):
+    old = recorded_pid(pid_file, SUPERNODE_MARKER)
+    if old is not None:
         raise FlowerProcessError(
             f"a SuperNode already runs from {workdir} (PID {old}); stop it first"
         )
@@ -387,17 +390,17 @@ def start_supernode(cfg: SiteProcessConfig) -> ManagedProcess:
 
 def stop_supernode(workdir: Path) -> bool:
     """Stop the SuperNode of a site's ``workdir``; False if none was running."""
-    return _stop_recorded(Path(workdir) / "supernode.pid")
+    return _stop_recorded(Path(workdir) / "supernode.pid", SUPERNODE_MARKER)
 
 
-def _stop_recorded(pid_file: Path) -> bool:
-    pid = read_pid_file(pid_file)
+def _stop_recorded(pid_file: Path, marker: str) -> bool:
+    """Stop the process a PID file names, only if it is still fedspine's (see recorded_pid)."""
+    pid = recorded_pid(pid_file, marker)
+    pid_file.unlink(missing_ok=True)
     if pid is None:
         return False
-    running = pid_alive(pid)
     stop_pid(pid)
-    pid_file.unlink(missing_ok=True)
-    return running
+    return True
 
 
 def bundle_dir() -> Path:

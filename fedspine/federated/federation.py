@@ -1,9 +1,11 @@
 """The coordinator's round loop: FedAvg of G, D and G_ema over the sites, checkpointed per round.
 
 Flower's `Strategy.start` keeps everything in memory and cannot resume, so the loop here uses
-the FedAvg strategy's own pieces (`configure_train`, `aggregate_train`) round by round, writes a
-checkpoint after each completed round, and continues from the last one after a restart. A site
-that fails or times out costs its contribution to that round only, as long as `min_sites` replied.
+the FedAvg strategy's node sampling (`configure_train`) round by round, folds each reply into a
+running example-weighted mean as it arrives (`weights.RunningFedAvg`: one reply in memory, not
+all of them), writes a checkpoint after each completed round, and continues from the last one
+after a restart. A site that fails, times out or sends an invalid reply costs its contribution to
+that round only, as long as `min_sites` replied.
 
 A SpineGAN federation (``model = "spinegan"``) has two phases, each resumable at its next round:
 the clinical classifier's rounds (``train.classifier`` messages, see :mod:`classifier_phase`),
@@ -21,17 +23,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedspine import __version__
 from fedspine.federated.classifier_phase import ClassifierPhaseConfig
 from fedspine.privacy.accounting import REPORT_ACCOUNTANT
+
+if TYPE_CHECKING:
+    from fedspine.federated.weights import RunningFedAvg
 
 MODELS = ("cgan", "spinegan")
 ROUNDS_DIR = "rounds"
 CLASSIFIER_PREFIX = "classifier_round_"
 ROUNDS_LOG = "rounds.jsonl"
 STATUS_FILE = "federation.json"
+REPLY_POLL_SECONDS = 1.0
 
 
 class FederationError(Exception):
@@ -48,6 +54,9 @@ class FederationConfig:
     local_kimg: float = 1.0
     min_sites: int = 2
     round_timeout: float = 1800.0
+    site_wait: float = 600.0
+    """Seconds a round waits for ``min_sites`` connected sites before it fails (Flower's FedAvg
+    would wait for ever)."""
     preset: str = "cpu"
     resolution: int = 32
     class_names: list[str] = field(default_factory=lambda: ["normal", "abnormal"])
@@ -83,6 +92,8 @@ class FederationConfig:
             raise FederationError("min_sites must be at least 1")
         if self.local_kimg <= 0:
             raise FederationError("local_kimg must be positive")
+        if self.site_wait <= 0 or self.round_timeout <= 0:
+            raise FederationError("site_wait and round_timeout must be positive (seconds)")
         if len(self.class_names) < 1:
             raise FederationError("class_names must name at least one class")
         if self.label_prior is not None and len(self.label_prior) != len(self.class_names):
@@ -122,6 +133,7 @@ class FederationConfig:
             "local-kimg": float(self.local_kimg),
             "min-sites": int(self.min_sites),
             "round-timeout": float(self.round_timeout),
+            "site-wait": float(self.site_wait),
             "preset": self.preset,
             "resolution": int(self.resolution),
             "class-names": json.dumps(list(self.class_names)),
@@ -150,6 +162,7 @@ class FederationConfig:
             local_kimg=float(rc["local-kimg"]),
             min_sites=int(rc["min-sites"]),
             round_timeout=float(rc["round-timeout"]),
+            site_wait=float(rc.get("site-wait", 600.0)),
             preset=str(rc["preset"]),
             resolution=int(rc["resolution"]),
             class_names=list(json.loads(str(rc["class-names"]))),
@@ -282,6 +295,71 @@ class _Rounds:
     names: dict[int, str]
     log: Callable[[str], Any]
 
+    def _exchange(
+        self, messages: list, expected: dict[str, Any], average: RunningFedAvg
+    ) -> tuple[list[dict], list[dict]]:
+        """Push the round's messages, then fold each reply into ``average`` as it arrives.
+
+        Flower's ``send_and_receive`` would hold every reply (a whole model each) until the last
+        one came; here a reply is checked, added to the running weighted sum and dropped.
+        """
+        ids = set(self.grid.push_messages(messages))
+        # Message ids are set when pushed; a reply made by the SuperLink (a node that stopped
+        # sending heartbeats) comes from the SuperLink itself, so map replies by what they answer.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sites: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        deadline = time.time() + self.config.round_timeout
+        while ids:
+            for reply in self.grid.pull_messages(ids):
+                ids.discard(reply.metadata.reply_to_message_id)
+                entry, failure = _take_reply(reply, sent_to, self.names, expected, average)
+                if entry is not None:
+                    sites.append(entry)
+                else:
+                    failures.append(failure)
+            # A grid that delivers synchronously (the in-process one) has every reply there
+            # will be after one pull; the rest are silent sites, as if the timeout had passed.
+            if not ids or time.time() >= deadline or getattr(self.grid, "synchronous", False):
+                break
+            time.sleep(min(REPLY_POLL_SECONDS, max(0.0, deadline - time.time())))
+        for node in sorted({sent_to[i] for i in ids if i in sent_to}):
+            site = self.names.get(node, f"node {node}")
+            failures.append(
+                {"node_id": node, "site": site, "reason": "no reply within the round timeout"}
+            )
+        return sites, failures
+
+    def _wait_for_sites(self, phase: str, server_round: int, t0: float) -> None:
+        """Fail the round, and the run, when fewer than ``min_sites`` sites connect in time,
+        naming the sites seen in earlier rounds that are missing now."""
+        config = self.config
+        nodes = wait_for_sites(self.grid, config.min_sites, config.site_wait)
+        if len(nodes) >= config.min_sites:
+            return
+        missing = sorted(name for node, name in self.names.items() if node not in nodes)
+        label = (
+            f"classifier round {server_round}" if phase == "classifier" else f"round {server_round}"
+        )
+        reason = (
+            f"{label}: {len(nodes)} site(s) connected after waiting {config.site_wait:g} s, "
+            f"min_sites is {config.min_sites}"
+            + (f"; missing since earlier rounds: {', '.join(missing)}" if missing else "")
+            + ". Start the missing SuperNodes (or lower min_sites) and run again to resume"
+        )
+        self.log(reason)
+        failure = {"node_id": None, "site": "(not connected)", "reason": reason}
+        _append_round(
+            self.out,
+            RoundRecord(server_round, [], [failure], time.perf_counter() - t0, _now(), phase),
+        )
+        if phase == "gan":
+            _status(self.out, config, "failed", server_round - 1, reason=reason)
+        else:
+            done = server_round - 1
+            _status(self.out, config, "failed", 0, reason, phase=phase, classifier_done=done)
+        raise FederationError(reason)
+
     def train(
         self,
         phase: str,
@@ -299,6 +377,7 @@ class _Rounds:
 
         t0 = time.perf_counter()
         config = self.config
+        self._wait_for_sites(phase, server_round, t0)
         sampled = self.strategy.configure_train(
             server_round, ArrayRecord(weights), ConfigRecord(record), self.grid
         )
@@ -307,18 +386,25 @@ class _Rounds:
         content = RecordDict(
             {"arrays": ArrayRecord(weights), "config": ConfigRecord(record), **(extra or {})}
         )
+        # The round's deadline travels with its messages: a site that receives one after it
+        # refuses it rather than spend ε on a round whose result would be discarded.
         messages = [
-            Message(content, dst_node_id=m.metadata.dst_node_id, message_type=message_type)
+            Message(
+                content,
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=message_type,
+                group_id=f"{phase}-round-{server_round}",
+                ttl=config.round_timeout,
+            )
             for m in sampled
         ]
+        from fedspine.federated.weights import RunningFedAvg
+
         t_send, sent_at = time.perf_counter(), time.time()
-        replies = list(self.grid.send_and_receive(messages, timeout=config.round_timeout))
-        t_replies, replied_at = time.perf_counter(), time.time()
-        # Message ids are set when pushed; a reply made by the SuperLink (a node that stopped
-        # sending heartbeats) comes from the SuperLink itself, so map replies by what they answer.
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         expected = {"weights": weights, "federation": config.name, "round": server_round}
-        sites, failures, valid = _sort_replies(replies, sent_to, self.names, expected)
+        average = RunningFedAvg()
+        sites, failures = self._exchange(messages, expected, average)
+        t_replies, replied_at = time.perf_counter(), time.time()
         label = (
             f"classifier round {server_round}" if phase == "classifier" else f"round {server_round}"
         )
@@ -336,8 +422,7 @@ class _Rounds:
                 done = server_round - 1
                 _status(self.out, config, "failed", 0, reason, phase=phase, classifier_done=done)
             raise FederationError(reason)
-        arrays, _ = self.strategy.aggregate_train(server_round, valid)
-        new_weights = arrays.to_torch_state_dict()
+        new_weights = average.result()
         timing = {
             "exchange": t_replies - t_send,
             "aggregate": time.perf_counter() - t_replies,
@@ -567,45 +652,42 @@ def _known_site_names(out: Path) -> dict[int, str]:
     return names
 
 
-def _sort_replies(
-    replies, sent_to: dict[str, int], names: dict[int, str], expected: dict[str, Any]
-) -> tuple[list[dict], list[dict], list]:
-    """Successful replies, failures and the replies fit to aggregate, of one round.
+def wait_for_sites(grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """The connected node ids once ``needed`` are connected, or what is there after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= needed or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
-    Every reply is checked first (:func:`reply_problem`); a bad one counts as a failed site, so
-    one corrupt or hostile reply cannot fail the run or poison the average. ``names`` learns
-    each replying site's name.
-    """
-    sites: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    valid = []
-    answered = set()
-    for reply in replies:
-        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        answered.add(node)
-        if reply.has_error():
-            site = names.get(node, f"node {node}")
-            failures.append({"node_id": node, "site": site, "reason": reply.error.reason})
-            continue
-        problem = reply_problem(reply, expected)
-        if problem is not None:
-            site = names.get(node, f"node {node}")
-            failures.append({"node_id": node, "site": site, "reason": f"invalid reply: {problem}"})
-            continue
-        metrics = dict(reply.content["metrics"])
-        site_name = str(reply.content["site"]["site-name"])
-        names[node] = site_name
-        entry = {"node_id": node, "site": site_name, **{k: _plain(v) for k, v in metrics.items()}}
-        if "privacy" in reply.content["site"]:
-            entry["privacy"] = json.loads(str(reply.content["site"]["privacy"]))
-        sites.append(entry)
-        valid.append(reply)
-    for node in sorted(set(sent_to.values()) - answered):
+
+def _take_reply(
+    reply, sent_to: dict[str, int], names: dict[int, str], expected: dict[str, Any], average
+) -> tuple[dict | None, dict | None]:
+    """One reply: checked (:func:`reply_problem`), folded into ``average`` and described as a
+    site entry, or described as a failure. A bad reply fails its site, not the run, and never
+    reaches the average. ``names`` learns each replying site's name."""
+    node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    if reply.has_error():
         site = names.get(node, f"node {node}")
-        failures.append(
-            {"node_id": node, "site": site, "reason": "no reply within the round timeout"}
-        )
-    return sites, failures, valid
+        return None, {"node_id": node, "site": site, "reason": reply.error.reason}
+    problem = reply_problem(reply, expected)
+    weights = None
+    if problem is None:
+        weights = reply.content["arrays"].to_torch_state_dict()
+        problem = average.problem(weights)
+    if problem is not None:
+        site = names.get(node, f"node {node}")
+        return None, {"node_id": node, "site": site, "reason": f"invalid reply: {problem}"}
+    metrics = dict(reply.content["metrics"])
+    average.add(weights, float(metrics["num-examples"]))
+    site_name = str(reply.content["site"]["site-name"])
+    names[node] = site_name
+    entry = {"node_id": node, "site": site_name, **{k: _plain(v) for k, v in metrics.items()}}
+    if "privacy" in reply.content["site"]:
+        entry["privacy"] = json.loads(str(reply.content["site"]["privacy"]))
+    return entry, None
 
 
 def reply_problem(reply, expected: dict[str, Any]) -> str | None:

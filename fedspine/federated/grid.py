@@ -28,7 +28,13 @@ class InProcessNode:
 
 
 class InProcessGrid(Grid):
-    """Delivers each message to its node's ClientApp and collects the replies in order."""
+    """Delivers each message to its node's ClientApp and collects the replies in order.
+
+    Delivery is synchronous (``synchronous``): once messages are pushed every reply there will
+    be is waiting, and a silent node's reply never comes, as after a round timeout.
+    """
+
+    synchronous = True
 
     def __init__(
         self, nodes: Iterable[InProcessNode], run_id: int = 1, run_config: Mapping | None = None

@@ -131,6 +131,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def recorded_pid(pid_file: Path, marker: str) -> int | None:
+    """The PID in ``pid_file`` if that process is alive and still the one fedspine started.
+
+    A PID file outlives its process, and the kernel reuses PIDs: before signalling (or refusing
+    to start because "one already runs"), the process's command line must name ``marker`` (e.g.
+    ``flower-superlink``). Where /proc is missing, a live PID is taken at its word.
+    """
+    pid = read_pid_file(pid_file)
+    if pid is None or not pid_alive(pid):
+        return None
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not Path("/proc/self/cmdline").exists():
+        return pid
+    try:
+        argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return pid if marker in argv else None
+
+
 def stop_pid(pid: int, timeout: float = 10.0) -> None:
     """Terminate the process group led by ``pid`` (and ``pid`` itself), then kill leftovers."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

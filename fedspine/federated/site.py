@@ -144,6 +144,23 @@ def check_round_limits(site: SiteConfig, rc: RoundConfig) -> None:
         )
 
 
+def check_not_stale(created_at: float, ttl: float | None, now: float | None = None) -> None:
+    """Refuse a round's message that arrives after its deadline (``created_at + ttl``).
+
+    The server has given up on that round by then; training it would spend privacy budget on
+    weights that are thrown away.
+    """
+    if ttl is None or ttl <= 0:
+        return
+    now = time.time() if now is None else now
+    age = now - created_at
+    if age > ttl:
+        raise SiteRefusal(
+            f"the round's message expired: sent {age:.0f} s ago with a deadline of {ttl:.0f} s; "
+            "not trained (the server has moved on)"
+        )
+
+
 def check_version(server_version: str) -> None:
     if server_version != __version__:
         raise SiteRefusal(

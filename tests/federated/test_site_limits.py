@@ -84,3 +84,23 @@ def test_checkpoints_and_keys_are_readable_by_their_owner_only(tmp_path):
     for path in (state, pair.private_key, certs.server_key, certs.ca_key):
         mode = stat.S_IMODE(os.stat(path).st_mode)
         assert mode == 0o600, (path.name, oct(mode))
+
+
+def test_a_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
+    """PIDs are reused: `server stop` must not kill whatever process now holds the number."""
+    import subprocess
+    import sys
+
+    from fedspine.federated.deploy import stop_superlink, stop_supernode
+    from fedspine.federated.processes import pid_alive
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in ("superlink.pid", "front.pid", "supernode.pid"):
+            (tmp_path / name).write_text(f"{bystander.pid}\n")
+        assert stop_superlink(tmp_path) is False and stop_supernode(tmp_path) is False
+        assert pid_alive(bystander.pid) and bystander.poll() is None
+        assert not list(tmp_path.glob("*.pid"))
+    finally:
+        bystander.kill()
+        bystander.wait()
