@@ -71,8 +71,9 @@ def test_train_throughput_compares_every_setting_in_one_run(capsys):
 
 def test_aggregation_memory_compares_both_variants_in_one_run(capsys):
     """The smallest configuration of benchmarks/aggregation_memory.py (issue 13, item 8)."""
-    report = _load("aggregation_memory").main(["--sites", "4", "--megabytes", "16"])
+    report = _load("aggregation_memory").main(["--sites", "4", "--megabytes", "64"])
     capsys.readouterr()
     assert report["same_average"]
     models = report["models_in_memory"]
-    assert models["running_sum"] < models["all_replies"]
+    # Four replies held at once (plus the sum) against the sum and one reply.
+    assert models["running_sum"] < models["all_replies"] - 0.5, models
