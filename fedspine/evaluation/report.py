@@ -1263,15 +1263,16 @@ def _utility(
     for arm in arms:
         if arm == "TRTR":
             continue
-        result = paired_utility(points(arm), reference, boot[arm], boot["TRTR"])
+        arm_points = points(arm)
+        result = paired_utility(arm_points, reference, boot[arm], boot["TRTR"])
         result["verdict"] = utility_verdict(result, arm)
         if len(names) > 1:
             per_output = {}
             for k, name in enumerate(names):
-                if np.isnan(reference[k]) or np.isnan(points(arm)[k]):
+                if np.isnan(reference[k]) or np.isnan(arm_points[k]):
                     continue
                 one = paired_utility(
-                    points(arm)[k : k + 1],
+                    arm_points[k : k + 1],
                     reference[k : k + 1],
                     boot[arm][:, k : k + 1],
                     boot["TRTR"][:, k : k + 1],

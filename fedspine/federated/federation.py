@@ -672,10 +672,8 @@ def _take_reply(
     if reply.has_error():
         site = names.get(node, f"node {node}")
         return None, {"node_id": node, "site": site, "reason": reply.error.reason}
-    problem = reply_problem(reply, expected)
-    weights = None
+    problem, weights, privacy = reply_problem(reply, expected)
     if problem is None:
-        weights = reply.content["arrays"].to_torch_state_dict()
         problem = average.problem(weights)
     if problem is not None:
         site = names.get(node, f"node {node}")
@@ -685,14 +683,18 @@ def _take_reply(
     site_name = str(reply.content["site"]["site-name"])
     names[node] = site_name
     entry = {"node_id": node, "site": site_name, **{k: _plain(v) for k, v in metrics.items()}}
-    if "privacy" in reply.content["site"]:
-        entry["privacy"] = json.loads(str(reply.content["site"]["privacy"]))
+    if privacy is not None:
+        entry["privacy"] = privacy
     return entry, None
 
 
-def reply_problem(reply, expected: dict[str, Any]) -> str | None:
+def reply_problem(reply, expected: dict[str, Any]) -> tuple[str | None, dict | None, Any]:
     """Why a site's reply cannot be aggregated, or None: the records it must hold, the round and
-    federation it answers, and weights with the sent keys, shapes and dtypes, all finite."""
+    federation it answers, and weights with the sent keys, shapes and dtypes, all finite.
+
+    Returns ``(problem, weights, privacy)``: what was decoded on the way (the reply's state dict
+    and privacy summary), so that the caller never decodes a whole model twice.
+    """
     import math
 
     import torch
@@ -700,40 +702,46 @@ def reply_problem(reply, expected: dict[str, Any]) -> str | None:
     content = reply.content
     for name in ("arrays", "metrics", "site"):
         if name not in content:
-            return f"no {name!r} record"
+            return f"no {name!r} record", None, None
     site = content["site"]
     if "site-name" not in site:
-        return "no site name"
+        return "no site name", None, None
     if str(site.get("federation", "")) != expected["federation"]:
-        return f"answers federation {site.get('federation')!r}, not {expected['federation']!r}"
+        return (
+            f"answers federation {site.get('federation')!r}, not {expected['federation']!r}",
+            None,
+            None,
+        )
     if int(site.get("round", -1)) != int(expected["round"]):
-        return f"answers round {site.get('round')}, not {expected['round']}"
+        return f"answers round {site.get('round')}, not {expected['round']}", None, None
+    privacy = None
     if "privacy" in site:
         try:
-            json.loads(str(site["privacy"]))
+            privacy = json.loads(str(site["privacy"]))
         except ValueError:
-            return "unreadable privacy summary"
+            return "unreadable privacy summary", None, None
     examples = content["metrics"].get("num-examples")
     if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
-        return f"num-examples {examples!r} is not a positive count"
+        return f"num-examples {examples!r} is not a positive count", None, None
     try:
         weights = content["arrays"].to_torch_state_dict()
     except Exception as err:
-        return f"unreadable weights ({type(err).__name__})"
+        return f"unreadable weights ({type(err).__name__})", None, None
     sent = expected["weights"]
     if set(weights) != set(sent):
         missing, extra = sorted(set(sent) - set(weights)), sorted(set(weights) - set(sent))
-        return f"weight keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+        return f"weight keys differ (missing {missing[:3]}, unexpected {extra[:3]})", None, None
     for key, tensor in weights.items():
         want = sent[key]
         if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
-            return (
+            problem = (
                 f"{key}: {tuple(tensor.shape)} {tensor.dtype}, sent {tuple(want.shape)} "
                 f"{want.dtype}"
             )
+            return problem, None, None
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return f"{key} holds NaN or infinite values"
-    return None
+            return f"{key} holds NaN or infinite values", None, None
+    return None, weights, privacy
 
 
 def _too_few(label: str, sites, failures, config: FederationConfig) -> str:
