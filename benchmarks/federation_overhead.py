@@ -146,8 +146,9 @@ def _federated(args: argparse.Namespace, work: Path, sites: list[Path]) -> dict:
         submit_run,
         wait_for_run,
     )
-    from fedspine.federated.federation import FederationConfig, read_rounds, read_status
+    from fedspine.federated.federation_config import FederationConfig
     from fedspine.federated.processes import free_port
+    from fedspine.federated.run_folder import read_rounds, read_status
 
     server = work / "server"
     out = work / "federation-out"

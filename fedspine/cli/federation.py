@@ -138,8 +138,9 @@ def server_run(
     ([classifier] table), then trains the GAN with it frozen.
     """
     from fedspine.federated.deploy import run_logs, submit_run, wait_for_run
-    from fedspine.federated.federation import FederationConfig, FederationError, read_status
+    from fedspine.federated.federation_config import FederationConfig, FederationError
     from fedspine.federated.processes import FlowerProcessError
+    from fedspine.federated.run_folder import read_status
 
     try:
         fed = FederationConfig.from_toml(config)

@@ -15,6 +15,7 @@ import torch  # noqa: F401  (flwr's ArrayRecord.to_torch_state_dict needs torch 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedspine.data.prepared import load_prepared
 from fedspine.federated.classifier_phase import (
     CLASSIFIER_ACTION,
     ClassifierRoundConfig,
@@ -72,8 +73,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         return Message(
             Error(code=SITE_REFUSED, reason=f"refused: {public_reason(err)}"), reply_to=msg
         )
-    from fedspine.data.prepared import load_prepared
-
     train_images = len(load_prepared(site.data_path).select("train"))
     content = RecordDict(
         {

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from fedspine.data.prepared import load_prepared
 from fedspine.federated.processes import (
     CONNECTION,
     FlowerProcessError,
@@ -42,6 +43,9 @@ from fedspine.federated.processes import (
     wait_for_health,
     write_connection,
 )
+from fedspine.federated.run_folder import read_rounds
+from fedspine.federated.security import read_public_key
+from fedspine.privacy.home import resolve_home
 
 SERVER_FILE = "server.json"
 FRONT_PID = "front.pid"
@@ -197,8 +201,6 @@ def stop_superlink(workdir: Path) -> bool:
 
 def register_site(workdir: Path, public_key: Path) -> dict:
     """Register a site's public key with the SuperLink; returns Flower's answer (node id)."""
-    from fedspine.federated.security import read_public_key
-
     read_public_key(public_key)
     return flwr_cli(
         ["supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--format", "json"],
@@ -262,8 +264,6 @@ def wait_for_run(
     timeout: float | None = None,
 ) -> str:
     """Follow a run until Flower says it finished; report each new round from rounds.jsonl."""
-    from fedspine.federated.federation import read_rounds
-
     seen = 0
     start = time.monotonic()
     while True:
@@ -316,8 +316,6 @@ class SiteProcessConfig:
 
     def node_config(self) -> str:
         """Flower's ``--node-config``: TOML values, strings double-quoted."""
-        from fedspine.privacy.home import resolve_home
-
         items = {
             "data-path": str(self.data.resolve()),
             "site-name": self.site,
@@ -341,8 +339,6 @@ class SiteProcessConfig:
 
 def start_supernode(cfg: SiteProcessConfig) -> ManagedProcess:
     """Start the site's SuperNode in the background (its own process group)."""
-    from fedspine.data.prepared import load_prepared
-
     load_prepared(cfg.data)  # refuse to start on a folder that is not a prepared dataset
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -15,241 +15,73 @@ rounds.jsonl records every round with its phase and where its time went (``timin
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from fedspine import __version__
-from fedspine.federated.classifier_phase import ClassifierPhaseConfig
+from fedspine.federated.classifier_phase import (
+    FINAL_FILE,
+    MESSAGE_TYPE,
+    ClassifierRoundConfig,
+    classifier_outputs,
+    clinical_spec,
+    initial_classifier,
+    save_final_classifier,
+)
+from fedspine.federated.federation_config import FederationConfig, FederationError
+from fedspine.federated.replies import take_reply
+from fedspine.federated.run_folder import (
+    CLASSIFIER_PREFIX,
+    ROUNDS_DIR,
+    RoundRecord,
+    append_round,
+    known_site_names,
+    latest_classifier_checkpoint,
+    latest_round_checkpoint,
+    now,
+    read_rounds,
+    read_status,
+    write_status,
+)
+from fedspine.federated.site import RoundConfig
+from fedspine.federated.weights import RunningFedAvg, split_weights, trainer_weights
+from fedspine.fileio import FEDERATION_CONFIG, RUN_GENERATOR, write_json_atomic
+from fedspine.models import Generator, NetworkConfig
 from fedspine.privacy.accounting import REPORT_ACCOUNTANT
+from fedspine.privacy.report import site_entry, write_privacy_summary
+from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
+from fedspine.training.config import preset_config
+from fedspine.training.dp import DPConfig
+from fedspine.training.dp_trainer import dp_train_config
+from fedspine.training.gan_trainer import GanTrainer
+from fedspine.training.generate import save_generator
 
-if TYPE_CHECKING:
-    from fedspine.federated.weights import RunningFedAvg
+__all__ = [
+    "FederationConfig",
+    "FederationError",
+    "initial_weights",
+    "read_rounds",
+    "read_status",
+    "run_federation",
+    "wait_for_sites",
+]
 
-MODELS = ("cgan", "spinegan")
-ROUNDS_DIR = "rounds"
-CLASSIFIER_PREFIX = "classifier_round_"
-ROUNDS_LOG = "rounds.jsonl"
-STATUS_FILE = "federation.json"
 REPLY_POLL_SECONDS = 1.0
-
-
-class FederationError(Exception):
-    """The federated run cannot go on (too few sites replied, bad config); says why."""
-
-
-@dataclass
-class FederationConfig:
-    """The coordinator's settings for one federated run (server/federation.toml)."""
-
-    name: str = "fedspine-federation"
-    output_dir: str = "federation-output"
-    rounds: int = 3
-    local_kimg: float = 1.0
-    min_sites: int = 2
-    round_timeout: float = 1800.0
-    site_wait: float = 600.0
-    """Seconds a round waits for ``min_sites`` connected sites before it fails (Flower's FedAvg
-    would wait for ever)."""
-    preset: str = "cpu"
-    resolution: int = 32
-    class_names: list[str] = field(default_factory=lambda: ["normal", "abnormal"])
-    label_prior: list[float] | None = None
-    seed: int = 0
-    resume: bool = True
-    dp: bool = False
-    dp_epsilon: float | None = None
-    dp_patients_per_step: int = 64
-    dp_clip: float = 1.0
-    dp_d_steps_per_g: int = 1
-    dp_ada_p: float = 0.0
-    model: str = "cgan"
-    classifier: ClassifierPhaseConfig = field(default_factory=ClassifierPhaseConfig)
-    """SpineGAN only: the classifier phase that runs before the GAN rounds."""
-
-    def dp_request(self) -> dict | None:
-        """What the server asks of the sites' DP; each site still applies its own cap."""
-        if not self.dp:
-            return None
-        return {
-            "epsilon": self.dp_epsilon,
-            "patients-per-step": int(self.dp_patients_per_step),
-            "clip": float(self.dp_clip),
-            "d-steps-per-g": int(self.dp_d_steps_per_g),
-            "ada-p": float(self.dp_ada_p),
-        }
-
-    def validate(self) -> None:
-        if self.rounds < 1:
-            raise FederationError("rounds must be at least 1")
-        if self.min_sites < 1:
-            raise FederationError("min_sites must be at least 1")
-        if self.local_kimg <= 0:
-            raise FederationError("local_kimg must be positive")
-        if self.site_wait <= 0 or self.round_timeout <= 0:
-            raise FederationError("site_wait and round_timeout must be positive (seconds)")
-        if len(self.class_names) < 1:
-            raise FederationError("class_names must name at least one class")
-        if self.label_prior is not None and len(self.label_prior) != len(self.class_names):
-            raise FederationError("label_prior needs one weight per class")
-        if self.model not in MODELS:
-            raise FederationError(f"model must be one of {MODELS}, not {self.model!r}")
-        if self.model == "spinegan":
-            if len(self.class_names) < 2:
-                raise FederationError("SpineGAN's classifier needs at least two classes")
-            problems = self.classifier.validate(self.dp, self.dp_epsilon)
-            if problems:
-                raise FederationError("; ".join(problems))
-
-    def classifier_dp_request(self) -> dict | None:
-        """The classifier phase's DP request; each site still applies its own cap."""
-        if not self.dp:
-            return None
-        return {
-            "epsilon": self.classifier.dp_epsilon,
-            "patients-per-step": int(self.classifier.dp_patients_per_step),
-            "clip": float(self.classifier.dp_clip),
-        }
-
-    def prior(self) -> list[float]:
-        """The public prior of fake labels: uniform unless the coordinator states one."""
-        if self.label_prior is None:
-            return [1.0 / len(self.class_names)] * len(self.class_names)
-        total = float(sum(self.label_prior))
-        return [float(p) / total for p in self.label_prior]
-
-    def to_run_config(self) -> dict[str, Any]:
-        """Flat keys for `flwr run --run-config` (lists travel as JSON strings)."""
-        return {
-            "name": self.name,
-            "output-dir": str(Path(self.output_dir).resolve()),
-            "rounds": int(self.rounds),
-            "local-kimg": float(self.local_kimg),
-            "min-sites": int(self.min_sites),
-            "round-timeout": float(self.round_timeout),
-            "site-wait": float(self.site_wait),
-            "preset": self.preset,
-            "resolution": int(self.resolution),
-            "class-names": json.dumps(list(self.class_names)),
-            "label-prior": json.dumps(self.label_prior) if self.label_prior is not None else "",
-            "seed": int(self.seed),
-            "resume": bool(self.resume),
-            "fedspine-version": __version__,
-            "dp": json.dumps(self.dp_request()) if self.dp else "",
-            "model": self.model,
-            "classifier": json.dumps(asdict(self.classifier)) if self.model == "spinegan" else "",
-        }
-
-    @classmethod
-    def from_run_config(cls, rc: dict[str, Any]) -> FederationConfig:
-        if str(rc.get("fedspine-version", __version__)) != __version__:
-            raise FederationError(
-                f"the run was submitted with fedspine {rc['fedspine-version']}, but the ServerApp "
-                f"has fedspine {__version__}"
-            )
-        prior = str(rc.get("label-prior", "") or "")
-        classifier = str(rc.get("classifier", "") or "")
-        return cls(
-            name=str(rc["name"]),
-            output_dir=str(rc["output-dir"]),
-            rounds=int(rc["rounds"]),
-            local_kimg=float(rc["local-kimg"]),
-            min_sites=int(rc["min-sites"]),
-            round_timeout=float(rc["round-timeout"]),
-            site_wait=float(rc.get("site-wait", 600.0)),
-            preset=str(rc["preset"]),
-            resolution=int(rc["resolution"]),
-            class_names=list(json.loads(str(rc["class-names"]))),
-            label_prior=json.loads(prior) if prior else None,
-            seed=int(rc["seed"]),
-            resume=bool(rc.get("resume", True)),
-            model=str(rc.get("model", "cgan") or "cgan"),
-            classifier=(
-                ClassifierPhaseConfig.from_dict(json.loads(classifier))
-                if classifier
-                else ClassifierPhaseConfig()
-            ),
-            **_dp_fields(str(rc.get("dp", "") or "")),
-        )
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> FederationConfig:
-        """Read the ``[federation]``, ``[training]``, ``[privacy]`` and ``[classifier]`` tables."""
-        path = Path(path)
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise FederationError(f"{path}: cannot read the federation config ({err})") from None
-        privacy = {
-            ("dp" if k == "enabled" else f"dp_{k}"): v for k, v in data.get("privacy", {}).items()
-        }
-        merged = {**data.get("federation", {}), **data.get("training", {}), **privacy}
-        known = {f for f in cls.__dataclass_fields__} - {"classifier"}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise FederationError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        try:
-            classifier = ClassifierPhaseConfig.from_dict(
-                data.get("classifier", {}), where=f"{path} [classifier]"
-            )
-        except (TypeError, ValueError) as err:
-            raise FederationError(str(err)) from None
-        config = cls(**merged, classifier=classifier)
-        out = Path(config.output_dir)
-        if not out.is_absolute():
-            config.output_dir = str((path.parent / out).resolve())
-        config.validate()
-        return config
-
-
-def _dp_fields(text: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    request = json.loads(text)
-    return {
-        "dp": True,
-        "dp_epsilon": request.get("epsilon"),
-        "dp_patients_per_step": int(request["patients-per-step"]),
-        "dp_clip": float(request["clip"]),
-        "dp_d_steps_per_g": int(request["d-steps-per-g"]),
-        "dp_ada_p": float(request["ada-p"]),
-    }
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    sites: list[dict[str, Any]]
-    failures: list[dict[str, Any]]
-    seconds: float
-    finished: str
-    phase: str = "gan"
-    timing: dict[str, float] = field(default_factory=dict)
-    """Server-side seconds: ``exchange`` (messages out until the last reply), ``aggregate``
-    (FedAvg) and ``checkpoint`` (writing the round's checkpoint); and the Unix times the
-    messages went out (``sent_at``) and the last reply came in (``replied_at``)."""
 
 
 def initial_weights(config: FederationConfig) -> tuple[dict, dict]:
     """Fresh global weights from the seed, and the TrainConfig dict every site will use."""
-    from fedspine.federated.weights import trainer_weights
-    from fedspine.training.config import preset_config
-    from fedspine.training.gan_trainer import GanTrainer
 
     train_config = preset_config(config.preset, config.resolution, len(config.class_names))
     train_config.seed = config.seed
     train_config.device = "cpu"
     if config.dp:
-        from fedspine.training.dp import DPConfig
-        from fedspine.training.dp_trainer import dp_train_config
-
         # Every site builds the same DP network (no minibatch-std, fixed augmentation p).
         request = DPConfig(noise_multiplier=1.0, ada_p=config.dp_ada_p)
         train_config = dp_train_config(train_config, request)
@@ -263,12 +95,11 @@ def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
     A SpineGAN federation first runs its classifier rounds (:mod:`classifier_phase`), then the
     GAN rounds with the averaged classifier, frozen, sent along with every round.
     """
-    from flwr.serverapp.strategy import FedAvg
 
     config.validate()
     out = Path(config.output_dir)
     (out / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
-    _write_json(out / "federation_config.json", asdict(config))
+    write_json_atomic(out / FEDERATION_CONFIG, asdict(config))
     gan_checkpoint = latest_round_checkpoint(out) if config.resume else None
     _check_resumable(gan_checkpoint, config)
 
@@ -279,7 +110,7 @@ def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
         min_available_nodes=config.min_sites,
         weighted_by_key="num-examples",
     )
-    rounds = _Rounds(grid, strategy, config, out, _known_site_names(out), log)
+    rounds = _Rounds(grid, strategy, config, out, known_site_names(out), log)
     clinical = _classifier_phase(rounds) if config.model == "spinegan" else None
     return _gan_phase(rounds, gan_checkpoint, clinical)
 
@@ -313,7 +144,7 @@ class _Rounds:
         while ids:
             for reply in self.grid.pull_messages(ids):
                 ids.discard(reply.metadata.reply_to_message_id)
-                entry, failure = _take_reply(reply, sent_to, self.names, expected, average)
+                entry, failure = take_reply(reply, sent_to, self.names, expected, average)
                 if entry is not None:
                     sites.append(entry)
                 else:
@@ -349,15 +180,15 @@ class _Rounds:
         )
         self.log(reason)
         failure = {"node_id": None, "site": "(not connected)", "reason": reason}
-        _append_round(
+        append_round(
             self.out,
-            RoundRecord(server_round, [], [failure], time.perf_counter() - t0, _now(), phase),
+            RoundRecord(server_round, [], [failure], time.perf_counter() - t0, now(), phase),
         )
         if phase == "gan":
-            _status(self.out, config, "failed", server_round - 1, reason=reason)
+            write_status(self.out, config, "failed", server_round - 1, reason=reason)
         else:
             done = server_round - 1
-            _status(self.out, config, "failed", 0, reason, phase=phase, classifier_done=done)
+            write_status(self.out, config, "failed", 0, reason, phase=phase, classifier_done=done)
         raise FederationError(reason)
 
     def train(
@@ -373,7 +204,6 @@ class _Rounds:
 
         Fails the run (after logging the round) where fewer than ``min_sites`` replied.
         """
-        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
         t0 = time.perf_counter()
         config = self.config
@@ -398,7 +228,6 @@ class _Rounds:
             )
             for m in sampled
         ]
-        from fedspine.federated.weights import RunningFedAvg
 
         t_send, sent_at = time.perf_counter(), time.time()
         expected = {"weights": weights, "federation": config.name, "round": server_round}
@@ -413,14 +242,16 @@ class _Rounds:
         if len(sites) < config.min_sites:
             reason = _too_few(label, sites, failures, config)
             seconds = time.perf_counter() - t0
-            _append_round(
-                self.out, RoundRecord(server_round, sites, failures, seconds, _now(), phase)
+            append_round(
+                self.out, RoundRecord(server_round, sites, failures, seconds, now(), phase)
             )
             if phase == "gan":
-                _status(self.out, config, "failed", server_round - 1, reason=reason)
+                write_status(self.out, config, "failed", server_round - 1, reason=reason)
             else:
                 done = server_round - 1
-                _status(self.out, config, "failed", 0, reason, phase=phase, classifier_done=done)
+                write_status(
+                    self.out, config, "failed", 0, reason, phase=phase, classifier_done=done
+                )
             raise FederationError(reason)
         new_weights = average.result()
         timing = {
@@ -431,7 +262,7 @@ class _Rounds:
         }
         seconds = time.perf_counter() - t0
         return new_weights, RoundRecord(
-            server_round, sites, failures, seconds, _now(), phase, timing
+            server_round, sites, failures, seconds, now(), phase, timing
         )
 
 
@@ -439,10 +270,6 @@ def _gan_phase(
     rounds: _Rounds, last: Path | None, clinical: tuple[dict, dict] | None
 ) -> dict[str, Any]:
     """The GAN rounds: FedAvg of G, D and G_ema; ``clinical`` is (classifier spec, weights)."""
-    from flwr.app import ArrayRecord
-
-    from fedspine.federated.site import RoundConfig
-    from fedspine.training.checkpoint import load_checkpoint
 
     config, out, log = rounds.config, rounds.out, rounds.log
     start_round = 1
@@ -453,7 +280,7 @@ def _gan_phase(
         log(f"resuming {config.name} after round {start_round - 1} from {last}")
     else:
         weights, train_config = initial_weights(config)
-    _status(out, config, "running", start_round - 1)
+    write_status(out, config, "running", start_round - 1)
     spec, extra = None, {}
     if clinical is not None:
         spec, classifier_weights = clinical
@@ -482,30 +309,20 @@ def _gan_phase(
         t_save = time.perf_counter()
         _save_round(out, server_round, weights, train_config, config, spec)
         record.timing["checkpoint"] = time.perf_counter() - t_save
-        _append_round(out, record)
+        append_round(out, record)
         _write_privacy(out, config)
-        _status(out, config, "running", server_round)
+        write_status(out, config, "running", server_round)
         log(
             f"round {server_round}/{config.rounds}: {len(record.sites)} site(s) replied, "
             f"{len(record.failures)} failed, {record.seconds:.1f} s"
         )
     _save_final_generator(out, weights, train_config, config, spec)
-    return _status(out, config, "completed", config.rounds)
+    return write_status(out, config, "completed", config.rounds)
 
 
 def _classifier_phase(rounds: _Rounds) -> tuple[dict, dict]:
     """The classifier rounds (resumed after the last one checkpointed); writes classifier.pt
     and returns what every GAN round sends: the classifier's spec and its frozen weights."""
-    from fedspine.federated.classifier_phase import (
-        FINAL_FILE,
-        MESSAGE_TYPE,
-        ClassifierRoundConfig,
-        classifier_outputs,
-        clinical_spec,
-        initial_classifier,
-        save_final_classifier,
-    )
-    from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
 
     config, out, log = rounds.config, rounds.out, rounds.log
     phase = config.classifier
@@ -522,7 +339,9 @@ def _classifier_phase(rounds: _Rounds) -> tuple[dict, dict]:
         done = 0
     task, _ = classifier_outputs(config.class_names)
     for server_round in range(done + 1, phase.rounds + 1):
-        _status(out, config, "running", 0, phase="classifier", classifier_done=server_round - 1)
+        write_status(
+            out, config, "running", 0, phase="classifier", classifier_done=server_round - 1
+        )
         rc = ClassifierRoundConfig(
             federation=config.name,
             server_round=server_round,
@@ -554,7 +373,7 @@ def _classifier_phase(rounds: _Rounds) -> tuple[dict, dict]:
             },
         )
         record.timing["checkpoint"] = time.perf_counter() - t_save
-        _append_round(out, record)
+        append_round(out, record)
         _write_privacy(out, config)
         log(
             f"classifier round {server_round}/{phase.rounds}: {len(record.sites)} site(s) "
@@ -563,13 +382,12 @@ def _classifier_phase(rounds: _Rounds) -> tuple[dict, dict]:
     save_final_classifier(
         out / FINAL_FILE, model_config, weights, config.class_names, _classifier_meta(out, config)
     )
-    _status(out, config, "running", 0, phase="gan", classifier_done=phase.rounds)
+    write_status(out, config, "running", 0, phase="gan", classifier_done=phase.rounds)
     return clinical_spec(phase, model_config, config.class_names, weights), weights
 
 
 def _check_resumable(last: Path | None, config: FederationConfig) -> None:
     """A resumed run keeps its model: GAN rounds of a cgan run do not become SpineGAN's."""
-    from fedspine.training.checkpoint import load_checkpoint
 
     if last is None:
         return
@@ -618,40 +436,6 @@ def _classifier_meta(out: Path, config: FederationConfig) -> dict[str, Any]:
     return meta
 
 
-def latest_classifier_checkpoint(out: Path) -> Path | None:
-    candidates = sorted((out / ROUNDS_DIR).glob(f"{CLASSIFIER_PREFIX}*.pt"))
-    return candidates[-1] if candidates else None
-
-
-def latest_round_checkpoint(out: Path) -> Path | None:
-    candidates = sorted((out / ROUNDS_DIR).glob("round_*.pt"))
-    return candidates[-1] if candidates else None
-
-
-def read_rounds(out: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(out) / ROUNDS_LOG
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_status(out: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(out) / STATUS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _known_site_names(out: Path) -> dict[int, str]:
-    """Node id to site name, from earlier rounds, to name sites that fail without replying."""
-    names: dict[int, str] = {}
-    for record in read_rounds(out):
-        for site in record["sites"]:
-            names[int(site["node_id"])] = str(site["site"])
-    return names
-
-
 def wait_for_sites(grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
     """The connected node ids once ``needed`` are connected, or what is there after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -660,88 +444,6 @@ def wait_for_sites(grid, needed: int, timeout: float, poll: float = 1.0) -> list
         if len(nodes) >= needed or time.monotonic() >= deadline:
             return nodes
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-
-
-def _take_reply(
-    reply, sent_to: dict[str, int], names: dict[int, str], expected: dict[str, Any], average
-) -> tuple[dict | None, dict | None]:
-    """One reply: checked (:func:`reply_problem`), folded into ``average`` and described as a
-    site entry, or described as a failure. A bad reply fails its site, not the run, and never
-    reaches the average. ``names`` learns each replying site's name."""
-    node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-    if reply.has_error():
-        site = names.get(node, f"node {node}")
-        return None, {"node_id": node, "site": site, "reason": reply.error.reason}
-    problem, weights, privacy = reply_problem(reply, expected)
-    if problem is None:
-        problem = average.problem(weights)
-    if problem is not None:
-        site = names.get(node, f"node {node}")
-        return None, {"node_id": node, "site": site, "reason": f"invalid reply: {problem}"}
-    metrics = dict(reply.content["metrics"])
-    average.add(weights, float(metrics["num-examples"]))
-    site_name = str(reply.content["site"]["site-name"])
-    names[node] = site_name
-    entry = {"node_id": node, "site": site_name, **{k: _plain(v) for k, v in metrics.items()}}
-    if privacy is not None:
-        entry["privacy"] = privacy
-    return entry, None
-
-
-def reply_problem(reply, expected: dict[str, Any]) -> tuple[str | None, dict | None, Any]:
-    """Why a site's reply cannot be aggregated, or None: the records it must hold, the round and
-    federation it answers, and weights with the sent keys, shapes and dtypes, all finite.
-
-    Returns ``(problem, weights, privacy)``: what was decoded on the way (the reply's state dict
-    and privacy summary), so that the caller never decodes a whole model twice.
-    """
-    import math
-
-    import torch
-
-    content = reply.content
-    for name in ("arrays", "metrics", "site"):
-        if name not in content:
-            return f"no {name!r} record", None, None
-    site = content["site"]
-    if "site-name" not in site:
-        return "no site name", None, None
-    if str(site.get("federation", "")) != expected["federation"]:
-        return (
-            f"answers federation {site.get('federation')!r}, not {expected['federation']!r}",
-            None,
-            None,
-        )
-    if int(site.get("round", -1)) != int(expected["round"]):
-        return f"answers round {site.get('round')}, not {expected['round']}", None, None
-    privacy = None
-    if "privacy" in site:
-        try:
-            privacy = json.loads(str(site["privacy"]))
-        except ValueError:
-            return "unreadable privacy summary", None, None
-    examples = content["metrics"].get("num-examples")
-    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
-        return f"num-examples {examples!r} is not a positive count", None, None
-    try:
-        weights = content["arrays"].to_torch_state_dict()
-    except Exception as err:
-        return f"unreadable weights ({type(err).__name__})", None, None
-    sent = expected["weights"]
-    if set(weights) != set(sent):
-        missing, extra = sorted(set(sent) - set(weights)), sorted(set(weights) - set(sent))
-        return f"weight keys differ (missing {missing[:3]}, unexpected {extra[:3]})", None, None
-    for key, tensor in weights.items():
-        want = sent[key]
-        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
-            problem = (
-                f"{key}: {tuple(tensor.shape)} {tensor.dtype}, sent {tuple(want.shape)} "
-                f"{want.dtype}"
-            )
-            return problem, None, None
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return f"{key} holds NaN or infinite values", None, None
-    return None, weights, privacy
 
 
 def _too_few(label: str, sites, failures, config: FederationConfig) -> str:
@@ -761,7 +463,6 @@ def _save_round(
     config: FederationConfig,
     spec: dict | None,
 ) -> None:
-    from fedspine.training.checkpoint import save_checkpoint
 
     save_checkpoint(
         out / ROUNDS_DIR / f"round_{server_round:04d}.pt",
@@ -780,14 +481,11 @@ def _save_round(
 def _save_final_generator(
     out: Path, weights, train_config: dict, config: FederationConfig, spec: dict | None
 ) -> None:
-    from fedspine.federated.weights import split_weights
-    from fedspine.models import Generator, NetworkConfig
-    from fedspine.training.generate import save_generator
 
     G_ema = Generator(NetworkConfig(**train_config["network"]))
     G_ema.load_state_dict(split_weights(weights, "G_ema"))
     save_generator(
-        out / "generator.pt",
+        out / RUN_GENERATOR,
         G_ema,
         train_config["network"],
         config.class_names,
@@ -817,7 +515,6 @@ def _save_final_generator(
 def _write_privacy(out: Path, config: FederationConfig) -> None:
     """RUN/privacy.json from the sites' own reports: the latest per site, ε per round and
     phase, and each phase's ε alone (classifier and GAN) as the sites computed it."""
-    from fedspine.privacy.report import site_entry, write_privacy_summary
 
     spinegan = config.model == "spinegan"
     if not config.dp:
@@ -886,61 +583,3 @@ def _write_privacy(out: Path, config: FederationConfig) -> None:
         unit=" / ".join(units),
         run_id=config.name,
     )
-
-
-def _append_round(out: Path, record: RoundRecord) -> None:
-    with open(out / ROUNDS_LOG, "a") as fh:
-        fh.write(json.dumps(asdict(record)) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _status(
-    out: Path,
-    config: FederationConfig,
-    state: str,
-    completed: int,
-    reason: str = "",
-    phase: str = "gan",
-    classifier_done: int | None = None,
-) -> dict:
-    """Write federation.json; ``completed`` counts GAN rounds, ``classifier_done`` the
-    classifier rounds of a SpineGAN run (all of them once the GAN phase runs)."""
-    status = {
-        "federation": config.name,
-        "state": state,
-        "phase": phase,
-        "completed_rounds": completed,
-        "rounds": config.rounds,
-        "reason": reason,
-        "updated": _now(),
-        "fedspine_version": __version__,
-    }
-    if config.model == "spinegan":
-        status["model"] = "spinegan"
-        status["classifier_rounds"] = config.classifier.rounds
-        status["classifier_completed_rounds"] = (
-            config.classifier.rounds if classifier_done is None else classifier_done
-        )
-    _write_json(out / STATUS_FILE, status)
-    return status
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _plain(value):
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, float | int | str | bool):
-        return value
-    return float(value)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

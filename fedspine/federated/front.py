@@ -28,6 +28,13 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 ALLOWED_PREFIXES = ("/v1/fleet/",)
 ALLOWED_EXACT = ("/health",)
 REFUSAL = "fedspine front: only Flower's Fleet API is served on this port"
@@ -45,12 +52,6 @@ def allowed(path: str) -> bool:
 
 def make_app(upstream: str, ca_cert: str | Path | None):
     """The ASGI app: forward allowed paths to ``upstream``, refuse the rest with 403."""
-    import httpx
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
     verify: ssl.SSLContext | bool = (
         ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else False
     )
@@ -94,8 +95,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cert", help="server certificate (PEM) presented to sites")
     parser.add_argument("--key", help="its private key (PEM)")
     args = parser.parse_args(argv)
-    import uvicorn
-
     host, _, port = args.listen.rpartition(":")
     uvicorn.run(
         make_app(args.upstream, args.ca),

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -114,8 +115,6 @@ def start_process(
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (for loopback deployments and tests)."""
-    import socket
-
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -17,8 +17,8 @@ from fedspine.federated.deploy import (
     start_supernode,
     stop_superlink,
 )
-from fedspine.federated.federation import read_rounds, read_status
 from fedspine.federated.processes import free_port
+from fedspine.federated.run_folder import read_rounds, read_status
 from tests.federated.conftest import make_site_dataset
 
 pytestmark = pytest.mark.slow

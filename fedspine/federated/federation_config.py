@@ -1,0 +1,203 @@
+"""The coordinator's settings for one federated run (server/federation.toml), and how they
+travel to the ServerApp as Flower run config.
+
+Kept apart from the round loop so that `fedspine server` can read and check a config without
+importing the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedspine import __version__
+from fedspine.federated.classifier_phase import ClassifierPhaseConfig
+
+MODELS = ("cgan", "spinegan")
+
+
+class FederationError(Exception):
+    """The federated run cannot go on (too few sites replied, bad config); says why."""
+
+
+@dataclass
+class FederationConfig:
+    """The coordinator's settings for one federated run (server/federation.toml)."""
+
+    name: str = "fedspine-federation"
+    output_dir: str = "federation-output"
+    rounds: int = 3
+    local_kimg: float = 1.0
+    min_sites: int = 2
+    round_timeout: float = 1800.0
+    site_wait: float = 600.0
+    """Seconds a round waits for ``min_sites`` connected sites before it fails (Flower's FedAvg
+    would wait for ever)."""
+    preset: str = "cpu"
+    resolution: int = 32
+    class_names: list[str] = field(default_factory=lambda: ["normal", "abnormal"])
+    label_prior: list[float] | None = None
+    seed: int = 0
+    resume: bool = True
+    dp: bool = False
+    dp_epsilon: float | None = None
+    dp_patients_per_step: int = 64
+    dp_clip: float = 1.0
+    dp_d_steps_per_g: int = 1
+    dp_ada_p: float = 0.0
+    model: str = "cgan"
+    classifier: ClassifierPhaseConfig = field(default_factory=ClassifierPhaseConfig)
+    """SpineGAN only: the classifier phase that runs before the GAN rounds."""
+
+    def dp_request(self) -> dict | None:
+        """What the server asks of the sites' DP; each site still applies its own cap."""
+        if not self.dp:
+            return None
+        return {
+            "epsilon": self.dp_epsilon,
+            "patients-per-step": int(self.dp_patients_per_step),
+            "clip": float(self.dp_clip),
+            "d-steps-per-g": int(self.dp_d_steps_per_g),
+            "ada-p": float(self.dp_ada_p),
+        }
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise FederationError("rounds must be at least 1")
+        if self.min_sites < 1:
+            raise FederationError("min_sites must be at least 1")
+        if self.local_kimg <= 0:
+            raise FederationError("local_kimg must be positive")
+        if self.site_wait <= 0 or self.round_timeout <= 0:
+            raise FederationError("site_wait and round_timeout must be positive (seconds)")
+        if len(self.class_names) < 1:
+            raise FederationError("class_names must name at least one class")
+        if self.label_prior is not None and len(self.label_prior) != len(self.class_names):
+            raise FederationError("label_prior needs one weight per class")
+        if self.model not in MODELS:
+            raise FederationError(f"model must be one of {MODELS}, not {self.model!r}")
+        if self.model == "spinegan":
+            if len(self.class_names) < 2:
+                raise FederationError("SpineGAN's classifier needs at least two classes")
+            problems = self.classifier.validate(self.dp, self.dp_epsilon)
+            if problems:
+                raise FederationError("; ".join(problems))
+
+    def classifier_dp_request(self) -> dict | None:
+        """The classifier phase's DP request; each site still applies its own cap."""
+        if not self.dp:
+            return None
+        return {
+            "epsilon": self.classifier.dp_epsilon,
+            "patients-per-step": int(self.classifier.dp_patients_per_step),
+            "clip": float(self.classifier.dp_clip),
+        }
+
+    def prior(self) -> list[float]:
+        """The public prior of fake labels: uniform unless the coordinator states one."""
+        if self.label_prior is None:
+            return [1.0 / len(self.class_names)] * len(self.class_names)
+        total = float(sum(self.label_prior))
+        return [float(p) / total for p in self.label_prior]
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat keys for `flwr run --run-config` (lists travel as JSON strings)."""
+        return {
+            "name": self.name,
+            "output-dir": str(Path(self.output_dir).resolve()),
+            "rounds": int(self.rounds),
+            "local-kimg": float(self.local_kimg),
+            "min-sites": int(self.min_sites),
+            "round-timeout": float(self.round_timeout),
+            "site-wait": float(self.site_wait),
+            "preset": self.preset,
+            "resolution": int(self.resolution),
+            "class-names": json.dumps(list(self.class_names)),
+            "label-prior": json.dumps(self.label_prior) if self.label_prior is not None else "",
+            "seed": int(self.seed),
+            "resume": bool(self.resume),
+            "fedspine-version": __version__,
+            "dp": json.dumps(self.dp_request()) if self.dp else "",
+            "model": self.model,
+            "classifier": json.dumps(asdict(self.classifier)) if self.model == "spinegan" else "",
+        }
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any]) -> FederationConfig:
+        if str(rc.get("fedspine-version", __version__)) != __version__:
+            raise FederationError(
+                f"the run was submitted with fedspine {rc['fedspine-version']}, but the ServerApp "
+                f"has fedspine {__version__}"
+            )
+        prior = str(rc.get("label-prior", "") or "")
+        classifier = str(rc.get("classifier", "") or "")
+        return cls(
+            name=str(rc["name"]),
+            output_dir=str(rc["output-dir"]),
+            rounds=int(rc["rounds"]),
+            local_kimg=float(rc["local-kimg"]),
+            min_sites=int(rc["min-sites"]),
+            round_timeout=float(rc["round-timeout"]),
+            site_wait=float(rc.get("site-wait", 600.0)),
+            preset=str(rc["preset"]),
+            resolution=int(rc["resolution"]),
+            class_names=list(json.loads(str(rc["class-names"]))),
+            label_prior=json.loads(prior) if prior else None,
+            seed=int(rc["seed"]),
+            resume=bool(rc.get("resume", True)),
+            model=str(rc.get("model", "cgan") or "cgan"),
+            classifier=(
+                ClassifierPhaseConfig.from_dict(json.loads(classifier))
+                if classifier
+                else ClassifierPhaseConfig()
+            ),
+            **_dp_fields(str(rc.get("dp", "") or "")),
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> FederationConfig:
+        """Read the ``[federation]``, ``[training]``, ``[privacy]`` and ``[classifier]`` tables."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise FederationError(f"{path}: cannot read the federation config ({err})") from None
+        privacy = {
+            ("dp" if k == "enabled" else f"dp_{k}"): v for k, v in data.get("privacy", {}).items()
+        }
+        merged = {**data.get("federation", {}), **data.get("training", {}), **privacy}
+        known = {f for f in cls.__dataclass_fields__} - {"classifier"}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise FederationError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        try:
+            classifier = ClassifierPhaseConfig.from_dict(
+                data.get("classifier", {}), where=f"{path} [classifier]"
+            )
+        except (TypeError, ValueError) as err:
+            raise FederationError(str(err)) from None
+        config = cls(**merged, classifier=classifier)
+        out = Path(config.output_dir)
+        if not out.is_absolute():
+            config.output_dir = str((path.parent / out).resolve())
+        config.validate()
+        return config
+
+
+def _dp_fields(text: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    request = json.loads(text)
+    return {
+        "dp": True,
+        "dp_epsilon": request.get("epsilon"),
+        "dp_patients_per_step": int(request["patients-per-step"]),
+        "dp_clip": float(request["clip"]),
+        "dp_d_steps_per_g": int(request["d-steps-per-g"]),
+        "dp_ada_p": float(request["ada-p"]),
+    }
