@@ -91,8 +91,9 @@ def write_atomic(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        # mkstemp makes the staging file 0600; without a ``mode`` the result gets what a plain
+        # write would (0666 less the umask), so switching a writer to this changes no permission.
+        os.fchmod(fd, _default_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             if durable:
@@ -103,6 +104,19 @@ def write_atomic(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _default_mode() -> int:
+    """0666 less the process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, **options: Any) -> Path:
@@ -154,3 +168,53 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# A TRTR cache folder (``evaluate(..., trtr_cache=DIR)``): its record is EVAL_TRTR.
+EVAL_TRTR_SCORES = "p_test.npy"
+
+# An evaluation folder, continued: the settings and the per-class image grid.
+EVAL_CONFIG = "config.json"
+EVAL_SAMPLES = "samples.png"
+
+# A prepared dataset folder (``fedspine ingest``).
+PREPARED_IMAGES = "images.npy"
+PREPARED_INDEX = "index.csv"
+PREPARED_REJECTED = "rejected.csv"
+PREPARED_MANIFEST = "manifest.json"
+PREPARED_LEDGER_V1 = "privacy_ledger.json"  # a version-1 ledger, read once to import it
+
+# A folder source (images with ``labels.csv``; ``fedspine generate`` writes this layout too).
+FOLDER_LABELS = "labels.csv"
+FOLDER_CLASSES = "classes.txt"
+
+# A phantom site (``fedspine phantom``).
+PHANTOM_SITE = "phantom_site.json"
+
+# A site's privacy home: the ledger is PRIVACY_LEDGER, beside the key that names its patients.
+PRIVACY_SITE_KEY = "site.key"
+
+# A signed release (``fedspine release``): also RUN_GENERATOR and PRIVACY_REPORT.
+RELEASE_SYNTHETIC_DIR = "synthetic"
+RELEASE_MANIFEST = "manifest.json"
+RELEASE_SIGNATURE = "manifest.sig"
+RELEASE_PUBLIC_KEY = "steward.pub"
+
+# The steward's private audit folder of a release (``--audit-dir``), never published.
+STEWARD_MEMORISATION = "memorisation.json"
+STEWARD_MEMBERSHIP = "membership.json"
+STEWARD_CLOSEST_PAIRS = "closest_pairs.png"
+
+# A training run folder, continued: the settings as TOML (``training.config.read_config_toml``).
+RUN_CONFIG_TOML = "config.toml"
+
+# A demo folder (``fedspine demo``): also EVAL_REPORT_HTML, the one page with every result.
+DEMO_CONFIG = "demo_config.json"
+DEMO_SUMMARY = "demo_summary.json"
+
+# A site's local state of one federation (beside RUN_TRAINER_STATE): the classifier phase's.
+SITE_CLASSIFIER_STATE = "classifier_state.pt"
+
+# A site's work folder (``fedspine client``) and the coordinator's (``fedspine server``).
+SITE_LAST_ROUND = "last_round.json"  # in the site's state folder: its view of its last round
+SERVER_SITES = "sites.json"  # registered sites: node id, name, key fingerprint

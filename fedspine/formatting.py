@@ -19,7 +19,7 @@ def finite(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # json.loads gives ints beyond float range as int
         return None
     return number if math.isfinite(number) else None
 

@@ -1,53 +1,18 @@
 """Privacy audits of the DP discriminator step with canaries: empirical lower bounds on ε.
 
 Both audits rest on Steinke, Nasr and Jagielski (2023), "Privacy Auditing with One (1) Training
-Run": insert m canaries, each an independent privacy unit included with probability 1/2; after
-training, guess "included" for the k+ highest-scoring canaries and "excluded" for the k- lowest.
-Under (ε, δ)-DP the number of correct guesses is dominated by Binomial(k+ + k-, e^ε / (1 + e^ε))
-up to a δ term (their Theorem, implemented in :func:`audit_p_value`), so many correct guesses
-prove an empirical lower bound on ε at confidence 1 − β (:func:`eps_lower_bound`). A bound above
-the claimed ε means the implementation is less private than claimed.
-
-What an audit can and cannot show: the bound is a LOWER bound from one finite experiment, never
-a proof of privacy. A bound above the claim is evidence of a bug (wrong at most with probability
-β); a bound below it only says this experiment found nothing, and says nothing about bugs the
-experiment cannot see or is too small to see.
-
-1. :func:`audit_dp_step`: the clip-and-noise code alone
--------------------------------------------------------
-
-The clip-and-noise code path of the DP discriminator step
-(:func:`fedspine.training.dp.make_dp_optimizer` and :func:`fedspine.training.dp.privatised_step`,
-Opacus' DPOptimizer with chunked accumulation) on a flat parameter vector updated by plain SGD
-with lr = 1, so the parameter change of a step is exactly the privatised gradient. Canaries are
-gradient rows of norm C along fixed directions (Dirac: one coordinate each, or the columns of a
-random rotation); background units with gradients larger than C are clipped alongside them. It
-is tight but narrow: no sampler, no per-patient gradient engine, no ledger, so it cannot see a
-sampling bug, a patient whose images end up in several rows, or steps that ran but were never
-accounted for.
-
-Why canaries live in blocks of steps: the bound's power grows with m, and a dense gradient row
-costs ``dim`` floats, so with every canary in every step a step costs m·dim. Each block of
-``steps_per_canary`` steps therefore carries its own ``dim`` canaries, one per direction, and a
-canary's claimed ε is that of the Gaussian mechanism composed over its block (sample rate 1: a
-member canary is in every step of its block). That is still one run in the theorem's sense: each
-canary is one unit whose inclusion the mechanism protects with that (ε, δ).
-
-How tight it can be: for a Gaussian mechanism the (ε, δ) one-run bound reaches roughly 0.6 of
-the true ε at m = 10^5 (about 0.5 at m = 10^3), so noise of σ·C/2 where σ·C was claimed (true ε
-about 2.2 times the claim) is caught by a margin of about 1.3×, and only with m ≳ 5·10^4 canaries
-and a claim near ε ≈ 1 (σ ≈ 3 per step). See tests/audit/test_canary.py.
-
-2. :func:`engine_canary_audit`: the whole private path against the ledger
--------------------------------------------------------------------------
+Run", whose statistics (:func:`audit_p_value`, :func:`eps_lower_bound`) and what they can and
+cannot show are in :mod:`fedspine.audit.one_run_bound`. The first audit,
+:func:`audit_dp_step`, checks the clip-and-noise code alone (:mod:`fedspine.audit.step_canary`);
+both are importable from here. This module holds the second, :func:`engine_canary_audit`: the
+whole private path against the ledger.
 
 The real path of a DP run, on a tiny conditional GAN (8 px, a few thousand parameters, CPU, a
-few seconds): :class:`~fedspine.training.dp_trainer.DPGanTrainer`'s ``train_step`` →
+few seconds): the DP trainer's ``train_step`` (``build_trainer(TrainerSpec(DPSGD(...)))``) →
 :class:`~fedspine.training.dp.PatientPoissonSampler` →
 :class:`~fedspine.training.dp.DPDiscriminatorStep` (per-patient vmap rows, Opacus clip and
-noise) with a
-:class:`~fedspine.privacy.engine.PrivacyEngine` reservation attached, whose ``take`` must write
-each step into the ledger before D is updated. It repeats ``runs`` short trainings, each under
+noise) with a :class:`~fedspine.privacy.engine.PrivacyEngine` reservation attached, whose
+``take`` must write each step into the ledger before D is updated. It repeats ``runs`` short trainings, each under
 a fresh privacy home, on a few background patients plus canary patients each included by a fair
 coin, and compares:
 
@@ -89,259 +54,41 @@ only the label-embedding columns, so a leak confined to other parameters is invi
 from __future__ import annotations
 
 import copy
-import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedspine.privacy.accounting import REPORT_ACCOUNTANT, Accountant, Mechanism, epsilon
+from fedspine.audit.one_run_bound import (
+    DEFAULT_BETA,
+    audit_p_value,
+    eps_lower_bound,
+    guess_members,
+)
+from fedspine.audit.step_canary import AuditResult, audit_dp_step
+from fedspine.models import NetworkConfig
+from fedspine.privacy.accounting import REPORT_ACCOUNTANT
+from fedspine.privacy.engine import PrivacyEngine, site_delta
+from fedspine.training.config import preset_config
+from fedspine.training.dp import MECHANISM_LABEL, DPConfig, flatten_units
+from fedspine.training.dp_trainer import dp_train_config
+from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
 
-DEFAULT_BETA = 0.05
-
-
-@dataclass(frozen=True)
-class AuditResult:
-    """Outcome of one audit: the empirical ε lower bound against the accountant's claim."""
-
-    eps_lower_bound: float
-    claimed_epsilon: float
-    delta: float
-    beta: float
-    correct: int
-    guesses: int
-    k_plus: int
-    k_minus: int
-    num_canaries: int
-    included: int
-    steps: int
-    steps_per_canary: int
-    noise_multiplier: float
-    clip_norm: float
-    canary_norm: float
-    directions: str
-    accountant: str
-
-    @property
-    def passed(self) -> bool:
-        """True when the audit found no evidence against the claim (bound ≤ claimed ε)."""
-        return self.eps_lower_bound <= self.claimed_epsilon
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
-
-
-def audit_dp_step(
-    noise_multiplier: float,
-    *,
-    num_canaries: int = 100_000,
-    dim: int = 2_000,
-    steps_per_canary: int = 1,
-    clip_norm: float = 1.0,
-    canary_norm: float | None = None,
-    background_units: int = 16,
-    background_norm: float = 3.0,
-    k_plus: int | None = None,
-    k_minus: int | None = None,
-    delta: float = 1e-5,
-    beta: float = DEFAULT_BETA,
-    accountant: Accountant = REPORT_ACCOUNTANT,
-    directions: Literal["dirac", "random"] = "dirac",
-    chunk_size: int = 512,
-    seed: int = 0,
-    dp_optimizer_factory: Callable[..., Any] | None = None,
-) -> AuditResult:
-    """Run the one-run canary audit of the DP step's clip-and-noise path; see the module doc.
-
-    ``noise_multiplier`` is the σ the accountant is told (the claim). ``dp_optimizer_factory``
-    builds the DP optimizer with :func:`fedspine.training.dp.make_dp_optimizer`'s signature; the
-    default is that function, and tests plant bugs by passing a wrong one. ``canary_norm``
-    (default C) is a canary's norm before clipping: above C, the audit also checks clipping.
-    ``k_plus`` and ``k_minus`` default to 1 % of the canaries each; they must be fixed before
-    looking at the scores (trying several and keeping the best invalidates β).
-    """
-    from fedspine.training.dp import make_dp_optimizer, privatised_step
-
-    m = int(num_canaries)
-    if m < 2 or dim < 1 or steps_per_canary < 1 or chunk_size < 1:
-        raise ValueError(
-            "audit_dp_step: num_canaries must be >= 2 and dim, steps_per_canary and chunk_size "
-            f">= 1; got {num_canaries}, {dim}, {steps_per_canary}, {chunk_size}"
-        )
-    if directions not in ("dirac", "random"):
-        raise ValueError(f"audit_dp_step: directions must be 'dirac' or 'random', got {directions}")
-    k_plus = max(1, m // 100) if k_plus is None else int(k_plus)
-    k_minus = max(1, m // 100) if k_minus is None else int(k_minus)
-    if k_plus < 0 or k_minus < 0 or k_plus + k_minus < 1 or k_plus + k_minus > m:
-        raise ValueError(
-            f"audit_dp_step: need 1 <= k_plus + k_minus <= {m} guesses, got {k_plus} + {k_minus}"
-        )
-    canary_norm = float(clip_norm if canary_norm is None else canary_norm)
-    factory = make_dp_optimizer if dp_optimizer_factory is None else dp_optimizer_factory
-
-    rng = np.random.default_rng(seed)
-    torch_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    included = rng.random(m) < 0.5
-    basis = _random_rotation(dim, torch_gen) if directions == "random" else None
-
-    theta = torch.nn.Parameter(torch.zeros(dim, dtype=torch.float64))
-    expected = max(1, dim // 2 + background_units)
-    dp_opt = factory(
-        torch.optim.SGD([theta], lr=1.0),
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=clip_norm,
-        expected_batch_size=expected,
-        generator=noise_gen,
-    )
-    scores = np.empty(m)
-    blocks = math.ceil(m / dim)
-    for block in range(blocks):
-        first = block * dim
-        count = min(dim, m - first)
-        members = torch.from_numpy(np.flatnonzero(included[first : first + count]))
-        start = theta.detach().clone()
-        for _ in range(steps_per_canary):
-            chunks = _step_rows(
-                members,
-                basis,
-                dim,
-                canary_norm,
-                background_units,
-                background_norm * clip_norm,
-                chunk_size,
-                torch_gen,
-            )
-            privatised_step(dp_opt, chunks)
-        # SGD with lr = 1: the block's parameter change is minus the sum of its noisy updates.
-        update = (start - theta.detach()) * expected
-        projected = update if basis is None else basis.T @ update
-        scores[first : first + count] = projected[:count].numpy()
-
-    guess_in, guess_out = _guesses(scores, k_plus, k_minus)
-    correct = int(included[guess_in].sum() + (~included[guess_out]).sum())
-    guesses = k_plus + k_minus
-    claimed = epsilon(
-        [Mechanism(noise_multiplier, 1.0, steps_per_canary, label="canary")], delta, accountant
-    )
-    return AuditResult(
-        eps_lower_bound=eps_lower_bound(m, guesses, correct, delta, beta),
-        claimed_epsilon=float(claimed),
-        delta=float(delta),
-        beta=float(beta),
-        correct=correct,
-        guesses=guesses,
-        k_plus=k_plus,
-        k_minus=k_minus,
-        num_canaries=m,
-        included=int(included.sum()),
-        steps=blocks * steps_per_canary,
-        steps_per_canary=int(steps_per_canary),
-        noise_multiplier=float(noise_multiplier),
-        clip_norm=float(clip_norm),
-        canary_norm=canary_norm,
-        directions=directions,
-        accountant=accountant,
-    )
-
-
-def audit_p_value(m: int, guesses: int, correct: int, eps: float, delta: float) -> float:
-    """Upper bound on P[≥ ``correct`` right out of ``guesses``] under (ε, δ)-DP with m canaries.
-
-    Steinke, Nasr and Jagielski (2023), Theorem for (ε, δ)-DP:
-    P[W ≥ v] ≤ P[Binomial(r, p) ≥ v] + 2·m·δ·max_{1≤i≤v} P[v − i ≤ Binomial(r, p) < v] / i,
-    with p = e^ε / (1 + e^ε), r guesses and v correct. δ = 0 gives the pure-ε binomial tail.
-    """
-    from scipy import stats
-
-    r, v = int(guesses), int(correct)
-    if not 0 <= v <= r <= m:
-        raise ValueError(f"audit_p_value: need 0 <= correct <= guesses <= m, got {v}, {r}, {m}")
-    if eps < 0 or not 0 <= delta <= 1:
-        raise ValueError(f"audit_p_value: need eps >= 0 and delta in [0, 1], got {eps}, {delta}")
-    p = 1.0 / (1.0 + math.exp(-eps))
-    tail = float(stats.binom.sf(v - 1, r, p))
-    alpha = 0.0
-    if v > 0 and delta > 0:
-        below = stats.binom.pmf(np.arange(v - 1, -1, -1), r, p)  # P[Bin = v-1], ..., P[Bin = 0]
-        alpha = float(np.max(np.cumsum(below) / np.arange(1, v + 1)))
-    return min(1.0, tail + 2.0 * m * delta * alpha)
-
-
-def eps_lower_bound(
-    m: int, guesses: int, correct: int, delta: float, beta: float = DEFAULT_BETA
-) -> float:
-    """The ε below which (ε, δ)-DP is rejected at confidence 1 − β: sup{ε : p-value(ε) < β}.
-
-    0.0 when even ε = 0 cannot be rejected. Found by bisection to 1e-6 in ε.
-    """
-    if not 0 < beta < 1:
-        raise ValueError(f"eps_lower_bound: beta must be in (0, 1), got {beta}")
-    if audit_p_value(m, guesses, correct, 0.0, delta) >= beta:
-        return 0.0
-    low, high = 0.0, 1.0
-    while audit_p_value(m, guesses, correct, high, delta) < beta:
-        low, high = high, 2 * high
-        if high > 1e3:
-            return math.inf
-    while high - low > 1e-6:
-        mid = 0.5 * (low + high)
-        if audit_p_value(m, guesses, correct, mid, delta) < beta:
-            low = mid
-        else:
-            high = mid
-    return low
-
-
-# --------------------------------------------------------------------------------------------
-
-
-def _step_rows(
-    members: torch.Tensor,
-    basis: torch.Tensor | None,
-    dim: int,
-    canary_norm: float,
-    background_units: int,
-    background_norm: float,
-    chunk_size: int,
-    generator: torch.Generator,
-) -> Iterator[list[torch.Tensor]]:
-    """Per-unit gradient rows of one step: the block's member canaries and fresh background
-    units, ``chunk_size`` rows at a time (the same chunked path the D step uses)."""
-    for begin in range(0, members.numel(), chunk_size):
-        idx = members[begin : begin + chunk_size]
-        if basis is None:
-            rows = torch.zeros(idx.numel(), dim, dtype=torch.float64)
-            rows[torch.arange(idx.numel()), idx] = canary_norm
-        else:
-            rows = basis[:, idx].T * canary_norm
-        yield [rows]
-    if background_units:
-        rows = torch.randn(background_units, dim, generator=generator, dtype=torch.float64)
-        rows = rows / rows.norm(dim=1, keepdim=True) * background_norm
-        yield [rows]
-
-
-def _guesses(scores: np.ndarray, k_plus: int, k_minus: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(scores, kind="stable")
-    guess_in = order[len(order) - k_plus :] if k_plus else order[:0]
-    return guess_in, order[:k_minus]
-
-
-def _random_rotation(dim: int, generator: torch.Generator) -> torch.Tensor:
-    """A Haar-random orthogonal matrix (QR of a Gaussian matrix, signs fixed)."""
-    gauss = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gauss)
-    return q * torch.sign(torch.diagonal(r))
-
-
-# --------------------------------------------------------------------------------------------
-# End to end: canary patients through the trainer's real DP discriminator step and the ledger.
+__all__ = [
+    "AUDIT_RESOLUTION",
+    "DEFAULT_BETA",
+    "AuditResult",
+    "EngineAuditResult",
+    "audit_dp_step",
+    "audit_p_value",
+    "engine_canary_audit",
+    "eps_lower_bound",
+]
 
 
 @dataclass(frozen=True)
@@ -440,7 +187,7 @@ def engine_canary_audit(
     """Audit the whole private path end to end with canary patients; see the module doc.
 
     Runs ``runs`` short DP trainings (``steps`` G steps, one DP discriminator step each) of a
-    tiny :class:`~fedspine.training.dp_trainer.DPGanTrainer`, each on ``background_patients``
+    tiny DP trainer (``build_trainer(TrainerSpec(DPSGD(...)))``), each on ``background_patients``
     ordinary patients plus each of ``canaries_per_run`` canary patients included by a fair
     coin, every run under its own :class:`~fedspine.privacy.engine.PrivacyEngine` (a fresh
     privacy home in a new folder under ``home``, kept there for inspection; default a temporary
@@ -454,8 +201,6 @@ def engine_canary_audit(
     eighth of all canaries) and ``k_minus`` are fixed before any score is seen. ``seed`` fixes
     the coins, images, sampling and noise; None draws them from the OS.
     """
-    from fedspine.privacy.engine import PrivacyEngine, site_delta
-
     m, num_runs, num_steps = int(canaries_per_run), int(runs), int(steps)
     bg, per_patient = int(background_patients), int(images_per_patient)
     if min(m, num_runs, num_steps, bg, per_patient, int(reserve_block)) < 1:
@@ -541,7 +286,7 @@ def engine_canary_audit(
 
     score_all = np.concatenate(scores)
     included_flat = np.concatenate(included_all)
-    guess_in, guess_out = _guesses(score_all, k_plus, k_minus)
+    guess_in, guess_out = guess_members(score_all, k_plus, k_minus)
     correct = int(included_flat[guess_in].sum() + (~included_flat[guess_out]).sum())
     delta = max(deltas)  # the ledger's δ (the largest, should an engine have used another)
     return EngineAuditResult(
@@ -573,13 +318,6 @@ def _audit_configs(
     num_canaries: int, noise_multiplier: float, clip_norm: float, expected: int
 ) -> tuple[Any, Any]:
     """The DPConfig and the tiny TrainConfig (8 px, narrow, no augmentation) of the audit."""
-    from dataclasses import replace
-
-    from fedspine.models import NetworkConfig
-    from fedspine.training.config import preset_config
-    from fedspine.training.dp import DPConfig
-    from fedspine.training.dp_trainer import dp_train_config
-
     c_dim = _BACKGROUND_CLASSES + num_canaries
     dp = DPConfig(
         noise_multiplier=float(noise_multiplier),
@@ -613,11 +351,9 @@ def _audit_configs(
 
 
 def _audit_trainer(config, dp, prior, ids, noise_multiplier, sample_rate):
-    from fedspine.training.dp_trainer import DPGanTrainer
-
-    return DPGanTrainer(
-        config, dp, prior, ids, noise_multiplier=noise_multiplier, sample_rate=sample_rate
-    )
+    """The audited DP trainer, built as every DP run builds it."""
+    spec = TrainerSpec(DPSGD(dp, noise_multiplier, sample_rate, ids))
+    return build_trainer(spec, config, prior)
 
 
 def _canary_parameter(D: torch.nn.Module) -> torch.nn.Parameter:
@@ -639,8 +375,6 @@ def _canary_directions(
 ) -> tuple[torch.Tensor, float]:
     """Unit vector of each canary's own embedding column in its gradient row at the initial
     D ([cmap, canaries]), and the mean length of that column in a row clipped to C, over C."""
-    from fedspine.training.dp import flatten_units
-
     m = images.shape[0] // per_patient
     units = [np.arange(j * per_patient, (j + 1) * per_patient) for j in range(m)]
     index, unit_index = flatten_units(units)
@@ -679,8 +413,6 @@ def _audit_run(
 ) -> tuple[list[torch.Tensor], int, int, int]:
     """One audited run: (privatised canary columns of each D update, steps the trainer took,
     steps the ledger holds after settling, updates applied before the ledger held them)."""
-    from fedspine.training.dp import MECHANISM_LABEL
-
     dp_step = trainer.dp_step
     d_steps = steps * int(trainer.dp.d_steps_per_g)
     plan = engine.plan(

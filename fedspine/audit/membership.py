@@ -30,14 +30,15 @@ these features found nothing, and a stronger attack might.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 
-if TYPE_CHECKING:
-    import torch
-
-    from fedspine.evaluation.features import FeatureExtractor
+from fedspine.evaluation.features import FeatureExtractor, as_float_images, extract
+from fedspine.evaluation.generative import distance_blocks
+from fedspine.evaluation.memorisation import nearest_distances
 
 FPR_TARGET = 0.01
 PIXELS_NAME = "raw pixels (flattened, full resolution)"
@@ -99,8 +100,6 @@ def membership_audit(
     Images are uint8 or float [0, 1], ``[N, H, W]`` or ``[N, 1, H, W]``; raw-pixel features need
     one image size for all three sets.
     """
-    from fedspine.evaluation.memorisation import nearest_distances
-
     sizes = (len(synthetic), len(members), len(nonmembers))
     if min(sizes) == 0:
         raise ValueError(
@@ -131,8 +130,6 @@ def membership_audit(
 
 def _roc_summary(is_member: np.ndarray, score: np.ndarray) -> tuple[float, float]:
     """(AUC, best TPR with FPR <= 1 %); tied scores are handled as one threshold."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     fpr, tpr, _ = roc_curve(is_member, score)
     allowed = fpr <= FPR_TARGET + 1e-12
     return float(roc_auc_score(is_member, score)), float(tpr[allowed].max())
@@ -140,8 +137,6 @@ def _roc_summary(is_member: np.ndarray, score: np.ndarray) -> tuple[float, float
 
 def _count_within(points: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:
     """How many ``centres`` lie within ``radius`` of each point (chunked distances)."""
-    from fedspine.evaluation.generative import distance_blocks
-
     counts = np.zeros(len(points))
     for start, block in distance_blocks(points, centres):
         counts[start : start + len(block)] = (block <= radius).sum(axis=1)
@@ -149,8 +144,6 @@ def _count_within(points: np.ndarray, centres: np.ndarray, radius: float) -> np.
 
 
 def _embed(features, batch: int, *image_sets) -> tuple:
-    from fedspine.evaluation.features import as_float_images
-
     if isinstance(features, str):
         if features != "pixels":
             raise ValueError(f"features must be a FeatureExtractor or 'pixels', got {features!r}")
@@ -159,6 +152,4 @@ def _embed(features, batch: int, *image_sets) -> tuple:
         if len(shapes) > 1:
             raise ValueError(f"raw-pixel distances need one image size, got {sorted(shapes)}")
         return (PIXELS_NAME, *(g.reshape(len(g), -1) for g in grey))
-    from fedspine.evaluation.features import extract
-
     return (features.name, *(extract(features, x, batch=batch) for x in image_sets))

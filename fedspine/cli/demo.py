@@ -10,9 +10,11 @@ from pathlib import Path
 import typer
 
 from fedspine.cli.common import fail
+from fedspine.fileio import PRIVACY_REPORT
 
 
 def register(app: typer.Typer) -> None:
+    """Add the `demo` command to the root app."""
     app.command("demo")(demo)
 
 
@@ -35,8 +37,8 @@ def demo(
     ends, Ctrl-C included. Outputs go under --out (see the README); open OUT/report.html in a
     browser for every result on one page.
     """
-    from fedspine.evaluation.html_report import HtmlReportError
-    from fedspine.experiments.demo import DemoConfig, run_demo
+    from fedspine.experiments.demo import DemoConfig, run_demo  # lazy: no torch for --help
+    from fedspine.reporting.html import HtmlReportError  # lazy: as above
 
     config = DemoConfig(
         images_per_site=images_per_site, rounds=rounds, local_kimg=local_kimg, seed=seed
@@ -61,7 +63,8 @@ def demo(
         counts = info["counts"]
         typer.echo(
             f"  {site}: {info['images']} images (train {counts['train']['total']}, "
-            f"val {counts['val']['total']}, test {counts['test']['total']}), rejected {info['rejected']}"
+            f"val {counts['val']['total']}, test {counts['test']['total']}), "
+            f"rejected {info['rejected']}"
         )
     if result.rounds:
         last = result.rounds[-1]
@@ -74,7 +77,8 @@ def demo(
     if result.privacy:
         eps = ", ".join(f"{k} ε={v:.2f}" for k, v in result.privacy["sites"].items())
         typer.echo(
-            f"  privacy (δ={result.privacy['delta']:.1g}): {eps}; overall ε={result.privacy['overall_epsilon']:.2f}"
+            f"  privacy (δ={result.privacy['delta']:.1g}): {eps}; "
+            f"overall ε={result.privacy['overall_epsilon']:.2f}"
         )
     if result.evaluation:
         ev = result.evaluation
@@ -84,7 +88,8 @@ def demo(
         )
         typer.echo(f"  synthetic data: {ev['verdict']}")
         typer.echo(f"  evaluation report: {ev['report']}")
-    typer.echo(f"  privacy report: {result.out / 'federation' / 'privacy_report.html'}")
+    html = Path(PRIVACY_REPORT).with_suffix(".html").name
+    typer.echo(f"  privacy report: {result.out / 'federation' / html}")
     if result.release.get("released"):
         typer.echo(f"  signed release: {result.release['path']} (verify with `fedspine verify`)")
     elif result.release:
@@ -97,7 +102,7 @@ def demo(
 _MAIN_PID = os.getpid()
 
 
-def _exit_on_sigterm(signum, frame) -> None:
+def _exit_on_sigterm(signum: int, frame: object) -> None:
     # Forked helpers (the ingest pool) inherit this handler; they must just end quietly.
     if os.getpid() != _MAIN_PID:
         os._exit(128 + signum)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from fedspine.cli.common import fail, progress_bar
+from fedspine.evaluation.config import EvaluateConfig, EvaluateError
+from fedspine.fileio import EVAL_REPORT_MD
+from fedspine.formatting import auc_ci, num
+
+if TYPE_CHECKING:
+    from fedspine.evaluation.records import EvaluationRecord
 
 
 def register(app: typer.Typer) -> None:
@@ -93,11 +99,12 @@ def evaluate(
     into --out. Every classifier is selected on TRAIN's real 'val' split (private, used only
     for selection); TEST's 'test' split is used only for the final numbers.
     """
+    # torch and the data readers load only when a command runs, never for `--help`
     from fedspine.data.prepared import PreparedDatasetError
     from fedspine.data.sources import SourceLayoutError
-    from fedspine.evaluation.report import EvaluateConfig, EvaluateError
-    from fedspine.evaluation.report import evaluate as run_evaluation
+    from fedspine.evaluation.pipeline import run_evaluation
     from fedspine.models.classifier import ClassifierCheckpointError
+    from fedspine.reporting.markdown import render_evaluation
 
     cfg = EvaluateConfig(
         arch=arch,
@@ -129,6 +136,7 @@ def evaluate(
                 cfg,
                 progress=_Display(bar, epochs),
                 overwrite=overwrite,
+                renderers={EVAL_REPORT_MD: render_evaluation},
             )
     except (
         EvaluateError,
@@ -141,31 +149,33 @@ def evaluate(
         typer.echo(line)
 
 
-def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
+def summary_lines(report: EvaluationRecord, out: Path) -> list[str]:
     """The final summary: whether there is signal, each arm's AUC, the ratios, KID and FID."""
     lines = []
-    for arm, u in (report.get("utility") or {}).get("arms", {}).items():
-        lines.append(f"{arm}: {u['verdict']}")
-    for name, arm in report["arms"].items():
-        ci = arm["ci"]
-        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        lines.append(f"{name} AUC {arm['auc']:.3f}{interval}")
-    ratios = report["ratios"]
-    for key, label in (("tstr_over_trtr", "TSTR/TRTR"), ("mixed_over_trtr", "mixed/TRTR")):
-        if ratios.get(key) is not None:
-            lines.append(f"{label} = {ratios[key]:.3f}")
-    for row in report["generative"]["results"][:2]:
-        if row.get("kid") is not None:
+    for arm, u in ((report.utility.arms if report.utility else None) or {}).items():
+        lines.append(f"{arm}: {u.verdict}")
+    for name, arm in (report.arms or {}).items():
+        lines.append(f"{name} AUC " + auc_ci(arm.auc, arm.ci).replace(" [no interval]", ""))
+    ratios = report.ratios
+    for value, label in (
+        (ratios.tstr_over_trtr if ratios else None, "TSTR/TRTR"),
+        (ratios.mixed_over_trtr if ratios else None, "mixed/TRTR"),
+    ):
+        if value is not None:
+            lines.append(f"{label} = {num(value)}")
+    generative = report.generative
+    for row in (generative.results or [])[:2]:
+        if row.kid is not None:
             lines.append(
-                f"{row['compared']}: KID {row['kid']:.4g}, FID {row['fid']:.4g} "
-                f"(n = {report['generative']['n_each']}, {row['extractor']})"
+                f"{row.compared}: KID {num(row.kid, 4, 'g')}, FID {num(row.fid, 4, 'g')} "
+                f"(n = {generative.n_each}, {row.extractor})"
             )
-    mem = report["memorisation"]
+    mem = report.memorisation
     lines.append(
-        f"memorisation audit on {mem['extractor']}: {mem['verdict']} "
-        f"({mem['exact_copies']} of {mem['n_synthetic']} synthetic images are exact copies)"
+        f"memorisation audit on {mem.extractor}: {mem.verdict} "
+        f"({mem.exact_copies} of {mem.n_synthetic} synthetic images are exact copies)"
     )
-    lines.append(f"report: {out / report['files']['markdown']}")
+    lines.append(f"report: {out / report.files.markdown}")
     return lines
 
 

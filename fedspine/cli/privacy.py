@@ -26,10 +26,11 @@ def report(
     ),
 ) -> None:
     """ε at δ per site and overall, σ, C, sampling rate, steps, what was private and what public."""
-    from fedspine.privacy.report import PrivacyReportError, build_report, write_report
+    from fedspine.privacy.report import PrivacyReportError, build_report
+    from fedspine.reporting.privacy import write_privacy_report
 
     try:
-        path = write_report(run, fmt, out)
+        path = write_privacy_report(run, fmt, out)
         summary = build_report(run)
     except PrivacyReportError as err:
         fail(str(err))

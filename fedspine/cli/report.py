@@ -44,7 +44,10 @@ def report(
 
     The page may show real training images: it is for the data owner and the steward.
     """
-    from fedspine.evaluation.html_report import HtmlReportError, write_html_report
+    from fedspine.reporting.html import (  # matplotlib and PIL: not for `--help`
+        HtmlReportError,
+        write_html_report,
+    )
 
     if evaluation is None and run is None and release is None:
         fail("give at least one of --evaluation, --run and --release")

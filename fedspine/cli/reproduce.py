@@ -1,4 +1,4 @@
-"""`fedspine reproduce`: the paper's experiment table on a VinDr-SpineXR root (or a phantom site)."""
+"""`fedspine reproduce`: the paper's experiment table on a VinDr-SpineXR root or a phantom site."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import typer
 
 from fedspine.cli.common import fail
+from fedspine.experiments.budgets import BUDGETS
+from fedspine.fileio import REPRODUCE_MD
 
-BUDGET_NAMES = ("smoke", "quick", "full")
+BUDGET_NAMES = tuple(BUDGETS)
 
 
 def register(app: typer.Typer) -> None:
@@ -59,12 +61,13 @@ def reproduce(
     complete arms and continues an interrupted one. With --seeds N, seed replicates after the
     first are written to OUT/arms/NAME-seedS; rerunning with a larger N adds replicates.
     """
-    from fedspine.experiments.reproduce import (
+    from fedspine.experiments.reproduce import (  # lazy: keeps torch out of `fedspine --help`
         ReproduceError,
+        ReproduceRecord,
         format_plan,
         make_plan,
     )
-    from fedspine.experiments.reproduce import reproduce as run_reproduction
+    from fedspine.experiments.reproduce import reproduce as run_reproduction  # lazy: as above
 
     if budget not in BUDGET_NAMES:
         fail(f"--budget {budget}: choose one of {', '.join(BUDGET_NAMES)}")
@@ -95,15 +98,16 @@ def reproduce(
         fail(str(err))
     except KeyboardInterrupt:
         fail(f"interrupted; complete arms are kept under {out}/arms, rerun to continue", 130)
+    record = ReproduceRecord.from_json(report)
     typer.echo("")
-    for row in report["table"]:
+    for row in record.table:
         typer.echo(
-            f"  {row['experiment']}: ours {row['ours']}"
-            + (f"; signal retained {row['signal']}" if row["signal"] else "")
-            + (f"; ε {row['epsilon']}" if row.get("epsilon") else "")
-            + f"; paper {row['paper']}"
+            f"  {row.experiment}: ours {row.ours}"
+            + (f"; signal retained {row.signal}" if row.signal else "")
+            + (f"; ε {row.epsilon}" if row.epsilon else "")
+            + f"; paper {row.paper}"
         )
-    typer.echo(f"wrote {out / 'reproduce.md'} in {(time.perf_counter() - start) / 60:.1f} min")
-    failed = [n for n, a in report["arms"].items() if a["status"] == "failed"]
+    typer.echo(f"wrote {out / REPRODUCE_MD} in {(time.perf_counter() - start) / 60:.1f} min")
+    failed = [n for n, a in record.arms.items() if a["status"] == "failed"]
     if failed:
         fail(f"arm(s) failed: {', '.join(failed)} (see {out}/logs); rerun to retry them")

@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 VALID_BITS_ALLOCATED = (1, 8, 16, 32)
@@ -142,9 +149,6 @@ def _read_head(path: Path, error: type[ImageDecodeError]) -> bytes:
 
 def _read_dataset(path: Path, stop_before_pixels: bool = False) -> Any:
     """dcmread, with a forced read only for preamble-less files that still look like images."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     _read_head(path, DicomDecodeError)  # a missing or unreadable file says so, not "not DICOM"
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
@@ -160,8 +164,6 @@ def _read_dataset(path: Path, stop_before_pixels: bool = False) -> Any:
 
 def _forced_read(path: Path, stop_before_pixels: bool) -> Any:
     """Files without the 128-byte preamble are valid in old archives; anything else is not DICOM."""
-    import pydicom
-
     try:
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
         looks_like_image = all(k in ds for k in ("Rows", "Columns", "BitsAllocated"))
@@ -176,9 +178,6 @@ def _forced_read(path: Path, stop_before_pixels: bool) -> Any:
 
 def _ensure_transfer_syntax(ds: Any, path: Path) -> None:
     """A file without file meta has its encoding only in how pydicom parsed it; record it."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     if not hasattr(ds, "file_meta") or ds.file_meta is None:
         ds.file_meta = FileMetaDataset()
     if ds.file_meta.get("TransferSyntaxUID"):
@@ -291,8 +290,6 @@ def _check_image(ds: Any, path: Path) -> tuple[int, bool, str]:
 
 def _truncation(ds: Any, path: Path) -> str | None:
     """Where a file ends early, say where; pydicom silently shortens the last value it reads."""
-    from pydicom.dataelem import RawDataElement
-
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -333,8 +330,6 @@ def _pixel_data_unreached(ds: Any, path: Path) -> bool:
 
 
 def _check_transfer_syntax(ds: Any, path: Path, n_pixels: int, bits_allocated: int) -> None:
-    from pydicom.pixels import get_decoder
-
     uid = ds.file_meta.TransferSyntaxUID
     if not uid.is_valid:
         _fail(path, f"corrupt DICOM header: TransferSyntaxUID {str(uid)!r} is not a valid UID")
@@ -471,8 +466,6 @@ def _lut_entries(data: Any, n_entries: int, little_endian: bool) -> np.ndarray:
 
 
 def _is_little_endian(ds: Any) -> bool:
-    from pydicom.uid import ExplicitVRBigEndian
-
     return ds.file_meta.TransferSyntaxUID != ExplicitVRBigEndian
 
 
@@ -481,8 +474,6 @@ def _is_little_endian(ds: Any) -> bool:
 
 def _read_with_pillow(path: Path) -> np.ndarray:
     """PNG/JPEG/TIFF to grey [0, 1]: 8-bit by 255, 16-bit by 65535, colour to luma ('L')."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             frames = int(getattr(img, "n_frames", 1))

@@ -8,6 +8,12 @@ beam runs along them, more noise behind dense anatomy.
 
 Geometry is sampled in millimetres (:class:`Anatomy`, :class:`Lesion`) and drawn in pixels of
 the stored image, so one patient looks the same at any resolution. Only numpy is used.
+
+Why this module is longer than fedspine's ~600-line rule: it is one model. Most of it is
+``_Scene``, one image being drawn (layout, anatomy, lesions, exposure, in that order, see
+:func:`render_radiograph`): every step writes the same bone and gas canvases on one pixel grid
+at one mm-to-pixel scale, and lesions are placed on the vertebrae the layout made. Split across
+modules, the steps would only pass that shared state back and forth.
 """
 
 from __future__ import annotations

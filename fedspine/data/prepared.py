@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -31,12 +32,19 @@ from pathlib import Path
 
 import numpy as np
 
-from fedspine.fileio import publish_folder
+from fedspine.fileio import (
+    PREPARED_IMAGES,
+    PREPARED_INDEX,
+    PREPARED_MANIFEST,
+    PREPARED_REJECTED,
+    json_text,
+    publish_folder,
+)
 
-IMAGES_FILE = "images.npy"
-INDEX_FILE = "index.csv"
-REJECTED_FILE = "rejected.csv"
-MANIFEST_FILE = "manifest.json"
+IMAGES_FILE = PREPARED_IMAGES
+INDEX_FILE = PREPARED_INDEX
+REJECTED_FILE = PREPARED_REJECTED
+MANIFEST_FILE = PREPARED_MANIFEST
 SPLITS = ("train", "val", "test")
 PRIVACY_UNITS = ("patient", "study", "image")
 UNIT_DESCRIPTIONS = {
@@ -246,6 +254,15 @@ def write_prepared(
     bad_splits = set(splits) - set(SPLITS)
     if bad_splits:
         raise ValueError(f"unknown split(s) {sorted(bad_splits)}")
+    # index.csv ends rows with "\n" and the csv writer quotes only that, so a carriage return
+    # inside a field would split its row when read back: refuse it here, naming the value.
+    for kind, values in (("file name", files), ("patient id", patient_ids)):
+        bad = next((str(v) for v in values if "\r" in str(v)), None)
+        if bad is not None:
+            raise PreparedDatasetError(
+                f"{kind} {bad!r} holds a carriage return; fedspine cannot index it. Rename the "
+                "file or fix the identifier at the source, then ingest again"
+            )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -267,7 +284,7 @@ def write_prepared(
                 "content_hash": content_hash(images, index_bytes),
             }
         )
-        (tmp / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / MANIFEST_FILE).write_text(json_text(full_manifest, sort_keys=True))
         publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -276,8 +293,6 @@ def write_prepared(
 
 
 def _index_csv(files, patient_ids, splits, labels, findings, finding_names) -> bytes:
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["row", "file", "patient_id", "split", "label", *finding_names])

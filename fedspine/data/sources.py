@@ -28,6 +28,7 @@ from fedspine.data.labels import (
     label_for,
     normalise_lesion_type,
 )
+from fedspine.fileio import FOLDER_CLASSES, FOLDER_LABELS
 
 LAYOUTS = ("auto", "vindr", "folder")
 SOURCE_SPLITS = ("train", "test")
@@ -77,7 +78,7 @@ def detect_layout(root: Path) -> str:
         (root / f"{s}_images").is_dir() for s in SOURCE_SPLITS
     ):
         return "vindr"
-    if (root / "labels.csv").is_file():
+    if (root / FOLDER_LABELS).is_file():
         return "folder"
     raise SourceLayoutError(
         f"{root}: cannot tell the layout: expected annotations/ with train_images/ or test_images/ "
@@ -171,7 +172,7 @@ def _list_vindr(root: Path, schema: str, rule: str, split: str | None) -> Source
 
 
 def _list_folder(root: Path, split: str | None, classes: Sequence[str] | None) -> SourceListing:
-    labels_path = root / "labels.csv"
+    labels_path = root / FOLDER_LABELS
     if not labels_path.is_file():
         raise SourceLayoutError(
             f"{labels_path}: missing; the folder layout needs labels.csv (file,label)"
@@ -186,7 +187,7 @@ def _list_folder(root: Path, split: str | None, classes: Sequence[str] | None) -
             )
         rows = list(reader)
     declared = classes
-    classes_txt = root / "classes.txt"
+    classes_txt = root / FOLDER_CLASSES
     if declared is None and classes_txt.is_file():
         declared = [c.strip() for c in classes_txt.read_text().splitlines() if c.strip()]
     raw = [(r["label"] or "").strip() for r in rows]

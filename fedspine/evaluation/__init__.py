@@ -3,6 +3,13 @@ synthetic features, and memorisation audits.
 
 Feature extractors live in :mod:`fedspine.evaluation.features` (imports torch); everything
 re-exported here needs only numpy and scipy at import time.
+
+``fedspine evaluate`` is :func:`fedspine.reporting.evaluation_report.evaluate`; its run is
+:mod:`~fedspine.evaluation.pipeline`, in steps: :mod:`~fedspine.evaluation.inputs` (reading and
+refusals), :mod:`~fedspine.evaluation.arms` (TRTR/TSTR/mixed), :mod:`~fedspine.evaluation.trts`
+(the independent judge), :mod:`~fedspine.evaluation.image_metrics` (KID, FID...) and
+:mod:`~fedspine.evaluation.memorisation_audit`; what it writes is typed in
+:mod:`~fedspine.evaluation.records` and rendered by ``fedspine.reporting``.
 """
 
 from fedspine.evaluation.classification import (

@@ -192,8 +192,8 @@ def plot_rocs(
     """Save ROC curves ``{name: (fpr, tpr, auc, ci or None)}`` to a PNG, AUCs in the legend."""
     if not curves:
         raise ValueError("plot_rocs needs at least one curve")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: only when plotting
+    from matplotlib.figure import Figure  # heavy: only when plotting
 
     fig = Figure(figsize=(5.5, 5.0), dpi=120)
     FigureCanvasAgg(fig)

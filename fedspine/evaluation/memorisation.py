@@ -170,8 +170,8 @@ def closest_pairs_png(
     pairs are ranked by ``dist`` (``syn_to_train``) when given, else by pixel distance. Top row:
     synthetic; bottom row: its nearest training image.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: only when plotting
+    from matplotlib.figure import Figure  # heavy: only when plotting
 
     syn, tr = _grey(synthetic), _grey(train)
     idx = np.asarray(idx, dtype=np.int64)
@@ -215,14 +215,14 @@ def _embed(extractor, batch: int, *image_sets) -> tuple:
         if len(shapes) > 1:
             raise ValueError(f"raw-pixel distances need one image size, got {sorted(shapes)}")
         return (PIXELS_NAME, *(x.reshape(len(x), -1) for x in grey))
-    from fedspine.evaluation.features import extract
+    from fedspine.evaluation.features import extract  # torch: package stays numpy-only
 
     return (extractor.name, *(extract(extractor, x, batch=batch) for x in image_sets))
 
 
 def _grey(images) -> np.ndarray:
     """Images as float64 numpy [N, H, W] in [0, 1]."""
-    from fedspine.evaluation.features import as_float_images
+    from fedspine.evaluation.features import as_float_images  # torch, as above
 
     return as_float_images(images)[:, 0].double().numpy()
 

@@ -11,20 +11,47 @@ Ctrl-C included.
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from fedspine.data.ingest import IngestConfig, ingest
 from fedspine.data.phantom import write_phantom_sites
-
-if TYPE_CHECKING:
-    from fedspine.evaluation.report import EvaluateConfig
+from fedspine.data.prepared import load_prepared, merge_prepared
+from fedspine.evaluation.config import EvaluateConfig
+from fedspine.evaluation.records import EvaluationRecord
+from fedspine.federated.deploy import (
+    SiteProcessConfig,
+    register_site,
+    start_superlink,
+    start_supernode,
+    stop_superlink,
+    submit_run,
+    wait_for_run,
+)
+from fedspine.federated.federation import FederationConfig, read_rounds, read_status
+from fedspine.federated.processes import free_port
+from fedspine.federated.security import make_server_certificates, make_site_keypair
+from fedspine.fileio import (
+    DEMO_CONFIG,
+    DEMO_SUMMARY,
+    EVAL_REPORT_HTML,
+    EVAL_REPORT_MD,
+    FEDERATION_CONFIG,
+    RUN_GENERATOR,
+    write_json_atomic,
+)
+from fedspine.privacy.report import build_report
+from fedspine.privacy.signing import make_signing_key
+from fedspine.release.gate import ReleaseRefused, make_release
+from fedspine.reporting.evaluation_report import evaluate
+from fedspine.reporting.html import write_html_report
+from fedspine.reporting.privacy import write_privacy_report
+from fedspine.training.generate import generate_dataset
 
 
 @dataclass(frozen=True)
@@ -62,7 +89,7 @@ class DemoResult:
 Stage = Callable[[str], None]
 
 
-REPORT_FILE = "report.html"
+REPORT_FILE = EVAL_REPORT_HTML
 REPORT_TITLE = "fedspine demo: federated, differentially private synthetic spine radiographs"
 
 
@@ -81,7 +108,7 @@ def run_demo(
     stage = stage or (lambda _msg: None)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    write_json_atomic(out / DEMO_CONFIG, asdict(config))
     result = DemoResult(out=out)
 
     with _timed(result, "phantom"):
@@ -126,12 +153,10 @@ def run_demo(
         stage(
             f"generating {config.per_class} synthetic images per class from the federated generator"
         )
-        from fedspine.training.generate import generate_dataset
-
         if (out / "synthetic").exists():
             shutil.rmtree(out / "synthetic")
         generate_dataset(
-            out / "federation" / "generator.pt",
+            out / "federation" / RUN_GENERATOR,
             out / "synthetic",
             per_class=config.per_class,
             seed=config.seed,
@@ -139,15 +164,14 @@ def run_demo(
 
     with _timed(result, "evaluate"):
         stage(
-            "evaluating: TSTR (train on synthetic) against TRTR (train on real), on real test images"
+            "evaluating: TSTR (train on synthetic) against TRTR (train on real), "
+            "on real test images"
         )
         result.evaluation = _evaluate(out, result.sites, config)
 
     with _timed(result, "privacy report"):
-        from fedspine.privacy.report import build_report, write_report
-
-        write_report(out / "federation", "html")
-        write_report(out / "federation", "md")
+        write_privacy_report(out / "federation", "html")
+        write_privacy_report(out / "federation", "md")
         report = build_report(out / "federation")
         result.privacy = {
             "private": report["private"],
@@ -172,8 +196,6 @@ def write_demo_report(
     out: Path, result: DemoResult, config: DemoConfig, command: str | None = None
 ) -> Path:
     """``OUT/report.html`` from the demo's outputs, with the commands and settings behind them."""
-    from fedspine.evaluation.html_report import write_html_report
-
     out = Path(out)
     released = bool(result.release.get("released"))
     steward_audit = out / "steward" / "audit"
@@ -185,7 +207,7 @@ def write_demo_report(
         release_refused=None if released else result.release.get("reason"),
         steward_audit=steward_audit if steward_audit.is_dir() else None,
         commands=demo_commands(out, config, result.sites, command),
-        config={"demo (demo_config.json)": asdict(config)},
+        config={f"demo ({DEMO_CONFIG})": asdict(config)},
         title=REPORT_TITLE,
     )
 
@@ -217,7 +239,7 @@ def demo_commands(
         ),
         f"# federation: a SuperLink and {len(sites)} SuperNodes on loopback (TLS, site "
         f"authentication), {c.rounds} rounds of {c.local_kimg} kimg per site, DP with each site "
-        f"capped at epsilon {c.epsilon:g}; settings in federation/federation_config.json",
+        f"capped at epsilon {c.epsilon:g}; settings in federation/{FEDERATION_CONFIG}",
         f"fedspine generate {fed} --out {q('synthetic')} --per-class {c.per_class} --seed {c.seed}",
         "# the sites' prepared data pooled for the evaluation: "
         "fedspine.data.prepared.merge_prepared -> prepared/pooled",
@@ -233,42 +255,41 @@ def demo_commands(
     ]
 
 
-def _evaluate(out: Path, sites: list[str], config: DemoConfig) -> dict:
+def _evaluate(out: Path, sites: list[str], config: DemoConfig) -> dict[str, Any]:
     """TSTR vs TRTR on the pooled phantom sites (a centralised upper bound the demo can see)."""
-    from fedspine.data.prepared import load_prepared, merge_prepared
-    from fedspine.evaluation.report import evaluate
-
     pooled = merge_prepared(
         [load_prepared(out / "prepared" / s) for s in sites],
         out / "prepared" / "pooled",
         sites,
         overwrite=True,
     )
-    report = evaluate(
-        out / "synthetic",
-        pooled,
-        pooled,
-        out / "evaluation",
-        _evaluate_config(config),
-        overwrite=True,
+    report = EvaluationRecord.from_json(
+        evaluate(
+            out / "synthetic",
+            pooled,
+            pooled,
+            out / "evaluation",
+            _evaluate_config(config),
+            overwrite=True,
+        )
     )
-    arms = report["arms"]
+    arms = report.arms or {}
+    mixed = arms.get("mixed")
+    tstr = (report.utility.arms or {})["TSTR"]
     return {
-        "trtr_auc": arms["TRTR"]["auc"],
-        "tstr_auc": arms["TSTR"]["auc"],
-        "mixed_auc": arms.get("mixed", {}).get("auc"),
-        "tstr_over_trtr": report["ratios"]["tstr_over_trtr"],
-        "signal_retained": report["utility"]["arms"]["TSTR"]["signal_retained"],
-        "signal_retained_ci": report["utility"]["arms"]["TSTR"]["signal_retained_ci"],
-        "verdict": report["utility"]["arms"]["TSTR"]["verdict"],
-        "report": str(out / "evaluation" / "report.md"),
+        "trtr_auc": arms["TRTR"].auc,
+        "tstr_auc": arms["TSTR"].auc,
+        "mixed_auc": mixed.auc if mixed else None,
+        "tstr_over_trtr": report.ratios.tstr_over_trtr,
+        "signal_retained": tstr.signal_retained,
+        "signal_retained_ci": tstr.signal_retained_ci,
+        "verdict": tstr.verdict,
+        "report": str(out / "evaluation" / EVAL_REPORT_MD),
     }
 
 
 def _evaluate_config(config: DemoConfig) -> EvaluateConfig:
     """The evaluation's settings, shared by the run and the command the report prints."""
-    from fedspine.evaluation.report import EvaluateConfig
-
     return EvaluateConfig(
         arch="small",
         epochs=config.classifier_epochs,
@@ -282,9 +303,6 @@ def _evaluate_config(config: DemoConfig) -> EvaluateConfig:
 
 def _release(out: Path, sites: list[str], config: DemoConfig) -> dict:
     """A signed release if every gate passes; otherwise the refusal, said as it is."""
-    from fedspine.privacy.signing import make_signing_key
-    from fedspine.release.gate import ReleaseRefused, make_release
-
     key = out / "steward" / "steward.key"
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
@@ -318,19 +336,6 @@ def _release(out: Path, sites: list[str], config: DemoConfig) -> dict:
 
 def _federate(out: Path, sites: list[str], config: DemoConfig, stage: Stage) -> list[dict]:
     """A real SuperLink and one SuperNode per site on loopback, TLS and node authentication on."""
-    from fedspine.federated.deploy import (
-        SiteProcessConfig,
-        register_site,
-        start_superlink,
-        start_supernode,
-        stop_superlink,
-        submit_run,
-        wait_for_run,
-    )
-    from fedspine.federated.federation import FederationConfig, read_rounds, read_status
-    from fedspine.federated.processes import free_port
-    from fedspine.federated.security import make_server_certificates, make_site_keypair
-
     server = out / "server"
     fed_out = out / "federation"
     certs = server / "certs"
@@ -388,7 +393,8 @@ def _federate(out: Path, sites: list[str], config: DemoConfig, stage: Stage) -> 
         def show(record: dict) -> None:
             names = ", ".join(s["site"] for s in record["sites"])
             stage(
-                f"round {record['round']}/{config.rounds} done in {record['seconds']:.0f} s ({names})"
+                f"round {record['round']}/{config.rounds} done in {record['seconds']:.0f} s "
+                f"({names})"
             )
 
         status = wait_for_run(server, run_id, fed_out, on_round=show)
@@ -412,9 +418,7 @@ def _write_summary(out: Path, result: DemoResult) -> None:
         "report": str(result.report) if result.report else None,
         "seconds": result.seconds,
     }
-    tmp = out / ".demo_summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "demo_summary.json")
+    write_json_atomic(out / DEMO_SUMMARY, summary)
 
 
 class _timed:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedspine.federated.site import (
+from fedspine.federated.site_config import (
     RoundConfig,
     SiteConfig,
     SiteRefusal,
@@ -38,11 +38,12 @@ from fedspine.federated.site import (
     site_seed,
     site_state_file,
 )
+from fedspine.fileio import CLASSIFIER_WEIGHTS, SITE_CLASSIFIER_STATE
 
 CLASSIFIER_ACTION = "classifier"
 MESSAGE_TYPE = f"train.{CLASSIFIER_ACTION}"
-FINAL_FILE = "classifier.pt"
-SITE_STATE_FILE = "classifier_state.pt"
+FINAL_FILE = CLASSIFIER_WEIGHTS
+SITE_STATE_FILE = SITE_CLASSIFIER_STATE
 ARCHS = ("small", "densenet121")
 
 
@@ -72,7 +73,7 @@ class ClassifierPhaseConfig:
 
     def validate(self, dp: bool, gan_epsilon: float | None) -> list[str]:
         """Problems with these settings (empty when fine)."""
-        from fedspine.training.clinical import MAPPINGS
+        from fedspine.training.clinical import MAPPINGS  # lazy: torch
 
         problems = []
         if self.rounds < 1 or self.local_steps < 1:
@@ -187,9 +188,9 @@ def initial_classifier(
     phase: ClassifierPhaseConfig, class_names: list[str], resolution: int, seed: int
 ) -> tuple[dict, dict]:
     """Fresh global classifier weights from the seed, and its ClassifierConfig as a dict."""
-    import torch
+    import torch  # lazy: the coordinator imports this module for its config types
 
-    from fedspine.models.classifier import ClassifierConfig, build_classifier
+    from fedspine.models.classifier import ClassifierConfig, build_classifier  # lazy: torch
 
     _, outputs = classifier_outputs(class_names)
     cfg = ClassifierConfig(
@@ -208,7 +209,7 @@ def clinical_spec(
     phase: ClassifierPhaseConfig, model_config: dict, class_names: list[str], weights: Mapping
 ) -> dict[str, Any]:
     """What a GAN round tells the sites about the frozen classifier (its weights go beside)."""
-    from fedspine.training.clinical import weights_sha256
+    from fedspine.training.clinical import weights_sha256  # lazy: torch
 
     task, outputs = classifier_outputs(class_names)
     model = _build(model_config, weights)
@@ -225,7 +226,7 @@ def save_final_classifier(
     path: Path, model_config: dict, weights: Mapping, class_names: list[str], meta: dict[str, Any]
 ):
     """The federation's classifier as a fedspine classifier file (usable by every command)."""
-    from fedspine.models.classifier import ClassifierConfig, save_classifier
+    from fedspine.models.classifier import ClassifierConfig, save_classifier  # lazy: torch
 
     task, outputs = classifier_outputs(class_names)
     full = {"task": task, "class_names": list(class_names), "output_names": outputs, **meta}
@@ -243,8 +244,8 @@ def train_classifier_round(
     and privacy summary. Under DP nothing computed on real images leaves the site except the
     privatised weights (no validation AUC is reported).
     """
-    from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
-    from fedspine.training.gan_trainer import configure_cpu
+    from fedspine.training.checkpoint import load_checkpoint, save_checkpoint  # lazy: torch
+    from fedspine.training.gan_trainer import configure_cpu  # lazy: torch
 
     check_version(rc.fedspine_version)
     dataset = load_site_data(site, rc.class_names)
@@ -270,8 +271,11 @@ def train_classifier_round(
     start = time.perf_counter()
     extra = {"site-name": site.site_name, "federation": rc.federation, "round": rc.server_round}
     if rc.dp:
-        from fedspine.federated.site_privacy import ClassifierSitePrivacy
-        from fedspine.training.classifier_dp import ClassifierDPConfig, train_classifier_dp_steps
+        from fedspine.federated.site_privacy import ClassifierSitePrivacy  # lazy: it imports torch
+        from fedspine.training.classifier_dp import (  # lazy: torch
+            ClassifierDPConfig,
+            train_classifier_dp_steps,
+        )
 
         privacy = ClassifierSitePrivacy(site, rc, dataset, train)
         sigma = privacy.plan(state)
@@ -321,9 +325,13 @@ def received_clinical_loss(site: SiteConfig, rc: RoundConfig, weights: Mapping |
     The weights must hash to what the server announced. Under DP the site refuses a classifier
     it helped train without DP in this federation: the generator would not be private.
     """
-    from fedspine.models.classifier import ClassifierConfig
-    from fedspine.training.checkpoint import load_checkpoint
-    from fedspine.training.clinical import ClinicalLoss, ClinicalLossError, weights_sha256
+    from fedspine.models.classifier import ClassifierConfig  # lazy: torch
+    from fedspine.training.checkpoint import load_checkpoint  # lazy: torch
+    from fedspine.training.clinical import (  # lazy: torch
+        ClinicalLoss,
+        ClinicalLossError,
+        weights_sha256,
+    )
 
     spec = rc.clinical
     if spec is None or weights is None:
@@ -362,7 +370,7 @@ def received_clinical_loss(site: SiteConfig, rc: RoundConfig, weights: Mapping |
 
 def _build(model_config: Mapping, weights: Mapping, strict_error=ValueError):
     """The classifier of ``model_config`` holding ``weights`` (never from a file path)."""
-    from fedspine.models.classifier import ClassifierConfig, build_classifier
+    from fedspine.models.classifier import ClassifierConfig, build_classifier  # lazy: torch
 
     cfg = ClassifierConfig.from_dict(dict(model_config))
     cfg.weights_path = None
@@ -377,10 +385,14 @@ def _build(model_config: Mapping, weights: Mapping, strict_error=ValueError):
 
 def _train_steps(model, train, task: str, rc: ClassifierRoundConfig, seed: int) -> dict:
     """Non-private local training: Adam, BCE weighted by the site's class balance."""
-    import numpy as np
-    import torch
+    import numpy as np  # lazy: with the training stack
+    import torch  # lazy: the coordinator imports this module for its config types
 
-    from fedspine.training.classifier_trainer import augment_batch, load_images, targets
+    from fedspine.training.classifier_trainer import (  # lazy: torch
+        augment_batch,
+        load_images,
+        targets,
+    )
 
     y, idx, _ = targets(train, task)
     if len(idx) < 2:
@@ -417,10 +429,14 @@ def _val_auc(model, dataset, task: str) -> float:
 
     Only without DP: an AUC on real images is a release the DP ledger does not count.
     """
-    import numpy as np
+    import numpy as np  # lazy: with the training stack
 
-    from fedspine.models.classifier import predict_proba
-    from fedspine.training.classifier_trainer import auc_per_output, load_images, targets
+    from fedspine.models.classifier import predict_proba  # lazy: torch
+    from fedspine.training.classifier_trainer import (  # lazy: torch
+        auc_per_output,
+        load_images,
+        targets,
+    )
 
     val = dataset.select("val")
     y, idx, _ = targets(val, task)

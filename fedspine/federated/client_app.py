@@ -6,10 +6,12 @@ Two train actions: the default one trains the GAN (``train``), Flower's custom a
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import torch  # noqa: F401  (flwr's ArrayRecord.to_torch_state_dict needs torch imported)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -29,6 +31,7 @@ from fedspine.federated.site import (
     check_version,
     train_round,
 )
+from fedspine.fileio import SITE_LAST_ROUND, write_json_atomic
 
 # Error codes the server shows; Flower reserves small numbers for its own.
 SITE_REFUSED = 601
@@ -99,20 +102,26 @@ def public_reason(err: BaseException, limit: int = 300) -> str:
 
 
 def _reply(msg: Message, context: Context, run: Callable[[SiteConfig], tuple]) -> Message:
-    """Run a train action and reply with weights, metrics and the site record, or the error."""
+    """Run a train action and reply with weights, metrics and the site record, or the error.
+
+    Whatever the outcome, the site keeps a line of its own (``last_round.json`` in its state
+    folder) for `fedspine client status`: what it was asked, what happened, and its ε.
+    """
+    site = None
     try:
         check_not_stale(msg.metadata.created_at, msg.metadata.ttl)
         site = SiteConfig.from_node_config(context.node_config)
         new_weights, metrics, extra = run(site)
     except SiteRefusal as err:
-        return Message(
-            Error(code=SITE_REFUSED, reason=f"refused: {public_reason(err)}"), reply_to=msg
-        )
+        reason = f"refused: {public_reason(err)}"
+        _note_round(site, msg, "refused", reason)
+        return Message(Error(code=SITE_REFUSED, reason=reason), reply_to=msg)
     except Exception as err:  # the server learns that and roughly why; the site log has the rest
         traceback.print_exc(file=sys.stderr)
-        return Message(
-            Error(code=SITE_FAILED, reason=f"failed: {public_reason(err)}"), reply_to=msg
-        )
+        reason = f"failed: {public_reason(err)}"
+        _note_round(site, msg, "failed", reason)
+        return Message(Error(code=SITE_FAILED, reason=reason), reply_to=msg)
+    _note_round(site, msg, "trained", "", extra)
     content = RecordDict(
         {
             "arrays": ArrayRecord(new_weights),
@@ -121,3 +130,29 @@ def _reply(msg: Message, context: Context, run: Callable[[SiteConfig], tuple]) -
         }
     )
     return Message(content, reply_to=msg)
+
+
+def _note_round(
+    site: SiteConfig | None, msg: Message, outcome: str, reason: str, extra: dict | None = None
+) -> None:
+    """Record the site's view of this round for its operators; never fails the reply."""
+    if site is None:
+        return
+    config = msg.content.get("config", {})
+    privacy = None
+    if extra and "privacy" in extra:
+        privacy = json.loads(str(extra["privacy"]))
+    record = {
+        "updated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "action": msg.metadata.message_type,
+        "group": msg.metadata.group_id,
+        "federation": str(config.get("federation", "")),
+        "round": int(config.get("server-round", 0) or 0),
+        "outcome": outcome,
+        "reason": reason,
+        "privacy": privacy,
+    }
+    try:
+        write_json_atomic(site.state_dir / SITE_LAST_ROUND, record)
+    except OSError as err:
+        print(f"fedspine: could not write {SITE_LAST_ROUND}: {err}", file=sys.stderr)

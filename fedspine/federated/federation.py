@@ -49,7 +49,7 @@ from fedspine.federated.run_folder import (
     read_status,
     write_status,
 )
-from fedspine.federated.site import RoundConfig
+from fedspine.federated.site_config import RoundConfig
 from fedspine.federated.weights import RunningFedAvg, split_weights, trainer_weights
 from fedspine.fileio import FEDERATION_CONFIG, RUN_GENERATOR, write_json_atomic
 from fedspine.models import Generator, NetworkConfig

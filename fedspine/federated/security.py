@@ -182,3 +182,55 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+EXPIRY_WARNING_DAYS = 30
+
+
+@dataclass(frozen=True)
+class CertificateExpiry:
+    """When a certificate stops being valid, and whether an operator must act now."""
+
+    path: Path
+    subject: str
+    not_after: dt.datetime
+    days_left: float
+
+    @property
+    def expired(self) -> bool:
+        return self.days_left <= 0
+
+    @property
+    def warning(self) -> str | None:
+        """A line for the operator once fewer than :data:`EXPIRY_WARNING_DAYS` days are left."""
+        if self.expired:
+            return (
+                f"{self.path.name} expired on {self.not_after:%Y-%m-%d}: sites cannot connect; "
+                "make a new one with `fedspine server certs`"
+            )
+        if self.days_left < EXPIRY_WARNING_DAYS:
+            return (
+                f"{self.path.name} expires on {self.not_after:%Y-%m-%d} "
+                f"({self.days_left:.0f} days left): renew it with `fedspine server certs` and "
+                "restart the server"
+            )
+        return None
+
+
+def certificate_expiry(
+    path: str | os.PathLike, now: dt.datetime | None = None
+) -> CertificateExpiry:
+    """Read a PEM certificate's expiry (``not_valid_after``) and the days left from ``now``."""
+    path = Path(path)
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable PEM certificate ({err})") from None
+    now = now or dt.datetime.now(dt.UTC)
+    not_after = cert.not_valid_after_utc
+    return CertificateExpiry(
+        path=path,
+        subject=cert.subject.rfc4514_string(),
+        not_after=not_after,
+        days_left=(not_after - now).total_seconds() / 86400,
+    )

@@ -1,172 +1,52 @@
 """What a site does with a train message: the fedspine installed at the site, not the server's code.
 
-The site's own facts (data path, name, ε cap, privacy home, local state folder) come from its node
-config, set by the site admin with `fedspine client start`; nothing the server sends can change
-them. The server sends only the round's settings and the global weights.
+The site's facts and the checks on every request live in :mod:`site_config`; this module trains
+the GAN's round. The server sends only the round's settings and the global weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from fedspine import __version__
+import torch
 
-if TYPE_CHECKING:
-    import torch
+from fedspine.federated.classifier_phase import received_clinical_loss
+from fedspine.federated.site_config import (
+    DEFAULT_MAX_LOCAL_KIMG,
+    DEFAULT_MAX_RESOLUTION,
+    RoundConfig,
+    SiteConfig,
+    SiteRefusal,
+    check_dp_wanted,
+    check_not_stale,
+    check_round_limits,
+    check_version,
+    load_site_data,
+    site_seed,
+    site_state_file,
+)
+from fedspine.federated.site_privacy import SitePrivacy
+from fedspine.federated.weights import load_trainer_weights, trainer_weights
+from fedspine.training.batches import BatchSampler, training_data
+from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
+from fedspine.training.config import TrainConfig
+from fedspine.training.factory import TrainerSpec, build_trainer, rebuild_trainer
+from fedspine.training.gan_trainer import configure_cpu
 
-
-class SiteRefusal(Exception):
-    """The site declines the round (version mismatch, wrong data, privacy cap); says why."""
-
-
-# What a site trains per round unless its admin sets more: the server cannot raise them.
-DEFAULT_MAX_LOCAL_KIMG = 50.0
-DEFAULT_MAX_RESOLUTION = 256
-
-
-@dataclass(frozen=True)
-class SiteConfig:
-    """A site's node config: what only the site decides."""
-
-    data_path: Path
-    site_name: str
-    state_dir: Path
-    max_epsilon: float | None = None
-    privacy_home: Path | None = None
-    privacy_unit: str | None = None
-    threads: int | None = None
-    max_local_kimg: float = DEFAULT_MAX_LOCAL_KIMG
-    max_resolution: int = DEFAULT_MAX_RESOLUTION
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
-        missing = [k for k in ("data-path", "site-name") if k not in node_config]
-        if missing:
-            raise SiteRefusal(
-                f"the SuperNode's node config lacks {missing}; start it with `fedspine client start`"
-            )
-        data_path = Path(str(node_config["data-path"]))
-        state_dir = Path(str(node_config.get("state-dir") or data_path.parent / ".fedspine-site"))
-        cap = node_config.get("max-epsilon")
-        home = node_config.get("privacy-home")
-        unit = node_config.get("privacy-unit")
-        return cls(
-            data_path=data_path,
-            site_name=str(node_config["site-name"]),
-            state_dir=state_dir,
-            max_epsilon=float(cap) if cap not in (None, "", -1, -1.0) else None,
-            privacy_home=Path(str(home)) if home else None,
-            privacy_unit=str(unit) if unit else None,
-            threads=int(node_config["threads"]) if node_config.get("threads") else None,
-            max_local_kimg=float(node_config.get("max-local-kimg") or DEFAULT_MAX_LOCAL_KIMG),
-            max_resolution=int(node_config.get("max-resolution") or DEFAULT_MAX_RESOLUTION),
-        )
-
-
-@dataclass(frozen=True)
-class RoundConfig:
-    """The server's settings for one round, as sent in the train message's ConfigRecord."""
-
-    federation: str
-    server_round: int
-    local_kimg: float
-    train_config: dict
-    label_prior: list[float]
-    class_names: list[str]
-    fedspine_version: str
-    total_rounds: int = 1
-    dp: dict | None = None
-    model: str = "cgan"
-    clinical: dict | None = None
-    """SpineGAN only: the frozen classifier's config, metadata, sha256, λ and mapping (its
-    weights travel beside the GAN's, as the message's ``classifier`` ArrayRecord)."""
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "total-rounds": int(self.total_rounds),
-            "dp": json.dumps(self.dp) if self.dp else "",
-            "model": self.model,
-            "clinical": json.dumps(self.clinical, sort_keys=True) if self.clinical else "",
-            "federation": self.federation,
-            "server-round": self.server_round,
-            "local-kimg": float(self.local_kimg),
-            "train-config": json.dumps(self.train_config, sort_keys=True),
-            "label-prior": json.dumps([float(p) for p in self.label_prior]),
-            "class-names": json.dumps(list(self.class_names)),
-            "fedspine-version": self.fedspine_version,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
-        try:
-            return cls(
-                federation=str(record["federation"]),
-                server_round=int(record["server-round"]),
-                local_kimg=float(record["local-kimg"]),
-                train_config=json.loads(str(record["train-config"])),
-                label_prior=[float(p) for p in json.loads(str(record["label-prior"]))],
-                class_names=list(json.loads(str(record["class-names"]))),
-                fedspine_version=str(record["fedspine-version"]),
-                total_rounds=int(record.get("total-rounds", 1)),
-                dp=json.loads(str(record["dp"])) if record.get("dp") else None,
-                model=str(record.get("model", "cgan")),
-                clinical=json.loads(str(record["clinical"])) if record.get("clinical") else None,
-            )
-        except KeyError as err:
-            raise SiteRefusal(
-                f"the train message lacks {err}; is the server a fedspine server?"
-            ) from None
-
-
-def check_round_limits(site: SiteConfig, rc: RoundConfig) -> None:
-    """Refuse a round asking for more local work or a bigger network than the site allows.
-
-    The server chooses the work; only the site bounds it (compute, wall time and, under DP, the
-    steps its ledger must hold), so the bounds come from the node config.
-    """
-    if not 0 < rc.local_kimg <= site.max_local_kimg:
-        raise SiteRefusal(
-            f"the server asks for {rc.local_kimg:g} kimg this round; this site trains at most "
-            f"{site.max_local_kimg:g} (`fedspine client start --max-local-kimg`)"
-        )
-    network = rc.train_config.get("network") or {}
-    resolution = int(network.get("resolution") or rc.train_config.get("resolution") or 0)
-    if resolution > site.max_resolution:
-        raise SiteRefusal(
-            f"the server asks for a {resolution} px network; this site trains at most "
-            f"{site.max_resolution} px (`fedspine client start --max-resolution`)"
-        )
-
-
-def check_not_stale(created_at: float, ttl: float | None, now: float | None = None) -> None:
-    """Refuse a round's message that arrives after its deadline (``created_at + ttl``).
-
-    The server has given up on that round by then; training it would spend privacy budget on
-    weights that are thrown away.
-    """
-    if ttl is None or ttl <= 0:
-        return
-    now = time.time() if now is None else now
-    age = now - created_at
-    if age > ttl:
-        raise SiteRefusal(
-            f"the round's message expired: sent {age:.0f} s ago with a deadline of {ttl:.0f} s; "
-            "not trained (the server has moved on)"
-        )
-
-
-def check_version(server_version: str) -> None:
-    if server_version != __version__:
-        raise SiteRefusal(
-            f"the server runs fedspine {server_version} but this site has fedspine {__version__}; "
-            "install the same version at the server and every site"
-        )
+# Re-exported: callers name the site's facts through this module too.
+__all__ = [
+    "DEFAULT_MAX_LOCAL_KIMG",
+    "DEFAULT_MAX_RESOLUTION",
+    "RoundConfig",
+    "SiteConfig",
+    "SiteRefusal",
+    "check_not_stale",
+    "check_round_limits",
+    "check_version",
+    "site_state_file",
+    "train_round",
+]
 
 
 def train_round(
@@ -182,12 +62,6 @@ def train_round(
     rounds (keyed by federation name), so a site continues where it left off. A SpineGAN round
     also brings the federation's frozen classifier (``classifier_weights``).
     """
-    from fedspine.federated.weights import load_trainer_weights, trainer_weights
-    from fedspine.training.batches import BatchSampler, training_data
-    from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
-    from fedspine.training.config import TrainConfig
-    from fedspine.training.gan_trainer import GanTrainer, configure_cpu
-
     setup_start = time.perf_counter()
     check_version(rc.fedspine_version)
     check_round_limits(site, rc)
@@ -200,8 +74,6 @@ def train_round(
     check_dp_wanted(site, rc.dp)
     clinical = None
     if rc.model == "spinegan":
-        from fedspine.federated.classifier_phase import received_clinical_loss
-
         clinical = received_clinical_loss(site, rc, classifier_weights, bool(rc.dp))
     elif rc.model != "cgan":
         raise SiteRefusal(f"the server asks for model {rc.model!r}; this site knows cgan, spinegan")
@@ -211,21 +83,12 @@ def train_round(
     state = load_checkpoint(state_file, kind="trainer")["trainer"] if state_file.is_file() else None
     privacy = None
     if rc.dp:
-        from fedspine.federated.site_privacy import SitePrivacy
-
         privacy = SitePrivacy(site, rc, dataset, train)
         trainer = privacy.make_trainer(config, data, state, clinical=clinical)
-    elif clinical is not None:
-        from fedspine.training.clinical import SpineGanTrainer
-
-        if state is not None:
-            trainer = SpineGanTrainer.from_state_dict(state, clinical)
-        else:
-            trainer = SpineGanTrainer(config, rc.label_prior, clinical)
     elif state is not None:
-        trainer = GanTrainer.from_state_dict(state)
+        trainer = rebuild_trainer(TrainerSpec(clinical=clinical), state)
     else:
-        trainer = GanTrainer(config, rc.label_prior)
+        trainer = build_trainer(TrainerSpec(clinical=clinical), config, rc.label_prior)
     load_trainer_weights(trainer, weights)
 
     if privacy is not None:
@@ -265,40 +128,3 @@ def train_round(
     else:
         metrics.update({"epsilon": -1.0, "delta": 0.0})
     return trainer_weights(trainer), metrics, extra
-
-
-def load_site_data(site: SiteConfig, class_names: list[str]):
-    """The site's prepared dataset, refused where it is missing or of another label schema."""
-    from fedspine.data.prepared import PreparedDatasetError, load_prepared
-
-    try:
-        dataset = load_prepared(site.data_path)
-    except PreparedDatasetError as err:
-        raise SiteRefusal(f"site {site.site_name}: {err}") from None
-    if list(dataset.class_names) != list(class_names):
-        raise SiteRefusal(
-            f"site {site.site_name}: its data has classes {dataset.class_names}, the federation "
-            f"trains {class_names}; ingest with the federation's label schema"
-        )
-    return dataset
-
-
-def check_dp_wanted(site: SiteConfig, dp: dict | None) -> None:
-    """A site with an ε cap trains only with DP, whatever the server asks."""
-    if site.max_epsilon is not None and not dp:
-        raise SiteRefusal(
-            f"site {site.site_name} trains only with differential privacy (its ε cap is "
-            f"{site.max_epsilon}); the federation was submitted without DP"
-        )
-
-
-def site_seed(seed: int, site_name: str) -> int:
-    """A per-site seed, so sites do not draw the same latents and batches."""
-    digest = hashlib.sha256(f"{seed}:{site_name}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def site_state_file(site: SiteConfig, federation: str, name: str = "trainer.pt") -> Path:
-    """The site's local state of one federation (``trainer.pt``; ``classifier.pt``)."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in federation)
-    return site.state_dir / safe / name

@@ -28,13 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from fedspine.federated.site import RoundConfig, SiteConfig, SiteRefusal
+from fedspine.federated.site_config import RoundConfig, SiteConfig, SiteRefusal
 from fedspine.privacy.accounting import PLAN_ACCOUNTANT, REPORT_ACCOUNTANT, epsilon
 from fedspine.privacy.engine import PrivacyEngine, PrivacyError, Reservation
 from fedspine.privacy.home import PrivacyHomeError
 from fedspine.privacy.ledger import LedgerError, mechanisms_of
+from fedspine.training.classifier_dp import MECHANISM_LABEL as CLASSIFIER_LABEL
 from fedspine.training.dp import MECHANISM_LABEL, DPConfig
-from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
+from fedspine.training.dp_run import dp_unit_of
+from fedspine.training.dp_trainer import dp_train_config, planned_d_steps
+from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
+from fedspine.training.gan_trainer import GanTrainer
 
 GAN_PHASE = "gan"
 CLASSIFIER_PHASE = "classifier"
@@ -47,8 +51,6 @@ class _RoundLedger:
     server."""
 
     def _open_engine(self, site: SiteConfig, rc, dataset, patient_ids: np.ndarray) -> None:
-        from fedspine.training.dp_run import dp_unit_of
-
         options = dict(rc.dp or {})
         self.site = site
         self.rc = rc
@@ -146,9 +148,9 @@ class SitePrivacy(_RoundLedger):
             accountant=PLAN_ACCOUNTANT,
         )
 
-    def make_trainer(self, config, data, state: dict | None, clinical=None) -> DPGanTrainer:
-        """The DP trainer of this round (a DPSpineGanTrainer where ``clinical`` is given), with
-        the round's steps already written into the ledger."""
+    def make_trainer(self, config, data, state: dict | None, clinical=None) -> GanTrainer:
+        """The DP trainer of this round (SpineGAN's where ``clinical`` is given), with the
+        round's steps already written into the ledger."""
         config = dp_train_config(config, self.dp)
         uniform = np.asarray(self.rc.label_prior, dtype=np.float64)
         round_steps = planned_d_steps(config, self.dp, self.rc.local_kimg)
@@ -159,23 +161,15 @@ class SitePrivacy(_RoundLedger):
             self.dp.max_grad_norm,
             MECHANISM_LABEL,
         )
-        if clinical is not None:
-            from fedspine.training.clinical import DPSpineGanTrainer
-
-            trainer = DPSpineGanTrainer(
-                config, self.dp, uniform, self.patient_ids, self.sigma, self.q, clinical
-            )
-        else:
-            trainer = DPGanTrainer(config, self.dp, uniform, self.patient_ids, self.sigma, self.q)
-        if state is not None:
-            trainer.load_state_dict(state)
+        spec = TrainerSpec(DPSGD(self.dp, self.sigma, self.q, self.patient_ids), clinical=clinical)
+        trainer = build_trainer(spec, config, uniform, state=state)
         trainer.dp_step.reservation = self._reserve(GAN_PHASE)
         return trainer
 
     def batches(self, data, device):
         return itertools.repeat((data.images.to(device), data.labels.to(device)))
 
-    def record_round(self, trainer: DPGanTrainer) -> dict[str, float]:
+    def record_round(self, trainer: GanTrainer) -> dict[str, float]:
         """Settle the round's reservation (after its state is saved); the numbers and JSON the
         server may see."""
         return self._settle()
@@ -198,8 +192,6 @@ class ClassifierSitePrivacy(_RoundLedger):
         """σ for this round (kept from the site's first classifier round, else planned now for
         every classifier round left), its steps reserved in the ledger; refuses a round that
         would pass the target."""
-        from fedspine.training.classifier_dp import MECHANISM_LABEL as CLASSIFIER_LABEL
-
         self._plan_round(
             state, self.rc.local_steps, self.patients_per_step, self.clip, CLASSIFIER_LABEL
         )

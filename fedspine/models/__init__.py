@@ -2,79 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from fedspine.models.config import NetworkConfig
 from fedspine.models.discriminator import Discriminator
 from fedspine.models.generator import Generator
 
 __all__ = ["Discriminator", "Generator", "NetworkConfig"]
-
-
-@dataclass
-class NetworkConfig:
-    """Shape of a generator / discriminator pair; both are built from the same config.
-
-    Channels at resolution r are min(channel_base // r, channel_max). `mbstd_group = 0` removes
-    the minibatch-std layer from D, which must be off under DP because it mixes samples.
-    `c_dim = 0` makes both networks unconditional. `fused_modconv` picks the modulated
-    convolution's path (same function, different speed); "auto" lets the trainer measure.
-    """
-
-    resolution: int = 64
-    img_channels: int = 1
-    c_dim: int = 2
-    z_dim: int = 512
-    w_dim: int = 512
-    mapping_layers: int = 2
-    channel_base: int = 16384
-    channel_max: int = 512
-    mbstd_group: int = 4
-    mbstd_channels: int = 1
-    fused_modconv: bool | str = True
-    conv_clamp: float | None = None
-
-    def __post_init__(self) -> None:
-        r = self.resolution
-        if r < 8 or r & (r - 1):
-            raise ValueError(
-                f"NetworkConfig: resolution {r} is not a power of two >= 8; "
-                "use 8, 16, 32, 64, 128, 256 ..."
-            )
-        if self.fused_modconv not in (True, False, "auto"):
-            raise ValueError(
-                f'NetworkConfig: fused_modconv must be true, false or "auto", '
-                f"got {self.fused_modconv!r}"
-            )
-        positive = ("img_channels", "z_dim", "w_dim", "mapping_layers", "channel_base")
-        for name in (*positive, "channel_max", "mbstd_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"NetworkConfig: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("c_dim", "mbstd_group"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"NetworkConfig: {name} must be >= 0, got {getattr(self, name)}")
-        if self.conv_clamp is not None and self.conv_clamp <= 0:
-            raise ValueError(
-                f"NetworkConfig: conv_clamp must be > 0 or None, got {self.conv_clamp}"
-            )
-        for res in self.block_resolutions:
-            if self.channels_at(res) < 1:
-                raise ValueError(
-                    f"NetworkConfig: channel_base {self.channel_base} gives 0 channels at "
-                    f"{res} px; raise channel_base to at least {self.resolution}"
-                )
-
-    def channels_at(self, res: int) -> int:
-        """Feature channels of both networks at resolution `res`."""
-        return min(self.channel_base // res, self.channel_max)
-
-    @property
-    def block_resolutions(self) -> list[int]:
-        """Resolutions of the generator's blocks: 4, 8, ..., resolution."""
-        return [2**k for k in range(2, self.resolution.bit_length())]
-
-    @property
-    def num_ws(self) -> int:
-        """Style vectors the synthesis network reads: one per modulated 3x3 conv (1 at 4 px, 2 at
-        every higher resolution) plus one for the last toRGB; each other toRGB shares the w of the
-        next block's first conv. 2 * log2(resolution) - 2, e.g. 10 at 64 px, 14 at 256 px."""
-        return 2 * (self.resolution.bit_length() - 1) - 2

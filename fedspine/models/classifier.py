@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from fedspine import __version__
+from fedspine.fileio import CLASSIFIER_WEIGHTS, write_atomic
 
 ARCHS = ("densenet121", "small")
 NORMS = ("batch", "group")
@@ -124,18 +124,7 @@ def save_classifier(
         "meta": full_meta,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda handle: torch.save(data, handle), durable=True)
 
 
 def load_classifier(
@@ -143,11 +132,11 @@ def load_classifier(
 ) -> tuple[nn.Module, ClassifierConfig, dict[str, Any]]:
     """Load a classifier written by :func:`save_classifier`, in eval mode, safely.
 
-    Accepts the file itself or a folder holding ``classifier.pt``.
+    Accepts the file itself or a folder holding ``classifier.pt`` (``CLASSIFIER_WEIGHTS``).
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "classifier.pt"
+        path = path / CLASSIFIER_WEIGHTS
     data = _safe_load(path, map_location)
     if not isinstance(data, dict) or data.get("fedspine_checkpoint") != CHECKPOINT_KIND:
         raise ClassifierCheckpointError(f"{path}: not a fedspine classifier file")
@@ -310,7 +299,7 @@ def _densenet121(cfg: ClassifierConfig) -> nn.Module:
 
     The dropout module has no weights, so the state-dict keys stay MONAI's own.
     """
-    from monai.networks.nets import DenseNet121
+    from monai.networks.nets import DenseNet121  # slow import (seconds); this backbone only
 
     if cfg.norm == "group":
         norm: str | tuple = ("group", {"num_groups": cfg.num_groups})

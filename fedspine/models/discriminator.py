@@ -9,15 +9,12 @@ group: never use it under DP (`Discriminator.mixes_samples` says whether it is o
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from fedspine.models.config import NetworkConfig
 from fedspine.models.layers import Conv2dLayer, FullyConnectedLayer, normalize_2nd_moment
-
-if TYPE_CHECKING:
-    from fedspine.models import NetworkConfig
 
 MAPPING_LR_MULTIPLIER = 0.01
 RESIDUAL_GAIN = math.sqrt(0.5)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from fedspine.models.config import NetworkConfig
 from fedspine.models.layers import (
     FullyConnectedLayer,
     bias_act,
@@ -23,9 +23,6 @@ from fedspine.models.layers import (
     normalize_2nd_moment,
     upsample2d,
 )
-
-if TYPE_CHECKING:
-    from fedspine.models import NetworkConfig
 
 W_AVG_BETA = 0.995
 MAPPING_LR_MULTIPLIER = 0.01

@@ -14,6 +14,9 @@ Three accountants, one contract (every one returns an upper bound on ε at δ):
 
 Composition is commutative, so records with the same (kind, σ, q) are merged by summing their
 steps before accounting; that is what one uninterrupted run would have given.
+
+Opacus (which loads torch), dp_accounting and matplotlib are imported inside the functions that
+use them, so ``import fedspine.privacy`` costs numpy only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 Accountant = Literal["prv", "rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp", "pld")
@@ -202,8 +207,8 @@ def plot_epsilon_curve(
     title: str = "Privacy spent per site",
 ) -> Path:
     """Write a PNG of ε against steps, one line per site (and a dashed cap line if given)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # slow import; plots only
+    from matplotlib.figure import Figure  # slow import; plots only
 
     path = Path(path)
     figure = Figure(figsize=(6.4, 4.0), dpi=120)
@@ -269,8 +274,8 @@ def prv_eps_error(mechanisms: Sequence[Mechanism], delta: float) -> float:
 
 def prv_memory_estimate(mechanisms: Sequence[Mechanism], delta: float, eps_error: float) -> int:
     """Bytes Opacus' PRV accountant will need at peak for these mechanisms (an estimate)."""
-    from opacus.accountants import PRVAccountant
-    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+    from opacus.accountants import PRVAccountant  # opacus loads torch
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV  # opacus loads torch
 
     merged = merge_mechanisms(mechanisms)
     if not merged:
@@ -289,9 +294,8 @@ def prv_memory_estimate(mechanisms: Sequence[Mechanism], delta: float, eps_error
 
 
 def _epsilon_rdp(merged: list[Mechanism], delta: float) -> float:
-    import numpy as np
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import get_privacy_spent
+    from opacus.accountants import RDPAccountant  # opacus loads torch
+    from opacus.accountants.analysis.rdp import get_privacy_spent  # opacus loads torch
 
     rdp = sum(_rdp_per_step(m.noise_multiplier, m.sample_rate) * m.steps for m in merged)
     with warnings.catch_warnings():
@@ -306,9 +310,8 @@ def _epsilon_rdp(merged: list[Mechanism], delta: float) -> float:
 @lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float):
     """Opacus' RDP of one step at its default orders; steps scale it linearly."""
-    import numpy as np
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import compute_rdp
+    from opacus.accountants import RDPAccountant  # opacus loads torch
+    from opacus.accountants.analysis.rdp import compute_rdp  # opacus loads torch
 
     vector = np.asarray(
         compute_rdp(
@@ -324,8 +327,7 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float):
 
 
 def _epsilon_prv(merged: list[Mechanism], delta: float, max_bytes: int) -> float:
-    import numpy as np
-    from opacus.accountants import PRVAccountant
+    from opacus.accountants import PRVAccountant  # opacus loads torch
 
     eps_error = prv_eps_error(merged, delta)
     need = prv_memory_estimate(merged, delta, eps_error)
@@ -357,7 +359,7 @@ def _epsilon_prv(merged: list[Mechanism], delta: float, max_bytes: int) -> float
 
 
 def _epsilon_pld(merged: list[Mechanism], delta: float) -> float:
-    import dp_accounting
+    import dp_accounting  # slow import; PLD only
 
     events = [
         dp_accounting.SelfComposedDpEvent(

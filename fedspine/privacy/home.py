@@ -20,16 +20,18 @@ import hashlib
 import hmac
 import os
 import secrets
-import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from fedspine.fileio import PRIVACY_LEDGER, PRIVACY_SITE_KEY, write_text_atomic
+from fedspine.privacy.ledger import PrivacyLedger
+
 ENV_VAR = "FEDSPINE_PRIVACY_HOME"
-KEY_FILE = "site.key"
-LEDGER_FILE = "ledger.json"
+KEY_FILE = PRIVACY_SITE_KEY
+LEDGER_FILE = PRIVACY_LEDGER
 INIT_LOCK = ".home.lock"
 KEY_BYTES = 32
 PATIENT_KEY_HEX = 32
@@ -75,10 +77,8 @@ class PrivacyHome:
     def key_path(self) -> Path:
         return self.path / KEY_FILE
 
-    def ledger(self):
+    def ledger(self) -> PrivacyLedger:
         """The site's :class:`~fedspine.privacy.ledger.PrivacyLedger` (created if absent)."""
-        from fedspine.privacy.ledger import PrivacyLedger
-
         self._site_key()  # makes (or checks) the key and the ledger together
         return PrivacyLedger.open(self.ledger_path, create=False)
 
@@ -100,8 +100,6 @@ class PrivacyHome:
         starting at once agree; and the pair is checked, so neither file can be lost silently:
         a key without its ledger, or a ledger with records without its key, is an error."""
         if self._key is None:
-            from fedspine.privacy.ledger import PrivacyLedger
-
             self._ensure_folder()
             with _locked(self.path / INIT_LOCK):
                 if self.key_path.exists():
@@ -152,19 +150,10 @@ def _read_key(path: Path) -> bytes:
 
 
 def _create_key(path: Path) -> bytes:
-    """Write a new key whole (0600) and rename it into place; the caller holds the lock."""
+    """Write a new key whole (0600 before any byte, fsynced) and rename it into place; the
+    caller holds the lock."""
     key = secrets.token_bytes(KEY_BYTES)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(key.hex() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
+    write_text_atomic(path, key.hex() + "\n", durable=True, mode=0o600)
     return key
 
 

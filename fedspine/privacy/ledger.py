@@ -12,9 +12,10 @@ before any of them runs, and a record stays ``reserved`` (counted in full) until
 therefore leaves the ledger at or above the truth, never below.
 
 The ledger is never reset: a missing-after-open, unreadable or malformed file is an error naming
-the file. Writes are atomic (temp file, fsync, ``os.replace``) and serialised across processes by
-``flock`` on ``<ledger>.lock`` (local file systems; flock on some network file systems is
-advisory only or absent).
+the file. Writes are atomic (:func:`fedspine.fileio.write_text_atomic`: temp file, fsync,
+``os.replace``, then the folder fsynced; the file keeps its mode, 0600 when new) and serialised
+across processes by ``flock`` on ``<ledger>.lock`` (local file systems; flock on some network
+file systems is advisory only or absent).
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ import json
 import math
 import os
 import stat
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedspine.fileio import write_text_atomic
 from fedspine.privacy.accounting import (
     PLAN_ACCOUNTANT,
     REPORT_ACCOUNTANT,
@@ -330,20 +331,7 @@ class PrivacyLedger:
             mode = stat.S_IMODE(self.path.stat().st_mode)
         except FileNotFoundError:
             mode = 0o600
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(self.path, text, durable=True, mode=mode)
         _fsync_dir(self.path.parent)
 
     @contextmanager

@@ -15,11 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedspine.data.prepared import load_prepared
+from fedspine.fileio import PREPARED_LEDGER_V1
 from fedspine.privacy.accounting import Mechanism
 from fedspine.privacy.engine import PrivacyError
 from fedspine.privacy.home import PrivacyHome
 
-V1_FILE = "privacy_ledger.json"
+V1_FILE = PREPARED_LEDGER_V1
 IMPORTED_SUFFIX = ".imported"
 
 
@@ -38,8 +40,6 @@ def import_v1_ledger(
     prepared_root: str | os.PathLike, home: PrivacyHome | str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
     """Import PREPARED/privacy_ledger.json into the privacy home; returns the new records."""
-    from fedspine.data.prepared import load_prepared
-
     root = Path(prepared_root)
     path = root / V1_FILE
     if not path.is_file():

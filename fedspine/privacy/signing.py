@@ -27,11 +27,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedspine.fileio import file_sha256
+from fedspine.fileio import (
+    RELEASE_MANIFEST,
+    RELEASE_PUBLIC_KEY,
+    RELEASE_SIGNATURE,
+    file_sha256,
+)
 
-MANIFEST_FILE = "manifest.json"
-SIGNATURE_FILE = "manifest.sig"
-PUBLIC_KEY_FILE = "steward.pub"
+MANIFEST_FILE = RELEASE_MANIFEST
+SIGNATURE_FILE = RELEASE_SIGNATURE
+PUBLIC_KEY_FILE = RELEASE_PUBLIC_KEY
 KEY_COMMENT = "fedspine-steward"
 UNSIGNED_FILES = (MANIFEST_FILE, SIGNATURE_FILE)
 

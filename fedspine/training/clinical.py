@@ -24,16 +24,20 @@ positive class) gets ``c == positive class``; a multiclass one the one-hot of ``
 multilabel (lesion findings) one the finding vector the class implies ("No finding" -> zeros, a
 lesion class -> one-hot of that finding).
 
+The trainer takes the loss as a G loss term (:class:`ClinicalTerm`), whatever its D step: a
+SpineGAN, DP or not, is one :class:`~fedspine.training.factory.TrainerSpec` with ``clinical``
+set.
+
 Privacy (DESIGN.md decision 5): C saw real images, so under DP the generator is private only if
-C is; :func:`clinical_privacy` decides what a DP run may claim, and :class:`ClinicalRunPrivacy`
-writes it into the run's privacy.json.
+C is; :func:`clinical_privacy` decides what a DP run may claim, and
+:class:`~fedspine.training.dp_run.RunPrivacy` writes it into the run's privacy.json.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedspine.fileio import file_sha256
+from fedspine.fileio import CLASSIFIER_WEIGHTS, file_sha256
 from fedspine.models.classifier import ClassifierConfig, from_generator_output, load_classifier
-from fedspine.training.dp_run import RunPrivacy
-from fedspine.training.dp_trainer import DPGanTrainer
-from fedspine.training.gan_trainer import GanTrainer, StepMetrics
+from fedspine.training.gan_trainer import GanTrainer
+from fedspine.training.parts import GLoss
 
 MAPPINGS = ("default", "paper")
 DEFAULT_WEIGHT = 0.1
 NO_FINDING = "No finding"
 PAPER_RESOLUTION = 256
 PAPER_CROP = 16
-CLASSIFIER_FILE = "classifier.pt"
 DECLARED_PUBLIC = "declared public by the user"
 NOT_PRIVATE_REASON = "SpineGAN's clinical classifier was trained on private data without DP"
 
@@ -163,117 +165,47 @@ class ClinicalLoss:
         }
 
 
-@dataclass
-class ClinicalStepMetrics(StepMetrics):
-    """StepMetrics plus the clinical term (λ · BCE, as added to L_G) and the raw BCE."""
+class ClinicalTerm(GLoss):
+    """SpineGAN's G loss term: the clinical loss joins the adversarial one in the same backward
+    pass of every G step (tests/training/test_spinegan.py checks that with λ = 0 the generator
+    is bit-identical to the cGAN's, DP or not).
 
-    loss_clinical: torch.Tensor | None = None
-    clinical_bce: torch.Tensor | None = None
-
-
-class ClinicalGStepMixin:
-    """The SpineGAN G step for GanTrainer and DPGanTrainer (place it first in the bases).
-
-    It fills GanTrainer's ``g_extra_loss`` hook: the clinical term joins the adversarial loss in
-    the same backward pass of every G step (tests/training/test_spinegan.py checks that with
-    λ = 0 both trainers give bit-identical generators).
+    It logs ``loss_clinical`` (λ · BCE, as added to L_G) and ``clinical_bce``, writes C's
+    identity into the trainer's state (``state["clinical"]``; C's weights stay in their own
+    file) and refuses to resume a state trained with another classifier, λ or mapping, or none.
     """
 
-    clinical: ClinicalLoss
+    def __init__(self, clinical: ClinicalLoss) -> None:
+        self.clinical = clinical
 
-    def g_extra_loss(
-        self, fake: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The clinical term, added to the adversarial loss in GanTrainer.g_step's backward."""
-        loss_clinical, bce = self.clinical(fake, labels)
-        self._clinical_out = {
-            "loss_clinical": loss_clinical.detach(),
-            "clinical_bce": bce.detach(),
-        }
-        return loss_clinical, dict(self._clinical_out)
-
-    def train_step(self, real_images: torch.Tensor, real_labels: torch.Tensor) -> StepMetrics:
-        metrics = super().train_step(real_images, real_labels)
-        clinical = self._clinical_out
-        return ClinicalStepMetrics(
-            **{f.name: getattr(metrics, f.name) for f in fields(metrics)},
-            loss_clinical=clinical["loss_clinical"],
-            clinical_bce=clinical["clinical_bce"],
-        )
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["clinical"] = self.clinical.identity()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        check_same_clinical(state.get("clinical"), self.clinical)
-        super().load_state_dict(state)
-
-    def _attach_clinical(self, clinical: ClinicalLoss) -> None:
-        net = self.config.network
+    def attach(self, trainer: GanTrainer) -> None:
+        net = trainer.config.network
         if net.img_channels != 1:
             raise ClinicalLossError(
                 f"the clinical classifier takes grey images; this generator makes "
                 f"{net.img_channels} channels"
             )
-        if len(clinical.class_names) != net.c_dim:
+        if len(self.clinical.class_names) != net.c_dim:
             raise ClinicalLossError(
-                f"the clinical loss knows {len(clinical.class_names)} classes "
-                f"({clinical.class_names}), the generator is conditioned on {net.c_dim}"
+                f"the clinical loss knows {len(self.clinical.class_names)} classes "
+                f"({self.clinical.class_names}), the generator is conditioned on {net.c_dim}"
             )
-        self.clinical = clinical.to(self.device)
-        self._clinical_out: dict[str, torch.Tensor] = {}
+        self.clinical.to(trainer.device)
 
+    def g_loss(
+        self, fake: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss_clinical, bce = self.clinical(fake, labels)
+        return loss_clinical, {
+            "loss_clinical": loss_clinical.detach(),
+            "clinical_bce": bce.detach(),
+        }
 
-class SpineGanTrainer(ClinicalGStepMixin, GanTrainer):
-    """GanTrainer whose every G step adds the clinical loss (SpineGAN)."""
+    def state_dict(self) -> dict[str, Any]:
+        return {"clinical": self.clinical.identity()}
 
-    def __init__(
-        self,
-        config,
-        label_prior: np.ndarray | list[float],
-        clinical: ClinicalLoss,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(config, label_prior, device)
-        self._attach_clinical(clinical)
-
-    @classmethod
-    def from_state_dict(
-        cls, state: dict, clinical: ClinicalLoss, device: str | torch.device | None = None
-    ) -> SpineGanTrainer:
-        """A trainer rebuilt from a saved state; C comes from ``clinical`` (checked by hash)."""
-        from fedspine.training.config import TrainConfig
-
-        config = TrainConfig.from_dict(state["config"])
-        trainer = cls(config, state["label_prior"].numpy(), clinical, device=device)
-        trainer.load_state_dict(state)
-        return trainer
-
-
-class DPSpineGanTrainer(ClinicalGStepMixin, DPGanTrainer):
-    """DPGanTrainer (DP-SGD on D) whose every G step adds the clinical loss.
-
-    The clinical term is computed on G's output only, so it adds no privacy cost of its own;
-    whether the run is private depends on C (see :func:`clinical_privacy`).
-    """
-
-    def __init__(
-        self,
-        config,
-        dp,
-        label_prior,
-        patient_ids,
-        noise_multiplier: float,
-        sample_rate: float,
-        clinical: ClinicalLoss,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(
-            config, dp, label_prior, patient_ids, noise_multiplier, sample_rate, device
-        )
-        self._attach_clinical(clinical)
+    def check_state(self, state: dict) -> None:
+        check_same_clinical(state.get("clinical"), self.clinical)
 
 
 @dataclass
@@ -327,60 +259,6 @@ def classifier_dp_record(meta: dict[str, Any]) -> dict[str, Any] | None:
         if isinstance(record, dict) and isinstance(record.get("epsilon"), int | float):
             return record
     return None
-
-
-class ClinicalRunPrivacy(RunPrivacy):
-    """RunPrivacy for a DP SpineGAN run: a DPSpineGanTrainer, and the classifier in the ledger.
-
-    A DP classifier is accepted only where the privacy home's ledger holds its mechanisms (by
-    the run id in its metadata): its metadata alone proves nothing, and a classifier trained
-    from another home, or on another preparation whose spend is not on record, would add ε that
-    no cap saw. Its patients then count in this run's ε (the generator depends on them through
-    C), and where they are this run's patients too, its steps are in their history already, so
-    σ, the cap and the report compose both phases.
-    """
-
-    def __init__(
-        self,
-        prepared: Path,
-        dataset,
-        train,
-        out: Path,
-        options: dict[str, Any],
-        clinical: ClinicalLoss,
-        status: ClinicalPrivacy,
-    ) -> None:
-        super().__init__(prepared, dataset, train, out, options)
-        self.clinical = clinical
-        self.status = status
-        self.classifier_patients: list[str] = []
-        if status.basis == "dp":
-            self.classifier_patients = classifier_patients_on_record(
-                self.engine.ledger, clinical.meta, where=f"the classifier {clinical.path}"
-            )
-
-    def build_trainer(self, config, label_prior: np.ndarray, device) -> DPSpineGanTrainer:
-        return DPSpineGanTrainer(
-            config,
-            self.dp,
-            label_prior,
-            self.patient_ids,
-            self.sigma,
-            self.q,
-            self.clinical,
-            device=device,
-        )
-
-    def report_extra_patients(self) -> list[str]:
-        """The classifier's patients: the generator depends on them through C."""
-        return self.classifier_patients
-
-    def components(self) -> dict[str, str]:
-        return {**super().components(), "clinical_classifier": self.status.component}
-
-    def not_private_reasons(self) -> list[str]:
-        reason = self.status.not_private_reason
-        return [reason] if reason else []
 
 
 def classifier_patients_on_record(ledger, meta: dict[str, Any], where: str) -> list[str]:
@@ -515,7 +393,7 @@ def check_same_clinical(saved: dict[str, Any] | None, clinical: ClinicalLoss) ->
 def classifier_file(path: str | os.PathLike) -> Path:
     """A classifier file, or the classifier.pt inside a classifier folder."""
     path = Path(path)
-    return path / CLASSIFIER_FILE if path.is_dir() else path
+    return path / CLASSIFIER_WEIGHTS if path.is_dir() else path
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -32,6 +32,11 @@ How a trainer uses it::
             index, unit_index = flatten_units(sampler())
             step.step(images[index], labels[index], unit_index)
     ledger.record(dataset_hash, mechanism(sigma, q, step.steps_taken), run_id, dp.max_grad_norm)
+
+(:class:`fedspine.training.dp_trainer.DPSGDStep` is that trainer part.) The module is long on
+purpose: the sampler, the per-unit loss, the chunked rows and the Opacus hand-off are one
+mechanism whose privacy argument reads top to bottom; split, each piece would lose the reason
+it is shaped the way it is.
 """
 
 from __future__ import annotations

@@ -18,23 +18,23 @@ trains beside real patient-level DP-SGD (``--dp``), on the same data and budget:
 
 None of these runs is private. Each writes ``RUN/privacy.json`` with ``private: false`` and the
 reason, never touches a privacy ledger (the ledger records DP mechanisms only; these are not),
-and writes ``RUN/ablation.json`` with the scheme and its numbers for the reproduction's table.
-The clip-only and noise-only trainers reuse DP-SGD's machinery unchanged (patient Poisson
-sampling, per-unit gradients via torch.func, Opacus' optimizer) so that the one thing that
-differs from a DP arm is the imposition under study.
+and writes ``RUN/ablation.json`` with the scheme and its numbers for the reproduction's table
+(:mod:`fedspine.training.ablation_run` does that bookkeeping). This module holds the schemes as
+D-step strategies of the one trainer: clip-only and noise-only (:class:`AblationDStep`) reuse
+DP-SGD's machinery unchanged (patient Poisson sampling, per-unit gradients via torch.func,
+Opacus' optimizer) so that the one thing that differs from a DP arm is the imposition under
+study; the paper scheme (:class:`PaperDStep`) is the plain D step with its optimizer hook.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedspine.fileio import RUN_ABLATION
 from fedspine.privacy.accounting import (
     PLAN_ACCOUNTANT,
     REPORT_ACCOUNTANT,
@@ -52,9 +53,10 @@ from fedspine.privacy.accounting import (
     epsilon,
 )
 from fedspine.training.config import TrainConfig
-from fedspine.training.dp import DPConfig, DPDiscriminatorStep, FakeSource, plan_noise
-from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
+from fedspine.training.dp import DPConfig, DPDiscriminatorStep, FakeSource
+from fedspine.training.dp_trainer import DPSGDStep, fakes_from_g
 from fedspine.training.gan_trainer import GanTrainer
+from fedspine.training.parts import DStep
 
 SCHEMES: tuple[str, ...] = ("dpsgd", "clip-only", "noise-only", "paper")
 ABLATION_SCHEMES: tuple[str, ...] = ("clip-only", "noise-only", "paper")
@@ -66,7 +68,6 @@ PAPER_BATCH = 1
 PAPER_IMAGES = 3773
 PAPER_KIMG = 8000.0
 PAPER_R1_INTERVAL = 16
-ABLATION_FILE = "ablation.json"
 ABLATION_FORMAT = "fedspine-dp-ablation/1"
 ACCOUNTANT_ORDER: tuple[str, ...] = (REPORT_ACCOUNTANT, PLAN_ACCOUNTANT)
 # DPConfig and DPDiscriminatorStep insist on σ > 0 (rightly, for DP runs); the clip-only step
@@ -346,43 +347,33 @@ class AblationDiscriminatorStep(DPDiscriminatorStep):
         return self.noise_multiplier * self.config.max_grad_norm
 
 
-class AblationDPGanTrainer(DPGanTrainer):
-    """:class:`DPGanTrainer` with an :class:`AblationDiscriminatorStep`: the same patient
+class AblationDStep(DPSGDStep):
+    """:class:`DPSGDStep` with an :class:`AblationDiscriminatorStep`: the same patient
     sampling, G step and counters, but clip-only or noise-only D updates. Not private."""
 
     def __init__(
         self,
-        config: TrainConfig,
-        dp: DPConfig,
         scheme: str,
-        label_prior: np.ndarray | Sequence[float],
+        dp: DPConfig,
         patient_ids: np.ndarray | Sequence[str],
         noise_multiplier: float,
         sample_rate: float,
-        device: str | torch.device | None = None,
     ) -> None:
-        super().__init__(
-            config,
-            dp,
-            label_prior,
-            patient_ids,
-            noise_multiplier=noise_multiplier or _SIGMA_STAND_IN,
-            sample_rate=sample_rate,
-            device=device,
-        )
+        super().__init__(dp, patient_ids, noise_multiplier, sample_rate)
         self.scheme = scheme
-        self.dp_step = AblationDiscriminatorStep(
-            self.D,
-            self.opt_D,
-            self.augment_pipe,
-            dp,
-            config.r1_gamma,
-            self.label_prior,
-            self._make_fakes,
-            scheme=scheme,
-            noise_multiplier=noise_multiplier,
-            generator=self.latent_gen,
-            # The same noise source DPGanTrainer gives its own step.
+
+    def make_step(self, trainer: GanTrainer) -> AblationDiscriminatorStep:
+        return AblationDiscriminatorStep(
+            trainer.D,
+            trainer.opt_D,
+            trainer.augment_pipe,
+            self.dp,
+            trainer.config.r1_gamma,
+            trainer.label_prior,
+            functools.partial(fakes_from_g, trainer),
+            scheme=self.scheme,
+            noise_multiplier=self._sigma,
+            generator=trainer.latent_gen,
             noise_generator=self.noise_gen,
         )
 
@@ -391,66 +382,45 @@ class AblationDPGanTrainer(DPGanTrainer):
             f"a {self.scheme} run is not a DP mechanism and has no ledger entry (ε = ∞)"
         )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["ablation"] = {"scheme": self.scheme, "noise_std": self.dp_step.noise_std}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        _check_scheme(state, self.scheme)
-        super().load_state_dict(state)
+    def check_state(self, state: dict) -> None:
+        check_scheme(state, self.scheme)
 
 
-class PaperSchemeGanTrainer(GanTrainer):
-    """The plain :class:`GanTrainer` at batch 1 with the paper's hook on every optimizer step of
-    G and D (:func:`noise_then_clip`, std 0.02, whole-model norm 1.5). Not private."""
+class PaperDStep(DStep):
+    """The plain D step at batch 1 with the paper's hook on every optimizer step of G and D
+    (:func:`noise_then_clip`, std 0.02, whole-model norm 1.5). Not private."""
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        label_prior: np.ndarray | Sequence[float],
-        device: str | torch.device | None = None,
-        *,
-        noise_std: float = PAPER_NOISE_STD,
-        clip_norm: float = PAPER_CLIP_NORM,
-    ) -> None:
+    scheme = "paper"
+
+    def __init__(self, noise_std: float = PAPER_NOISE_STD, clip_norm: float = PAPER_CLIP_NORM):
+        self.noise_std = float(noise_std)
+        self.clip_norm = float(clip_norm)
+        self.opt_steps = {"G": 0, "D": 0}
+
+    def check(self, config: TrainConfig) -> None:
         if config.batch != PAPER_BATCH:
             raise AblationError(
                 f"the paper scheme trains at batch {PAPER_BATCH}, the config has batch "
                 f"{config.batch}; build it with paper_train_config()"
             )
-        super().__init__(config, label_prior, device)
-        self.scheme = "paper"
-        self.noise_std = float(noise_std)
-        self.clip_norm = float(clip_norm)
-        seed = int(np.random.SeedSequence([int(config.seed), 0x9A9E7]).generate_state(1)[0])
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.opt_steps = {"G": 0, "D": 0}
+
+    def attach(self, trainer: GanTrainer) -> None:
+        seed = int(np.random.SeedSequence([int(trainer.config.seed), 0x9A9E7]).generate_state(1)[0])
+        self.noise_gen = torch.Generator(device=trainer.device).manual_seed(seed)
 
     @property
     def d_releases(self) -> int:
         """D optimizer steps taken: each read real images and counts in the accounting."""
         return self.opt_steps["D"]
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["ablation"] = {
-            "scheme": self.scheme,
-            "noise_std": self.noise_std,
-            "clip_norm": self.clip_norm,
-            "opt_steps": dict(self.opt_steps),
-            "noise_rng": self.noise_gen.get_state(),
-        }
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        _check_scheme(state, self.scheme)
-        super().load_state_dict(state)
-        saved = state["ablation"]
-        self.opt_steps = {k: int(v) for k, v in saved["opt_steps"].items()}
-        self.noise_gen.set_state(saved["noise_rng"].cpu())
-
-    def _optimise(self, opt: torch.optim.Optimizer, scaler, loss: Tensor) -> None:
+    def optimise(
+        self, trainer: GanTrainer, opt: torch.optim.Optimizer, scaler, loss: Tensor
+    ) -> None:
         opt.zero_grad(set_to_none=True)
         fp16 = scaler is not None and scaler.is_enabled()
         if fp16:
@@ -465,7 +435,26 @@ class PaperSchemeGanTrainer(GanTrainer):
             scaler.update()
         else:
             opt.step()
-        self.opt_steps["D" if opt is self.opt_D else "G"] += 1
+        self.opt_steps["D" if opt is trainer.opt_D else "G"] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ablation": {
+                "scheme": self.scheme,
+                "noise_std": self.noise_std,
+                "clip_norm": self.clip_norm,
+                "opt_steps": dict(self.opt_steps),
+                "noise_rng": self.noise_gen.get_state(),
+            }
+        }
+
+    def check_state(self, state: dict) -> None:
+        check_scheme(state, self.scheme)
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["ablation"]
+        self.opt_steps = {k: int(v) for k, v in saved["opt_steps"].items()}
+        self.noise_gen.set_state(saved["noise_rng"].cpu())
 
 
 def paper_train_config(config: TrainConfig) -> TrainConfig:
@@ -474,201 +463,9 @@ def paper_train_config(config: TrainConfig) -> TrainConfig:
     return replace(config, batch=PAPER_BATCH, network=network)
 
 
-class AblationRun:
-    """One ablation run of `fedspine train --dp-scheme`: config, trainer, batches and the
-    not-private summaries. The counterpart of :class:`fedspine.training.dp_run.RunPrivacy`,
-    without its ledger: nothing here is a DP mechanism."""
-
-    def __init__(self, options: AblationOptions, dataset: Any, train: Any, out: Path) -> None:
-        self.options = options
-        self.scheme = options.scheme
-        self.out = Path(out)
-        self.dataset_hash = dataset.content_hash
-        self.patient_ids = np.asarray(train.patient_ids).astype(str)
-        self.num_patients = len(np.unique(self.patient_ids))
-        self.num_images = len(self.patient_ids)
-        self.dp = options.dp_config(self.num_patients) if self.scheme != "paper" else None
-        self.sigma = 0.0
-        self.q: float | None = None
-        self.calibration: dict[str, Any] | None = None
-
-    def adjust_config(self, config: TrainConfig) -> TrainConfig:
-        if self.scheme == "paper":
-            return paper_train_config(config)
-        return dp_train_config(config, self.dp)
-
-    def make_trainer(
-        self, config: TrainConfig, data: Any, device: Any, state: dict | None
-    ) -> GanTrainer:
-        if state is not None:
-            _check_scheme(state, self.scheme)
-        if self.scheme == "paper":
-            return PaperSchemeGanTrainer(config, data.label_prior(), device=device)
-        uniform = np.full(data.num_classes, 1.0 / data.num_classes)
-        self.q = min(1.0, self.dp.expected_patients_per_step / self.num_patients)
-        if self.scheme == "noise-only":
-            self.sigma = self._noise_multiplier(config, state)
-        return AblationDPGanTrainer(
-            config,
-            self.dp,
-            self.scheme,
-            uniform,
-            self.patient_ids,
-            noise_multiplier=self.sigma,
-            sample_rate=self.q,
-            device=device,
-        )
-
-    def batches(
-        self, data: Any, device: Any, rng: np.random.Generator
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Clip-only / noise-only sample patients themselves (the whole train set each step);
-        the paper scheme takes uniform minibatches of one image."""
-        if self.scheme == "paper":
-            from fedspine.training.batches import BatchSampler
-
-            return BatchSampler(data, PAPER_BATCH, rng, device=device)
-        return itertools.repeat((data.images.to(device), data.labels.to(device)))
-
-    def start(self) -> None:
-        """Mark the run folder not private before the first step, so an interrupted run is
-        never mistaken for a DP one."""
-        self._write(None)
-
-    def finish(self, trainer: GanTrainer) -> dict[str, Any]:
-        """Write RUN/privacy.json (not private) and RUN/ablation.json; returns the latter."""
-        return self._write(trainer)
-
-    def not_private_reason(self, summary: dict[str, Any]) -> str:
-        reason = NOT_PRIVATE_REASONS[self.scheme]
-        accounting = summary.get("accounting")
-        if accounting:
-            reason += f": ε = {accounting['epsilon']:.3g} ({accounting['accountant'].upper()})"
-        return reason
-
-    def _noise_multiplier(self, config: TrainConfig, state: dict | None) -> float:
-        if state is not None:
-            return float(state["dp"]["noise_multiplier"])
-        if self.options.noise_multiplier is not None:
-            return float(self.options.noise_multiplier)
-        target = DPConfig(
-            target_epsilon=float(self.options.noise_for_epsilon),
-            delta=self.dp.delta,
-            max_grad_norm=self.dp.max_grad_norm,
-            expected_patients_per_step=self.dp.expected_patients_per_step,
-            d_steps_per_g=self.dp.d_steps_per_g,
-            ada_p=self.dp.ada_p,
-            accountant=PLAN_ACCOUNTANT,
-        )
-        steps = planned_d_steps(config, target, config.total_kimg)
-        sigma, q, delta = plan_noise(target, self.num_patients, steps)
-        self.calibration = {
-            "noise_for_epsilon": target.target_epsilon,
-            "delta": delta,
-            "sample_rate": q,
-            "planned_d_steps": steps,
-            "accountant": PLAN_ACCOUNTANT,
-            "how": "the σ `--dp --epsilon` calibrates for this data and run length with an "
-            "empty ledger (what each DP arm of `fedspine reproduce` uses)",
-        }
-        return float(sigma)
-
-    def _write(self, trainer: GanTrainer | None) -> dict[str, Any]:
-        from fedspine.privacy.report import write_privacy_summary
-
-        summary = self._summary(trainer)
-        write_privacy_summary(
-            self.out,
-            {},
-            self._components(),
-            accountant=summary.get("accounting", {}).get("accountant", REPORT_ACCOUNTANT),
-            not_private_reasons=[self.not_private_reason(summary)],
-            unit="image" if self.scheme == "paper" else "patient",
-        )
-        _write_json(self.out / ABLATION_FILE, summary)
-        return summary
-
-    def _summary(self, trainer: GanTrainer | None) -> dict[str, Any]:
-        summary: dict[str, Any] = {
-            "format": ABLATION_FORMAT,
-            "written": datetime.now(UTC).isoformat(timespec="seconds"),
-            "scheme": self.scheme,
-            "private": False,
-            "complete": trainer is not None,
-            "dataset_hash": self.dataset_hash,
-            "train_images": self.num_images,
-            "patients": self.num_patients,
-            "why_not_private": NOT_PRIVATE_REASONS[self.scheme],
-        }
-        if self.scheme == "paper":
-            steps = trainer.d_releases if trainer is not None else 0
-            summary["mechanism"] = {
-                "noise_std": PAPER_NOISE_STD,
-                "clip_norm": PAPER_CLIP_NORM,
-                "clip": "whole-model gradient norm, after the noise",
-                "networks": "G and D",
-                "batch": PAPER_BATCH,
-                "d_optimizer_steps": steps,
-                "g_optimizer_steps": trainer.opt_steps["G"] if trainer is not None else 0,
-            }
-            summary["epsilon"] = None
-            summary["epsilon_text"] = "not computed yet (run incomplete)"
-            if steps > 0:
-                accounting = paper_scheme_epsilon(self.num_images, steps)
-                summary["accounting"] = asdict(accounting)
-                summary["epsilon"] = accounting.epsilon
-                summary["epsilon_text"] = accounting.text()
-            paper = paper_settings_epsilon()
-            summary["paper_settings"] = {**asdict(paper), "text": paper.text()}
-            return summary
-        steps = trainer.dp_step.steps_taken if trainer is not None else 0
-        summary["mechanism"] = {
-            "clip_norm": self.dp.max_grad_norm if self.scheme == "clip-only" else None,
-            "clip": "per patient, before summing" if self.scheme == "clip-only" else "none",
-            "noise_multiplier": self.sigma,
-            "noise_std": self.sigma * self.dp.max_grad_norm,
-            "noise_scale_c": self.dp.max_grad_norm,
-            "sample_rate": self.q,
-            "expected_patients_per_step": self.dp.expected_patients_per_step,
-            "d_steps": steps,
-            "networks": "D only (G is trained as in DP-SGD)",
-        }
-        if self.calibration is not None:
-            summary["noise_calibration"] = self.calibration
-        summary["epsilon"] = None
-        summary["epsilon_text"] = (
-            "ε = ∞ (no noise)"
-            if self.scheme == "clip-only"
-            else "ε = ∞ (no clipping: unbounded sensitivity)"
-        )
-        return summary
-
-    def _components(self) -> dict[str, str]:
-        if self.scheme == "paper":
-            return {
-                "discriminator": "NOT private: the paper's scheme (noise std 0.02 on every "
-                "gradient element, then whole-model clip to 1.5, batch 1)",
-                "generator": "the same noise-then-clip hook; trained on D's signal",
-                "ada_p": "adaptive, steered by D(real) (as in the paper)",
-                "privacy ledger": "not written: this is not a DP mechanism",
-            }
-        what = (
-            "per-patient clipping to C, no noise"
-            if self.scheme == "clip-only"
-            else "DP-SGD's noise N(0, σ²C²) on the unclipped sum of per-patient gradients"
-        )
-        return {
-            "discriminator": f"NOT private: DP ablation {self.scheme} ({what})",
-            "generator": "post-processing of the discriminator (as in DP-SGD)",
-            "label_prior": "public: uniform over the classes",
-            "ada_p": f"fixed at {self.dp.ada_p}",
-            "privacy ledger": "not written: this is not a DP mechanism",
-        }
-
-
 def read_ablation_summary(run: str | os.PathLike) -> dict[str, Any] | None:
     """RUN/ablation.json, or None when the run is not an ablation run."""
-    path = Path(run) / ABLATION_FILE
+    path = Path(run) / RUN_ABLATION
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
@@ -694,7 +491,7 @@ def saved_scheme(state: dict | None) -> str | None:
 def _unclipped_optimizer_class() -> type:
     """Opacus' DPOptimizer with clipping taken out: rows are summed as they are, then the noise,
     the division by the expected batch size and the step are DP-SGD's own."""
-    from opacus.optimizers.optimizer import (
+    from opacus.optimizers.optimizer import (  # lazy: Opacus loads with the first DP step
         DPOptimizer,
         _check_processed_flag,
         _mark_as_processed,
@@ -711,7 +508,7 @@ def _unclipped_optimizer_class() -> type:
     return UnclippedDPOptimizer
 
 
-def _check_scheme(state: dict, scheme: str) -> None:
+def check_scheme(state: dict, scheme: str) -> None:
     found = saved_scheme(state)
     if found != scheme:
         raise AblationError(
@@ -726,16 +523,3 @@ def _short_reason(err: Exception) -> str:
     if need:
         return f"its grid would need {float(need.group(1)):.3g} GiB of memory"
     return text.split("; ")[0][:200]
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

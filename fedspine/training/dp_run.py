@@ -1,6 +1,6 @@
 """A DP training run's privacy bookkeeping, through the privacy engine.
 
-Shared by `fedspine train --dp` (and its SpineGAN variant): σ is planned against the worst
+Shared by `fedspine train --dp` and its SpineGAN variant: σ is planned against the worst
 training patient's history in the site's privacy home, the cap and the target ε are checked (on
 a fresh start and again on every ``--resume``), the steps are reserved in the ledger ahead of the
 discriminator steps that take them, and a clean end settles the reservation and writes
@@ -24,8 +24,17 @@ from fedspine.privacy.engine import (
     PrivacyError,
     new_run_id,
 )
+from fedspine.privacy.migrate import check_no_v1_ledger
+from fedspine.privacy.report import site_entry, write_privacy_summary
+from fedspine.training.clinical import (
+    ClinicalLoss,
+    ClinicalPrivacy,
+    classifier_patients_on_record,
+)
 from fedspine.training.dp import MECHANISM_LABEL, DPConfig
-from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
+from fedspine.training.dp_trainer import dp_train_config, planned_d_steps
+from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
+from fedspine.training.gan_trainer import GanTrainer
 
 IMAGE_UNIT_CAVEAT = (
     "each image is its own unit, keyed by its file path (declared with --privacy-unit image): "
@@ -43,8 +52,6 @@ def dp_unit_of(dataset, declared: str | None) -> str:
     Data without patient identifiers would make every image its own "person", which silently
     multiplies a patient's weight by their image count; only ``--privacy-unit image`` accepts it.
     """
-    from fedspine.privacy.migrate import check_no_v1_ledger
-
     check_no_v1_ledger(dataset.root)
     unit = str(getattr(dataset, "privacy_unit", "patient"))
     if unit == "image" and declared != "image":
@@ -62,9 +69,27 @@ def dp_unit_of(dataset, declared: str | None) -> str:
 
 
 class RunPrivacy:
-    """σ planning, the cap check and the write-ahead ledger for one DP GAN run."""
+    """σ planning, the cap check and the write-ahead ledger for one DP GAN run.
 
-    def __init__(self, prepared: Path, dataset, train, out: Path, options: dict[str, Any]):
+    For a DP SpineGAN run (``clinical`` and its privacy ``status`` given), the classifier joins
+    the ledger's accounting too. A DP classifier is accepted only where the privacy home's
+    ledger holds its mechanisms (by the run id in its metadata): its metadata alone proves
+    nothing, and a classifier trained from another home, or on another preparation whose spend
+    is not on record, would add ε that no cap saw. Its patients then count in this run's ε (the
+    generator depends on them through C), and where they are this run's patients too, its steps
+    are in their history already, so σ, the cap and the report compose both phases.
+    """
+
+    def __init__(
+        self,
+        prepared: Path,
+        dataset,
+        train,
+        out: Path,
+        options: dict[str, Any],
+        clinical: ClinicalLoss | None = None,
+        status: ClinicalPrivacy | None = None,
+    ) -> None:
         self.site = Path(prepared).resolve().name
         self.out = Path(out)
         self.patient_ids = train.privacy_ids
@@ -92,6 +117,13 @@ class RunPrivacy:
         )
         self.cap = options.get("max_epsilon")
         self.reservation = None
+        self.clinical = clinical
+        self.status = status
+        self.classifier_patients: list[str] = []
+        if clinical is not None and status is not None and status.basis == "dp":
+            self.classifier_patients = classifier_patients_on_record(
+                self.engine.ledger, clinical.meta, where=f"the classifier {clinical.path}"
+            )
 
     @property
     def home(self) -> Path:
@@ -100,7 +132,7 @@ class RunPrivacy:
     def adjust_config(self, config):
         return dp_train_config(config, self.dp)
 
-    def make_trainer(self, config, data, device, state: dict | None) -> DPGanTrainer:
+    def make_trainer(self, config, data, device, state: dict | None) -> GanTrainer:
         """Plan σ for the rest of the run against the worst patient (on resume: keep the run's
         σ and q, and check the steps left against the target ε and the cap), then build."""
         uniform = np.full(data.num_classes, 1.0 / data.num_classes)
@@ -133,17 +165,17 @@ class RunPrivacy:
                 **common,
             )
         self.sigma, self.q = self.plan.noise_multiplier, self.plan.sample_rate
-        trainer = self.build_trainer(config, uniform, device)
+        trainer = build_trainer(self.spec(), config, uniform, device)
         self.attach(trainer)
         return trainer
 
-    def build_trainer(self, config, label_prior: np.ndarray, device) -> DPGanTrainer:
-        """The trainer of the planned σ and q (a subclass builds its own variant)."""
-        return DPGanTrainer(
-            config, self.dp, label_prior, self.patient_ids, self.sigma, self.q, device=device
+    def spec(self) -> TrainerSpec:
+        """The variant of the planned σ and q: DP-SGD on D, with C's loss for SpineGAN."""
+        return TrainerSpec(
+            DPSGD(self.dp, self.sigma, self.q, self.patient_ids), clinical=self.clinical
         )
 
-    def attach(self, trainer: DPGanTrainer) -> None:
+    def attach(self, trainer: GanTrainer) -> None:
         """Reserve the run's steps ahead, a block at a time, as the D steps take them."""
         self.reservation = self.engine.reserve(self.plan, block=RESERVE_BLOCK)
         trainer.dp_step.reservation = self.reservation
@@ -152,10 +184,8 @@ class RunPrivacy:
         """The DP trainer samples patients itself: it gets the whole training set every step."""
         return itertools.repeat((data.images.to(device), data.labels.to(device)))
 
-    def finish(self, trainer: DPGanTrainer) -> float:
+    def finish(self, trainer: GanTrainer) -> float:
         """Settle the reservation and write RUN/privacy.json; returns ε of the worst patient."""
-        from fedspine.privacy.report import site_entry, write_privacy_summary
-
         if self.reservation is not None and not self.reservation.settled:
             self.reservation.settle()
         spent, accountant, rows = self.engine.reported(self.report_extra_patients())
@@ -175,11 +205,13 @@ class RunPrivacy:
         return spent
 
     def report_extra_patients(self) -> list[str]:
-        """Patients beyond the training ones whose ε this run's output carries (none here)."""
-        return []
+        """Patients beyond the training ones whose ε this run's output carries: a DP
+        classifier's (the generator depends on them through C)."""
+        return self.classifier_patients
 
     def not_private_reasons(self) -> list[str]:
-        return []
+        reason = self.status.not_private_reason if self.status is not None else None
+        return [reason] if reason else []
 
     def components(self) -> dict[str, str]:
         return {
@@ -188,7 +220,9 @@ class RunPrivacy:
             "generator": "post-processing of the private discriminator (never sees real data)",
             "label_prior": "public: uniform over the classes",
             "ada_p": f"fixed at {self.dp.ada_p} (not adapted to real data)",
-            "clinical_classifier": "none (conditional GAN)",
+            "clinical_classifier": self.status.component
+            if self.status is not None
+            else "none (conditional GAN)",
             "pretraining": "none",
             "snapshots and sample grids": "from G_ema only",
             "dataset sizes": "treated as public (as in Opacus): q = patients per step / patients",

@@ -1,10 +1,10 @@
-"""GanTrainer with a differentially private discriminator: the same G step, a DP-SGD D step.
+"""The DP-SGD D step of the GAN trainer: the same G step, a patient-level private D update.
 
-The non-private trainer draws uniform minibatches; here the discriminator sees Poisson samples of
-*patients* (:class:`~fedspine.training.dp.PatientPoissonSampler`), every D update goes through
-:class:`~fedspine.training.dp.DPDiscriminatorStep`, and nothing computed on real images outside
-that step reaches the generator, the logs or ADA (whose p is fixed). G, G_ema and sampling are
-post-processing of the privatised discriminator updates.
+The non-private trainer draws uniform minibatches; under :class:`DPSGDStep` the discriminator
+sees Poisson samples of *patients* (:class:`~fedspine.training.dp.PatientPoissonSampler`), every
+D update goes through :class:`~fedspine.training.dp.DPDiscriminatorStep`, and nothing computed on
+real images outside that step reaches the generator, the logs or ADA (whose p is fixed). G,
+G_ema and sampling are post-processing of the privatised discriminator updates.
 
 The Gaussian noise and the Poisson draws of patients come from generators seeded with fresh OS
 entropy at every construction, never from the run's seed: the seed is written next to every
@@ -14,9 +14,12 @@ therefore not bit-reproducible from its seed (a non-private run still is).
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,13 +32,12 @@ from fedspine.training.dp import (
     flatten_units,
     mechanism,
 )
-from fedspine.training.gan_trainer import GanTrainer, StepMetrics
+from fedspine.training.gan_trainer import GanTrainer
+from fedspine.training.parts import DStep
 
 
 def dp_train_config(config: TrainConfig, dp: DPConfig) -> TrainConfig:
     """The TrainConfig a DP run must use: no minibatch-std, ADA p fixed at ``dp.ada_p``."""
-    from dataclasses import replace
-
     network = replace(config.network, mbstd_group=0)
     augment = config.augment
     if augment.preset != "none":
@@ -48,58 +50,61 @@ def planned_d_steps(config: TrainConfig, dp: DPConfig, kimg: float) -> int:
     return int(math.ceil(kimg * 1000 / config.batch)) * dp.d_steps_per_g
 
 
-class DPGanTrainer(GanTrainer):
-    """A :class:`GanTrainer` whose D step is patient-level DP-SGD.
+class DPSGDStep(DStep):
+    """Patient-level DP-SGD on D, ``dp.d_steps_per_g`` private updates per G step.
 
-    ``train_step`` receives the whole training set (images and labels) rather than a minibatch:
-    it Poisson-samples patients from it itself, ``dp.d_steps_per_g`` times per G step, so the
-    batch size the rest of the trainer sees (EMA, counters) is the public ``config.batch``.
+    ``train_step`` receives the whole training set (images and labels, one id of
+    ``patient_ids`` per image) rather than a minibatch: this step Poisson-samples patients from
+    it itself, so the batch size the rest of the trainer sees (G, EMA, counters) is the public
+    ``config.batch``. Every D optimizer step is one accountant step (``dp_step.steps_taken``).
     """
+
+    lazy_r1 = False  # R1 lives inside every DP step: D's Adam takes no lazy correction.
 
     def __init__(
         self,
-        config: TrainConfig,
         dp: DPConfig,
-        label_prior: np.ndarray | Sequence[float],
         patient_ids: np.ndarray | Sequence[str],
         noise_multiplier: float,
         sample_rate: float,
-        device: str | torch.device | None = None,
     ) -> None:
+        self.dp = dp
+        self.patient_ids = np.asarray(patient_ids)
+        self.sample_rate = float(sample_rate)
+        self.num_train_images = len(patient_ids)
+        self._sigma = float(noise_multiplier)
+
+    def check(self, config: TrainConfig) -> None:
         if config.network.mbstd_group != 0:
             raise ValueError(
                 "DP training needs a discriminator without minibatch-std (it mixes patients); "
                 "build the config with dp_train_config()"
             )
-        if config.augment.preset != "none" and config.augment.fixed_p != dp.ada_p:
+        if config.augment.preset != "none" and config.augment.fixed_p != self.dp.ada_p:
             raise ValueError(
                 "under DP the augmentation probability is fixed (adaptive ADA reads D(real)); "
                 "build the config with dp_train_config()"
             )
-        super().__init__(config, label_prior, device)
-        # R1 lives inside every DP step, so D's Adam takes no lazy-regularisation correction.
-        self.opt_D = torch.optim.Adam(
-            self.D.parameters(), lr=config.d_lr, betas=config.d_betas, eps=config.adam_eps
-        )
-        self.dp = dp
-        self.sample_rate = float(sample_rate)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(secrets.randbits(63))
+
+    def attach(self, trainer: GanTrainer) -> None:
+        self.noise_gen = torch.Generator(device=trainer.device).manual_seed(secrets.randbits(63))
         self.sampler = PatientPoissonSampler(
-            np.asarray(patient_ids),
-            self.sample_rate,
-            np.random.default_rng(secrets.randbits(128)),
+            self.patient_ids, self.sample_rate, np.random.default_rng(secrets.randbits(128))
         )
-        self.num_train_images = len(patient_ids)
-        self.dp_step = DPDiscriminatorStep(
-            self.D,
-            self.opt_D,
-            self.augment_pipe,
-            dp,
-            config.r1_gamma,
-            self.label_prior,
-            self._make_fakes,
-            noise_multiplier=noise_multiplier,
-            generator=self.latent_gen,
+        self.dp_step = self.make_step(trainer)
+
+    def make_step(self, trainer: GanTrainer) -> DPDiscriminatorStep:
+        """The private update of D (an ablation replaces it with its own)."""
+        return DPDiscriminatorStep(
+            trainer.D,
+            trainer.opt_D,
+            trainer.augment_pipe,
+            self.dp,
+            trainer.config.r1_gamma,
+            trainer.label_prior,
+            functools.partial(fakes_from_g, trainer),
+            noise_multiplier=self._sigma,
+            generator=trainer.latent_gen,
             noise_generator=self.noise_gen,
         )
 
@@ -111,56 +116,49 @@ class DPGanTrainer(GanTrainer):
         """The ledger entry for every DP step this trainer has taken."""
         return mechanism(self.noise_multiplier, self.sample_rate, self.dp_step.steps_taken)
 
-    def train_step(self, real_images: torch.Tensor, real_labels: torch.Tensor) -> StepMetrics:
-        """One G step and ``d_steps_per_g`` DP D steps; the arguments are the whole train set."""
+    def batch_size(self, trainer: GanTrainer, real_images: torch.Tensor) -> int:
         if real_images.shape[0] != self.num_train_images:
             raise ValueError(
-                "DPGanTrainer.train_step takes the whole training set (one patient id per image)"
+                "a DP trainer's train_step takes the whole training set (one patient id per image)"
             )
-        batch = self.config.batch
-        g = self.g_step(batch)
+        return trainer.config.batch
+
+    def step(
+        self, trainer: GanTrainer, real_images: torch.Tensor, real_labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``d_steps_per_g`` private D updates on Poisson-sampled patients; nothing is logged."""
         for _ in range(self.dp.d_steps_per_g):
             index, unit_index = flatten_units(self.sampler())
             idx = torch.from_numpy(index)
             self.dp_step.step(real_images[idx], real_labels[idx], unit_index)
-            self.d_steps += 1
-        self.update_ema(batch)
-        self.cur_nimg += batch
-        return StepMetrics(
-            loss_g=g["loss_g"],
-            loss_d=None,
-            d_real=None,
-            d_fake=None,
-            d_real_sign=None,
-            loss_pl=g.get("loss_pl"),
-            pl_length=g.get("pl_length"),
-            ada_p=self.ada_p,
-            batch=batch,
-        )
+            trainer.d_steps += 1
+        return {}
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["dp"] = {
-            "step": self.dp_step.state_dict(),
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dp": {
+                "step": self.dp_step.state_dict(),
+                "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate,
+            }
         }
-        return state
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
         dp_state = state.get("dp")
         if dp_state is None:
             raise ValueError("the saved state is not from a DP run; it cannot resume one")
         if abs(float(dp_state["noise_multiplier"]) - self.noise_multiplier) > 1e-12:
             raise ValueError(
-                f"the saved run used σ={dp_state['noise_multiplier']}, this one σ={self.noise_multiplier}"
+                f"the saved run used σ={dp_state['noise_multiplier']}, "
+                f"this one σ={self.noise_multiplier}"
             )
         self.dp_step.load_state_dict(dp_state["step"])
 
-    def _make_fakes(self, n: int, labels: torch.Tensor) -> torch.Tensor:
-        """Fakes from G alone (no private data), for the pairs inside the DP step."""
-        z = torch.randn([n, self.config.network.z_dim], generator=self.latent_gen).to(self.device)
-        with torch.no_grad():
-            ws = self._mapping(self.G, z, labels.to(self.device), update_w_avg=False)
-            return self.G.synthesis(ws, noise_mode="random").float()
+
+def fakes_from_g(trainer: GanTrainer, n: int, labels: torch.Tensor) -> torch.Tensor:
+    """Fakes from G alone (no private data), for the pairs inside the DP step."""
+    z = torch.randn([n, trainer.config.network.z_dim], generator=trainer.latent_gen)
+    z = z.to(trainer.device)
+    with torch.no_grad():
+        ws = trainer._mapping(trainer.G, z, labels.to(trainer.device), update_w_avg=False)
+        return trainer.G.synthesis(ws, noise_mode="random").float()

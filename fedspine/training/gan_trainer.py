@@ -7,18 +7,26 @@ devices of the data, logging and snapshots stay with the caller; :meth:`GanTrain
 only computes.
 
 One iteration is a G step (plus lazy path-length regularisation every ``pl_interval`` G steps)
-and a D step (plus lazy R1 every ``r1_interval`` D steps), then the G_ema update and ADA's p
-update. :meth:`GanTrainer.d_step` is a method of its own so a differentially private version can
-replace it; fake labels always come from ``label_prior``, never from the real batch.
+and a D update, then the G_ema update and ADA's p update. Every variant (cGAN, SpineGAN, DP-SGD,
+the DP ablation schemes) is this one class composed from parts, in the spirit of StyleGAN2-ADA's
+phases: a :class:`~fedspine.training.parts.DStep` strategy (how D is updated and how every
+optimizer step is taken; the default is the plain non-private one, with lazy R1 every
+``r1_interval`` D steps) and a list of :class:`~fedspine.training.parts.GLoss` terms added to the
+adversarial loss of every G step. Each part carries its own pieces of ``state_dict()`` and its
+own refusals on load. :mod:`fedspine.training.factory` builds the parts from a
+:class:`~fedspine.training.factory.TrainerSpec`. Fake labels always come from ``label_prior``,
+never from the real batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +37,7 @@ from fedspine.models.augment import AdaptiveP, AugmentPipe
 from fedspine.training import losses
 from fedspine.training.config import TrainConfig
 from fedspine.training.modconv_choice import choose_modconv_path
+from fedspine.training.parts import DStep, GLoss
 from fedspine.training.precision import resolve_precision
 
 TickCallback = Callable[["GanTrainer", dict], bool | None]
@@ -54,24 +63,49 @@ class StepMetrics:
     ada_p: float = 0.0
     ada_rt: float | None = None
     batch: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What the G loss terms log (SpineGAN: ``loss_clinical``, ``clinical_bce``), by name."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        extra = self.__dict__.get("extra") or {}
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"StepMetrics has no {name!r}")
+
+    def values(self) -> Iterator[tuple[str, Any]]:
+        """(name, value) of every metric: the fields in order, then the terms' extras."""
+        for f in fields(self):
+            if f.name != "extra":
+                yield f.name, getattr(self, f.name)
+        yield from self.extra.items()
 
     def as_floats(self) -> dict[str, float | None]:
-        out: dict[str, float | None] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = float(value) if value is not None else None
-        return out
+        return {k: float(v) if v is not None else None for k, v in self.values()}
 
 
 class GanTrainer:
-    """Conditional StyleGAN2-ADA: networks, optimizers, ADA, counters, RNGs and the step."""
+    """Conditional StyleGAN2-ADA: networks, optimizers, ADA, counters, RNGs and the step.
+
+    ``d_step`` is the D-step strategy (default: the plain non-private :class:`DStep`);
+    ``g_losses`` are the terms added to the adversarial loss of every G step. Build variants
+    with :func:`fedspine.training.factory.build_trainer`. A name the trainer itself lacks is
+    read from its parts, D step first (``trainer.dp_step``, ``trainer.sampler``,
+    ``trainer.clinical``...), so callers need not know which part holds it.
+    """
 
     def __init__(
         self,
         config: TrainConfig,
-        label_prior: np.ndarray | list[float],
+        label_prior: np.ndarray | Sequence[float],
         device: str | torch.device | None = None,
+        *,
+        d_step: DStep | None = None,
+        g_losses: Sequence[GLoss] = (),
     ) -> None:
+        self.d_strategy = d_step if d_step is not None else DStep()
+        self.g_losses = list(g_losses)
+        self._parts = (self.d_strategy, *self.g_losses)
+        self.d_strategy.check(config)
         self.config = config
         net: NetworkConfig = config.network
         self.device = resolve_device(device if device is not None else config.device)
@@ -96,8 +130,9 @@ class GanTrainer:
         g_lr, g_betas = lazy_adam(
             config.g_lr, config.g_betas, config.pl_interval if config.pl_weight > 0 else None
         )
+        lazy_r1 = config.r1_gamma > 0 and self.d_strategy.lazy_r1
         d_lr, d_betas = lazy_adam(
-            config.d_lr, config.d_betas, config.r1_interval if config.r1_gamma > 0 else None
+            config.d_lr, config.d_betas, config.r1_interval if lazy_r1 else None
         )
         self.opt_G = torch.optim.Adam(
             self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.adam_eps
@@ -131,26 +166,37 @@ class GanTrainer:
         self.tick_start_nimg = 0
         self.g_steps = 0
         self.d_steps = 0
+        for part in self._parts:
+            part.attach(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the trainer lacks; __dict__ is read directly so that copies
+        # and half-built trainers do not recurse.
+        for part in self.__dict__.get("_parts", ()):
+            try:
+                return getattr(part, name)
+            except AttributeError:
+                continue
+        raise AttributeError(f"{type(self).__name__} and its parts have no attribute {name!r}")
 
     # ----------------------------------------------------------------------------------------
     # The step.
 
     def train_step(self, real_images: torch.Tensor, real_labels: torch.Tensor) -> StepMetrics:
-        """One iteration on a real minibatch (images [N, C, R, R] in [-1, 1], labels [N] int)."""
-        real = real_images.to(self.device, torch.float32)
-        labels = real_labels.to(self.device, torch.int64)
-        batch = int(real.shape[0])
+        """One iteration on real data: a minibatch (images [N, C, R, R] in [-1, 1], labels [N]
+        int), or what the D step asks for (DP-SGD: the whole training set, which it samples)."""
+        batch = self.d_strategy.batch_size(self, real_images)
         g = self.g_step(batch)
-        d = self.d_step(real, labels)
+        d = self.d_strategy.step(self, real_images, real_labels)
         self.update_ema(batch)
         self.cur_nimg += batch
         ada_rt = self.ada.maybe_update() if self.ada is not None else None
         return StepMetrics(
             loss_g=g["loss_g"],
-            loss_d=d["loss_d"],
-            d_real=d["d_real"],
-            d_fake=d["d_fake"],
-            d_real_sign=d["d_real_sign"],
+            loss_d=d.get("loss_d"),
+            d_real=d.get("d_real"),
+            d_fake=d.get("d_fake"),
+            d_real_sign=d.get("d_real_sign"),
             loss_r1=d.get("loss_r1"),
             r1_penalty=d.get("r1_penalty"),
             loss_pl=g.get("loss_pl"),
@@ -158,10 +204,12 @@ class GanTrainer:
             ada_p=self.ada_p,
             ada_rt=None if ada_rt is None else float(ada_rt),
             batch=batch,
+            extra={k: v for k, v in g.items() if k not in _G_STEP_KEYS},
         )
 
     def g_step(self, batch: int) -> dict[str, torch.Tensor]:
-        """Generator update on ``batch`` fakes; path-length regularisation when it is due."""
+        """Generator update on ``batch`` fakes: the adversarial loss plus every G loss term in
+        one backward pass; path-length regularisation when it is due."""
         cfg = self.config
         self.G.requires_grad_(True)
         self.D.requires_grad_(False)
@@ -171,12 +219,16 @@ class GanTrainer:
             ws = self._mapping(self.G, z, c, update_w_avg=True)
             fake = self.G.synthesis(ws, noise_mode="random")
             logits = self.D(self._augment(fake), self._onehot(c))
-            extra, extra_out = self.g_extra_loss(fake, c)
+            terms = [term.g_loss(fake, c) for term in self.g_losses]
         # Under autocast D's logits may be half precision; the loss is taken in float32.
         loss = losses.g_logistic_ns(logits.float()).mean()
-        self._optimise(self.opt_G, self.scaler_G, loss if extra is None else loss + extra)
+        total = loss
+        for extra, _ in terms:
+            total = total + extra
+        self._optimise(self.opt_G, self.scaler_G, total)
         out["loss_g"] = loss.detach()
-        out.update(extra_out)
+        for _, logged in terms:
+            out.update(logged)
 
         if cfg.pl_weight > 0 and cfg.pl_interval > 0 and self.g_steps % cfg.pl_interval == 0:
             pl_batch = max(batch // cfg.pl_batch_shrink, 1)
@@ -192,56 +244,6 @@ class GanTrainer:
             out["pl_length"] = lengths.detach().mean()
         self.G.requires_grad_(False)
         self.g_steps += 1
-        return out
-
-    def g_extra_loss(
-        self, fake: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """An extra generator loss on this G step's fakes (SpineGAN's clinical loss); none here.
-
-        Returns the loss to add to the adversarial one (None for nothing) and detached values
-        to log with the step's metrics.
-        """
-        return None, {}
-
-    def d_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Discriminator update on a real minibatch and as many fakes; lazy R1 when due.
-
-        Fake labels come from the label prior; every image D sees goes through the augmentation.
-        ADA's controller reads sign(D(real)) from this step only.
-        """
-        cfg = self.config
-        batch = int(real.shape[0])
-        self.G.requires_grad_(False)
-        self.D.requires_grad_(True)
-        out: dict[str, torch.Tensor] = {}
-        z, c_fake = self.sample_latents(batch)
-        real_c = self._onehot(labels)
-        with torch.no_grad(), self._autocast():
-            fake = self.G.synthesis(
-                self._mapping(self.G, z, c_fake, update_w_avg=False), noise_mode="random"
-            )
-        with self._autocast():
-            fake_logits = self.D(self._augment(fake.float()), self._onehot(c_fake))
-            real_logits = self.D(self._augment(real), real_c)
-        loss = losses.d_logistic(real_logits.float(), fake_logits.float()).mean()
-        self._optimise(self.opt_D, self.scaler_D, loss)
-        real_logits = real_logits.detach().float()
-        if self.ada is not None:
-            self.ada.accumulate(real_logits)
-        out["loss_d"] = loss.detach()
-        out["d_real"] = real_logits.mean()
-        out["d_fake"] = fake_logits.detach().float().mean()
-        out["d_real_sign"] = real_logits.sign().mean()
-
-        if cfg.r1_gamma > 0 and cfg.r1_interval > 0 and self.d_steps % cfg.r1_interval == 0:
-            penalty, _ = losses.r1_penalty(self.D, real, real_c, augment=self._augment)
-            loss_r1 = penalty.mean() * (cfg.r1_gamma / 2)
-            self._optimise(self.opt_D, None, loss_r1 * cfg.r1_interval)
-            out["loss_r1"] = loss_r1.detach()
-            out["r1_penalty"] = penalty.detach().mean()
-        self.D.requires_grad_(False)
-        self.d_steps += 1
         return out
 
     @torch.no_grad()
@@ -322,7 +324,7 @@ class GanTrainer:
         }
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state_all()
-        return {
+        state = {
             "config": self.config.to_dict(),
             "label_prior": self.label_prior.clone(),
             "G": self.G.state_dict(),
@@ -340,9 +342,15 @@ class GanTrainer:
             "counters": self.counters(),
             "rng": rng,
         }
+        for part in self._parts:
+            state.update(part.state_dict())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`; the network settings must match this trainer's."""
+        """Restore a :meth:`state_dict`; the network settings must match this trainer's, and
+        each part refuses a state of another variant (another classifier, another DP scheme)."""
+        for part in (*self.g_losses, self.d_strategy):
+            part.check_state(state)
         # The modulated-convolution path is how G computes, not what G is: a run resumed or a
         # federated round received on another device keeps this trainer's own choice.
         saved_net = {k: v for k, v in state["config"]["network"].items() if k != "fused_modconv"}
@@ -377,10 +385,14 @@ class GanTrainer:
         self.np_rng.bit_generator.state = rng["numpy"]
         if self.device.type == "cuda" and "torch_cuda" in rng:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["torch_cuda"]])
+        self.d_strategy.load_state_dict(state)
+        for term in self.g_losses:
+            term.load_state_dict(state)
 
     @classmethod
     def from_state_dict(cls, state: dict, device: str | torch.device | None = None) -> GanTrainer:
-        """A trainer rebuilt from a saved state (its own config and prior), on ``device``."""
+        """A cGAN trainer rebuilt from a saved state (its own config and prior), on ``device``;
+        other variants: :func:`fedspine.training.factory.rebuild_trainer`."""
         config = TrainConfig.from_dict(state["config"])
         trainer = cls(config, state["label_prior"].numpy(), device=device)
         trainer.load_state_dict(state)
@@ -431,14 +443,7 @@ class GanTrainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _optimise(self, opt: torch.optim.Optimizer, scaler, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        self.d_strategy.optimise(self, opt, scaler, loss)
 
     def _tick_record(self, acc: _TickAccumulator, seconds: float) -> dict:
         nimg = acc.nimg
@@ -456,6 +461,9 @@ class GanTrainer:
         }
         record.update(acc.means())
         return record
+
+
+_G_STEP_KEYS = ("loss_g", "loss_pl", "pl_length")
 
 
 def ema_beta(batch: int, cur_nimg: int, ema_kimg: float, ema_rampup: float | None) -> float:
@@ -495,8 +503,6 @@ def configure_cpu(threads: int | None = None, flush_denormal: bool = True) -> in
     """CPU settings for training: flush denormals (they make tiny-weight convs crawl) and use
     the cores this process may run on (or OMP_NUM_THREADS when set). Call once per process,
     outside the training step; returns the thread count."""
-    import os
-
     torch.set_flush_denormal(flush_denormal)
     if threads is None:
         if os.environ.get("OMP_NUM_THREADS"):
@@ -517,17 +523,14 @@ class _TickAccumulator:
 
     def add(self, m: StepMetrics) -> None:
         self.nimg += m.batch
-        for f in fields(m):
-            if f.name == "batch":
-                continue
-            value = getattr(m, f.name)
-            if value is None:
+        for name, value in m.values():
+            if name == "batch" or value is None:
                 continue
             if isinstance(value, torch.Tensor):
-                self.tensors.setdefault(f.name, []).append(value)
+                self.tensors.setdefault(name, []).append(value)
             else:
-                self.sums[f.name] = self.sums.get(f.name, 0.0) + float(value)
-                self.counts[f.name] = self.counts.get(f.name, 0) + 1
+                self.sums[name] = self.sums.get(name, 0.0) + float(value)
+                self.counts[name] = self.counts.get(name, 0) + 1
 
     def means(self) -> dict[str, float]:
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if k != "ada_p"}

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
+from fedspine.fileio import (
+    RUN_ABLATION,
+    RUN_CONFIG_TOML,
+    RUN_GENERATOR,
+    RUN_LATEST,
+)
 
 MODELS = ("cgan", "spinegan")
 CLINICAL_INPUTS = ("default", "paper")
 PRESET_NAMES = ("paper", "auto", "cpu")
-LATEST_FILE = "latest.json"
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.toml"
 CLINICAL_FLAGS = {
     "classifier": "--classifier",
     "weight": "--clinical-weight",
@@ -160,14 +163,15 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
     )
     dp_options = request.dp.as_options() if request.dp is not None else None
     clinical_options = request.clinical.as_options() if request.clinical is not None else None
-    import dataclasses
-
-    from fedspine.data.prepared import PreparedDatasetError, load_prepared
-    from fedspine.training.batches import BatchSampler, training_data
-    from fedspine.training.checkpoint import CheckpointError, load_checkpoint
-    from fedspine.training.config import TrainConfig, preset_config, write_config_toml
-    from fedspine.training.gan_trainer import GanTrainer, configure_cpu, resolve_device
-    from fedspine.training.precision import resolve_precision
+    # The training stack loads on the first run, not on import: the CLI imports this module's
+    # request types to draw --help, which must not import torch.
+    from fedspine.data.prepared import PreparedDatasetError, load_prepared  # lazy: see above
+    from fedspine.training.batches import BatchSampler, training_data  # lazy: torch
+    from fedspine.training.checkpoint import CheckpointError, load_checkpoint  # lazy: torch
+    from fedspine.training.config import TrainConfig, preset_config, write_config_toml  # lazy
+    from fedspine.training.gan_trainer import GanTrainer, configure_cpu, resolve_device  # lazy
+    from fedspine.training.precision import resolve_precision  # lazy: torch
+    from fedspine.training.run_folder import RunFolder  # lazy: torch
 
     try:
         dataset = load_prepared(prepared)
@@ -185,10 +189,10 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
 
     state = None
     if resume:
-        latest = out / LATEST_FILE
+        latest = out / RUN_LATEST
         if not latest.is_file():
             raise TrainRunError(
-                f"{out}: no {LATEST_FILE}; not a run folder with a snapshot to resume"
+                f"{out}: no {RUN_LATEST}; not a run folder with a snapshot to resume"
             )
         pointer = json.loads(latest.read_text())
         snapshot = out / pointer["snapshot"]
@@ -257,7 +261,7 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
     if config.tick_kimg > config.snapshot_kimg:
         config.tick_kimg = config.snapshot_kimg
     if state is not None:
-        from fedspine.training.dp_ablation import saved_scheme
+        from fedspine.training.dp_ablation import saved_scheme  # lazy: torch
 
         was = saved_scheme(state)
         now = "dpsgd" if dp_options is not None else (ablation.scheme if ablation else None)
@@ -282,26 +286,20 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         )
     privacy = None
     if dp_options is not None:
-        from fedspine.privacy.home import PrivacyHomeError
-        from fedspine.privacy.ledger import LedgerError
+        from fedspine.privacy.home import PrivacyHomeError  # lazy: only DP runs
+        from fedspine.privacy.ledger import LedgerError  # lazy: only DP runs
+        from fedspine.training.dp_run import RunPrivacy  # lazy: torch
 
         try:
-            if clinical is not None:
-                from fedspine.training.clinical import ClinicalRunPrivacy
-
-                privacy = ClinicalRunPrivacy(
-                    prepared, dataset, train, out, dp_options, clinical, clinical_status
-                )
-            else:
-                from fedspine.training.dp_run import RunPrivacy
-
-                privacy = RunPrivacy(prepared, dataset, train, out, dp_options)
+            privacy = RunPrivacy(
+                prepared, dataset, train, out, dp_options, clinical, clinical_status
+            )
         except (ValueError, LedgerError, PrivacyHomeError) as err:
             raise TrainRunError(str(err)) from None
         config = privacy.adjust_config(config)
     ablation_run = None
     if ablation is not None:
-        from fedspine.training.dp_ablation import AblationRun
+        from fedspine.training.ablation_run import AblationRun  # lazy: torch
 
         ablation_run = AblationRun(ablation, dataset, train, out)
         config = ablation_run.adjust_config(config)
@@ -315,7 +313,7 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
     if dev.type == "cpu":
         configure_cpu()
     if privacy is not None:
-        from fedspine.privacy.ledger import LedgerError
+        from fedspine.privacy.ledger import LedgerError  # lazy: only DP runs
 
         try:
             trainer = privacy.make_trainer(config, data, dev, state)
@@ -326,15 +324,14 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
             trainer = ablation_run.make_trainer(config, data, dev, state)
         except ValueError as err:
             raise TrainRunError(str(err)) from None
-    elif clinical is not None:
-        from fedspine.training.clinical import ClinicalLossError, SpineGanTrainer
+    else:
+        from fedspine.training.clinical import ClinicalLossError  # lazy: torch
+        from fedspine.training.factory import TrainerSpec, build_trainer  # lazy: torch
 
         try:
-            trainer = SpineGanTrainer(config, data.label_prior(), clinical, device=dev)
+            trainer = build_trainer(TrainerSpec(clinical=clinical), config, data.label_prior(), dev)
         except ClinicalLossError as err:
             raise TrainRunError(str(err)) from None
-    else:
-        trainer = GanTrainer(config, data.label_prior(), device=dev)
     if state is not None:
         try:
             trainer.load_state_dict(state)
@@ -397,10 +394,10 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
             # Lets an evaluation refuse to judge TRTS with this very classifier.
             "classifier_recipe": clinical.meta.get("recipe"),
         }
-    write_config_toml(out / CONFIG_FILE, run_config)
+    write_config_toml(out / RUN_CONFIG_TOML, run_config)
     if ablation_run is not None:
         ablation_run.start()
-    run = _Run(out, trainer, dataset_info, last_snapshot_nimg, training_meta)
+    run = RunFolder(out, trainer, dataset_info, last_snapshot_nimg, training_meta)
     if state is None and privacy is None:
         run.save_reals(data)  # a DP run folder holds nothing drawn from private images
 
@@ -437,9 +434,9 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         run.snapshot()
     run.save_generator()
     report.message(
-        f"trained to {trainer.cur_nimg / 1000:.3f} kimg; generator: {out / 'generator.pt'}"
+        f"trained to {trainer.cur_nimg / 1000:.3f} kimg; generator: {out / RUN_GENERATOR}"
     )
-    result = RunResult(out=out, cur_nimg=trainer.cur_nimg, generator=out / "generator.pt")
+    result = RunResult(out=out, cur_nimg=trainer.cur_nimg, generator=out / RUN_GENERATOR)
     if privacy is not None:
         spent = privacy.finish(trainer)
         result.epsilon, result.delta = spent, privacy.delta
@@ -454,10 +451,10 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         summary = ablation_run.finish(trainer)
         report.message(
             f"NOT PRIVATE (DP ablation {ablation.scheme}): {summary['epsilon_text']}; "
-            f"see {out / 'ablation.json'} and `fedspine privacy report {out}`"
+            f"see {out / RUN_ABLATION} and `fedspine privacy report {out}`"
         )
     else:
-        from fedspine.privacy.report import write_privacy_summary
+        from fedspine.privacy.report import write_privacy_summary  # lazy: see train()
 
         components = {"discriminator": "trained without differential privacy"}
         if clinical_status is not None:
@@ -471,129 +468,13 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
     return result
 
 
-class _Run:
-    """The run folder: metrics log, snapshots with their pointer, sample grids, generator."""
-
-    def __init__(
-        self,
-        out: Path,
-        trainer,
-        dataset_info: dict,
-        last_snapshot_nimg: int,
-        training_meta: dict | None = None,
-    ) -> None:
-        import torch
-
-        self.out = out
-        self.trainer = trainer
-        self.dataset_info = dataset_info
-        self.training_meta = dict(training_meta or {})
-        self.last_snapshot_nimg = last_snapshot_nimg
-        latest = out / LATEST_FILE
-        self.last_snapshot = (
-            out / json.loads(latest.read_text())["snapshot"] if latest.is_file() else None
-        )
-        self._drop_metrics_after(trainer.cur_nimg)
-        net = trainer.config.network
-        grid_gen = torch.Generator().manual_seed(trainer.config.seed + 12345)
-        self.grid_latents = torch.randn([8, net.z_dim], generator=grid_gen)
-
-    def _drop_metrics_after(self, nimg: int) -> None:
-        """Ticks logged after the snapshot a run resumes from are about to be redone."""
-        path = self.out / METRICS_FILE
-        if not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line)["cur_nimg"] <= nimg]
-        if len(keep) != len(lines):
-            _atomic_write(path, "".join(f"{line}\n" for line in keep))
-
-    def record_tick(self, record: dict, final: bool) -> None:
-        with open(self.out / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        snap_nimg = int(round(self.trainer.config.snapshot_kimg * 1000))
-        cur = self.trainer.cur_nimg
-        if final or cur // snap_nimg > self.last_snapshot_nimg // snap_nimg:
-            self.snapshot()
-
-    def snapshot(self) -> None:
-        from fedspine.training.checkpoint import save_checkpoint
-
-        t = self.trainer
-        kimg = _kimg_tag(t.cur_nimg)
-        path = self.out / "snapshots" / f"snapshot_{kimg}.pt"
-        save_checkpoint(path, "trainer", {"trainer": t.state_dict(), "dataset": self.dataset_info})
-        _atomic_write(
-            self.out / LATEST_FILE,
-            json.dumps(
-                {
-                    "snapshot": str(path.relative_to(self.out)),
-                    "cur_nimg": t.cur_nimg,
-                    "kimg": t.cur_nimg / 1000,
-                }
-            )
-            + "\n",
-        )
-        self.last_snapshot = path
-        self.last_snapshot_nimg = t.cur_nimg
-        self.save_fakes(self.out / "samples" / f"fakes_{kimg}.png")
-
-    def save_fakes(self, path: Path) -> None:
-        import torch
-
-        from fedspine.training.generate import class_grid
-
-        # The grid must not move any RNG the training draws from, or resume would diverge.
-        with torch.random.fork_rng(devices=[]):
-            grid = class_grid(
-                self.trainer.G_ema, self.dataset_info["class_names"], self.grid_latents
-            )
-        _save_png_atomic(grid, path)
-
-    def save_reals(self, data) -> None:
-        import numpy as np
-
-        from fedspine.training.generate import image_grid
-
-        rng = np.random.default_rng(0)
-        rows = []
-        for k in range(data.num_classes):
-            idx = np.flatnonzero(data.labels.numpy() == k)
-            pick = rng.choice(idx, size=min(8, len(idx)), replace=False) if len(idx) else idx
-            imgs = (
-                data.images[pick, 0].numpy()
-                if len(pick)
-                else np.zeros((1, data.resolution, data.resolution), np.uint8)
-            )
-            rows.append(imgs)
-        _save_png_atomic(image_grid(rows, data.class_names), self.out / "samples" / "reals.png")
-
-    def save_generator(self) -> None:
-        from fedspine.training.generate import save_generator
-
-        t = self.trainer
-        save_generator(
-            self.out / "generator.pt",
-            t.G_ema,
-            t.config.to_dict()["network"],
-            self.dataset_info["class_names"],
-            training={
-                "cur_nimg": t.cur_nimg,
-                "kimg": t.cur_nimg / 1000,
-                "preset": t.config.preset,
-                "seed": t.config.seed,
-                **self.training_meta,
-            },
-        )
-
-
 def _clinical_setup(options: dict, state: dict | None, class_names: list[str], dp: bool):
     """SpineGAN's frozen classifier and what the run may say about its privacy.
 
     On resume the classifier, λ and mapping default to the run's; given ones must agree.
     """
-    from fedspine.models.classifier import ClassifierCheckpointError
-    from fedspine.training.clinical import (
+    from fedspine.models.classifier import ClassifierCheckpointError  # lazy: torch
+    from fedspine.training.clinical import (  # lazy: torch
         DEFAULT_WEIGHT,
         ClinicalLoss,
         ClinicalLossError,
@@ -645,19 +526,3 @@ def _scheme_flags(scheme: str | None) -> str:
     if scheme is None:
         return "no --dp"
     return "--dp" if scheme == "dpsgd" else f"--dp-scheme {scheme}"
-
-
-def _kimg_tag(nimg: int) -> str:
-    return f"{nimg / 1000:09.3f}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save_png_atomic(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)

@@ -23,9 +23,10 @@ from fedspine.evaluation.classification import (
     signal_retained,
     utility_verdict,
 )
+from fedspine.evaluation.config import EvaluateError
 from fedspine.evaluation.features import PixelExtractor, extract
 from fedspine.evaluation.generative import frechet_distance
-from fedspine.evaluation.report import EvaluateError, evaluate
+from fedspine.reporting.evaluation_report import evaluate
 from fedspine.training.classifier_trainer import same_recipe
 from tests.evaluation.test_report import SIZE, draw, fast_cfg, make_real, write_generated
 

@@ -21,7 +21,9 @@ from typer.testing import CliRunner
 
 from fedspine.cli.evaluate import register
 from fedspine.data.prepared import PreparedDataset, load_prepared, write_prepared
-from fedspine.evaluation.report import WORK_DIR, EvaluateConfig, EvaluateError, evaluate
+from fedspine.evaluation.config import WORK_DIR, EvaluateConfig, EvaluateError
+from fedspine.evaluation.records import read_evaluation
+from fedspine.reporting.evaluation_report import evaluate
 
 SIZE = 24
 COUNTS = {"train": [60, 60], "val": [20, 20], "test": [40, 40]}
@@ -183,6 +185,17 @@ def test_report_has_every_file_and_numbers_in_range(copies_run):
     assert inputs["train"]["content_hash"] == load_prepared(root / "real").content_hash
     assert len(inputs["synthetic"]["content_hash"]) == 64
     assert report["fedspine_version"]
+
+
+def test_report_json_is_exactly_its_record(copies_run):
+    """Every key `evaluate` writes has a typed field: the record rewrites the file unchanged."""
+    root, _, report = copies_run
+    text = (root / "report" / "report.json").read_text()
+    record = read_evaluation(root / "report")
+    assert record.to_json() == json.loads(text) == report
+    assert json.dumps(record.to_json(), indent=2) + "\n" == text
+    assert record.arms["TRTR"].train_data.real_train > 0
+    assert record.memorisation.closest_pairs[0].train_file
 
 
 def test_selection_uses_only_real_val_and_training_no_test_rows(copies_run):

@@ -11,20 +11,46 @@ import typer
 from typer.testing import CliRunner
 
 from fedspine.cli.reproduce import register
+
+# The arm stages under the names these tests gave them before reproduce.py was split.
+from fedspine.experiments.commands import classifier_args as _classifier_args
+from fedspine.experiments.commands import classifier_request as _classifier_request
+from fedspine.experiments.commands import train_args as _train_args
+from fedspine.experiments.commands import train_request as _train_request
+from fedspine.experiments.execute import evaluate_arm as _evaluate
+from fedspine.experiments.execute import generate_arm as _generate
+from fedspine.experiments.plan import DATA_DIR
+from fedspine.experiments.prepare import RunContext as _Context
 from fedspine.experiments.reproduce import (
     BUDGETS,
     PAPER,
     PLAN_FILE,
     SPINEGAN_UNAVAILABLE,
     ReproduceError,
+    build_record,
     format_plan,
     get_budget,
     make_plan,
+    render_markdown,
     reproduce,
     spinegan_available,
 )
+from fedspine.experiments.reproduce import check_previous as _check_previous
+from fedspine.experiments.summaries import summarise_evaluation as _summarise_evaluation
+from fedspine.experiments.table import build_table
 
 runner = CliRunner()
+
+
+def _build_report(ctx, results, seconds):
+    """What reproduce.json holds for these arm results."""
+    return build_record(ctx, results, seconds).to_json()
+
+
+def _table(results, data_info):
+    """The table's rows as reproduce.json holds them."""
+    return [row.to_json() for row in build_table(results, data_info)]
+
 
 # Smaller than smoke: 16 px, two GAN steps per arm, two classifier epochs.
 TINY = {
@@ -163,8 +189,6 @@ def test_the_noise_only_arm_needs_its_reference_dp_arm():
 
 
 def test_an_older_plan_without_the_ablation_settings_is_continued(tmp_path):
-    from fedspine.experiments.reproduce import _check_previous
-
     out = tmp_path / "o"
     out.mkdir()
     plan = make_plan(tmp_path, out, "smoke")
@@ -205,7 +229,6 @@ def _fake_ablation(scheme: str, sigma: float = 0.0) -> dict:
 def test_the_table_gives_each_ablation_arm_its_auc_metrics_and_epsilon(tmp_path):
     from dataclasses import asdict
 
-    from fedspine.experiments.reproduce import _build_report, _Context, render_markdown
     from fedspine.training.dp_ablation import paper_scheme_epsilon, paper_settings_epsilon
 
     accounting = paper_scheme_epsilon(300, 2125)
@@ -532,14 +555,7 @@ def test_seed_replicates_get_their_own_folders_seeds_and_privacy_homes(tmp_path)
 def test_the_clinical_classifier_generation_and_evaluation_use_the_replicate_seed(
     tmp_path, monkeypatch
 ):
-    from fedspine.evaluation import report as evaluation
-    from fedspine.experiments.reproduce import (
-        DATA_DIR,
-        _classifier_args,
-        _Context,
-        _evaluate,
-        _generate,
-    )
+    from fedspine.reporting import evaluation_report as evaluation
     from fedspine.training import generate
 
     plan = make_plan(tmp_path, tmp_path / "o", "quick", {"seeds": 2})
@@ -565,8 +581,6 @@ def test_the_clinical_classifier_generation_and_evaluation_use_the_replicate_see
 
 
 def test_a_rerun_with_more_seeds_continues_the_same_folder(tmp_path):
-    from fedspine.experiments.reproduce import _check_previous
-
     out = tmp_path / "o"
     out.mkdir()
     (out / PLAN_FILE).write_text(json.dumps(make_plan(tmp_path, out, "smoke").to_dict()))
@@ -585,8 +599,6 @@ def test_the_dry_run_takes_seeds(tmp_path):
 
 
 def test_the_report_gives_each_arm_its_spread_across_seeds(tmp_path):
-    from fedspine.experiments.reproduce import _build_report, _Context, render_markdown
-
     plan = make_plan(tmp_path, tmp_path / "o", "smoke", {"seeds": 3})
     dp = {
         "epsilon_target": 10.0,
@@ -639,8 +651,6 @@ def test_the_report_gives_each_arm_its_spread_across_seeds(tmp_path):
 
 
 def test_the_signal_retained_cell_says_when_tstr_is_at_chance(tmp_path):
-    from fedspine.experiments.reproduce import _table, render_markdown
-
     chance = _fake_evaluation(0.52)
     chance["utility"] = _utility(0.05, [-0.31, 0.40], True)
     results = {
@@ -671,8 +681,6 @@ def test_the_signal_retained_cell_says_when_tstr_is_at_chance(tmp_path):
     )
     assert rows[LESION_ROW]["signal"] == "n/a (TRTR's own interval contains chance)"
 
-    from fedspine.experiments.reproduce import _build_report, _Context
-
     ctx = _Context(plan=make_plan(tmp_path, tmp_path / "o", "smoke"), stage=lambda _m: None)
     md = render_markdown(_build_report(ctx, results, 1.0))
     assert "| ours: test AUC [95 % CI] | signal retained [95 % CI] | ε | details |" in md
@@ -683,8 +691,6 @@ def test_the_signal_retained_cell_says_when_tstr_is_at_chance(tmp_path):
 
 
 def test_the_evaluation_summary_carries_the_utility_block(tmp_path):
-    from fedspine.experiments.reproduce import _summarise_evaluation
-
     arm = {"auc": 0.7, "ci": [0.6, 0.8], "history": {"best_epoch": 2}}
     report = {
         "task": "binary",
@@ -717,8 +723,6 @@ def test_the_papers_derived_figures_are_marked_and_right():
         assert f"{(tstr - 0.5) / (0.856 - 0.5):.3f}" == value
         assert PAPER[key].startswith(f"{value} (derived") and "journal TRTR" in PAPER[key]
 
-    from fedspine.experiments.reproduce import _table
-
     results = {
         "cgan": {"status": "done", "evaluation": _with_signal(0.7)},
         "spinegan": {"status": "done", "evaluation": _with_signal(0.7)},
@@ -743,12 +747,6 @@ def test_reproduce_trains_through_the_library_exactly_what_its_commands_say(tmp_
     import fedspine.training.classifier_run as classifier_run
     import fedspine.training.run as run_module
     from fedspine.cli.main import app
-    from fedspine.experiments.reproduce import (
-        _classifier_args,
-        _classifier_request,
-        _train_args,
-        _train_request,
-    )
 
     captured: list = []
     monkeypatch.setattr(

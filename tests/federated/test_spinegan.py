@@ -294,7 +294,8 @@ def test_dp_spinegan_federation_ledgers_and_report_show_both_phases(site_dataset
     from fedspine.models.classifier import load_classifier
     from fedspine.privacy.accounting import epsilon
     from fedspine.privacy.ledger import mechanisms_of
-    from fedspine.privacy.report import read_privacy_summary, write_report
+    from fedspine.privacy.report import read_privacy_summary
+    from fedspine.reporting.privacy import write_privacy_report as write_report
     from fedspine.training.clinical import clinical_privacy
     from tests.conftest import home_records
 

@@ -15,8 +15,8 @@ from fedspine.privacy.report import (
     build_report,
     site_entry,
     write_privacy_summary,
-    write_report,
 )
+from fedspine.reporting.privacy import write_privacy_report as write_report
 
 MECHS = [{"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 200, "clip_norm": 1.0}]
 

@@ -23,12 +23,12 @@ from fedspine.training.dp_ablation import (
     AblationDiscriminatorStep,
     AblationError,
     AblationOptions,
-    PaperSchemeGanTrainer,
     noise_then_clip,
     paper_scheme_epsilon,
     paper_settings_epsilon,
     paper_train_config,
 )
+from fedspine.training.factory import PaperScheme, TrainerSpec, build_trainer
 from tests.training import make_prepared, tiny_config
 
 RES = 16
@@ -99,8 +99,8 @@ def test_paper_trainer_hooks_every_step_of_g_and_d(monkeypatch):
     cfg = paper_train_config(tiny_config(resolution=RES))
     assert cfg.batch == 1 and cfg.network.mbstd_group == 1
     with pytest.raises(AblationError, match="batch 1"):
-        PaperSchemeGanTrainer(tiny_config(resolution=RES), [0.5, 0.5])
-    trainer = PaperSchemeGanTrainer(cfg, [0.5, 0.5], device="cpu")
+        build_trainer(TrainerSpec(PaperScheme()), tiny_config(resolution=RES), [0.5, 0.5])
+    trainer = build_trainer(TrainerSpec(PaperScheme()), cfg, [0.5, 0.5], device="cpu")
     g_ids = {id(p) for p in trainer.G.parameters()}
     d_ids = {id(p) for p in trainer.D.parameters()}
     seen: list[str] = []
@@ -125,7 +125,7 @@ def test_paper_trainer_hooks_every_step_of_g_and_d(monkeypatch):
     # The noise RNG is part of the state: a resumed run continues exactly.
     state = copy.deepcopy(trainer.state_dict())
     trainer.train_step(image, label)
-    again = PaperSchemeGanTrainer(cfg, [0.5, 0.5], device="cpu")
+    again = build_trainer(TrainerSpec(PaperScheme()), cfg, [0.5, 0.5], device="cpu")
     again.load_state_dict(state)
     again.train_step(image, label)
     for (name, a), b in zip(
@@ -285,7 +285,7 @@ def tiny_preset(monkeypatch):
 def test_every_ablation_run_is_marked_not_private(
     tmp_path, tiny_preset, scheme, extra, privacy_home
 ):
-    from fedspine.privacy.report import write_report
+    from fedspine.reporting.privacy import write_privacy_report as write_report
     from fedspine.training.generate import load_generator
 
     prepared = make_prepared(tmp_path / "prep", resolution=RES)

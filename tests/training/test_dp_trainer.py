@@ -13,7 +13,13 @@ import torch
 from fedspine.privacy.accounting import Mechanism, epsilon
 from fedspine.training.config import preset_config
 from fedspine.training.dp import DPConfig
-from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config, planned_d_steps
+from fedspine.training.dp_trainer import dp_train_config, planned_d_steps
+from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
+
+
+def _dp_gan(config, dp, prior, patients, noise_multiplier, sample_rate):
+    spec = TrainerSpec(DPSGD(dp, noise_multiplier, sample_rate, patients))
+    return build_trainer(spec, config, prior)
 
 
 def _trainer(seed=0, d_steps_per_g=1):
@@ -26,9 +32,7 @@ def _trainer(seed=0, d_steps_per_g=1):
     config.device = "cpu"
     config = dp_train_config(config, dp)
     patients = np.repeat(np.arange(12), 2).astype(str)
-    trainer = DPGanTrainer(
-        config, dp, [0.5, 0.5], patients, noise_multiplier=1.0, sample_rate=4 / 12
-    )
+    trainer = _dp_gan(config, dp, [0.5, 0.5], patients, noise_multiplier=1.0, sample_rate=4 / 12)
     images = torch.randint(0, 255, (24, 1, 16, 16), dtype=torch.uint8)
     labels = torch.randint(0, 2, (24,))
     return trainer, images, labels
@@ -41,7 +45,7 @@ def test_dp_config_removes_mbstd_and_fixes_p():
     assert config.augment.fixed_p == 0.1
     assert planned_d_steps(config, dp, 1.0) == int(np.ceil(1000 / config.batch))
     with pytest.raises(ValueError, match="minibatch-std"):
-        DPGanTrainer(preset_config("cpu", 16, 2), dp, [0.5, 0.5], ["a"], 1.0, 0.5)
+        _dp_gan(preset_config("cpu", 16, 2), dp, [0.5, 0.5], ["a"], 1.0, 0.5)
 
 
 def test_steps_are_counted_and_nothing_private_is_logged():

@@ -23,9 +23,6 @@ from fedspine.training.clinical import (
     ClinicalLoss,
     ClinicalLossError,
     ClinicalPrivacyError,
-    ClinicalStepMetrics,
-    DPSpineGanTrainer,
-    SpineGanTrainer,
     clinical_privacy,
     clinical_targets,
     file_sha256,
@@ -33,7 +30,8 @@ from fedspine.training.clinical import (
     paper_crop,
 )
 from fedspine.training.dp import DPConfig
-from fedspine.training.dp_trainer import DPGanTrainer, dp_train_config
+from fedspine.training.dp_trainer import dp_train_config
+from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer, rebuild_trainer
 from fedspine.training.gan_trainer import GanTrainer
 from fedspine.training.generate import load_generator
 from tests.training import make_prepared, tiny_config
@@ -67,6 +65,16 @@ def _clinical(tmp_path, weight=0.1, mapping="default", seed=0):
     return ClinicalLoss.from_file(file, CLASSES, weight=weight, mapping=mapping)
 
 
+def _spinegan(config, prior, clinical):
+    return build_trainer(TrainerSpec(clinical=clinical), config, prior)
+
+
+def _dp_trainer(config, dpc, prior, patients, sigma, q, clinical=None):
+    return build_trainer(
+        TrainerSpec(DPSGD(dpc, sigma, q, patients), clinical=clinical), config, prior
+    )
+
+
 def _batch(n=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
     images = torch.rand(n, 1, 16, 16, generator=gen) * 2 - 1
@@ -81,7 +89,7 @@ def test_clinical_loss_changes_g_gradients_and_never_c(tmp_path):
     config = tiny_config(pl_weight=0.0)  # no path-length step: the grads left are the main step's
     grads = {}
     for weight in (0.0, 0.1):
-        trainer = SpineGanTrainer(config, [0.5, 0.5], _clinical(tmp_path, weight=weight))
+        trainer = _spinegan(config, [0.5, 0.5], _clinical(tmp_path, weight=weight))
         trainer.g_step(8)
         grads[weight] = _g_grads(trainer)
     assert grads[0.0].keys() == grads[0.1].keys() and grads[0.0]
@@ -90,11 +98,11 @@ def test_clinical_loss_changes_g_gradients_and_never_c(tmp_path):
     clinical = _clinical(tmp_path, weight=0.1)
     C = clinical.classifier
     before = copy.deepcopy(C.state_dict())
-    trainer = SpineGanTrainer(tiny_config(), [0.5, 0.5], clinical)
+    trainer = _spinegan(tiny_config(), [0.5, 0.5], clinical)
     images, labels = _batch()
     for _ in range(3):
         metrics = trainer.train_step(images, labels)
-    assert isinstance(metrics, ClinicalStepMetrics)
+    assert set(metrics.extra) == {"loss_clinical", "clinical_bce"}
     assert float(metrics.loss_clinical) == pytest.approx(0.1 * float(metrics.clinical_bce))
     assert float(metrics.clinical_bce) > 0
     for key, value in C.state_dict().items():
@@ -107,7 +115,7 @@ def test_clinical_loss_changes_g_gradients_and_never_c(tmp_path):
 
 
 def test_gradients_flow_through_c_into_g(tmp_path):
-    trainer = SpineGanTrainer(tiny_config(), [0.5, 0.5], _clinical(tmp_path))
+    trainer = _spinegan(tiny_config(), [0.5, 0.5], _clinical(tmp_path))
     z, c = trainer.sample_latents(6)
     fake = trainer.G.synthesis(trainer.G.mapping(z, trainer._onehot(c)), noise_mode="const")
     loss, bce = trainer.clinical(fake, c)
@@ -130,9 +138,7 @@ def test_with_zero_weight_the_step_equals_the_base_trainers(tmp_path, dp):
             patients = np.repeat(np.arange(12), 2).astype(str)
             args = (config, dpc, [0.5, 0.5], patients, 1.0, 4 / 12)
             trainer = (
-                DPSpineGanTrainer(*args, _clinical(tmp_path, weight=0.0))
-                if spine
-                else DPGanTrainer(*args)
+                _dp_trainer(*args, _clinical(tmp_path, weight=0.0)) if spine else _dp_trainer(*args)
             )
             # DP noise and patient draws come from OS entropy; pin them so both trainers match.
             trainer.noise_gen.manual_seed(0)
@@ -140,7 +146,7 @@ def test_with_zero_weight_the_step_equals_the_base_trainers(tmp_path, dp):
             batch = (images, labels)
         else:
             trainer = (
-                SpineGanTrainer(tiny_config(), [0.5, 0.5], _clinical(tmp_path, weight=0.0))
+                _spinegan(tiny_config(), [0.5, 0.5], _clinical(tmp_path, weight=0.0))
                 if spine
                 else GanTrainer(tiny_config(), [0.5, 0.5])
             )
@@ -160,7 +166,7 @@ def test_dp_spinegan_steps_and_keeps_c_frozen(tmp_path):
     patients = np.repeat(np.arange(12), 2).astype(str)
     clinical = _clinical(tmp_path)
     before = copy.deepcopy(clinical.classifier.state_dict())
-    trainer = DPSpineGanTrainer(config, dpc, [0.5, 0.5], patients, 1.0, 4 / 12, clinical)
+    trainer = _dp_trainer(config, dpc, [0.5, 0.5], patients, 1.0, 4 / 12, clinical)
     images, labels = _batch(24)
     metrics = trainer.train_step(images, labels)
     assert trainer.dp_step.steps_taken == 1
@@ -253,25 +259,25 @@ def test_privacy_decision():
 def test_resume_is_exact_and_checks_the_classifier(tmp_path):
     images, labels = _batch()
     batches = itertools.repeat((images, labels))
-    trainer = SpineGanTrainer(tiny_config(seed=2), [0.5, 0.5], _clinical(tmp_path))
+    trainer = _spinegan(tiny_config(seed=2), [0.5, 0.5], _clinical(tmp_path))
     trainer.run(0.016, batches)
     state = copy.deepcopy(trainer.state_dict())
     assert "classifier" not in str(list(state))  # C's weights are not in the snapshot
     assert state["clinical"]["classifier_sha256"] == file_sha256(tmp_path / "clf0.pt")
     trainer.run(0.016, batches)
 
-    again = SpineGanTrainer.from_state_dict(state, _clinical(tmp_path))
+    again = rebuild_trainer(TrainerSpec(clinical=_clinical(tmp_path)), state)
     again.run(0.016, itertools.repeat((images, labels)))
     for key, value in again.G.state_dict().items():
         assert torch.allclose(value, trainer.G.state_dict()[key], atol=1e-6), key
 
     with pytest.raises(ClinicalLossError, match="same --classifier"):
-        SpineGanTrainer.from_state_dict(state, _clinical(tmp_path, seed=1))
+        rebuild_trainer(TrainerSpec(clinical=_clinical(tmp_path, seed=1)), state)
     with pytest.raises(ClinicalLossError, match="weight"):
-        SpineGanTrainer.from_state_dict(state, _clinical(tmp_path, weight=0.05))
+        rebuild_trainer(TrainerSpec(clinical=_clinical(tmp_path, weight=0.05)), state)
     plain = GanTrainer(tiny_config(), [0.5, 0.5]).state_dict()
     with pytest.raises(ClinicalLossError, match="not from a SpineGAN run"):
-        SpineGanTrainer(tiny_config(), [0.5, 0.5], _clinical(tmp_path)).load_state_dict(plain)
+        _spinegan(tiny_config(), [0.5, 0.5], _clinical(tmp_path)).load_state_dict(plain)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""The self-contained HTML report: every section, graceful gaps, escaping, and a real browser.
+"""The self-contained HTML report (``fedspine.reporting.html``): every section, graceful gaps,
+escaping, and a real browser.
 
 Inputs are small but valid outputs of the kinds fedspine writes (an evaluation folder, a DP
-federation folder, a signed release); one slow test renders the report of a real `evaluate`.
+federation folder, a signed release); the evaluation record and the privacy summary are built
+by their real constructors and written by their real writers. One slow test renders the report
+of a real `evaluate`.
 The browser checks run headless Chromium (Debian package `chromium`): they skip without it,
 except under CI (environment variable CI set), where a missing browser fails.
 """
@@ -26,14 +29,36 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 from typer.testing import CliRunner
 
-from fedspine.evaluation.html_report import SECTIONS, HtmlReportError, write_html_report
+from fedspine.evaluation.records import (
+    ArmRecord,
+    ClosestPair,
+    DatasetInfo,
+    EvaluationRecord,
+    Generative,
+    Inputs,
+    Memorisation,
+    MetricRow,
+    OutputScore,
+    Ratios,
+    ReportFiles,
+    Selection,
+    SyntheticInfo,
+    TestSet,
+    TrainData,
+    Utility,
+    UtilityResult,
+    write_evaluation,
+)
 from fedspine.experiments.demo import DemoConfig, DemoResult, write_demo_report
+from fedspine.fileio import write_json_atomic
+from fedspine.privacy.report import site_entry, write_privacy_summary
 from fedspine.privacy.signing import (
     encode_signature,
     fingerprint,
     public_key_line,
     sha256_file,
 )
+from fedspine.reporting.html import SECTIONS, HtmlReportError, write_html_report
 
 HOSTILE = '<script>alert("x")</script>&'
 SITES = ("site_1", "site_2")
@@ -51,104 +76,107 @@ def write_png(path: Path, size: tuple[int, int] = (96, 48), seed: int = 0) -> Pa
     return path
 
 
-def _arm(auc: float, ci: list[float], real: int, synthetic: int) -> dict:
-    return {
-        "auc": auc,
-        "ci": ci,
-        "sensitivity": 0.8,
-        "specificity": 0.6,
-        "threshold": 0.5,
-        "per_output": {"abnormal": {"auc": auc, "ci": ci}},
-        "output_names": ["abnormal"],
-        "history": {"best_epoch": 2, "best_val_auc": 0.7, "epochs": [{}, {}, {}]},
-        "train_data": {"real_train": real, "synthetic": synthetic},
-    }
+def _arm(auc: float, ci: list[float], real: int, synthetic: int) -> ArmRecord:
+    return ArmRecord(
+        auc=auc,
+        ci=ci,
+        sensitivity=0.8,
+        specificity=0.6,
+        threshold=0.5,
+        per_output={"abnormal": OutputScore(auc=auc, ci=ci)},
+        output_names=["abnormal"],
+        history={"best_epoch": 2, "best_val_auc": 0.7, "epochs": [{}, {}, {}]},
+        train_data=TrainData(real_train=real, synthetic=synthetic),
+    )
 
 
 def make_evaluation(root: Path, extractor: str = "fedspine-domain-cnn v1") -> Path:
-    """An evaluation folder as `fedspine evaluate` writes it (numbers made up, schema real)."""
-    report = {
-        "fedspine_version": "0.1.0",
-        "created": "2026-01-01T00:00:00+00:00",
-        "config": {"arch": "small", "epochs": 3, "seed": 0, "bootstrap": 200, "norm": "group"},
-        "task": "binary",
-        "class_names": ["normal", "abnormal"],
-        "output_names": ["abnormal"],
-        "inputs": {
-            "synthetic": {"path": "syn", "content_hash": "aa11"},
-            "train": {"path": "pooled", "content_hash": "bb22"},
-            "test": {"path": "pooled", "content_hash": "bb22"},
-        },
-        "selection": {"dataset": "pooled", "images": 40, "patients": 20, "use": "selection only"},
-        "test_set": {"images": 80, "patients": 40, "patients_shared_with_train_or_val": 0},
-        "ratios": {"tstr_over_trtr": 0.871, "mixed_over_trtr": 1.012},
-        "utility": {
-            "arms": {
-                "TSTR": {
-                    "auc": 0.7055,
-                    "ci": [0.61, 0.79],
-                    "reference_auc": 0.81,
-                    "signal_retained": 0.6629,
-                    "signal_retained_ci": [0.3, 0.9],
-                    "ci_contains_chance": False,
-                    "verdict": "signal above chance: TSTR's 95 % interval excludes AUC 0.5",
-                }
+    """An evaluation folder as `fedspine evaluate` writes it: the record built by its real
+    constructors and written by the real writer (numbers made up)."""
+    config = {"arch": "small", "epochs": 3, "seed": 0, "bootstrap": 200, "norm": "group"}
+    record = EvaluationRecord(
+        fedspine_version="0.1.0",
+        created="2026-01-01T00:00:00+00:00",
+        config=config,
+        task="binary",
+        class_names=["normal", "abnormal"],
+        output_names=["abnormal"],
+        inputs=Inputs(
+            synthetic=SyntheticInfo(path="syn", content_hash="aa11"),
+            train=DatasetInfo(path="pooled", content_hash="bb22"),
+            test=DatasetInfo(path="pooled", content_hash="bb22"),
+        ),
+        selection=Selection(dataset="pooled", images=40, patients=20, use="selection only"),
+        test_set=TestSet(images=80, patients=40, patients_shared_with_train_or_val=0),
+        ratios=Ratios(tstr_over_trtr=0.871, mixed_over_trtr=1.012),
+        utility=Utility(
+            arms={
+                "TSTR": UtilityResult(
+                    auc=0.7055,
+                    ci=[0.61, 0.79],
+                    reference_auc=0.81,
+                    signal_retained=0.6629,
+                    signal_retained_ci=[0.3, 0.9],
+                    ci_contains_chance=False,
+                    verdict="signal above chance: TSTR's 95 % interval excludes AUC 0.5",
+                )
             }
-        },
-        "arms": {
+        ),
+        arms={
             "TRTR": _arm(0.81, [0.74, 0.88], 120, 0),
             "TSTR": _arm(0.7055, [0.61, 0.79], 0, 200),
             "mixed": _arm(0.8197, [0.75, 0.89], 120, 200),
         },
-        "generative": {
-            "n_real": 120,
-            "n_synthetic": 200,
-            "k": 3,
-            "extractors": [f"{extractor}: a CNN trained on the real train split"],
-            "results": [
-                {
-                    "compared": "synthetic vs real train",
-                    "extractor": extractor,
-                    "fid": 0.4321,
-                    "kid": 0.0123,
-                    "kid_std": 0.001,
-                    "precision": 0.5,
-                    "recall": 0.6,
-                    "density": 0.7,
-                    "coverage": 0.8,
-                }
+        generative=Generative(
+            n_real=120,
+            n_synthetic=200,
+            k=3,
+            extractors=[f"{extractor}: a CNN trained on the real train split"],
+            results=[
+                MetricRow(
+                    compared="synthetic vs real train",
+                    extractor=extractor,
+                    fid=0.4321,
+                    kid=0.0123,
+                    kid_std=0.001,
+                    precision=0.5,
+                    recall=0.6,
+                    density=0.7,
+                    coverage=0.8,
+                )
             ],
-        },
-        "memorisation": {
-            "extractor": "pixels 24x24",
-            "heldout": "the 'test' split",
-            "n_heldout": 80,
-            "n_synthetic": 200,
-            "verdict": "no sign of memorisation",
-            "flagged": False,
-            "rule": "suspected when ...",
-            "exact_copies": 0,
-            "share_below_p1": 0.01,
-            "share_below_p5": 0.05,
-            "share_closer_to_train": 0.5,
-            "median_syn_to_train": 3.2,
-            "median_heldout_to_train": 3.1,
-            "closest_pairs": [
-                {"synthetic_file": "images/syn-1.png", "train_file": "a.dcm", "distance": 1.0}
+        ),
+        memorisation=Memorisation(
+            extractor="pixels 24x24",
+            heldout="the 'test' split",
+            n_heldout=80,
+            n_synthetic=200,
+            verdict="no sign of memorisation",
+            flagged=False,
+            rule="suspected when ...",
+            exact_copies=0,
+            share_below_p1=0.01,
+            share_below_p5=0.05,
+            share_closer_to_train=0.5,
+            median_syn_to_train=3.2,
+            median_heldout_to_train=3.1,
+            closest_pairs=[
+                ClosestPair(synthetic_file="images/syn-1.png", train_file="a.dcm", distance=1.0)
             ],
-        },
-        "files": {"roc": "roc.png", "samples": "samples.png", "closest_pairs": "closest_pairs.png"},
-    }
+        ),
+        files=ReportFiles(roc="roc.png", samples="samples.png", closest_pairs="closest_pairs.png"),
+    )
     root.mkdir(parents=True)
-    (root / "report.json").write_text(json.dumps(report))
-    (root / "config.json").write_text(json.dumps(report["config"]))
+    write_evaluation(root, record)
+    write_json_atomic(root / "config.json", config)
     for i, name in enumerate(("roc.png", "samples.png", "closest_pairs.png")):
         write_png(root / name, seed=i)
     return root
 
 
 def make_federation(root: Path, rounds: int = 3, site_name: str = SITES[1]) -> Path:
-    """A DP federation's output folder: privacy.json, rounds.jsonl, federation*.json."""
+    """A DP federation's output folder: privacy.json (written by the real writer),
+    rounds.jsonl, federation*.json."""
     root.mkdir(parents=True)
     names = (SITES[0], site_name)
     records, per_round = [], {n: [] for n in names}
@@ -169,31 +197,23 @@ def make_federation(root: Path, rounds: int = 3, site_name: str = SITES[1]) -> P
         failures = [{"site": site_name, "reason": "timeout"}] if r == 2 else []
         records.append({"round": r, "sites": sites, "failures": failures, "seconds": 12.5})
     (root / "rounds.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in records))
-    privacy = {
-        "format": "fedspine-privacy/1",
-        "private": True,
-        "not_private_reasons": [],
-        "accountant": "prv",
-        "delta": 1e-5,
-        "unit": "patient",
-        "sites": {
-            name: {
-                "epsilon": per_round[name][-1]["epsilon"],
-                "delta": 1e-5,
-                "dataset_hash": f"hash-{name}",
-                "ledger_complete": True,
-                "mechanisms": [
-                    {"noise_multiplier": 1.1, "sample_rate": 0.2, "steps": 8, "clip_norm": 1.0}
-                ]
-                * rounds,
-                "epsilon_per_round": per_round[name],
-            }
+    mech = {"noise_multiplier": 1.1, "sample_rate": 0.2, "steps": 8, "clip_norm": 1.0}
+    write_privacy_summary(
+        root,
+        {
+            name: site_entry(
+                per_round[name][-1]["epsilon"],
+                1e-5,
+                [mech] * rounds,
+                unit="patient",
+                patients=50,
+                epsilon_per_round=per_round[name],
+            )
             for name in names
         },
-        "components": {"discriminator": "DP-SGD at each site", "aggregation": "post-processing"},
-        "prng": "torch's PRNG",
-    }
-    (root / "privacy.json").write_text(json.dumps(privacy))
+        {"discriminator": "DP-SGD at each site", "aggregation": "post-processing"},
+        accountant="prv",
+    )
     status = {"federation": "demo", "state": "completed", "completed_rounds": rounds}
     (root / "federation.json").write_text(json.dumps({**status, "rounds": rounds}))
     (root / "federation_config.json").write_text(json.dumps({"name": "demo", "rounds": rounds}))
@@ -447,9 +467,8 @@ def test_centralised_dp_run_has_no_rounds_but_its_config_and_steps(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     mech = {"noise_multiplier": 1.14, "sample_rate": 0.28, "steps": 32, "clip_norm": 1.0}
-    site = {"epsilon": 9.01, "delta": 1e-5, "ledger_complete": True, "mechanisms": [mech]}
-    privacy = {"private": True, "accountant": "prv", "delta": 1e-5, "sites": {"abnormality": site}}
-    (run / "privacy.json").write_text(json.dumps(privacy))
+    site = site_entry(9.01, 1e-5, [mech], unit="patient", patients=40)
+    write_privacy_summary(run, {"abnormality": site}, {}, accountant="prv")
     (run / "config.toml").write_text('model = "cgan"\n[train]\nbatch = 32\n')
     write_png(run / "samples" / "fakes_00001.024.png")
     text = write_html_report(tmp_path / "r.html", run=run).read_text()
@@ -473,14 +492,9 @@ def test_a_spinegan_run_shows_each_phase_beside_the_total(tmp_path):
         {"noise_multiplier": 1.1, "sample_rate": 0.2, "steps": 30, "clip_norm": 1.0},
     ]
     phases = {"classifier": {"epsilon": 1.5, "steps": 4}, "gan": {"epsilon": 7.25, "steps": 30}}
-    site = {"epsilon": 8.0, "delta": 1e-5, "ledger_complete": True, "mechanisms": mechs}
-    privacy = {
-        "private": True,
-        "accountant": "prv",
-        "delta": 1e-5,
-        "sites": {"site-a": {**site, "phases": phases}, "site-b": site},
-    }
-    (run / "privacy.json").write_text(json.dumps(privacy))
+    site = site_entry(8.0, 1e-5, mechs, unit="patient", patients=40)
+    sites = {"site-a": {**site, "phases": phases}, "site-b": site}  # as a federation adds them
+    write_privacy_summary(run, sites, {}, accountant="prv")
     privacy_html = section_text(
         write_html_report(tmp_path / "r.html", run=run).read_text(), "privacy"
     )
@@ -577,7 +591,7 @@ def test_demo_report_records_its_commands_and_release(full, tmp_path, released):
 
 @pytest.mark.slow
 def test_report_of_a_real_evaluation_renders(tmp_path):
-    from fedspine.evaluation.report import evaluate
+    from fedspine.reporting.evaluation_report import evaluate
     from tests.evaluation.test_report import fast_cfg, make_real, write_generated
 
     real = make_real(

@@ -1,0 +1,248 @@
+"""Each arm as the library calls it makes and as the equivalent commands, and the plan as text.
+
+The typed requests (:func:`train_request`, :func:`classifier_request`) are what ``reproduce``
+runs; the argument lists (:func:`train_args`, :func:`classifier_args`) are what it prints and
+records, so a reader can rerun one arm by hand. A test parses every printed command through the
+CLI and asserts it builds the identical request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedspine.experiments.budgets import ReproduceBudget
+from fedspine.experiments.plan import (
+    ARMS_DIR,
+    CLASSIFIER_DIR,
+    CLINICAL_WEIGHT,
+    DATA_DIR,
+    PRIVACY_HOME_DIR,
+    RUN_DIR,
+    ArmKind,
+    ArmPlan,
+    ReproducePlan,
+)
+from fedspine.fileio import PRIVACY_SUMMARY
+from fedspine.training.classifier_run import ClassifierDPRequest, ClassifierRequest
+from fedspine.training.dp_ablation import AblationOptions
+from fedspine.training.run import ClinicalRequest, DPRequest, TrainRequest
+
+
+def format_plan(plan: ReproducePlan) -> str:
+    """The plan as text: data, budget settings, then each arm with its commands."""
+    b = plan.budget
+    lines = [
+        f"fedspine reproduce: budget {b.name} ({b.purpose})",
+        f"  data: {plan.root} -> {plan.out / DATA_DIR}/{{abnormality,lesion}} "
+        f"at {b.resolution} px (label rule: correct; val split carved by patient)",
+        f"  GAN: preset {b.gan_preset}, {b.resolution} px"
+        + (f", batch {b.gan_batch}" if b.gan_batch else "")
+        + f", {_seeds_text(b)}, device {b.device}",
+        f"  classifiers: {b.classifier_arch}"
+        + (f" at {b.classifier_input_size} px" if b.classifier_input_size else "")
+        + f", ≤ {b.classifier_epochs} epochs (patience {b.classifier_patience}), "
+        f"{b.per_class} synthetic images per class, bootstrap {b.bootstrap}, "
+        + (
+            f"starting from {plan.classifier_weights}"
+            if plan.classifier_weights
+            else "from scratch (--classifier-weights FILE for an ImageNet start, as the paper)"
+        ),
+        "  (paths below are relative to OUT)",
+        f"  SpineGAN in this build: {'yes' if plan.spinegan[0] else 'no'} ({plan.spinegan[1]})",
+    ]
+    if b.seeds > 1:
+        lines.append(
+            f"  {b.seeds} training seeds: each trains, generates, classifies and evaluates every "
+            f"arm that runs; seed {b.seed} in {ARMS_DIR}/NAME, the others in {ARMS_DIR}/NAME-seedS"
+        )
+    replicate = -1
+    for arm in plan.arms:
+        if arm.replicate != replicate:
+            replicate = arm.replicate
+            lines.append(
+                f"  arms, replicate {replicate + 1} of {b.seeds} (seed {arm.seed}):"
+                if b.seeds > 1
+                else "  arms:"
+            )
+        if arm.not_run:
+            lines.append(f"    - {arm.folder}: {arm.title} -- {arm.not_run}")
+            continue
+        lines.append(f"    - {arm.folder}: {arm.title}")
+        folder = Path(ARMS_DIR) / arm.folder
+        data = Path(DATA_DIR) / arm.data
+        if arm.kind.clinical:
+            lines.append(
+                "        fedspine classifier train "
+                + " ".join(classifier_args(plan, data, folder / CLASSIFIER_DIR, arm))
+            )
+        lines.append(
+            "        fedspine train " + " ".join(train_args(plan, arm, data, folder / RUN_DIR))
+        )
+        lines.append(
+            f"        generate {b.per_class} per class, seed {arm.seed}; evaluate "
+            + arm.evaluation_note
+        )
+    if plan.runs_ablation:
+        lines.append(
+            "  the DP ablation arms (dp_clip_only, dp_noise_only, dp_paper) are NOT private: each "
+            f"run's {PRIVACY_SUMMARY} says so and no privacy ledger is written"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def train_request(
+    plan: ReproducePlan, arm: ArmPlan, data: Path, run: Path, resume: bool = False
+) -> TrainRequest:
+    """The arm's training as a typed request: what :func:`train_args` spells as a command."""
+    b = plan.budget
+    dp = ablation = clinical = None
+    if arm.kind.private:
+        dp = DPRequest(
+            target_epsilon=arm.epsilon,
+            expected_patients_per_step=b.dp_patients_per_step,
+            ada_p=b.dp_ada_p,
+            privacy_home=run.parent / PRIVACY_HOME_DIR,
+        )
+    elif arm.kind is ArmKind.PAPER:
+        ablation = AblationOptions(arm.kind.value)
+    elif arm.kind.ablation:
+        ablation = AblationOptions(
+            arm.kind.value,
+            noise_for_epsilon=arm.noise_epsilon if arm.kind is ArmKind.NOISE_ONLY else None,
+            expected_patients_per_step=b.dp_patients_per_step,
+            ada_p=b.dp_ada_p,
+        )
+    if arm.kind.clinical and not resume:
+        clinical = ClinicalRequest(
+            classifier=run.parent / CLASSIFIER_DIR, weight=CLINICAL_WEIGHT, mapping="default"
+        )
+    if resume:
+        return TrainRequest(
+            prepared=data,
+            out=run,
+            resume=True,
+            kimg=arm.kimg,
+            device=b.device,
+            dp=dp,
+            ablation=ablation,
+        )
+    return TrainRequest(
+        prepared=data,
+        out=run,
+        preset=b.gan_preset,
+        kimg=arm.kimg,
+        resolution=b.resolution,
+        seed=arm.seed,
+        batch=b.gan_batch if b.gan_batch and arm.kind.keeps_batch else None,
+        device=b.device,
+        model=arm.kind.model,
+        dp=dp,
+        clinical=clinical,
+        ablation=ablation,
+    )
+
+
+def classifier_request(
+    plan: ReproducePlan, data: Path, out: Path, arm: ArmPlan
+) -> ClassifierRequest:
+    """The clinical classifier as a typed request: what :func:`classifier_args` spells."""
+    b = plan.budget
+    dp = None
+    if arm.kind is ArmKind.DP_SPINEGAN:
+        dp = ClassifierDPRequest(
+            target_epsilon=b.dp_spinegan_classifier_epsilon,
+            patients_per_step=b.dp_patients_per_step,
+            privacy_home=out.parent / PRIVACY_HOME_DIR,
+        )
+    return ClassifierRequest(
+        data=data,
+        out=out,
+        arch=b.classifier_arch,
+        epochs=b.spinegan_classifier_epochs,
+        patience=b.classifier_patience,
+        seed=arm.seed,
+        device=b.device,
+        threads=b.threads,
+        input_size=b.classifier_input_size,
+        weights=Path(plan.classifier_weights) if plan.classifier_weights else None,
+        dp=dp,
+    )
+
+
+def train_args(plan: ReproducePlan, arm: ArmPlan, data: Path, run: Path) -> list[str]:
+    """`fedspine train` arguments equal to :func:`train_request` (a fresh run)."""
+    b = plan.budget
+    args = [str(data), "--out", str(run), "--preset", b.gan_preset]
+    args += ["--kimg", f"{arm.kimg:g}", "--resolution", str(b.resolution), "--seed", str(arm.seed)]
+    if b.gan_batch and arm.kind.keeps_batch:
+        args += ["--batch", str(b.gan_batch)]
+    args += ["--device", b.device]
+    if arm.kind.clinical:
+        args += ["--model", "spinegan", "--classifier", str(run.parent / CLASSIFIER_DIR)]
+        args += ["--clinical-weight", f"{CLINICAL_WEIGHT:g}", "--clinical-input", "default"]
+    if arm.kind.private:
+        args += _dp_args(b, arm, run.parent)
+    elif arm.kind.ablation:
+        args += _ablation_args(b, arm)
+    return args
+
+
+def classifier_args(
+    plan: ReproducePlan, data: Path, out: Path, arm: ArmPlan | None = None
+) -> list[str]:
+    """`fedspine classifier train` arguments equal to :func:`classifier_request`."""
+    b = plan.budget
+    args = [str(data), "--out", str(out), "--arch", b.classifier_arch]
+    if arm is not None and arm.kind is ArmKind.DP_SPINEGAN:
+        args += ["--dp", "--epsilon", f"{b.dp_spinegan_classifier_epsilon:g}"]
+        args += ["--patients-per-step", str(b.dp_patients_per_step)]
+        args += ["--privacy-home", str(out.parent / PRIVACY_HOME_DIR)]
+    args += ["--epochs", str(b.spinegan_classifier_epochs)]
+    seed = arm.seed if arm is not None else b.seed
+    args += ["--patience", str(b.classifier_patience), "--seed", str(seed)]
+    args += ["--device", b.device, "--threads", str(b.threads)]
+    if b.classifier_input_size:
+        args += ["--input-size", str(b.classifier_input_size)]
+    if plan.classifier_weights:
+        args += ["--weights", str(plan.classifier_weights)]
+    return args
+
+
+def _dp_args(b: ReproduceBudget, arm: ArmPlan, work: Path) -> list[str]:
+    """Each DP arm is its own experiment, so it gets its own privacy home inside its folder (ε
+    does not compose across arms; releasing several of them would, and a user's real ledger
+    is never touched). The DP SpineGAN's home already holds its classifier's steps, so its
+    target ε covers both."""
+    return [
+        "--dp",
+        "--epsilon",
+        f"{arm.epsilon:g}",
+        "--patients-per-step",
+        str(b.dp_patients_per_step),
+        "--ada-p",
+        f"{b.dp_ada_p:g}",
+        "--privacy-home",
+        str(work / PRIVACY_HOME_DIR),
+    ]
+
+
+def _ablation_args(b: ReproduceBudget, arm: ArmPlan) -> list[str]:
+    """`fedspine train --dp-scheme ...` for an ablation arm: the DP arms' patients per step and
+    ADA p (clip C = 1 and δ are the defaults both use); no --dp, no ledger: not private."""
+    args = ["--dp-scheme", arm.kind.value]
+    if arm.kind is ArmKind.PAPER:
+        return args
+    if arm.kind is ArmKind.NOISE_ONLY:
+        args += ["--noise-for-epsilon", f"{arm.noise_epsilon:g}"]
+    return args + [
+        "--patients-per-step",
+        str(b.dp_patients_per_step),
+        "--ada-p",
+        f"{b.dp_ada_p:g}",
+    ]
+
+
+def _seeds_text(b: ReproduceBudget) -> str:
+    if b.seeds == 1:
+        return f"seed {b.seed}"
+    return f"seeds {', '.join(str(s) for s in b.training_seeds)}"
