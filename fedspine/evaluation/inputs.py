@@ -25,7 +25,12 @@ from fedspine.data.prepared import (
     load_prepared,
 )
 from fedspine.evaluation.config import EvaluateConfig, EvaluateError
-from fedspine.fileio import SYNTHETIC_GENERATION, SYNTHETIC_LABELS
+from fedspine.fileio import (
+    FOLDER_CLASSES,
+    RUN_CONFIG_TOML,
+    SYNTHETIC_GENERATION,
+    SYNTHETIC_LABELS,
+)
 from fedspine.training.config import read_config_toml
 
 
@@ -153,7 +158,7 @@ def check_synthetic_source(path: Path, real: PreparedDataset) -> None:
             f"{path}: neither a prepared dataset (manifest.json) nor a generated folder "
             "(labels.csv + classes.txt)"
         )
-    classes_txt = path / "classes.txt"
+    classes_txt = path / FOLDER_CLASSES
     if classes_txt.is_file():
         declared = [c.strip() for c in classes_txt.read_text().splitlines() if c.strip()]
         if declared != list(real.class_names):
@@ -197,7 +202,7 @@ def check_generator_patients(
         return
     try:
         run = Path(json.loads(generation.read_text()).get("run") or "")
-        dataset = read_config_toml(run / "config.toml").get("dataset") or {}
+        dataset = read_config_toml(run / RUN_CONFIG_TOML).get("dataset") or {}
     except (OSError, ValueError, AttributeError):
         return
     content_hash, where = dataset.get("content_hash"), dataset.get("path")

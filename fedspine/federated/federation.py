@@ -51,7 +51,7 @@ from fedspine.federated.run_folder import (
 )
 from fedspine.federated.site_config import RoundConfig
 from fedspine.federated.weights import RunningFedAvg, split_weights, trainer_weights
-from fedspine.fileio import FEDERATION_CONFIG, RUN_GENERATOR, write_json_atomic
+from fedspine.fileio import CLASSIFIER_WEIGHTS, FEDERATION_CONFIG, RUN_GENERATOR, write_json_atomic
 from fedspine.models import Generator, NetworkConfig
 from fedspine.privacy.accounting import REPORT_ACCOUNTANT
 from fedspine.privacy.report import site_entry, write_privacy_summary
@@ -499,7 +499,7 @@ def _save_final_generator(
             **(
                 {
                     "clinical": {
-                        "classifier": "classifier.pt",
+                        "classifier": CLASSIFIER_WEIGHTS,
                         "classifier_sha256_weights": spec["sha256"],
                         "weight": spec["weight"],
                         "mapping": spec["mapping"],

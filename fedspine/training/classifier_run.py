@@ -16,10 +16,38 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-CLASSIFIER_FILE = "classifier.pt"
-CONFIG_FILE = "config.json"
+import torch
+
+from fedspine.data.prepared import PreparedDatasetError, load_prepared
+from fedspine.fileio import CLASSIFIER_WEIGHTS, RUN_CONFIG, RUN_TRAINING_PLOT, publish_folder
+from fedspine.models.classifier import (
+    ClassifierCheckpointError,
+    ClassifierConfig,
+    build_classifier,
+    save_classifier,
+)
+from fedspine.privacy.home import PrivacyHomeError
+from fedspine.privacy.ledger import LedgerError
+from fedspine.training.classifier_dp import (
+    check_dp_model,
+    plan_classifier_dp,
+    record_classifier_dp,
+    train_classifier_dp_steps,
+)
+from fedspine.training.classifier_trainer import (
+    ClassifierTrainConfig,
+    classifier_recipe,
+    evaluate_classifier,
+    resolve_device,
+    resolve_task,
+    targets,
+    train_classifier,
+)
+
+CLASSIFIER_FILE = CLASSIFIER_WEIGHTS
+CONFIG_FILE = RUN_CONFIG
 HISTORY_FILE = "history.json"
-PLOT_FILE = "training.png"
+PLOT_FILE = RUN_TRAINING_PLOT
 NOT_PRIVATE_NOTE = (
     "computed on private data without DP, for the data owner only: the training loss of the "
     "sampled patients and the AUC on the private val split (reported, never used to choose the "
@@ -119,16 +147,6 @@ def train_classifier_run(
     epsilon, noise_multiplier, delta = opts.target_epsilon, opts.noise_multiplier, opts.delta
     clip, patients_per_step = opts.clip, opts.patients_per_step
     privacy_home, privacy_unit, max_epsilon = opts.privacy_home, opts.privacy_unit, opts.max_epsilon
-    import torch
-
-    from fedspine.data.prepared import PreparedDatasetError, load_prepared
-    from fedspine.models.classifier import ClassifierCheckpointError, ClassifierConfig
-    from fedspine.training.classifier_trainer import (
-        ClassifierTrainConfig,
-        classifier_recipe,
-        train_classifier,
-    )
-
     if dp and norm == "batch":
         raise ClassifierRunError(
             "--dp refuses --norm batch: BatchNorm mixes the patients of a batch and its running "
@@ -276,26 +294,6 @@ def _train_dp(
     taken (an interrupted run included) before any output exists, so no classifier leaves this
     command without its ε in the ledger.
     """
-    import torch
-
-    from fedspine.models.classifier import ClassifierCheckpointError, build_classifier
-    from fedspine.privacy.home import PrivacyHomeError
-    from fedspine.privacy.ledger import LedgerError
-    from fedspine.training.classifier_dp import (
-        check_dp_model,
-        plan_classifier_dp,
-        record_classifier_dp,
-        train_classifier_dp_steps,
-    )
-    from fedspine.training.classifier_trainer import (
-        ClassifierTrainConfig,
-        classifier_recipe,
-        evaluate_classifier,
-        resolve_device,
-        resolve_task,
-        targets,
-    )
-
     if (options["target_epsilon"] is None) == (options["noise_multiplier"] is None):
         raise ClassifierRunError(
             "--dp needs exactly one of --epsilon (σ is calibrated from it) and --noise-multiplier"
@@ -456,9 +454,6 @@ def _write_outputs(
     plot: bool = True,
 ) -> None:
     """Build the classifier folder beside ``out`` and rename it into place."""
-    from fedspine.fileio import publish_folder
-    from fedspine.models.classifier import save_classifier
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -475,11 +470,11 @@ def _write_outputs(
 
 def plot_history(history: dict[str, Any], path: Path) -> None:
     """Loss (train, val) and validation AUC per epoch, the selected epoch marked."""
-    import matplotlib
+    import matplotlib  # lazy: only the history plot needs matplotlib, and it loads slowly
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    import matplotlib.pyplot as plt  # lazy: after the Agg backend is chosen
+    from matplotlib.ticker import MaxNLocator  # lazy: as above
 
     epochs = [r["epoch"] for r in history["epochs"]]
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from fedspine.data.prepared import PreparedDataset
+from fedspine.fileio import file_sha256
 from fedspine.models.classifier import TASKS, ClassifierConfig, build_classifier, predict_proba
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -257,8 +259,6 @@ def classifier_recipe(cfg: ClassifierTrainConfig, dp: bool = False) -> dict[str,
     data hash is included: the generator's metadata is released, and the recipe must not
     fingerprint private data (two recipes are compared as if trained on the same rows).
     """
-    from fedspine.fileio import file_sha256
-
     weights = cfg.model.weights_path
     return {
         "arch": cfg.model.arch,
@@ -430,8 +430,6 @@ def augment_batch(
 
 def auc_per_output(y: np.ndarray, probs: np.ndarray) -> list[float | None]:
     """ROC AUC per column; None where the column holds one class only."""
-    from sklearn.metrics import roc_auc_score
-
     out: list[float | None] = []
     for k in range(y.shape[1]):
         col = y[:, k]

@@ -617,7 +617,7 @@ def make_dp_optimizer(
 ) -> Any:
     """Opacus' DPOptimizer around ``optimizer``: clip rows to C, add N(0, σ²C²), then divide
     by the expected batch size (``loss_reduction="mean"``; Opacus' "sum" would not divide)."""
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer  # lazy: opacus loads slowly; only DP runs need it
 
     return DPOptimizer(
         optimizer,
