@@ -155,22 +155,26 @@ def _federate(data: list[Path], names: list[str], folder: Path, args, dp: bool) 
 
 
 def _summary(report_dir: Path, run: Path, seconds: float) -> dict:
-    report = json.loads((report_dir / "report.json").read_text())
-    arms = report["arms"]
+    from fedspine.evaluation.records import read_evaluation
+    from fedspine.fileio import PRIVACY_SUMMARY
+
+    report = read_evaluation(report_dir)
+    arms, utility = report.arms or {}, (report.utility.arms or {}) if report.utility else {}
     epsilons = {}
-    privacy = run / "privacy.json"
+    privacy = run / PRIVACY_SUMMARY
     if privacy.exists():
         data = json.loads(privacy.read_text())
         for name, site in (data.get("sites") or {}).items():
             epsilons[name] = site.get("epsilon")
+    tstr = utility.get("TSTR")
     return {
-        "trtr_auc": arms["TRTR"]["auc"],
-        "tstr_auc": arms["TSTR"]["auc"],
-        "tstr_ci": arms["TSTR"]["ci"],
-        "tstr_over_trtr": report["ratios"]["tstr_over_trtr"],
-        "signal_retained": report["utility"]["arms"]["TSTR"]["signal_retained"],
-        "signal_retained_ci": report["utility"]["arms"]["TSTR"]["signal_retained_ci"],
-        "trts_auc": (report.get("class_fidelity") or {}).get("auc"),
+        "trtr_auc": arms["TRTR"].auc,
+        "tstr_auc": arms["TSTR"].auc,
+        "tstr_ci": arms["TSTR"].ci,
+        "tstr_over_trtr": report.ratios.tstr_over_trtr if report.ratios else None,
+        "signal_retained": tstr.signal_retained if tstr else None,
+        "signal_retained_ci": tstr.signal_retained_ci if tstr else None,
+        "trts_auc": report.class_fidelity.auc if report.class_fidelity else None,
         "epsilon": epsilons,
         "train_seconds": seconds,
     }

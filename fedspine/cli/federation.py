@@ -85,17 +85,55 @@ def server_stop(
 @server_app.command("register-site")
 def server_register_site(
     public_key: Path = typer.Argument(..., help="The site's public key (site.key.pub)."),
+    name: str = typer.Option(
+        None, "--name", help="The site's name in `server status` (default: the key's file name)."
+    ),
     workdir: Path = typer.Option(Path("fedspine-server"), "--workdir", help=WORKDIR_HELP),
 ) -> None:
     """Allow a site's SuperNode to connect (its public key, from `fedspine client keygen`)."""
-    from fedspine.federated.deploy import register_site
+    from fedspine.federated.operations import register
     from fedspine.federated.processes import FlowerProcessError
 
     try:
-        answer = register_site(workdir, public_key)
+        site = register(workdir, public_key, name)
     except (FlowerProcessError, ValueError) as err:
         fail(str(err))
-    typer.echo(f"registered {public_key} as node {answer.get('node-id')}")
+    typer.echo(f"registered {public_key} as node {site.node_id} ({site.name})")
+
+
+@server_app.command("unregister-site")
+def server_unregister_site(
+    site: str = typer.Argument(
+        ..., help="The site to remove: its node id, its name, or its public key file."
+    ),
+    workdir: Path = typer.Option(Path("fedspine-server"), "--workdir", help=WORKDIR_HELP),
+) -> None:
+    """Remove a site: the SuperLink refuses its key from now on (register it again to undo)."""
+    from fedspine.federated.operations import unregister
+    from fedspine.federated.processes import FlowerProcessError
+
+    try:
+        removed = unregister(workdir, site)
+    except (FlowerProcessError, ValueError) as err:
+        fail(str(err))
+    label = removed if isinstance(removed, int) else f"{removed.node_id} ({removed.name})"
+    typer.echo(f"unregistered node {label}")
+
+
+@server_app.command("status")
+def server_status(
+    workdir: Path = typer.Option(Path("fedspine-server"), "--workdir", help=WORKDIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Is the coordinator up: SuperLink and front, address, certificate expiry, sites, last run.
+
+    Exits with status 1 when something needs an operator (a process down, a certificate that
+    expires within 30 days), so monitoring can call it.
+    """
+    from fedspine.federated.operations import server_status as read_server_status
+
+    status = read_server_status(workdir)
+    _print_status(status, as_json, _server_lines)
 
 
 @server_app.command("sites")
@@ -139,6 +177,7 @@ def server_run(
     """
     from fedspine.federated.deploy import run_logs, submit_run, wait_for_run
     from fedspine.federated.federation_config import FederationConfig, FederationError
+    from fedspine.federated.operations import record_last_run
     from fedspine.federated.processes import FlowerProcessError
     from fedspine.federated.run_folder import read_status
 
@@ -173,6 +212,7 @@ def server_run(
 
     try:
         run_id = submit_run(workdir, fed.to_run_config())
+        record_last_run(workdir, run_id, out)
         typer.echo(f"submitted run {run_id} ({fed.name}, {fed.rounds} rounds); output: {out}")
         status = wait_for_run(workdir, run_id, out, on_round=show, timeout=timeout)
     except FlowerProcessError as err:
@@ -286,7 +326,10 @@ def client_start(
         process = start_supernode(cfg)
     except (FlowerProcessError, PreparedDatasetError) as err:
         fail(str(err))
+    workers = ", ".join(f"{c.name} PID {c.pid}, log: {c.log}" for c in process.companions)
     typer.echo(f"SuperNode for {site} running (PID {process.pid}); log: {process.log}")
+    if workers:
+        typer.echo(workers)
     if detach:
         return
     try:
@@ -295,16 +338,19 @@ def client_start(
     except KeyboardInterrupt:
         typer.echo("stopping the SuperNode")
     finally:
+        dead = [c for c in process.companions if not c.alive()]
         process.stop()
     if process.popen is not None and process.popen.returncode not in (0, None, -15):
         fail(f"the SuperNode exited with {process.popen.returncode}; see {process.log}")
+    for companion in dead:
+        fail(f"the {companion.name} exited; see {companion.log}")
 
 
 @client_app.command("stop")
 def client_stop(
     workdir: Path = typer.Option(Path("fedspine-site"), "--workdir", help=SITE_WORKDIR_HELP),
 ) -> None:
-    """Stop a SuperNode started with --detach."""
+    """Stop a SuperNode started with --detach, and its ClientApp worker."""
     from fedspine.federated.deploy import stop_supernode
 
     typer.echo("SuperNode stopped" if stop_supernode(workdir) else "no SuperNode was running")
@@ -314,3 +360,89 @@ def _fmt(value) -> str:
     if value is None or value != value or value == -1.0:
         return "n/a"
     return f"{float(value):.3f}"
+
+
+@client_app.command("status")
+def client_status(
+    workdir: Path = typer.Option(Path("fedspine-site"), "--workdir", help=SITE_WORKDIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Is this site up: SuperNode, node id (accepted by the coordinator), last round, ε spent.
+
+    Exits with status 1 when something needs an operator (the SuperNode down, not
+    authenticated, the last round refused or failed).
+    """
+    from fedspine.federated.operations import client_status as read_client_status
+
+    _print_status(read_client_status(workdir), as_json, _client_lines)
+
+
+def _print_status(status: dict, as_json: bool, lines) -> None:
+    """Print a status (as JSON or as lines) and exit 1 when it lists problems."""
+    import json
+
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+    else:
+        for line in lines(status):
+            typer.echo(line)
+        for problem in status["problems"]:
+            typer.echo(f"PROBLEM: {problem}")
+    if status["problems"]:
+        raise typer.Exit(1)
+
+
+def _alive(process: dict) -> str:
+    return f"running (PID {process['pid']})" if process["alive"] else "not running"
+
+
+def _server_lines(status: dict) -> list[str]:
+    cert = status["certificate"]
+    lines = [
+        f"SuperLink: {_alive(status['superlink'])}; log: {status['log']}",
+        f"TLS front: {_alive(status['front'])}; sites dial {status['address'] or '?'}",
+        "certificate: "
+        + (
+            f"valid until {cert.get('not_after')} ({cert.get('days_left')} days)"
+            if cert
+            else "none"
+        ),
+    ]
+    for site in status["sites"]:
+        lines.append(
+            f"site {site.get('name')}: node {site['node_id']}, {site.get('status', 'unknown')}"
+        )
+    if not status["sites"]:
+        lines.append("no sites registered")
+    run = status["last_run"]
+    if run:
+        state = (run.get("status") or {}).get("state", "unknown")
+        lines.append(
+            f"last run {run['run_id']}: {state}, last round {run.get('last_round')} "
+            f"({run.get('last_round_finished') or 'none yet'}); output: {run['output_dir']}"
+        )
+    return lines
+
+
+def _client_lines(status: dict) -> list[str]:
+    node = status["node_id"]
+    lines = [
+        f"SuperNode: {_alive(status['supernode'])}; log: {status['log']}",
+        f"node id: {node} (accepted by the coordinator)" if node else "node id: not yet accepted",
+    ]
+    last = status["last_round"]
+    if last:
+        lines.append(
+            f"last round: {last.get('federation')} round {last.get('round')} "
+            f"({last.get('action')}): {last.get('outcome')} at {last.get('updated')}"
+        )
+    else:
+        lines.append("last round: none yet")
+    privacy = status["privacy"]
+    if privacy:
+        phases = ", ".join(f"{k} {_fmt(v)}" for k, v in privacy["phases"].items()) or "none"
+        lines.append(
+            f"ε spent: {_fmt(privacy['epsilon'])} at δ={privacy['delta']:.2g} "
+            f"(cap {_fmt(privacy.get('cap'))}); this federation by phase: {phases}"
+        )
+    return lines

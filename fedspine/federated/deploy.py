@@ -11,7 +11,12 @@ A coordinator keeps everything in one work folder::
 With TLS the SuperLink listens on loopback only, where its Control and Runtime APIs stay; the
 public HOST:PORT is :mod:`fedspine.federated.front`, which forwards the Fleet API alone.
 
-A site keeps its own work folder with its SuperNode's PID file and log.
+A site keeps its own work folder::
+
+    supernode.pid     supernode.log     the SuperNode (`--isolation process`: it runs no app itself)
+    worker.pid        worker.log        the ClientApp worker (:mod:`fedspine.federated.site_worker`)
+    superexec.secret  the shared secret (0600) with which the worker acquires the SuperNode's tasks
+    state/            local training state     flwr_home/   Flower's home for this site
 """
 
 from __future__ import annotations
@@ -19,16 +24,17 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 from fedspine.data.prepared import load_prepared
+from fedspine.federated.bundle_check import installed_bundle_dir
 from fedspine.federated.processes import (
     CONNECTION,
     FlowerProcessError,
@@ -53,6 +59,11 @@ FRONT_PID = "front.pid"
 SUPERLINK_MARKER = "flower-superlink"
 SUPERNODE_MARKER = "flower-supernode"
 FRONT_MARKER = "fedspine.federated.front"
+WORKER_MARKER = "fedspine.federated.site_worker"
+WORKER_PID = "worker.pid"
+SUPEREXEC_SECRET = "superexec.secret"
+# How often the worker asks the SuperNode for a task (seconds): AcquireTask on loopback is cheap.
+WORKER_POLL_INTERVAL = 0.2
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -338,7 +349,14 @@ class SiteProcessConfig:
 
 
 def start_supernode(cfg: SiteProcessConfig) -> ManagedProcess:
-    """Start the site's SuperNode in the background (its own process group)."""
+    """Start the site's SuperNode and its ClientApp worker in the background.
+
+    The SuperNode runs with ``--isolation process``: it queues each message as a task on its
+    loopback Runtime API and starts nothing itself. The worker (:mod:`~fedspine.federated.site_worker`,
+    its own process group, stopped with the SuperNode) acquires the tasks with the SuperExec shared
+    secret, refuses any app bundle but the installed one, and runs each task in a fork of its warm
+    imports. The returned process carries the worker as a companion: ``stop`` stops both.
+    """
     load_prepared(cfg.data)  # refuse to start on a folder that is not a prepared dataset
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -348,15 +366,27 @@ def start_supernode(cfg: SiteProcessConfig) -> ManagedProcess:
         raise FlowerProcessError(
             f"a SuperNode already runs from {workdir} (PID {old}); stop it first"
         )
+    old = recorded_pid(workdir / WORKER_PID, WORKER_MARKER)
+    if old is not None:
+        raise FlowerProcessError(
+            f"a site worker already runs from {workdir} (PID {old}); run `fedspine client stop`"
+        )
     server_host = cfg.server.rsplit(":", 1)[0].strip("[]")
+    secret = _write_secret(workdir / SUPEREXEC_SECRET)
     argv = [
         executable("flower-supernode"),
         "--superlink",
         cfg.server,
+        "--host",
+        "127.0.0.1",
         "--port",
         str(cfg.port),
         "--node-config",
         cfg.node_config(),
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret),
     ]
     if cfg.insecure:
         if not is_loopback(server_host):
@@ -374,19 +404,59 @@ def start_supernode(cfg: SiteProcessConfig) -> ManagedProcess:
                 f"{cfg.key}: no such site key (make one with `fedspine client keygen`)"
             )
         argv += ["--auth-supernode-private-key", str(Path(cfg.key).resolve())]
-    return start_process(
+    env = flower_env(workdir / "flwr_home")
+    supernode = start_process(
         f"SuperNode {cfg.site}",
         argv,
         workdir / "supernode.log",
-        flower_env(workdir / "flwr_home"),
+        env,
         pid_file=pid_file,
         cwd=workdir,
     )
+    try:
+        worker = start_process(
+            f"site worker {cfg.site}",
+            [
+                sys.executable,
+                "-m",
+                WORKER_MARKER,
+                "--runtime-api-address",
+                f"127.0.0.1:{cfg.port}",
+                "--secret-file",
+                str(secret),
+                "--supernode-pid",
+                str(supernode.pid),
+                "--poll-interval",
+                str(WORKER_POLL_INTERVAL),
+            ],
+            workdir / "worker.log",
+            env,
+            pid_file=workdir / WORKER_PID,
+            cwd=workdir,
+        )
+    except OSError as err:
+        supernode.stop()
+        raise FlowerProcessError(f"the site worker did not start: {err}") from None
+    supernode.companions.append(worker)
+    return supernode
 
 
 def stop_supernode(workdir: Path) -> bool:
-    """Stop the SuperNode of a site's ``workdir``; False if none was running."""
-    return _stop_recorded(Path(workdir) / "supernode.pid", SUPERNODE_MARKER)
+    """Stop the ClientApp worker and the SuperNode of a site's ``workdir``; False if neither
+    was running."""
+    worker = _stop_recorded(Path(workdir) / WORKER_PID, WORKER_MARKER)
+    return _stop_recorded(Path(workdir) / "supernode.pid", SUPERNODE_MARKER) or worker
+
+
+def _write_secret(path: Path) -> Path:
+    """A fresh SuperExec shared secret, readable by this user only, for one SuperNode start."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_hex(32).encode())
+    os.replace(tmp, path)
+    return path
 
 
 def _stop_recorded(pid_file: Path, marker: str) -> bool:
@@ -400,7 +470,7 @@ def _stop_recorded(pid_file: Path, marker: str) -> bool:
 
 
 def bundle_dir() -> Path:
-    return Path(str(resources.files("fedspine.federated") / "bundle"))
+    return installed_bundle_dir()
 
 
 def _copy_bundle(dest: Path) -> None:

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONNECTION = "fedspine"
@@ -58,21 +58,27 @@ def executable(name: str) -> str:
 
 @dataclass
 class ManagedProcess:
-    """A started process group, its PID file and its log."""
+    """A started process group, its PID file and its log.
+
+    ``companions`` are processes that serve this one and live and die with it (a site's
+    ClientApp worker beside its SuperNode): ``alive`` needs them all, ``stop`` stops them first.
+    """
 
     name: str
     pid: int
     log: Path
     pid_file: Path | None = None
     popen: subprocess.Popen | None = None
+    companions: list[ManagedProcess] = field(default_factory=list)
 
     def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return pid_alive(self.pid)
+        alive = self.popen.poll() is None if self.popen is not None else pid_alive(self.pid)
+        return alive and all(c.alive() for c in self.companions)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL what is left after ``timeout``."""
+        for companion in self.companions:
+            companion.stop(timeout)
         stop_pid(self.pid, timeout)
         if self.popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -6,6 +6,7 @@ Every process a test starts is stopped by PID (its whole process group) on succe
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,30 @@ def test_two_sites_two_rounds_with_tls_and_node_auth(tmp_path, coordinator):
         assert sorted(s["site"] for s in rounds[-1]["sites"]) == ["site-0", "site-1"]
         assert read_status(out)["state"] == "completed"
         assert (out / "rounds" / "round_0002.pt").is_file()
+
+        # What the operators see: the coordinator and each site at a glance.
+        server = json.loads(_cli("server", "status", "--workdir", str(workdir), "--json").stdout)
+        assert server["superlink"]["alive"] and server["front"]["alive"]
+        assert {s["name"]: s["status"] for s in server["sites"]} == {
+            "site0": "online",
+            "site1": "online",
+        }
+        assert server["last_run"]["status"]["state"] == "completed"
+        assert server["last_run"]["last_round"] == 2
+        assert server["certificate"]["days_left"] > 800 and not server["problems"]
+        site = json.loads(
+            _cli("client", "status", "--workdir", str(tmp_path / "site0"), "--json").stdout
+        )
+        assert site["supernode"]["alive"] and site["node_id"] is not None
+        assert site["last_round"]["outcome"] == "trained" and site["last_round"]["round"] == 2
+        outsider = _cli("client", "status", "--workdir", str(tmp_path / "site9"), check=False)
+        assert outsider.returncode == 1 and "not accepted by the coordinator" in outsider.stdout
+
+        # A site removed by name can no longer be listed as registered.
+        gone = _cli("server", "unregister-site", "site1", "--workdir", str(workdir))
+        assert "unregistered node" in gone.stdout
+        after = json.loads(_cli("server", "status", "--workdir", str(workdir), "--json").stdout)
+        assert [s["name"] for s in after["sites"]] == ["site0"]
 
         # The unregistered site never took part and was turned away by the SuperLink.
         assert all(s["site"] != "site-9" for r in rounds for s in r["sites"])
