@@ -174,6 +174,24 @@ def train_command(
         help="With --model spinegan --dp: train although the classifier is not private; the run "
         "is marked not private.",
     ),
+    public_data: str = typer.Option(
+        None,
+        "--public-data",
+        help="Declare the training data public, and say why (e.g. 'fedspine phantom, seed "
+        "1000'); only such a run may start another one with --init-from. Not with --dp.",
+    ),
+    init_from: Path = typer.Option(
+        None,
+        "--init-from",
+        help="Start G, G_ema and D from a run (or snapshot) trained with --public-data: costs "
+        "no ε; its SHA-256 is recorded in config.toml, the generator and privacy.json.",
+    ),
+    for_dp: bool = typer.Option(
+        False,
+        "--for-dp",
+        help="Pretraining for DP fine-tuning: build D as a DP run does (no minibatch-std), so "
+        "a --dp run can start from this one.",
+    ),
 ) -> None:
     """Train a conditional StyleGAN2-ADA on the train split of a prepared dataset.
 
@@ -276,6 +294,9 @@ def train_command(
             if any(clinical_options.values())
             else None,
             ablation=ablation,
+            public_data=public_data,
+            init_from=init_from,
+            for_dp=for_dp,
         )
         train(request, ConsoleReporter())
     except TrainRunError as err:

@@ -120,6 +120,8 @@ class RunPrivacy:
         self.clinical = clinical
         self.status = status
         self.classifier_patients: list[str] = []
+        self.pretraining: dict[str, Any] | None = None
+        """A public checkpoint's record (training.public_init) when the run starts from one."""
         if clinical is not None and status is not None and status.basis == "dp":
             self.classifier_patients = classifier_patients_on_record(
                 self.engine.ledger, clinical.meta, where=f"the classifier {clinical.path}"
@@ -177,7 +179,9 @@ class RunPrivacy:
 
     def attach(self, trainer: GanTrainer) -> None:
         """Reserve the run's steps ahead, a block at a time, as the D steps take them."""
-        self.reservation = self.engine.reserve(self.plan, block=RESERVE_BLOCK)
+        # The ledger's record names the public checkpoint the networks started from (no ε).
+        extra = {"pretraining": self.pretraining} if self.pretraining else None
+        self.reservation = self.engine.reserve(self.plan, block=RESERVE_BLOCK, extra=extra)
         trainer.dp_step.reservation = self.reservation
 
     def batches(self, data, device):
@@ -223,8 +227,17 @@ class RunPrivacy:
             "clinical_classifier": self.status.component
             if self.status is not None
             else "none (conditional GAN)",
-            "pretraining": "none",
+            "pretraining": _pretraining_text(self.pretraining),
             "snapshots and sample grids": "from G_ema only",
             "dataset sizes": "treated as public (as in Opacus): q = patients per step / patients",
             **({"privacy unit": IMAGE_UNIT_CAVEAT} if self.unit == "image" else {}),
         }
+
+
+def _pretraining_text(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "none"
+    return (
+        f"G, G_ema and D start from public checkpoint sha256:{record['checkpoint_sha256']} "
+        f"(its data declared public: {record['declared_public']}); costs no ε"
+    )

@@ -102,6 +102,12 @@ class TrainRequest:
     dp: DPRequest | None = None
     clinical: ClinicalRequest | None = None
     ablation: Any = None  # fedspine.training.dp_ablation.AblationOptions
+    public_data: str | None = None
+    """A declaration that the training data is public (why); such a run may start others."""
+    init_from: str | os.PathLike | None = None
+    """A run folder or snapshot trained with ``public_data``: G, G_ema and D start from it."""
+    for_dp: bool = False
+    """Build the networks a DP run uses (no minibatch-std), to pretrain for DP fine-tuning."""
 
 
 @dataclass
@@ -162,6 +168,14 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         request.ablation,
     )
     dp_options = request.dp.as_options() if request.dp is not None else None
+    if request.public_data is not None and (dp_options is not None or ablation is not None):
+        raise TrainRunError("--public-data: data declared public needs no DP; drop --dp")
+    if request.public_data is not None and not request.public_data.strip():
+        raise TrainRunError("--public-data needs a reason (where the data comes from)")
+    if resume and (request.init_from is not None or request.public_data is not None):
+        raise TrainRunError(
+            "--init-from and --public-data are set when a run starts; omit them when resuming"
+        )
     clinical_options = request.clinical.as_options() if request.clinical is not None else None
     # The training stack loads on the first run, not on import: the CLI imports this module's
     # request types to draw --help, which must not import torch.
@@ -252,6 +266,10 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
             config.network = dataclasses.replace(
                 config.network, mbstd_group=min(config.network.mbstd_group, batch)
             )
+        if request.for_dp:
+            if dp_options is not None:
+                raise TrainRunError("--for-dp is for a non-DP pretraining run; a --dp run has it")
+            config.network = dataclasses.replace(config.network, mbstd_group=0)
         last_snapshot_nimg = 0
     config.device = device
     try:
@@ -304,6 +322,18 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         ablation_run = AblationRun(ablation, dataset, train, out)
         config = ablation_run.adjust_config(config)
 
+    public_init = None
+    if request.init_from is not None:
+        from fedspine.training.public_init import PublicInitError, load_public_init  # lazy: torch
+
+        try:
+            public_init = load_public_init(request.init_from, dataset.content_hash)
+            public_init.check_network(config.to_dict()["network"])
+        except PublicInitError as err:
+            raise TrainRunError(str(err)) from None
+        if privacy is not None:
+            privacy.pretraining = public_init.record()
+
     data = training_data(train, config.resolution)
     if data.resized_from is not None:
         report.message(
@@ -338,6 +368,12 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         except ValueError as err:
             raise TrainRunError(str(err)) from None
         report.message(f"resumed {out} at {trainer.cur_nimg / 1000:.3f} kimg")
+    if public_init is not None:
+        public_init.apply(trainer)
+        report.message(
+            f"started from public checkpoint {public_init.path} (sha256 "
+            f"{public_init.sha256[:16]}…, data declared public: {public_init.declaration})"
+        )
     report.message(f"precision: {trainer.precision.name} ({trainer.precision.how})")
     timed = trainer.modconv_choice.seconds
     if timed:
@@ -357,6 +393,10 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         "train_images": len(data),
         "prepared_resolution": dataset.resolution,
     }
+    if request.public_data is not None:
+        dataset_info["public"] = request.public_data.strip()
+    elif state is not None and ckpt.get("dataset", {}).get("public"):
+        dataset_info["public"] = ckpt["dataset"]["public"]
     if privacy is None:
         # The empirical class frequencies are private data; a DP run uses the uniform prior.
         dataset_info["label_prior"] = [float(p) for p in data.label_prior()]
@@ -372,6 +412,14 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         "train": config.to_dict(),
     }
     training_meta: dict = {"model": model, "dp_scheme": scheme}
+    if public_init is not None:
+        run_config["init_from"] = public_init.record()
+        training_meta["init_from"] = {
+            "checkpoint_sha256": public_init.sha256,
+            "declared_public": public_init.declaration,
+        }
+    if dataset_info.get("public"):
+        run_config["public_data"] = dataset_info["public"]
     if ablation is not None:
         run_config["dp_ablation"] = {
             k: v for k, v in dataclasses.asdict(ablation).items() if v is not None
@@ -459,12 +507,16 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         components = {"discriminator": "trained without differential privacy"}
         if clinical_status is not None:
             components["clinical_classifier"] = clinical_status.component
-        write_privacy_summary(
-            out,
-            {},
-            components,
-            not_private_reasons=["trained without differential privacy (no --dp)"],
-        )
+        if public_init is not None:
+            components["pretraining"] = public_init.component()
+        reason = "trained without differential privacy (no --dp)"
+        if dataset_info.get("public"):
+            components["data"] = f"declared public by the operator: {dataset_info['public']}"
+            reason = (
+                "trained without differential privacy on data declared public "
+                f"({dataset_info['public']}): release it only if that declaration holds"
+            )
+        write_privacy_summary(out, {}, components, not_private_reasons=[reason])
     return result
 
 

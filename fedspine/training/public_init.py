@@ -1,0 +1,127 @@
+"""Starting a run from a checkpoint trained on data declared public (issue 15, item 1).
+
+At a few hundred patients, DP-SGD from scratch leaves no signal (../shared/reference/
+dp_utility.md); starting G, G_ema and D from a public checkpoint is what makes DP fine-tuning
+useful. Public is a declaration, made where the data is known: a run trained with
+``fedspine train --public-data REASON`` records it in every snapshot, and only such a run may
+initialise another one. Its weights then cost no ε: they depend on no private patient. The run
+that starts from it records which checkpoint (by SHA-256) and why it is public, in its
+config.toml, its generator's metadata and its privacy summary (and so in the privacy report and
+a release). A checkpoint trained on the very dataset the new run trains on is refused: its data
+is this run's private data, whatever it was declared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedspine.fileio import RUN_LATEST, file_sha256
+from fedspine.training.checkpoint import CheckpointError, load_checkpoint
+
+NETWORKS = ("G", "G_ema", "D")
+
+
+class PublicInitError(ValueError):
+    """The checkpoint cannot start this run; says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PublicInit:
+    """A public checkpoint, read and checked, ready to initialise a trainer's networks."""
+
+    path: Path
+    sha256: str
+    declaration: str
+    dataset_content_hash: str
+    network: dict[str, Any]
+    weights: dict[str, dict]
+
+    def record(self) -> dict[str, Any]:
+        """What the run's config, generator metadata and privacy summary say about it."""
+        return {
+            "checkpoint": self.path.name,
+            "checkpoint_sha256": self.sha256,
+            "declared_public": self.declaration,
+            "dataset_content_hash": self.dataset_content_hash,
+            "epsilon": 0.0,
+        }
+
+    def component(self) -> str:
+        """One line for the privacy summary's "what was private and what public"."""
+        return (
+            f"G, G_ema and D start from public checkpoint sha256:{self.sha256[:16]}… "
+            f"(its data declared public: {self.declaration}); costs no ε"
+        )
+
+    def check_network(self, network: dict[str, Any]) -> None:
+        """Refuse a run whose network settings differ from the checkpoint's (before anything,
+        a privacy reservation included, is made)."""
+        mine, theirs = _comparable(network), _comparable(self.network)
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            hint = (
+                " A DP run's D has no minibatch-std: pretrain with --for-dp."
+                if "mbstd_group" in diff
+                else " Pretrain with the same preset and resolution."
+            )
+            raise PublicInitError(
+                f"{self.path}: its networks differ from this run's in {diff}.{hint}"
+            )
+
+    def apply(self, trainer: Any) -> None:
+        """Load the checkpoint's G, G_ema and D into ``trainer`` (optimizers, counters, ADA and
+        RNGs stay the new run's own)."""
+        self.check_network(trainer.config.to_dict()["network"])
+        for name in NETWORKS:
+            getattr(trainer, name).load_state_dict(self.weights[name])
+
+
+def load_public_init(source: str | Path, dataset_content_hash: str) -> PublicInit:
+    """Read ``source`` (a run folder, its latest snapshot taken, or a snapshot file) and check
+    that it was trained on data declared public and not on the dataset of this run."""
+    path = _snapshot_of(Path(source))
+    try:
+        data = load_checkpoint(path, kind="trainer", map_location="cpu")
+    except CheckpointError as err:
+        raise PublicInitError(str(err)) from None
+    dataset = data.get("dataset") or {}
+    declaration = dataset.get("public")
+    if not declaration:
+        raise PublicInitError(
+            f"{path}: not trained on data declared public. Only a run trained with "
+            "`fedspine train --public-data REASON` (for example on `fedspine phantom` images) "
+            "may start another one without spending ε"
+        )
+    if dataset.get("content_hash") == dataset_content_hash:
+        raise PublicInitError(
+            f"{path}: trained on this very dataset; its data is this run's private data, "
+            "whatever it was declared"
+        )
+    state = data["trainer"]
+    return PublicInit(
+        path=path,
+        sha256=file_sha256(path),
+        declaration=str(declaration),
+        dataset_content_hash=str(dataset.get("content_hash")),
+        network=dict(state["config"]["network"]),
+        weights={name: state[name] for name in NETWORKS},
+    )
+
+
+def _snapshot_of(source: Path) -> Path:
+    if source.is_dir():
+        latest = source / RUN_LATEST
+        if not latest.is_file():
+            raise PublicInitError(f"{source}: no {RUN_LATEST}; not a training run folder")
+        return source / json.loads(latest.read_text())["snapshot"]
+    if not source.is_file():
+        raise PublicInitError(f"{source}: no such run folder or checkpoint")
+    return source
+
+
+def _comparable(network: dict[str, Any]) -> dict[str, Any]:
+    """Network settings that decide the weights' shapes and meaning (not how G computes)."""
+    return {k: v for k, v in network.items() if k != "fused_modconv"}

@@ -1,0 +1,101 @@
+"""Starting a run from a checkpoint trained on data declared public (training.public_init)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+import torch
+
+from fedspine.fileio import file_sha256
+from fedspine.privacy.home import PrivacyHome
+from fedspine.training import config as config_module
+from fedspine.training.checkpoint import load_checkpoint
+from fedspine.training.generate import load_generator
+from fedspine.training.run import DPRequest, TrainRequest, TrainRunError, train
+from tests.training import make_prepared, tiny_config
+
+RUN = {"preset": "cpu", "kimg": 0.016, "snapshot_kimg": 0.016, "device": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def tiny_cpu_preset(monkeypatch):
+    monkeypatch.setitem(
+        config_module.PRESETS,
+        "cpu",
+        lambda res, nc: tiny_config(resolution=res or 16, num_classes=nc),
+    )
+
+
+@pytest.fixture
+def public(tmp_path):
+    """A run trained on other (public) data, declared public, with a DP-compatible D."""
+    data = make_prepared(tmp_path / "public-data", seed=7)
+    run = tmp_path / "public-run"
+    train(TrainRequest(data, run, public_data="test shapes, seed 7", for_dp=True, seed=3, **RUN))
+    return run
+
+
+def _snapshot(run):
+    latest = json.loads((run / "latest.json").read_text())["snapshot"]
+    return run / latest
+
+
+def test_a_run_starts_from_the_public_weights_and_records_them(tmp_path, public):
+    private = make_prepared(tmp_path / "private", seed=1)
+    out = tmp_path / "run"
+    request = TrainRequest(private, out, init_from=public, for_dp=True, seed=5, **RUN)
+    # A zero-length run: its networks are exactly the public checkpoint's.
+    train(TrainRequest(**{**request.__dict__, "kimg": 0.0}))
+    source = load_checkpoint(_snapshot(public), kind="trainer")["trainer"]
+    G, meta = load_generator(out / "generator.pt")
+    for key, value in source["G_ema"].items():
+        assert torch.equal(G.state_dict()[key], value), key
+    sha = file_sha256(_snapshot(public))
+    assert meta["training"]["init_from"] == {
+        "checkpoint_sha256": sha,
+        "declared_public": "test shapes, seed 7",
+    }
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["init_from"]["checkpoint_sha256"] == sha and config["init_from"]["epsilon"] == 0
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert sha[:16] in privacy["components"]["pretraining"]
+    assert "costs no ε" in privacy["components"]["pretraining"]
+
+
+def test_a_dp_run_from_a_public_checkpoint_names_it_in_its_ledger_and_summary(tmp_path, public):
+    private = make_prepared(tmp_path / "private", seed=1)
+    home = tmp_path / "home"
+    dp = DPRequest(noise_multiplier=1.0, expected_patients_per_step=8, privacy_home=home)
+    train(TrainRequest(private, tmp_path / "run", init_from=public, dp=dp, **RUN))
+    sha = file_sha256(_snapshot(public))
+    (record,) = PrivacyHome(home).ledger().records()
+    assert record["notes"]["pretraining"]["checkpoint_sha256"] == sha
+    assert record["steps"] > 0
+    summary = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert sha in summary["components"]["pretraining"]
+
+
+def test_only_a_checkpoint_declared_public_and_of_other_data_may_start_a_run(tmp_path, public):
+    private = make_prepared(tmp_path / "private", seed=1)
+    secret = tmp_path / "secret-run"
+    train(TrainRequest(private, secret, **RUN))
+    with pytest.raises(TrainRunError, match="not trained on data declared public"):
+        train(TrainRequest(private, tmp_path / "a", init_from=secret, **RUN))
+    # Declared public, but trained on the very data of the new run: that is private data.
+    mine = tmp_path / "mine"
+    train(TrainRequest(private, mine, public_data="mislabelled", **RUN))
+    with pytest.raises(TrainRunError, match="trained on this very dataset"):
+        train(TrainRequest(private, tmp_path / "b", init_from=mine, **RUN))
+    # A D with minibatch-std cannot start a DP run's D: the mismatch is named with what to do.
+    plain = tmp_path / "plain"
+    train(TrainRequest(make_prepared(tmp_path / "p2", seed=9), plain, public_data="x", **RUN))
+    dp = DPRequest(noise_multiplier=1.0, privacy_home=tmp_path / "home")
+    with pytest.raises(TrainRunError, match=r"mbstd_group.*--for-dp"):
+        train(TrainRequest(private, tmp_path / "c", init_from=plain, dp=dp, **RUN))
+    assert PrivacyHome(tmp_path / "home").ledger().records() == []  # refused before reserving
+    with pytest.raises(TrainRunError, match="needs no DP"):
+        train(TrainRequest(private, tmp_path / "d", public_data="x", dp=dp, **RUN))
+    with pytest.raises(TrainRunError, match="omit them when resuming"):
+        train(TrainRequest(private, secret, init_from=public, resume=True))
