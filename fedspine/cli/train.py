@@ -23,6 +23,7 @@ EXIT_INTERRUPTED = 130
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the root app."""
     app.command("train")(train_command)
+    app.command("pretrain")(pretrain_command)
     app.command("generate")(generate_command)
 
 
@@ -540,6 +541,54 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def pretrain_command(
+    out: Path = typer.Option(..., "--out", help="Folder for the public corpus and its run."),
+    images: int = typer.Option(2000, "--images", min=16, help="Phantom images to make."),
+    seed: int = typer.Option(1000, "--seed", help="Seed of the public corpus (not a site's)."),
+    prevalence: float = typer.Option(
+        0.5, "--prevalence", help="Share of abnormal patients in the public corpus."
+    ),
+    resolution: int = typer.Option(32, "--resolution", help="Training resolution in pixels."),
+    preset: str = typer.Option("cpu", "--preset", help="Training preset (see `train`)."),
+    kimg: float = typer.Option(None, "--kimg", help="Thousands of images to train on."),
+    for_dp: bool = typer.Option(
+        True, "--for-dp/--not-for-dp", help="Build D as a DP run does, so --dp runs can use it."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Train a public checkpoint on fedspine's phantom simulator, for `train --init-from`.
+
+    Makes a phantom population of its own seed, imaging chain and prevalence (no patient is in
+    it), ingests it and trains on it with the data declared public. Starting a private run from
+    it (`fedspine train --init-from OUT/run`, with or without --dp) costs no ε, and the run
+    records the checkpoint's SHA-256. Run it again to continue training.
+    """
+    from fedspine.experiments.pretrain import PretrainConfig, pretrain  # lazy: torch
+    from fedspine.training.run import TrainInterrupted, TrainRunError  # lazy: as above
+
+    config = PretrainConfig(
+        images=images,
+        seed=seed,
+        prevalence=prevalence,
+        resolution=resolution,
+        preset=preset,
+        kimg=kimg,
+        for_dp=for_dp,
+        device=device,
+    )
+    try:
+        result = pretrain(
+            out, config, stage=lambda m: typer.echo(f"==> {m}"), reporter=ConsoleReporter()
+        )
+    except (TrainRunError, ValueError, OSError) as err:
+        _fail(str(err))
+    except TrainInterrupted:
+        _fail(f"interrupted; run `fedspine pretrain --out {out}` again to continue")
+    typer.echo(
+        f"public checkpoint: {result.out} (start a run from it with --init-from {result.out})"
+    )
 
 
 def _fail(message: str) -> None:
