@@ -61,6 +61,7 @@ from fedspine.training.dp import DPConfig
 from fedspine.training.dp_trainer import dp_train_config
 from fedspine.training.gan_trainer import GanTrainer
 from fedspine.training.generate import save_generator
+from fedspine.training.public_init import PublicInitError, load_public_init
 
 __all__ = [
     "FederationConfig",
@@ -75,9 +76,9 @@ __all__ = [
 REPLY_POLL_SECONDS = 1.0
 
 
-def initial_weights(config: FederationConfig) -> tuple[dict, dict]:
-    """Fresh global weights from the seed, and the TrainConfig dict every site will use."""
-
+def initial_weights(config: FederationConfig) -> tuple[dict, dict, dict | None]:
+    """Round 1's global weights, the TrainConfig dict every site will use, and the record of
+    the public checkpoint they came from (None: fresh weights from the seed)."""
     train_config = preset_config(config.preset, config.resolution, len(config.class_names))
     train_config.seed = config.seed
     train_config.device = "cpu"
@@ -86,7 +87,16 @@ def initial_weights(config: FederationConfig) -> tuple[dict, dict]:
         request = DPConfig(noise_multiplier=1.0, ada_p=config.dp_ada_p)
         train_config = dp_train_config(train_config, request)
     trainer = GanTrainer(train_config, config.prior(), device="cpu")
-    return trainer_weights(trainer), train_config.to_dict()
+    pretraining = None
+    if config.initial_checkpoint:
+        # The server holds no site's data: only the declaration can be checked here.
+        try:
+            init = load_public_init(config.initial_checkpoint, dataset_content_hash="")
+            init.apply(trainer)
+        except PublicInitError as err:
+            raise FederationError(f"initial_checkpoint: {err}") from None
+        pretraining = init.record()
+    return trainer_weights(trainer), train_config.to_dict(), pretraining
 
 
 def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
@@ -95,7 +105,6 @@ def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
     A SpineGAN federation first runs its classifier rounds (:mod:`classifier_phase`), then the
     GAN rounds with the averaged classifier, frozen, sent along with every round.
     """
-
     config.validate()
     out = Path(config.output_dir)
     (out / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
@@ -270,16 +279,16 @@ def _gan_phase(
     rounds: _Rounds, last: Path | None, clinical: tuple[dict, dict] | None
 ) -> dict[str, Any]:
     """The GAN rounds: FedAvg of G, D and G_ema; ``clinical`` is (classifier spec, weights)."""
-
     config, out, log = rounds.config, rounds.out, rounds.log
     start_round = 1
     if last is not None:
         data = load_checkpoint(last, kind="trainer")
         weights, train_config = data["weights"], data["train_config"]
+        pretraining = data.get("pretraining")
         start_round = int(data["round"]) + 1
         log(f"resuming {config.name} after round {start_round - 1} from {last}")
     else:
-        weights, train_config = initial_weights(config)
+        weights, train_config, pretraining = initial_weights(config)
     write_status(out, config, "running", start_round - 1)
     spec, extra = None, {}
     if clinical is not None:
@@ -304,13 +313,14 @@ def _gan_phase(
             dp=config.dp_request(),
             model=config.model,
             clinical=spec,
+            pretraining=pretraining,
         )
         weights, record = rounds.train("gan", server_round, weights, rc.to_record(), extra)
         t_save = time.perf_counter()
-        _save_round(out, server_round, weights, train_config, config, spec)
+        _save_round(out, server_round, weights, train_config, config, spec, pretraining)
         record.timing["checkpoint"] = time.perf_counter() - t_save
         append_round(out, record)
-        _write_privacy(out, config)
+        _write_privacy(out, config, pretraining)
         write_status(out, config, "running", server_round)
         log(
             f"round {server_round}/{config.rounds}: {len(record.sites)} site(s) replied, "
@@ -323,7 +333,6 @@ def _gan_phase(
 def _classifier_phase(rounds: _Rounds) -> tuple[dict, dict]:
     """The classifier rounds (resumed after the last one checkpointed); writes classifier.pt
     and returns what every GAN round sends: the classifier's spec and its frozen weights."""
-
     config, out, log = rounds.config, rounds.out, rounds.log
     phase = config.classifier
     last = latest_classifier_checkpoint(out) if config.resume else None
@@ -388,7 +397,6 @@ def _classifier_phase(rounds: _Rounds) -> tuple[dict, dict]:
 
 def _check_resumable(last: Path | None, config: FederationConfig) -> None:
     """A resumed run keeps its model: GAN rounds of a cgan run do not become SpineGAN's."""
-
     if last is None:
         return
     saved = load_checkpoint(last, kind="trainer").get("model", "cgan")
@@ -462,8 +470,8 @@ def _save_round(
     train_config: dict,
     config: FederationConfig,
     spec: dict | None,
+    pretraining: dict | None = None,
 ) -> None:
-
     save_checkpoint(
         out / ROUNDS_DIR / f"round_{server_round:04d}.pt",
         "trainer",
@@ -474,6 +482,7 @@ def _save_round(
             "federation": asdict(config),
             "model": config.model,
             "classifier_sha256": spec["sha256"] if spec else None,
+            "pretraining": pretraining,
         },
     )
 
@@ -512,13 +521,15 @@ def _save_final_generator(
     )
 
 
-def _write_privacy(out: Path, config: FederationConfig) -> None:
+def _write_privacy(out: Path, config: FederationConfig, pretraining: dict | None = None) -> None:
     """RUN/privacy.json from the sites' own reports: the latest per site, ε per round and
     phase, and each phase's ε alone (classifier and GAN) as the sites computed it."""
-
     spinegan = config.model == "spinegan"
     if not config.dp:
-        components = {"discriminator": "trained without differential privacy"}
+        components = {
+            "discriminator": "trained without differential privacy",
+            "pretraining": _pretraining_text(pretraining),
+        }
         if spinegan:
             components["clinical_classifier"] = (
                 "federated (FedAvg) across the sites, trained without differential privacy"
@@ -564,6 +575,7 @@ def _write_privacy(out: Path, config: FederationConfig) -> None:
         + ("uniform" if config.label_prior is None else str(config.label_prior)),
         "ada_p": f"fixed at {config.dp_ada_p}",
         "clinical_classifier": "none (conditional GAN)",
+        "pretraining": _pretraining_text(pretraining),
         "site ledgers": "kept in each site's privacy home, steps written before they run; ε "
         "here is what each site reported for its worst patient",
         "dataset sizes": "treated as public (as in Opacus): q = patients per step / patients",
@@ -582,4 +594,14 @@ def _write_privacy(out: Path, config: FederationConfig) -> None:
         accountant=REPORT_ACCOUNTANT,
         unit=" / ".join(units),
         run_id=config.name,
+    )
+
+
+def _pretraining_text(record: dict | None) -> str:
+    """Where round 1's weights came from."""
+    if not record:
+        return "none: round 1 started from fresh weights"
+    return (
+        f"round 1 started from public checkpoint sha256:{record['checkpoint_sha256']} (its data "
+        f"declared public: {record['declared_public']}); costs no site any ε"
     )

@@ -52,6 +52,9 @@ class FederationConfig:
     model: str = "cgan"
     classifier: ClassifierPhaseConfig = field(default_factory=ClassifierPhaseConfig)
     """SpineGAN only: the classifier phase that runs before the GAN rounds."""
+    initial_checkpoint: str | None = None
+    """A run (or snapshot) trained with ``train --public-data`` (e.g. ``fedspine pretrain``):
+    round 1 starts from its G, G_ema and D instead of fresh weights. Costs no site any ε."""
 
     def dp_request(self) -> dict | None:
         """What the server asks of the sites' DP; each site still applies its own cap."""
@@ -124,6 +127,7 @@ class FederationConfig:
             "dp": json.dumps(self.dp_request()) if self.dp else "",
             "model": self.model,
             "classifier": json.dumps(asdict(self.classifier)) if self.model == "spinegan" else "",
+            "initial-checkpoint": self.initial_checkpoint or "",
         }
 
     @classmethod
@@ -155,6 +159,7 @@ class FederationConfig:
                 if classifier
                 else ClassifierPhaseConfig()
             ),
+            initial_checkpoint=str(rc.get("initial-checkpoint", "") or "") or None,
             **_dp_fields(str(rc.get("dp", "") or "")),
         )
 
@@ -185,6 +190,13 @@ class FederationConfig:
         out = Path(config.output_dir)
         if not out.is_absolute():
             config.output_dir = str((path.parent / out).resolve())
+        if config.initial_checkpoint:
+            init = Path(config.initial_checkpoint)
+            if not init.is_absolute():
+                init = path.parent / init
+            if not init.exists():
+                raise FederationError(f"{path}: initial_checkpoint {init} does not exist")
+            config.initial_checkpoint = str(init.resolve())
         config.validate()
         return config
 

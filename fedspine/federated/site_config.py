@@ -86,6 +86,10 @@ class RoundConfig:
     clinical: dict | None = None
     """SpineGAN only: the frozen classifier's config, metadata, sha256, λ and mapping (its
     weights travel beside the GAN's, as the message's ``classifier`` ArrayRecord)."""
+    pretraining: dict | None = None
+    """The public checkpoint round 1 started from, as the server declares it (its SHA-256 and
+    why its data is public); a site records it beside its DP steps. Initial weights the site
+    did not compute cost it no ε, whoever chose them."""
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -100,6 +104,7 @@ class RoundConfig:
             "label-prior": json.dumps([float(p) for p in self.label_prior]),
             "class-names": json.dumps(list(self.class_names)),
             "fedspine-version": self.fedspine_version,
+            "pretraining": json.dumps(self.pretraining, sort_keys=True) if self.pretraining else "",
         }
 
     @classmethod
@@ -117,6 +122,9 @@ class RoundConfig:
                 dp=json.loads(str(record["dp"])) if record.get("dp") else None,
                 model=str(record.get("model", "cgan")),
                 clinical=json.loads(str(record["clinical"])) if record.get("clinical") else None,
+                pretraining=(
+                    json.loads(str(record["pretraining"])) if record.get("pretraining") else None
+                ),
             )
         except KeyError as err:
             raise SiteRefusal(

@@ -113,9 +113,18 @@ class _RoundLedger:
         self.sigma, self.q = plan.noise_multiplier, plan.sample_rate
         return plan
 
+    def _notes(self, phase: str) -> dict[str, Any]:
+        """What the ledger record says beside the steps: the phase and, when round 1 started
+        from one, the public checkpoint as the server declared it."""
+        notes: dict[str, Any] = {"phase": phase}
+        pretraining = getattr(self.rc, "pretraining", None)
+        if pretraining:
+            notes["pretraining"] = {**pretraining, "as_declared_by": "the server"}
+        return notes
+
     def _reserve(self, phase: str) -> Reservation:
         self.reservation = self.engine.reserve(
-            self.plan, round=self.rc.server_round, extra={"phase": phase}
+            self.plan, round=self.rc.server_round, extra=self._notes(phase)
         )
         return self.reservation
 
