@@ -91,6 +91,13 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: torch's default)."),
     overwrite: bool = typer.Option(False, help="Replace an existing report folder at --out."),
+    compare: list[str] = typer.Option(
+        None,
+        "--compare",
+        help="NAME=CLASSIFIER: also score a classifier trained elsewhere on TRAIN's 'train' "
+        "split (e.g. `classifier train --dp` at the synthetic set's ε: the DP ceiling), with its "
+        "signal retained against TRTR. Repeatable.",
+    ),
 ) -> None:
     """Evaluate synthetic images against real ones: TSTR/TRTR/mixed AUCs, FID-type metrics
     with the extractor named, and a memorisation audit.
@@ -106,6 +113,12 @@ def evaluate(
     from fedspine.models.classifier import ClassifierCheckpointError
     from fedspine.reporting.markdown import render_evaluation
 
+    comparisons: dict[str, Path] = {}
+    for item in compare or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            fail(f"--compare {item!r}: expected NAME=CLASSIFIER (a folder or classifier.pt)")
+        comparisons[name.strip()] = Path(path.strip())
     cfg = EvaluateConfig(
         arch=arch,
         weights=str(weights) if weights is not None else None,
@@ -137,6 +150,7 @@ def evaluate(
                 progress=_Display(bar, epochs),
                 overwrite=overwrite,
                 renderers={EVAL_REPORT_MD: render_evaluation},
+                compare=comparisons,
             )
     except (
         EvaluateError,

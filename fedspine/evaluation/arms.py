@@ -41,8 +41,15 @@ from fedspine.evaluation.config import (
     ProgressFn,
 )
 from fedspine.evaluation.records import json_ready
-from fedspine.fileio import EVAL_TRTR, EVAL_TRTR_SCORES, write_json_atomic
+from fedspine.fileio import (
+    CLASSIFIER_WEIGHTS,
+    EVAL_TRTR,
+    EVAL_TRTR_SCORES,
+    file_sha256,
+    write_json_atomic,
+)
 from fedspine.models.classifier import (
+    ClassifierCheckpointError,
     ClassifierConfig,
     load_classifier,
     predict_proba,
@@ -241,6 +248,66 @@ def run_arm(
         }
     )
     return record, p_test, model
+
+
+def score_trained_classifier(
+    name: str,
+    path: Path,
+    real: PreparedDataset,
+    val: PreparedDataset,
+    test: PreparedDataset,
+    task: str,
+    reference: dict[str, Any],
+    cfg: EvaluateConfig,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Score a classifier trained elsewhere (e.g. ``classifier train --dp``, the DP ceiling a
+    DP synthetic set is compared against) exactly as the arms: threshold on ``val``, AUC [CI]
+    on ``test``. It must have been trained on this real data's 'train' split for this task."""
+    try:
+        model, _, meta = load_classifier(path)
+    except (ClassifierCheckpointError, OSError) as err:
+        raise EvaluateError(f"--compare {name}: {err}") from None
+    trained_on = meta.get("training_data") or {}
+    if trained_on.get("content_hash") != real.content_hash or trained_on.get("split") != "train":
+        raise EvaluateError(
+            f"--compare {name}: {path} was not trained on the 'train' split of this --train "
+            "dataset (its metadata names other data), so its test AUC could include patients "
+            "it trained on; train it with `fedspine classifier train` on the same dataset"
+        )
+    names = list(reference["output_names"])
+    if meta.get("task") != task or list(meta.get("output_names") or []) != names:
+        raise EvaluateError(
+            f"--compare {name}: {path} predicts {meta.get('task')} {meta.get('output_names')}, "
+            f"this evaluation {task} {names}"
+        )
+    size = int(meta.get("input_size") or model.classifier_config.input_size)
+    y_val, idx_val, _ = targets(val, task)
+    y_test, idx_test, _ = targets(test, task)
+    p_val = predict_proba(model, load_images(val, idx_val, size), batch=128)
+    p_test = predict_proba(model, load_images(test, idx_test, size), batch=128)
+    groups = test.patient_ids[idx_test]
+    record = _score(y_val, p_val, y_test, p_test, groups, names, cfg, name)
+    dp = meta.get("dp") or None
+    record.update(
+        {
+            "output_names": names,
+            "history": {},
+            "test_images": len(idx_test),
+            "test_patients": len(set(groups.tolist())),
+            "train_data": {"real_train": trained_on.get("rows"), "synthetic": 0},
+            "trained_elsewhere": {
+                "classifier": str(path),
+                "sha256": file_sha256(path / CLASSIFIER_WEIGHTS if path.is_dir() else path),
+                "recipe": meta.get("recipe"),
+                "dp": (
+                    {k: dp.get(k) for k in ("epsilon", "delta", "accountant", "unit") if k in dp}
+                    if isinstance(dp, dict)
+                    else None
+                ),
+            },
+        }
+    )
+    return record, p_test
 
 
 def cached_trtr(

@@ -29,6 +29,7 @@ from fedspine.evaluation.arms import (
     paired_arm_utility,
     roc_points,
     run_arm,
+    score_trained_classifier,
     step_budget,
 )
 from fedspine.evaluation.classification import plot_rocs
@@ -82,6 +83,7 @@ def run_evaluation(
     overwrite: bool = False,
     trtr_cache: str | os.PathLike | None = None,
     renderers: Mapping[str, Renderer] | None = None,
+    compare: Mapping[str, str | os.PathLike] | None = None,
 ) -> EvaluationRecord:
     """Evaluate ``synthetic`` against real data and write the report folder ``out``.
 
@@ -93,7 +95,10 @@ def run_evaluation(
     ``{"stage": ..., "event": "start"|"end", ...}`` per stage and the classifier trainer's
     batch/epoch events with ``"arm"`` added. ``trtr_cache`` is a folder that keeps the TRTR
     classifier and its test scores, so evaluations of several synthetic sets against the same
-    real data and settings share one reference. Returns what report.json holds.
+    real data and settings share one reference. ``compare`` names classifiers trained
+    elsewhere on the same 'train' split (e.g. a DP-SGD classifier at the synthetic set's ε: the
+    ceiling to compare a DP synthetic set against); each is scored as one more arm, with its
+    signal retained against TRTR on the same resampled patients. Returns the record.
     """
     cfg = cfg or EvaluateConfig()
     cfg.validate()
@@ -151,6 +156,18 @@ def run_evaluation(
             notify,
             trtr_cache,
         )
+        for name, path in (compare or {}).items():
+            if name in arms:
+                raise EvaluateError(
+                    f"--compare {name}: that name is one of the arms; choose another"
+                )
+            notify({"stage": "classifier", "event": "start", "arm": name, "rows": 0})
+            record, p_test = score_trained_classifier(
+                name, Path(path), real, real_val, test_rows, task, arms["TRTR"], cfg
+            )
+            arms[name], scores[name] = record, p_test
+            curves[name] = roc_points(y_test, p_test, record)
+            notify({"stage": "classifier", "event": "end", "arm": name, "auc": record["auc"]})
         utility = paired_arm_utility(y_test, scores, groups, arms, cfg)
 
         judge_model, judge = trts_judge(

@@ -127,7 +127,9 @@ class ArmRecord(JsonRecord):
     ``reused_from`` is set when TRTR came from a TRTR cache folder.
     """
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"skipped_outputs", "reused_from"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"skipped_outputs", "reused_from", "trained_elsewhere"}
+    )
 
     auc: float | None = None
     ci: Interval | None = None
@@ -144,6 +146,9 @@ class ArmRecord(JsonRecord):
     classifier_file: str | None = None
     reused_from: str | None = None
     train_data: TrainData | None = None
+    trained_elsewhere: dict[str, Any] | None = None
+    """A classifier scored, not trained, here (``--compare``): its file, SHA-256, recipe and
+    DP record, e.g. the DP-SGD classifier a DP synthetic set is compared against."""
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,43 @@ def classifier_request(
     )
 
 
+def ceiling_request(plan: ReproducePlan, data: Path, out: Path, arm: ArmPlan) -> ClassifierRequest:
+    """A DP arm's ceiling: the evaluation's classifier recipe trained directly with DP-SGD at
+    the arm's ε on the same real training split, in its own privacy home."""
+    b = plan.budget
+    return ClassifierRequest(
+        data=data,
+        out=out,
+        arch=b.classifier_arch,
+        epochs=b.classifier_epochs,
+        patience=b.classifier_patience,
+        seed=arm.seed,
+        device=b.device,
+        threads=b.threads,
+        input_size=b.classifier_input_size,
+        weights=Path(plan.classifier_weights) if plan.classifier_weights else None,
+        dp=ClassifierDPRequest(
+            target_epsilon=arm.epsilon,
+            patients_per_step=b.dp_patients_per_step,
+            privacy_home=out.parent / PRIVACY_HOME_DIR,
+        ),
+    )
+
+
+def ceiling_args(plan: ReproducePlan, data: Path, out: Path, arm: ArmPlan) -> list[str]:
+    """`fedspine classifier train` arguments equal to :func:`ceiling_request`."""
+    r = ceiling_request(plan, data, out, arm)
+    args = [str(data), "--out", str(out), "--arch", r.arch, "--epochs", str(r.epochs)]
+    args += ["--patience", str(r.patience), "--seed", str(r.seed), "--device", r.device]
+    if r.input_size:
+        args += ["--input-size", str(r.input_size)]
+    if r.weights:
+        args += ["--weights", str(r.weights)]
+    args += ["--dp", "--epsilon", f"{arm.epsilon:g}", "--patients-per-step"]
+    args += [str(r.dp.patients_per_step), "--privacy-home", str(r.dp.privacy_home)]
+    return args
+
+
 def train_args(plan: ReproducePlan, arm: ArmPlan, data: Path, run: Path) -> list[str]:
     """`fedspine train` arguments equal to :func:`train_request` (a fresh run)."""
     b = plan.budget

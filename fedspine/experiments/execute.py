@@ -24,6 +24,8 @@ import torch
 from fedspine.evaluation.config import EvaluateConfig, EvaluateError
 from fedspine.experiments.budgets import ReproduceError
 from fedspine.experiments.commands import (
+    ceiling_args,
+    ceiling_request,
     classifier_args,
     classifier_request,
     train_args,
@@ -32,6 +34,8 @@ from fedspine.experiments.commands import (
 from fedspine.experiments.logs import PlainClassifierReporter, PlainReporter, logged
 from fedspine.experiments.plan import (
     ARMS_DIR,
+    CEILING_ARM,
+    CEILING_DIR,
     CLASSIFIER_DIR,
     DATA_DIR,
     EVALUATION_DIR,
@@ -101,6 +105,9 @@ def run_arm(ctx: RunContext, arm: ArmPlan) -> dict[str, Any]:
             train_gan(ctx, arm, data, work, log_path)
         with timed(seconds, "generate"):
             generate_arm(ctx, arm, work)
+        with timed(seconds, "dp_classifier"):
+            if arm.kind is ArmKind.DP:
+                train_dp_ceiling(ctx, arm, data, work, log_path)
         with timed(seconds, "evaluate"):
             evaluate_arm(ctx, arm, data, work)
     except ReproduceError as err:
@@ -158,6 +165,29 @@ def train_clinical_classifier(
             )
         except ClassifierRunError as err:
             raise ReproduceError(f"`fedspine classifier train` stopped: {err}") from None
+
+
+def train_dp_ceiling(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_path: Path) -> None:
+    """A DP arm's ceiling: the evaluation's classifier trained directly with DP-SGD at the
+    arm's ε, in its own privacy home (issue 15): a synthetic set at that ε is worth releasing
+    for classification only where it comes near this."""
+    target = work / CEILING_DIR / CLASSIFIER_DIR
+    if (target / CLASSIFIER_WEIGHTS).is_file():
+        ctx.stage(f"{arm.folder}: DP classifier (ceiling) trained earlier, reused")
+        return
+    # A half-trained attempt's steps are on record in its privacy home: start both afresh.
+    shutil.rmtree(work / CEILING_DIR, ignore_errors=True)
+    ctx.stage(f"{arm.folder}: training the DP-SGD classifier at ε = {arm.epsilon:g} (the ceiling)")
+    command = "fedspine classifier train " + " ".join(ceiling_args(ctx.plan, data, target, arm))
+    with logged(log_path, command, "`fedspine classifier train`"):
+        try:
+            train_classifier_run(
+                ceiling_request(ctx.plan, data, target, arm), PlainClassifierReporter()
+            )
+        except ClassifierRunError as err:
+            raise ReproduceError(
+                f"`fedspine classifier train` (DP ceiling) stopped: {err}"
+            ) from None
 
 
 def train_gan(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_path: Path) -> None:
@@ -243,6 +273,8 @@ def evaluate_arm(ctx: RunContext, arm: ArmPlan, data: Path, work: Path) -> None:
     # One TRTR per task and seed: the first evaluation trains it, every later arm reuses it, so
     # the whole table is measured against the same real-data classifier.
     trtr_cache = ctx.plan.out / DATA_DIR / "trtr" / f"{arm.data}-seed{arm.seed}"
+    ceiling = work / CEILING_DIR / CLASSIFIER_DIR
+    compare = {CEILING_ARM: ceiling} if (ceiling / CLASSIFIER_WEIGHTS).is_file() else None
     try:
         evaluation_report.evaluate(
             work / SYNTHETIC_DIR,
@@ -252,6 +284,7 @@ def evaluate_arm(ctx: RunContext, arm: ArmPlan, data: Path, work: Path) -> None:
             cfg,
             progress=progress,
             trtr_cache=trtr_cache,
+            compare=compare,
         )
     except EvaluateError as err:
         raise ReproduceError(f"evaluate: {err}") from None

@@ -28,6 +28,11 @@ CLASSIFIER_DIR = "classifier"
 RUN_DIR = "run"
 SYNTHETIC_DIR = "synthetic"
 EVALUATION_DIR = "evaluation"
+CEILING_DIR = "dp_classifier"
+"""A DP arm's DP-SGD classifier trained directly at the arm's ε (issue 15's ceiling), with its
+own privacy home inside: an alternative use of the same patients, not composed with the GAN."""
+CEILING_ARM = "DP classifier (same ε)"
+"""Its name as an arm of the DP arm's evaluation."""
 CLINICAL_WEIGHT = 0.1  # the paper's λ
 SPINEGAN_UNAVAILABLE = "not run: SpineGAN not available in this build"
 ABLATION_ARMS = ("dp_clip_only", "dp_noise_only", "dp_paper")

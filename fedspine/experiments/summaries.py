@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedspine.evaluation.records import ArmRecord, EvaluationRecord, MetricRow
-from fedspine.experiments.plan import ArmPlan
+from fedspine.experiments.plan import CEILING_ARM, ArmPlan
 from fedspine.fileio import EVAL_REPORT_MD
 from fedspine.privacy.report import PrivacyReportError, build_report
 from fedspine.training.dp_ablation import AblationError, read_ablation_summary
@@ -48,6 +48,7 @@ def summarise_evaluation(path: Path) -> dict[str, Any]:
         "trtr": _arm_summary(arms.get("TRTR")),
         "tstr": _arm_summary(arms.get("TSTR")),
         "mixed": _arm_summary(arms.get("mixed")),
+        "dp_classifier": _arm_summary(arms.get(CEILING_ARM)),
         "ratios": report.ratios.to_json() if report.ratios else None,
         "trts": fidelity.auc if fidelity else None,
         "trts_judge": fidelity.classifier if fidelity else None,

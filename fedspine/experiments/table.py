@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedspine.experiments.paper import PAPER
-from fedspine.experiments.plan import DP_ARM_PREFIX
+from fedspine.experiments.plan import CEILING_ARM, DP_ARM_PREFIX
 from fedspine.experiments.record import TableRow
 from fedspine.experiments.summaries import done, is_replicate, status, utility
 from fedspine.formatting import auc_ci, num, signed
@@ -148,6 +148,7 @@ def _dp_row(
             f"spent ε = {spent} ({p.get('accountant')}, patient level), σ = "
             f"{num(mech.get('noise_multiplier'), 3)}, q = "
             f"{num(mech.get('sample_rate'), 3)}, {mech.get('steps', '?')} D steps",
+            _ceiling_note(dev),
             _ratio_note(dev),
             _gan_metrics(dev),
         )
@@ -389,3 +390,15 @@ def _auc_cell(arm: dict[str, Any] | None) -> str:
 def _join(*parts: str) -> str:
     """The non-empty parts of a cell, separated by '; '."""
     return "; ".join(p for p in parts if p)
+
+
+def _ceiling_note(ev: dict[str, Any]) -> str:
+    """The DP-SGD classifier trained directly at the arm's ε: the ceiling to compare against."""
+    ceiling = ev.get("dp_classifier")
+    if not ceiling or ceiling.get("auc") is None:
+        return ""
+    return (
+        f"ceiling: a DP-SGD classifier at the same ε, trained directly, AUC "
+        f"{auc_ci(ceiling['auc'], ceiling.get('ci'))}, signal retained "
+        f"{_signal_cell(ev, CEILING_ARM)}"
+    )

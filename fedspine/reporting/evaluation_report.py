@@ -49,6 +49,7 @@ def evaluate(
     progress: ProgressFn | None = None,
     overwrite: bool = False,
     trtr_cache: str | os.PathLike | None = None,
+    compare: dict[str, str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``synthetic`` against real data and write the report folder ``out``
     (report.json, report.md, config.json, the figures); returns what report.json holds.
@@ -65,5 +66,6 @@ def evaluate(
         overwrite=overwrite,
         trtr_cache=trtr_cache,
         renderers={EVAL_REPORT_MD: render_evaluation},
+        compare=compare,
     )
     return record.to_json()

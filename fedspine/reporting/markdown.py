@@ -127,6 +127,9 @@ def _classifiers(report: EvaluationRecord) -> list[str]:
     budget = report.classifier_budget
     if budget is not None:
         lines += ["", f"Training budget, the same for every arm: {budget.rule}."]
+    for name, arm in arms.items():
+        if arm.trained_elsewhere:
+            lines += ["", _trained_elsewhere(name, arm.trained_elsewhere)]
     multi = len(report.output_names or []) > 1
     test_set, selection = report.test_set, report.selection
     lines += [
@@ -312,3 +315,19 @@ def _samples_and_settings(report: EvaluationRecord) -> list[str]:
         "",
     ]
     return lines
+
+
+def _trained_elsewhere(name: str, info: dict) -> str:
+    """A classifier scored here but trained elsewhere: where, and under which DP guarantee."""
+    dp = info.get("dp")
+    how = (
+        f"trained with DP-SGD, ε = {num(dp.get('epsilon'), 2)} at δ = {dp.get('delta')}"
+        if dp
+        else "trained without DP"
+    )
+    return (
+        f"{name}: not trained by this evaluation but scored on the same splits "
+        f"(`{info.get('classifier')}`, sha256 {str(info.get('sha256'))[:16]}…), {how}. "
+        "Trained directly on the real training split, it is the ceiling a synthetic set at "
+        "the same ε is compared against."
+    )

@@ -311,3 +311,65 @@ def test_signal_retained_is_undefined_when_trtr_itself_is_at_chance():
     assert result["reference_contains_chance"]
     assert result["signal_retained"] is None and result["signal_retained_ci"] is None
     assert "undefined" in utility_verdict(result)
+
+
+def test_a_dp_classifier_trained_elsewhere_is_scored_as_the_ceiling(stand_in, tmp_path):
+    """`--compare`: the DP-SGD classifier at the synthetic set's ε, scored on the same splits,
+    with its signal retained against TRTR on the same resampled patients."""
+    from fedspine.training.classifier_run import (
+        ClassifierDPRequest,
+        ClassifierRequest,
+        train_classifier_run,
+    )
+
+    root, real = stand_in
+    train = real.select("train")
+    syn = write_generated(
+        tmp_path / "syn", np.asarray(train.images), train.labels, real.class_names
+    )
+    dp = ClassifierDPRequest(target_epsilon=8.0, patients_per_step=16, privacy_home=tmp_path / "h")
+    request = ClassifierRequest(
+        root / "real",
+        tmp_path / "dpc",
+        arch="small",
+        epochs=1,
+        input_size=SIZE,
+        device="cpu",
+        dp=dp,
+    )
+    train_classifier_run(request)
+    cfg = fast_cfg(mix_per_class=0)
+    report = evaluate(
+        syn,
+        root / "real",
+        root / "real",
+        tmp_path / "r",
+        cfg,
+        compare={"DP classifier": tmp_path / "dpc"},
+    )
+    arm = report["arms"]["DP classifier"]
+    assert arm["trained_elsewhere"]["dp"]["epsilon"] <= 8.0 + 1e-6
+    assert arm["auc"] is not None and len(arm["ci"]) == 2
+    assert "DP classifier" in report["utility"]["arms"]
+    assert "signal_retained_ci" in report["utility"]["arms"]["DP classifier"]
+    assert "trained_elsewhere" not in report["arms"]["TSTR"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "DP classifier: not trained by this evaluation" in md and "DP-SGD, ε = " in md
+
+    # A classifier of other data could have seen these test patients: refused.
+    other = make_real(tmp_path / "other", seed=5)
+    assert other.content_hash != real.content_hash
+    train_classifier_run(
+        ClassifierRequest(
+            tmp_path / "other",
+            tmp_path / "oc",
+            arch="small",
+            epochs=1,
+            input_size=SIZE,
+            device="cpu",
+        )
+    )
+    with pytest.raises(EvaluateError, match="not trained on the 'train' split of this --train"):
+        evaluate(
+            syn, root / "real", root / "real", tmp_path / "r2", cfg, compare={"x": tmp_path / "oc"}
+        )

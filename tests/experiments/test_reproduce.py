@@ -365,6 +365,14 @@ def test_tiny_reproduction_writes_the_table_and_resumes(tmp_path):
     assert privacy["private"] is True
     assert 0 < privacy["epsilon"] <= 10.0 * 1.01
     assert not arms["cgan"]["privacy"]["private"]
+    # The DP arm's ceiling: a DP-SGD classifier at the same ε, in its own privacy home.
+    ceiling = arms["dp_eps10"]["evaluation"]["dp_classifier"]
+    assert ceiling["auc"] is not None and len(ceiling["ci"]) == 2
+    ceiling_ledger = out / "arms" / "dp_eps10" / "dp_classifier" / "privacy" / "ledger.json"
+    assert ceiling_ledger.is_file() and arms["cgan"]["evaluation"]["dp_classifier"] is None
+    assert "ceiling: a DP-SGD classifier at the same ε" in " ".join(
+        row["details"] for row in report["table"]
+    )
 
     md = (out / "reproduce.md").read_text()
     saved = json.loads((out / "reproduce.json").read_text())
