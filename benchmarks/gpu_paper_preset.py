@@ -8,9 +8,19 @@ seed, `--warmup` untimed steps (cuDNN autotuning, allocator growth), then `--ste
 in one process one after another, so compare them as the ratios printed, not across runs.
 `auto_choice` says which path the presets' `fused_modconv = "auto"` picks on this device.
 
+`quality` (on a GPU by default, `--quality-steps N` elsewhere) trains float32 against the
+reduced-precision setting (`auto`: bf16 in the highest-resolution blocks only) for the same
+number of steps from the same seed on phantom radiographs, and reports the losses per quarter
+of the run, the optimizer steps with non-finite gradients, and FID and KID of G_ema's images
+against the training images on area-downsampled pixels (the repo's PixelExtractor: a sanity
+figure, not a published FID; compare the two settings with each other only).
+
     python benchmarks/gpu_paper_preset.py                        # on a CUDA machine, ~3 min
     python benchmarks/gpu_paper_preset.py --device cpu --preset cpu --resolution 32 \\
         --precision off --steps 2 --warmup 1                     # does the script run at all
+    python benchmarks/gpu_paper_preset.py --device cpu --preset cpu --resolution 16 \
+        --precision off --fused non-fused --steps 1 --warmup 0 \
+        --quality-steps 2 --quality-images 16                    # the quality path too
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ import time
 import numpy as np
 import torch
 
+from fedspine.data.phantom import phantom_arrays
+from fedspine.evaluation.features import PixelExtractor
+from fedspine.evaluation.generative import frechet_distance, kernel_inception_distance
 from fedspine.training.batches import BatchSampler, TrainingData
 from fedspine.training.config import preset_config
 from fedspine.training.gan_trainer import GanTrainer
@@ -39,6 +52,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fused", nargs="+", default=["fused", "non-fused"])
     parser.add_argument("--steps", type=int, default=48, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument(
+        "--quality-steps",
+        type=int,
+        default=None,
+        help="training steps per precision of the quality comparison (default: 300 on a GPU, "
+        "0, skipped, elsewhere)",
+    )
+    parser.add_argument("--quality-precision", nargs="+", default=["off", "auto"])
+    parser.add_argument("--quality-images", type=int, default=256)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -74,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             ratios[f"fused_over_non_fused_speed/{precision}"] = (
                 b["sec_per_kimg"] / a["sec_per_kimg"]
             )
+    quality = _quality(args, device)
     report = {
         "benchmark": "gpu_paper_preset",
         "preset": args.preset,
@@ -88,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": ratios,
         "fastest": fastest,
         "auto_choice": auto_choice,
+        "quality": quality,
     }
     print(json.dumps(report, indent=2))
     return report
@@ -147,6 +171,94 @@ def _auto_choice(args: argparse.Namespace, device: torch.device, precision: str)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return choice
+
+
+def _quality(args: argparse.Namespace, device: torch.device) -> dict:
+    """float32 against reduced precision: same seed, same data, same steps; losses per quarter,
+    non-finite gradient steps, and FID / KID of G_ema on pixel features."""
+    steps = args.quality_steps
+    if steps is None:
+        steps = 300 if device.type == "cuda" else 0
+    if steps <= 0:
+        return {"skipped": f"no quality comparison on {device.type} (pass --quality-steps N)"}
+    cfg = preset_config(args.preset, args.resolution, num_classes=2)
+    res = cfg.resolution
+    phantoms = phantom_arrays(args.quality_images, resolution=res, seed=0)
+    images = torch.from_numpy(np.round(phantoms.images * 255).astype(np.uint8))[:, None]
+    labels = torch.from_numpy(phantoms.abnormal.astype(np.int64))
+    data = TrainingData(images, labels, ["normal", "abnormal"])
+    extractor = PixelExtractor(16)
+    real_features = extractor(images)
+    n = len(images)
+    rows: dict[str, dict] = {}
+    for precision in args.quality_precision:
+        try:
+            rows[precision] = _train_and_score(
+                args, device, precision, steps, data, extractor, real_features
+            )
+        except torch.OutOfMemoryError as err:
+            rows[precision] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+        except ValueError as err:  # a precision this device does not run
+            rows[precision] = {"error": str(err)}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "steps": steps,
+        "images": n,
+        "extractor": extractor.name,
+        "seed": 0,
+        "results": rows,
+    }
+
+
+def _train_and_score(
+    args: argparse.Namespace,
+    device: torch.device,
+    precision: str,
+    steps: int,
+    data: TrainingData,
+    extractor: PixelExtractor,
+    real_features: np.ndarray,
+) -> dict:
+    cfg = preset_config(args.preset, args.resolution, num_classes=2)
+    cfg.device = device.type
+    cfg.mixed_precision = precision
+    cfg.seed = 0
+    torch.manual_seed(0)
+    trainer = GanTrainer(cfg, data.label_prior(), device=device)
+    batches = BatchSampler(data, cfg.batch, trainer.np_rng)
+    kimg = steps * cfg.batch / 1000
+    ticks: list[dict] = []
+    start = time.perf_counter()
+    trainer.run(kimg, batches, on_tick=lambda t, r: ticks.append(r), tick_kimg=kimg / 4)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    n = len(real_features)
+    fakes = []
+    with torch.no_grad():
+        for begin in range(0, n, 32):
+            z, c = trainer.sample_latents(min(32, n - begin))
+            onehot = torch.nn.functional.one_hot(c, 2).float()
+            img = trainer.G_ema(z, onehot, noise_mode="const")
+            fakes.append(((img.float().clamp(-1, 1) + 1) / 2).cpu())
+    fake_features = extractor(torch.cat(fakes))
+    kid_mean, kid_std = kernel_inception_distance(
+        real_features, fake_features, subsets=20, subset_size=min(n, 1000)
+    )
+    return {
+        "used": trainer.precision.to_dict(),
+        "seconds": seconds,
+        "loss_g_per_quarter": [t.get("loss_g") for t in ticks],
+        "loss_d_per_quarter": [t.get("loss_d") for t in ticks],
+        "nonfinite_grad_steps": sum(int(t.get("nonfinite_grads", 0)) for t in ticks),
+        "fid_pixels": frechet_distance(real_features, fake_features),
+        "kid_pixels": kid_mean,
+        "kid_pixels_std": kid_std,
+        "finite_weights": all(
+            bool(torch.isfinite(p).all())
+            for p in (*trainer.G.parameters(), *trainer.D.parameters())
+        ),
+    }
 
 
 def _sync(device: torch.device) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+HOW_IT_COMPUTES = ("fused_modconv", "reduced_precision_resolutions")
+
 
 @dataclass
 class NetworkConfig:
@@ -17,6 +19,10 @@ class NetworkConfig:
     the minibatch-std layer from D, which must be off under DP because it mixes samples.
     `c_dim = 0` makes both networks unconditional. `fused_modconv` picks the modulated
     convolution's path (same function, different speed); "auto" lets the trainer measure.
+    `reduced_precision_resolutions` is how many of the highest resolutions of both networks
+    compute in bf16/fp16 when the trainer runs reduced precision (NVIDIA's `num_fp16_res`; never
+    below 8 px, 0: none); like `fused_modconv` it changes how the networks compute, not what
+    they are, so it is not part of their identity (see `identity`).
     """
 
     resolution: int = 64
@@ -31,6 +37,7 @@ class NetworkConfig:
     mbstd_channels: int = 1
     fused_modconv: bool | str = True
     conv_clamp: float | None = None
+    reduced_precision_resolutions: int = 4
 
     def __post_init__(self) -> None:
         r = self.resolution
@@ -48,7 +55,7 @@ class NetworkConfig:
         for name in (*positive, "channel_max", "mbstd_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NetworkConfig: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("c_dim", "mbstd_group"):
+        for name in ("c_dim", "mbstd_group", "reduced_precision_resolutions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NetworkConfig: {name} must be >= 0, got {getattr(self, name)}")
         if self.conv_clamp is not None and self.conv_clamp <= 0:
@@ -65,6 +72,23 @@ class NetworkConfig:
     def channels_at(self, res: int) -> int:
         """Feature channels of both networks at resolution `res`."""
         return min(self.channel_base // res, self.channel_max)
+
+    def reduced_at(self, res: int) -> bool:
+        """Whether the blocks at resolution `res` (G's block making `res` px, D's block reading
+        `res` px) are reduced-precision ones: the `reduced_precision_resolutions` highest,
+        never below 8 px (NVIDIA: res >= max(2 ** (log2 R + 1 - n), 8))."""
+        n = self.reduced_precision_resolutions
+        if n <= 0:
+            return False
+        lowest = max(2 ** (self.resolution.bit_length() - n), 8)
+        return res >= lowest
+
+    @staticmethod
+    def identity(data: dict) -> dict:
+        """A network config dict without the keys that choose how it computes (the
+        modulated-convolution path, the reduced-precision blocks): two configs with the same
+        identity build networks with the same parameters and the same function."""
+        return {k: v for k, v in data.items() if k not in HOW_IT_COMPUTES}
 
     @property
     def block_resolutions(self) -> list[int]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from fedspine.models.config import NetworkConfig
 from fedspine.models.layers import Conv2dLayer, FullyConnectedLayer, normalize_2nd_moment
+from fedspine.models.precision import block_dtype
 
 MAPPING_LR_MULTIPLIER = 0.01
 RESIDUAL_GAIN = math.sqrt(0.5)
@@ -37,8 +38,14 @@ class Discriminator(nn.Module):
             activation="lrelu",
             conv_clamp=cfg.conv_clamp,
         )
+        self.from_rgb_reduced = cfg.reduced_at(top)
         self.blocks = nn.ModuleList(
-            DiscriminatorBlock(cfg.channels_at(res), cfg.channels_at(res // 2), cfg.conv_clamp)
+            DiscriminatorBlock(
+                cfg.channels_at(res),
+                cfg.channels_at(res // 2),
+                cfg.conv_clamp,
+                reduced=cfg.reduced_at(res),
+            )
             for res in reversed(cfg.block_resolutions[1:])
         )
         self.cmap_dim = cfg.channels_at(4) if cfg.c_dim > 0 else 0
@@ -60,11 +67,12 @@ class Discriminator(nn.Module):
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(img, c)
-        x = self.from_rgb(img)
+        x = self.from_rgb(img.to(block_dtype(self.from_rgb_reduced)))
         for block in self.blocks:
             x = block(x)
-        cmap = self.mapping(c.to(x.dtype)) if self.mapping is not None else None
-        return self.epilogue(x, cmap)
+        # The label mapping, the epilogue and the logits are float32 in every precision mode.
+        cmap = self.mapping(c.to(torch.float32)) if self.mapping is not None else None
+        return self.epilogue(x.to(torch.float32), cmap)
 
     def _check_inputs(self, img: torch.Tensor, c: torch.Tensor | None) -> None:
         expected = (self.img_channels, self.img_resolution, self.img_resolution)
@@ -89,10 +97,18 @@ class Discriminator(nn.Module):
 
 class DiscriminatorBlock(nn.Module):
     """Residual block halving the resolution: two 3x3 convs (the second down-sampling) beside a
-    1x1 down-sampling skip without bias, both scaled by sqrt(0.5)."""
+    1x1 down-sampling skip without bias, both scaled by sqrt(0.5). A `reduced` block computes in
+    bf16/fp16 inside :func:`fedspine.models.precision.reduced_precision`."""
 
-    def __init__(self, channels: int, out_channels: int, conv_clamp: float | None) -> None:
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        conv_clamp: float | None,
+        reduced: bool = False,
+    ) -> None:
         super().__init__()
+        self.reduced = reduced
         self.conv0 = Conv2dLayer(channels, channels, 3, activation="lrelu", conv_clamp=conv_clamp)
         self.conv1 = Conv2dLayer(
             channels, out_channels, 3, activation="lrelu", down=2, conv_clamp=conv_clamp
@@ -100,6 +116,7 @@ class DiscriminatorBlock(nn.Module):
         self.skip = Conv2dLayer(channels, out_channels, 1, bias=False, down=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(block_dtype(self.reduced))
         y = self.skip(x, gain=RESIDUAL_GAIN)
         x = self.conv1(self.conv0(x), gain=RESIDUAL_GAIN)
         return x + y

@@ -23,6 +23,7 @@ from fedspine.models.layers import (
     normalize_2nd_moment,
     upsample2d,
 )
+from fedspine.models.precision import activation_clamp, block_dtype
 
 W_AVG_BETA = 0.995
 MAPPING_LR_MULTIPLIER = 0.01
@@ -177,11 +178,16 @@ class SynthesisNetwork(nn.Module):
 
 class SynthesisBlock(nn.Module):
     """One resolution: (the 4x4 constant | an up-sampling conv), a conv, and a toRGB whose
-    output is added to the up-sampled image of the blocks below."""
+    output is added to the up-sampled image of the blocks below.
+
+    `reduced` (from the config's `reduced_precision_resolutions`) marks a block that computes
+    in bf16/fp16 inside :func:`fedspine.models.precision.reduced_precision`; its styles and the
+    image it adds to stay float32."""
 
     def __init__(self, in_channels: int, out_channels: int, resolution: int, cfg: NetworkConfig):
         super().__init__()
         self.resolution = resolution
+        self.reduced = cfg.reduced_at(resolution)
         self.is_first = in_channels == 0
         if self.is_first:
             self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
@@ -203,13 +209,14 @@ class SynthesisBlock(nn.Module):
         fused: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         w_iter = iter(ws.unbind(dim=1))
+        dtype = block_dtype(self.reduced)
         if self.const is not None:
-            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused=fused)
         else:
-            x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused=fused)
+            x = self.conv0(x.to(dtype), next(w_iter), noise_mode=noise_mode, fused=fused)
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused=fused)
-        y = self.torgb(x, next(w_iter), fused=fused)
+        y = self.torgb(x, next(w_iter), fused=fused).to(torch.float32)
         img = y if img is None else upsample2d(img) + y
         return x, img
 
@@ -255,7 +262,7 @@ class SynthesisLayer(nn.Module):
             x = x + noise * self.noise_strength
         elif noise_mode == "const":
             x = x + self.noise_const.to(x.dtype) * self.noise_strength
-        return bias_act(x, self.bias, "lrelu", clamp=self.conv_clamp)
+        return bias_act(x, self.bias, "lrelu", clamp=activation_clamp(self.conv_clamp, x.dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -279,7 +286,7 @@ class ToRGBLayer(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused: bool = True) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=fused)
-        return bias_act(x, self.bias, "linear", clamp=self.conv_clamp)
+        return bias_act(x, self.bias, "linear", clamp=activation_clamp(self.conv_clamp, x.dtype))
 
 
 def _check_latents(z: torch.Tensor, c: torch.Tensor | None, z_dim: int, c_dim: int) -> None:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedspine.models.precision import activation_clamp
+
 LOWPASS_TAPS = (1.0, 3.0, 3.0, 1.0)
 LRELU_SLOPE = 0.2
 ACTIVATION_GAINS = {"linear": 1.0, "lrelu": math.sqrt(2.0)}
@@ -104,7 +106,8 @@ class Conv2dLayer(nn.Module):
         else:
             x = F.conv2d(x, w.to(x.dtype), padding=self.kernel_size // 2)
         b = self.bias * self.bias_gain if self.bias is not None else None
-        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        clamp = activation_clamp(self.conv_clamp, x.dtype)
+        clamp = clamp * gain if clamp is not None else None
         return bias_act(x, b, self.activation, gain=gain, clamp=clamp)
 
     def extra_repr(self) -> str:
@@ -142,8 +145,14 @@ def modulated_conv2d(
         )
     if up not in (1, 2):
         raise ValueError(f"layers.py: up={up} is not supported; use 1 or 2")
-    weight = weight.to(x.dtype)
-    styles = styles.to(x.dtype)
+    # Modulation and demodulation are computed in the weights' and styles' own precision
+    # (float32); only the convolution itself runs in x's (reduced, in a reduced block).
+    dtype = x.dtype
+    if demodulate and dtype == torch.float16 and not fused:
+        # fp16 activations scaled by raw styles can overflow: divide weight and styles by their
+        # largest magnitudes, which demodulation cancels (NVIDIA's pre-normalisation).
+        weight = weight / weight.abs().amax(dim=[1, 2, 3], keepdim=True)
+        styles = styles / styles.abs().amax(dim=1, keepdim=True)
     dcoefs = None
     if demodulate:
         dcoefs = torch.rsqrt(styles.square() @ weight.square().sum(dim=[2, 3]).t() + eps)
@@ -151,6 +160,7 @@ def modulated_conv2d(
         w = weight.unsqueeze(0) * styles.reshape(n, 1, in_ch, 1, 1)
         if dcoefs is not None:
             w = w * dcoefs.reshape(n, out_ch, 1, 1, 1)
+        w = w.to(dtype)
         x = x.reshape(1, n * in_ch, height, width)
         if up == 1:
             x = F.conv2d(x, w.reshape(n * out_ch, in_ch, kh, kw), padding=kh // 2, groups=n)
@@ -159,14 +169,15 @@ def modulated_conv2d(
             x = F.conv_transpose2d(x, wt, stride=2, groups=n)
             x = fir_filter2d(x, pad=(5 - kh) // 2, gain=4.0)
         return x.reshape(n, out_ch, x.shape[2], x.shape[3])
-    x = x * styles.reshape(n, in_ch, 1, 1)
+    x = x * styles.to(dtype).reshape(n, in_ch, 1, 1)
+    weight = weight.to(dtype)
     if up == 1:
         x = F.conv2d(x, weight, padding=kh // 2)
     else:
         x = F.conv_transpose2d(x, weight.transpose(0, 1).flip([2, 3]), stride=2)
         x = fir_filter2d(x, pad=(5 - kh) // 2, gain=4.0)
     if dcoefs is not None:
-        x = x * dcoefs.reshape(n, out_ch, 1, 1)
+        x = x * dcoefs.to(dtype).reshape(n, out_ch, 1, 1)
     return x
 
 

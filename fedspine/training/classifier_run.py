@@ -382,7 +382,6 @@ def _train_dp(
         "input_size": model_cfg.input_size,
         "training_data": {
             "path": str(data),
-            "content_hash": dataset.content_hash,
             "split": "train",
             "rows": len(idx),
             "patients": plan.patients,

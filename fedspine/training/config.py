@@ -49,7 +49,9 @@ class TrainConfig:
     snapshot_kimg: float = 200.0
     seed: int = 0
     device: str = "auto"
-    mixed_precision: str = "bf16"
+    # float32 unless a preset or the user asks: a config saved without this key (older runs)
+    # or built without a preset trains in float32.
+    mixed_precision: str = "off"
 
     def __post_init__(self) -> None:
         self.g_betas = (float(self.g_betas[0]), float(self.g_betas[1]))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from fedspine.models import Discriminator, Generator, NetworkConfig
 from fedspine.models.augment import AdaptiveP, AugmentPipe
+from fedspine.models.precision import reduced_precision
 from fedspine.training import losses
 from fedspine.training.config import TrainConfig
 from fedspine.training.modconv_choice import choose_modconv_path
@@ -140,6 +141,11 @@ class GanTrainer:
         self.opt_D = torch.optim.Adam(
             self.D.parameters(), lr=d_lr, betas=d_betas, eps=config.adam_eps
         )
+        # Every optimizer step of G and D, whoever takes it (the D-step strategy, an ablation's
+        # hook, Opacus' DPOptimizer around opt_D), first replaces NaN/inf in the gradients.
+        self._nonfinite_steps = torch.zeros([], dtype=torch.int64, device=self.device)
+        for opt in (self.opt_G, self.opt_D):
+            opt.register_step_pre_hook(self._before_optimizer_step)
 
         self.augment_pipe: AugmentPipe | None = None
         self.ada: AdaptiveP | None = None
@@ -353,8 +359,9 @@ class GanTrainer:
             part.check_state(state)
         # The modulated-convolution path is how G computes, not what G is: a run resumed or a
         # federated round received on another device keeps this trainer's own choice.
-        saved_net = {k: v for k, v in state["config"]["network"].items() if k != "fused_modconv"}
-        mine = {k: v for k, v in self.config.to_dict()["network"].items() if k != "fused_modconv"}
+        # So are the reduced-precision blocks (NetworkConfig.identity drops both).
+        saved_net = NetworkConfig.identity(state["config"]["network"])
+        mine = NetworkConfig.identity(self.config.to_dict()["network"])
         if saved_net != mine:
             diff = sorted(k for k in set(saved_net) | set(mine) if saved_net.get(k) != mine.get(k))
             raise ValueError(f"the saved state has different network settings: {diff}")
@@ -438,9 +445,23 @@ class GanTrainer:
         return F.one_hot(labels, self.config.network.c_dim).to(torch.float32)
 
     def _autocast(self):
+        """The forward passes' precision: with a reduced dtype, only the networks' blocks at
+        the highest resolutions compute in it (:mod:`fedspine.models.precision`); the mapping,
+        styles, (de)modulation, D's epilogue and logits stay float32. No global autocast."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return reduced_precision(self.amp_dtype)
+
+    def sanitise_gradients(self, opt: torch.optim.Optimizer) -> torch.Tensor:
+        """Replace NaN by 0 and ±inf by ±1e5 in the gradients ``opt`` is about to apply
+        (NVIDIA's loop does the same) and count the step when any was not finite; returns that
+        flag as a 0-dim tensor (no device sync). Finite gradients are left bit for bit."""
+        bad = sanitise_gradients_(p for group in opt.param_groups for p in group["params"])
+        self._nonfinite_steps += bad
+        return bad
+
+    def _before_optimizer_step(self, opt: torch.optim.Optimizer, args, kwargs) -> None:
+        self.sanitise_gradients(opt)
 
     def _optimise(self, opt: torch.optim.Optimizer, scaler, loss: torch.Tensor) -> None:
         self.d_strategy.optimise(self, opt, scaler, loss)
@@ -458,12 +479,41 @@ class GanTrainer:
             "img_per_sec": nimg / seconds if seconds > 0 else None,
             "ada_p": self.ada_p,
             "pl_mean": float(self.pl_mean),
+            # Optimizer steps of this tick whose gradients held a NaN or an inf (replaced
+            # before the step; under fp16 the loss scaler also skipped them).
+            "nonfinite_grads": int(self._nonfinite_steps),
         }
+        self._nonfinite_steps.zero_()
         record.update(acc.means())
         return record
 
 
 _G_STEP_KEYS = ("loss_g", "loss_pl", "pl_length")
+
+
+NONFINITE_CLAMP = 1e5
+
+
+def sanitise_gradients_(params) -> torch.Tensor:
+    """In place: NaN -> 0, +inf -> 1e5, -inf -> -1e5 in the ``.grad`` of ``params``; returns
+    a 0-dim bool tensor, True when any gradient held a non-finite value.
+
+    On a GPU this never waits for the device (the check and the replacement are queued, as in
+    NVIDIA's loop). On a CPU, where isfinite/max reductions cost about ten times a sum, the
+    gradients' sums screen first (a NaN or inf anywhere makes its sum non-finite): when all
+    are finite nothing else runs; otherwise the exact check and the replacement do.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros([], dtype=torch.bool)
+    if grads[0].device.type == "cpu" and bool(
+        torch.stack([g.sum() for g in grads]).isfinite().all()
+    ):
+        return torch.zeros([], dtype=torch.bool)
+    bad = torch.stack([torch.isfinite(g).all() for g in grads]).logical_not().any()
+    for g in grads:
+        torch.nan_to_num(g, nan=0.0, posinf=NONFINITE_CLAMP, neginf=-NONFINITE_CLAMP, out=g)
+    return bad
 
 
 def ema_beta(batch: int, cur_nimg: int, ema_kimg: float, ema_rampup: float | None) -> float:

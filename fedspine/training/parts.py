@@ -92,10 +92,17 @@ class DStep:
     def optimise(
         self, trainer: GanTrainer, opt: torch.optim.Optimizer, scaler, loss: torch.Tensor
     ) -> None:
-        """One optimizer step of G or D on ``loss`` (through the fp16 scaler when it is on)."""
+        """One optimizer step of G or D on ``loss`` (through the fp16 scaler when it is on).
+
+        The trainer replaces NaN/inf gradients just before ``opt`` steps (a step pre-hook).
+        Under fp16 the scaler unscales first, and a step whose gradients overflowed is counted
+        here and then skipped by the scaler (which lowers its scale), as GradScaler does.
+        """
         opt.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            trainer.sanitise_gradients(opt)  # counts an overflow the scaler will skip
             scaler.step(opt)
             scaler.update()
         else:

@@ -1,7 +1,14 @@
 """Which half precision a GAN trains its forward passes in, per device.
 
-Weights, optimizer state, R1 and path length stay float32 in every mode; autocast only runs the
-convolutions and matrix products of the forward passes in half precision.
+Weights, gradients, optimizer state, R1 and path length stay float32 in every mode. The half
+dtype chosen here is not a global autocast: as in NVIDIA's StyleGAN2-ADA, only the blocks of G
+and D at the ``NetworkConfig.reduced_precision_resolutions`` highest resolutions (4 by default)
+compute in it, with their activations clamped (``conv_clamp``, 256 where the network sets
+none); G's mapping and styles, the (de)modulation coefficients, G's image skip path and D's
+label mapping, epilogue and logits stay float32 (see :mod:`fedspine.models.precision`). Before
+every optimizer step NaN/inf gradients are replaced and counted (``nonfinite_grads`` in the
+tick metrics). A config without ``mixed_precision`` (an older run's, or ``TrainConfig()``)
+means ``off``; the ``paper`` and ``auto`` presets ask for ``auto``.
 
 - ``off``: float32.
 - ``bf16``: bfloat16 autocast. On a CPU it needs bf16 instructions: on this project's 2-core
@@ -12,6 +19,9 @@ convolutions and matrix products of the forward passes in half precision.
 - ``auto``: bf16 on a GPU that has it (fp16 on an older one); float32 on a CPU. On a CPU, bf16
   is faster but learned worse: after 24 kimg of the cpu preset its domain FID was higher in
   both of two seeds (0.081 vs 0.071, 0.107 vs 0.085), so it is only used when asked for.
+
+The CPU speed and FID figures above were measured with the whole networks in bf16, before
+reduced precision was limited to the highest-resolution blocks; they have not been re-measured.
 
 The choice depends on the machine, not on the data, so a resumed run on the same machine makes
 the same one; the run's config keeps the mode asked for and ``config.toml`` the one used.
