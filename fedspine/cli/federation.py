@@ -243,11 +243,16 @@ def client_keygen(
 
 @client_app.command("start")
 def client_start(
-    server: str = typer.Option(..., "--server", help="The coordinator's HOST:PORT."),
-    data: Path = typer.Option(
-        ..., "--data", help="This site's prepared dataset (`fedspine ingest`)."
+    config: Path = typer.Option(
+        None,
+        "--config",
+        help="This site's settings (sites/site.toml is the template); options given here win.",
     ),
-    site: str = typer.Option(..., "--site", help="This site's name, as reports will show it."),
+    server: str = typer.Option(None, "--server", help="The coordinator's HOST:PORT."),
+    data: Path = typer.Option(
+        None, "--data", help="This site's prepared dataset (`fedspine ingest`)."
+    ),
+    site: str = typer.Option(None, "--site", help="This site's name, as reports will show it."),
     ca: Path = typer.Option(None, "--ca", help="The coordinator's CA certificate (ca.crt)."),
     key: Path = typer.Option(
         None, "--key", help="This site's private key (`fedspine client keygen`)."
@@ -270,11 +275,13 @@ def client_start(
         "counted as one person (refused otherwise).",
     ),
     port: int = typer.Option(
-        9094, help="Local port of the SuperNode (differs per SuperNode on one host)."
+        None, help="Local port of the SuperNode (default 9094; differs per SuperNode on a host)."
     ),
-    workdir: Path = typer.Option(Path("fedspine-site"), "--workdir", help=SITE_WORKDIR_HELP),
+    workdir: Path = typer.Option(
+        None, "--workdir", help=SITE_WORKDIR_HELP + " [default: fedspine-site]"
+    ),
     insecure: bool = typer.Option(
-        False, "--insecure", help="No TLS (only towards a loopback server)."
+        None, "--insecure", help="No TLS (only towards a loopback server)."
     ),
     threads: int = typer.Option(
         None,
@@ -293,41 +300,68 @@ def client_start(
         help="Largest network resolution this site trains, in px (default: 256).",
     ),
     detach: bool = typer.Option(
-        False, "--detach", help="Return at once; stop with `fedspine client stop`."
+        False,
+        "--detach",
+        help="Return once the coordinator accepted the site; stop with `fedspine client stop`.",
+    ),
+    auth_timeout: float = typer.Option(
+        60.0,
+        "--auth-timeout",
+        help="Seconds to wait for the coordinator to accept this site before failing.",
     ),
 ) -> None:
     """Start this site's SuperNode: it trains on --data when the coordinator asks, never sends an image.
 
     The data path, site name, ε cap and privacy home are this site's node config: the server cannot change them.
+    It says "running" only once the coordinator accepted the site (its node id is shown); a
+    refused key, a wrong CA or an unreachable coordinator is an error with the reason.
     """
     import time
 
     from fedspine.data.prepared import PreparedDatasetError
     from fedspine.federated.deploy import SiteProcessConfig, start_supernode
+    from fedspine.federated.operations import wait_for_authentication
     from fedspine.federated.processes import FlowerProcessError
 
-    cfg = SiteProcessConfig(
-        server=server,
-        data=data,
-        site=site,
-        workdir=workdir,
-        ca=ca,
-        key=key,
-        max_epsilon=max_epsilon,
-        privacy_home=privacy_home,
-        privacy_unit=privacy_unit,
-        port=port,
-        insecure=insecure,
-        threads=threads,
-        max_local_kimg=max_local_kimg,
-        max_resolution=max_resolution,
-    )
+    given = {
+        "server": server,
+        "data": data,
+        "site": site,
+        "workdir": workdir,
+        "ca": ca,
+        "key": key,
+        "max_epsilon": max_epsilon,
+        "privacy_home": privacy_home,
+        "privacy_unit": privacy_unit,
+        "port": port,
+        "insecure": insecure,
+        "threads": threads,
+        "max_local_kimg": max_local_kimg,
+        "max_resolution": max_resolution,
+    }
     try:
+        if config is not None:
+            cfg = SiteProcessConfig.from_toml(config, given)
+        else:
+            missing = [f"--{k}" for k in ("server", "data", "site") if given[k] is None]
+            if missing:
+                fail(f"missing {', '.join(missing)} (or give --config site.toml)")
+            given["workdir"] = workdir or Path("fedspine-site")
+            cfg = SiteProcessConfig(**{k: v for k, v in given.items() if v is not None})
         process = start_supernode(cfg)
     except (FlowerProcessError, PreparedDatasetError) as err:
         fail(str(err))
+    site = cfg.site
+    try:
+        node_id = wait_for_authentication(process.log, process.pid, timeout=auth_timeout)
+    except FlowerProcessError as err:
+        process.stop()
+        fail(str(err))
     workers = ", ".join(f"{c.name} PID {c.pid}, log: {c.log}" for c in process.companions)
-    typer.echo(f"SuperNode for {site} running (PID {process.pid}); log: {process.log}")
+    typer.echo(
+        f"SuperNode for {site} running (PID {process.pid}), accepted by the coordinator as "
+        f"node {node_id}; log: {process.log}"
+    )
     if workers:
         typer.echo(workers)
     if detach:

@@ -29,8 +29,9 @@ import shutil
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fedspine.data.prepared import load_prepared
@@ -306,6 +307,10 @@ def server_info(workdir: Path) -> ServerInfo:
         ) from None
 
 
+SITE_PATH_FIELDS = ("data", "workdir", "ca", "key", "privacy_home")
+"""site.toml settings that name files or folders (relative to the file)."""
+
+
 @dataclass
 class SiteProcessConfig:
     """What `fedspine client start` needs; node config values come from here, never the server."""
@@ -324,6 +329,40 @@ class SiteProcessConfig:
     threads: int | None = None
     max_local_kimg: float | None = None
     max_resolution: int | None = None
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, overrides: dict | None = None) -> SiteProcessConfig:
+        """A site's settings from its site.toml (sites/site.toml is the template), with
+        ``overrides`` (command-line options that were given) on top. Paths in the file are
+        relative to the file's folder."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as fh:
+                values = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise FlowerProcessError(f"{path}: cannot read the site config ({err})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise FlowerProcessError(
+                f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}"
+            )
+        for name in SITE_PATH_FIELDS:
+            if values.get(name) is not None:
+                given = Path(str(values[name])).expanduser()
+                values[name] = given if given.is_absolute() else path.parent / given
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        values.setdefault("workdir", Path("fedspine-site"))
+        missing = [name for name in ("server", "data", "site") if not values.get(name)]
+        if missing:
+            raise FlowerProcessError(
+                f"{path}: no {', '.join(missing)}; set them in the file or pass "
+                + ", ".join(f"--{m}" for m in missing)
+            )
+        for name in SITE_PATH_FIELDS:
+            if values.get(name) is not None:
+                values[name] = Path(values[name])
+        return cls(**values)
 
     def node_config(self) -> str:
         """Flower's ``--node-config``: TOML values, strings double-quoted."""

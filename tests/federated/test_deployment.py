@@ -227,3 +227,32 @@ def test_spinegan_classifier_phase_runs_through_supernodes(tmp_path, coordinator
     finally:
         for site in sites:
             site.stop()
+
+
+def test_client_start_from_site_toml_says_running_only_once_accepted(tmp_path, coordinator):
+    from fedspine.federated.operations import client_status
+
+    workdir, port = coordinator
+    key = tmp_path / "s.key"
+    _cli("client", "keygen", "--out", str(key))
+    make_site_dataset(tmp_path / "d", n=40, seed=1)
+    toml = tmp_path / "site.toml"
+    toml.write_text(
+        f'server = "127.0.0.1:{port}"\nca = "{workdir / "certs" / "ca.crt"}"\nkey = "s.key"\n'
+        f'data = "d"\nsite = "site-x"\nport = {free_port()}\nprivacy_home = "privacy"\n'
+    )
+    site = tmp_path / "w"
+    start = ["client", "start", "--config", str(toml), "--workdir", str(site), "--detach"]
+    try:
+        refused = _cli(*start, "--auth-timeout", "15", check=False)
+        assert refused.returncode == 1
+        assert "did not accept this site within 15 s" in refused.stdout + refused.stderr
+        assert not client_status(site)["supernode"]["alive"]  # stopped, not left retrying
+
+        _cli("server", "register-site", f"{key}.pub", "--workdir", str(workdir), "--name", "x")
+        accepted = _cli(*start)
+        assert "accepted by the coordinator as node" in accepted.stdout
+        status = json.loads(_cli("client", "status", "--workdir", str(site), "--json").stdout)
+        assert status["supernode"]["alive"] and status["node_id"] is not None
+    finally:
+        _cli("client", "stop", "--workdir", str(site), check=False)
