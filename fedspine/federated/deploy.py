@@ -5,7 +5,9 @@ A coordinator keeps everything in one work folder::
     certs/            ca.crt, server.pem, server.key (and ca.key: keep it offline if you can)
     flwr_home/        the `flwr` CLI's own home with one connection, ``fedspine`` (loopback)
     state.db          the SuperLink's database (registered sites, runs): survives restarts
-    superlink.pid     superlink.log     server.json (address and TLS mode)
+    superlink.pid     superlink.log     server.json (address and TLS mode); superlink.log is
+                                        Flower's own, rotated daily; superlink.console.log
+                                        the process's console output
     front.pid         front.log         the TLS front on the public address (Fleet API only)
 
 With TLS the SuperLink listens on loopback only, where its Control and Runtime APIs stay; the
@@ -145,11 +147,23 @@ def start_superlink(
         ]
     if node_auth:
         argv.append("--enable-supernode-auth")
+    # Flower's own log, rotated by Flower (a day a file, LOG_BACKUPS kept); the process's console
+    # output (start-up errors before logging is set up) goes beside it, rolled at each start.
+    argv += [
+        "--log-file",
+        str(workdir / SUPERLINK_LOG),
+        "--log-rotation-interval-hours",
+        "24",
+        "--log-rotation-backup-count",
+        str(LOG_BACKUPS),
+    ]
+    console = workdir / SUPERLINK_CONSOLE
+    _roll(console)
     flwr_home = workdir / "flwr_home"
     process = start_process(
         "SuperLink",
         argv,
-        workdir / "superlink.log",
+        console,
         flower_env(flwr_home),
         pid_file=pid_file,
         cwd=workdir,
@@ -305,6 +319,18 @@ def server_info(workdir: Path) -> ServerInfo:
         raise FlowerProcessError(
             f"{path}: no running server recorded; run `fedspine server start`"
         ) from None
+
+
+SUPERLINK_LOG = "superlink.log"
+SUPERLINK_CONSOLE = "superlink.console.log"
+LOG_BACKUPS = 14
+CONSOLE_ROLL_BYTES = 10 * 2**20
+
+
+def _roll(path: Path) -> None:
+    """Keep one previous console log, and only when it has grown (a start does not lose one)."""
+    if path.is_file() and path.stat().st_size > CONSOLE_ROLL_BYTES:
+        os.replace(path, path.with_name(path.name + ".1"))
 
 
 SITE_PATH_FIELDS = ("data", "workdir", "ca", "key", "privacy_home")

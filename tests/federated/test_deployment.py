@@ -233,6 +233,11 @@ def test_client_start_from_site_toml_says_running_only_once_accepted(tmp_path, c
     from fedspine.federated.operations import client_status
 
     workdir, port = coordinator
+    # The SuperLink logs through Flower's own rotating file; its console output sits beside it.
+    cmdline = Path(f"/proc/{int((workdir / 'superlink.pid').read_text())}/cmdline").read_bytes()
+    assert b"--log-file\0" + str(workdir / "superlink.log").encode() in cmdline
+    assert (workdir / "superlink.log").stat().st_size > 0
+    assert (workdir / "superlink.console.log").is_file()
     key = tmp_path / "s.key"
     _cli("client", "keygen", "--out", str(key))
     make_site_dataset(tmp_path / "d", n=40, seed=1)
