@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+
+from fedspine.federated.processes import SERVER_ALLOCATOR_ENV
 
 VARIANTS = ("all_replies", "running_sum")
 
@@ -107,16 +110,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(_run_variant(args.variant, args.sites, megabytes)))
         return {}
     results = {}
+    # Each variant runs with the allocator setting `fedspine server start` gives the ServerApp.
+    env = {**os.environ, **SERVER_ALLOCATOR_ENV}
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, "--sites", str(args.sites)]
         cmd += ["--megabytes", str(megabytes)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     all_peak = results["all_replies"]["peak_rss_mb"] - results["all_replies"]["baseline_rss_mb"]
     run_peak = results["running_sum"]["peak_rss_mb"] - results["running_sum"]["baseline_rss_mb"]
     report = {
         "sites": args.sites,
         "model_mb": megabytes,
+        "allocator_env": SERVER_ALLOCATOR_ENV,
         "results": results,
         "models_in_memory": {
             "all_replies": all_peak / megabytes,

@@ -40,6 +40,7 @@ from fedspine.data.prepared import load_prepared
 from fedspine.federated.bundle_check import installed_bundle_dir
 from fedspine.federated.processes import (
     CONNECTION,
+    SERVER_ALLOCATOR_ENV,
     FlowerProcessError,
     ManagedProcess,
     executable,
@@ -164,7 +165,7 @@ def start_superlink(
         "SuperLink",
         argv,
         console,
-        flower_env(flwr_home),
+        flower_env(flwr_home, SERVER_ALLOCATOR_ENV),
         pid_file=pid_file,
         cwd=workdir,
     )

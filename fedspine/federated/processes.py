@@ -30,6 +30,14 @@ class FlowerProcessError(Exception):
     """A Flower process did not start, did not answer, or a `flwr` command failed."""
 
 
+SERVER_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+"""For the coordinator's processes (the SuperLink and the ServerApp it starts): glibc serves every
+allocation above 1 MB by mmap and returns it on free. Without it glibc raises its threshold as
+large tensors are freed and keeps their memory, so a round's peak grows past the running sum and
+one reply (benchmarks/aggregation_memory.py: 3.6 models at the paper preset, 3.1 with it). Not
+for sites: training allocates and frees activations all the time, and mmap would slow it."""
+
+
 def flower_env(
     flwr_home: Path | None = None, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:

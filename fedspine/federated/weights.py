@@ -102,11 +102,14 @@ class RunningFedAvg:
                 else:
                     self._fixed[key] = tensor.clone()
         for key, acc in self._sum.items():
-            acc.add_(state_dict[key].to(torch.float64), alpha=float(weight))
+            acc.add_(state_dict[key], alpha=float(weight))  # cast on the fly: no float64 copy
         self.total += float(weight)
         self.count += 1
 
     def result(self) -> OrderedDict[str, torch.Tensor]:
+        """The weighted mean, in the replies' dtypes. It consumes the sum tensor by tensor (each
+        float64 tensor is freed as its mean is cast), so the round never holds the whole sum and
+        the whole result at once; no reply can be added afterwards."""
         if self._sum is None or self.total <= 0:
             raise ValueError("no reply was added")
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -114,5 +117,9 @@ class RunningFedAvg:
             if key in self._fixed:
                 out[key] = self._fixed[key].clone()
             else:
-                out[key] = (self._sum[key] / self.total).to(dtype)
+                acc = self._sum.pop(key)
+                out[key] = acc.div_(self.total).to(dtype)
+                del acc
+        self._sum = None
+        self.total = 0.0
         return out
