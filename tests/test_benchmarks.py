@@ -77,3 +77,44 @@ def test_aggregation_memory_compares_both_variants_in_one_run(capsys):
     models = report["models_in_memory"]
     # Four replies held at once (plus the sum) against the sum and one reply.
     assert models["running_sum"] < models["all_replies"] - 0.5, models
+
+
+import pytest  # noqa: E402  (appended with the test below; this file is edited append-only)
+
+
+@pytest.mark.slow
+def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
+    """benchmarks/time_to_quality.py --quick (issue 18): both variants, every minute mark, an
+    evaluation per mark against one shared TRTR, and tuned / today ratios per mark."""
+    import math
+
+    minutes = [0.02, 0.04]
+    report = _load("time_to_quality").main(
+        ["--quick", "--work", str(tmp_path), "--threads", "1", "--minutes"]
+        + [str(m) for m in minutes]
+        + ["--set", "augment.adjust_kimg=10", "--set", "start_p=0.1"]
+    )
+    assert '"benchmark": "time_to_quality"' in capsys.readouterr().out
+    assert (tmp_path / "results.json").is_file()
+    assert report["tuned_changes"]["augment.adjust_kimg"] == 10
+    tuned = report["configs"]["tuned/16px"]
+    assert tuned["pl_weight"] == 0 and tuned["style_mixing"] == 0 and tuned["start_p"] == 0.1
+    assert report["configs"]["today/16px"]["augment"]["adjust_kimg"] == 100
+    rows = report["rows"]
+    assert {(r["variant"], r["minutes"]) for r in rows} == {
+        (v, m) for v in ("today", "tuned") for m in minutes
+    }
+    for row in rows:
+        for key in ("tstr_auc", "trtr_auc", "kimg", "ada_p"):
+            assert math.isfinite(row[key]), (key, row)
+        assert len(row["tstr_ci"]) == 2 and len(row["trtr_ci"]) == 2
+        assert row["kimg"] > 0 and row["train_wall_seconds"] >= row["minutes"] * 60
+    assert len({r["trtr_auc"] for r in rows}) == 1  # one TRTR shared by every evaluation
+    marks = report["summary"]["16px"]
+    assert set(marks) == {f"{m:g}" for m in minutes}
+    for entry in marks.values():
+        assert {"today", "tuned"} <= set(entry)
+        assert "signal_retained_tuned_over_today" in entry  # None where TRTR holds chance
+        assert math.isfinite(entry["tstr_over_trtr_tuned_over_today"])
+        assert entry["kimg_tuned_over_today"] > 0
+    assert report["torch_threads"] == 1 and len(report["load_average_before"]) == 3

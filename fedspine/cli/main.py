@@ -9,6 +9,7 @@ from fedspine import __version__
 from fedspine.cli import classifier as classifier_commands
 from fedspine.cli import data as data_commands
 from fedspine.cli import demo as demo_commands
+from fedspine.cli import embedding as embedding_commands
 from fedspine.cli import evaluate as evaluate_commands
 from fedspine.cli import federation as federation_commands
 from fedspine.cli import privacy as privacy_commands
@@ -53,6 +54,7 @@ def _root(
 demo_commands.register(app)
 data_commands.register(app)
 train_commands.register(app)
+embedding_commands.register(app)
 classifier_commands.register(app)
 evaluate_commands.register(app)
 federation_commands.register(app)
