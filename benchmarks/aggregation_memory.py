@@ -75,14 +75,18 @@ def _run_variant(variant: str, sites: int, megabytes: float) -> dict:
     """In this process: receive ``sites`` replies and aggregate them; report peak RSS."""
     import torch
 
-    from fedspine.federated.weights import RunningFedAvg, fedavg
+    from fedspine.federated.weights import RunningFedAvg
 
     torch.set_num_threads(1)
     base = _reset_peak_mb()
     counts = [10 + k for k in range(sites)]
     if variant == "all_replies":
+        # Every reply held until the last arrived, as Flower's send_and_receive does.
         replies = [_reply(megabytes, k) for k in range(sites)]
-        result = fedavg(replies, counts)
+        held = RunningFedAvg()
+        for reply, count in zip(replies, counts, strict=True):
+            held.add(reply, count)
+        result = held.result()
         del replies
     else:
         running = RunningFedAvg()

@@ -6,7 +6,7 @@ Only weights move. Optimizer moments, ADA state and RNGs stay at the site.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -37,37 +37,8 @@ def split_weights(flat: Mapping[str, torch.Tensor], part: str) -> OrderedDict[st
     return OrderedDict((k[len(prefix) :], v) for k, v in flat.items() if k.startswith(prefix))
 
 
-def fedavg(
-    state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
-) -> OrderedDict[str, torch.Tensor]:
-    """The example-weighted mean of state dicts (floating tensors; others must agree)."""
-    if not state_dicts or len(state_dicts) != len(weights):
-        raise ValueError("fedavg needs one weight per state dict, and at least one")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("fedavg weights must sum to a positive number")
-    keys = list(state_dicts[0])
-    for sd in state_dicts[1:]:
-        if list(sd) != keys:
-            raise ValueError("the state dicts hold different tensors")
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for key in keys:
-        first = state_dicts[0][key]
-        if first.is_floating_point():
-            acc = torch.zeros_like(first, dtype=torch.float64)
-            for sd, w in zip(state_dicts, weights, strict=True):
-                acc += sd[key].to(torch.float64) * (float(w) / total)
-            out[key] = acc.to(first.dtype)
-        else:
-            for sd in state_dicts[1:]:
-                if not torch.equal(sd[key], first):
-                    raise ValueError(f"non-floating tensor {key} differs between sites")
-            out[key] = first.clone()
-    return out
-
-
 class RunningFedAvg:
-    """FedAvg accumulated one reply at a time: the example-weighted mean of :func:`fedavg`.
+    """FedAvg accumulated one reply at a time: the example-weighted mean of the replies.
 
     The server keeps a float64 running sum and the reply being added, never every reply at once:
     at the paper preset (G, D and G_ema ≈ 290 MB a reply) a list of 100 replies would be 29 GB.

@@ -17,7 +17,7 @@ from fedspine.federated.federation import (
     run_federation,
 )
 from fedspine.federated.grid import InProcessGrid, InProcessNode
-from fedspine.federated.weights import fedavg
+from tests.federated.reference import fedavg
 
 
 def _nodes(datasets, tmp_path, overrides=None):

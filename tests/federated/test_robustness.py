@@ -136,7 +136,8 @@ def test_round_messages_carry_their_deadline_and_a_stale_one_is_not_trained(
 
 
 def test_the_running_average_equals_fedavg_of_all_replies():
-    from fedspine.federated.weights import RunningFedAvg, fedavg
+    from fedspine.federated.weights import RunningFedAvg
+    from tests.federated.reference import fedavg
 
     g = torch.Generator().manual_seed(0)
     sds = [

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedspine.federated.weights import RunningFedAvg, fedavg
+from fedspine.federated.weights import RunningFedAvg
+from tests.federated.reference import fedavg
 
 FAST = settings(max_examples=50, deadline=None, database=None)
 WEIGHTS = st.floats(1e-3, 1e6)
