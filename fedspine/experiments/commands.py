@@ -147,10 +147,31 @@ def classifier_request(
 ) -> ClassifierRequest:
     """The clinical classifier as a typed request: what :func:`classifier_args` spells."""
     b = plan.budget
+    epsilon = b.dp_spinegan_classifier_epsilon if arm.kind is ArmKind.DP_SPINEGAN else None
+    return _classifier(plan, data, out, arm, b.spinegan_classifier_epochs, epsilon)
+
+
+def ceiling_request(plan: ReproducePlan, data: Path, out: Path, arm: ArmPlan) -> ClassifierRequest:
+    """A DP arm's ceiling: the evaluation's classifier recipe trained directly with DP-SGD at
+    the arm's ε on the same real training split, in its own privacy home."""
+    return _classifier(plan, data, out, arm, plan.budget.classifier_epochs, arm.epsilon)
+
+
+def _classifier(
+    plan: ReproducePlan,
+    data: Path,
+    out: Path,
+    arm: ArmPlan,
+    epochs: int,
+    epsilon: float | None,
+) -> ClassifierRequest:
+    """The budget's classifier recipe; with ``epsilon``, patient-level DP-SGD whose steps go to
+    the privacy home beside ``out``."""
+    b = plan.budget
     dp = None
-    if arm.kind is ArmKind.DP_SPINEGAN:
+    if epsilon is not None:
         dp = ClassifierDPRequest(
-            target_epsilon=b.dp_spinegan_classifier_epsilon,
+            target_epsilon=epsilon,
             patients_per_step=b.dp_patients_per_step,
             privacy_home=out.parent / PRIVACY_HOME_DIR,
         )
@@ -158,7 +179,7 @@ def classifier_request(
         data=data,
         out=out,
         arch=b.classifier_arch,
-        epochs=b.spinegan_classifier_epochs,
+        epochs=epochs,
         patience=b.classifier_patience,
         seed=arm.seed,
         device=b.device,
@@ -166,29 +187,6 @@ def classifier_request(
         input_size=b.classifier_input_size,
         weights=Path(plan.classifier_weights) if plan.classifier_weights else None,
         dp=dp,
-    )
-
-
-def ceiling_request(plan: ReproducePlan, data: Path, out: Path, arm: ArmPlan) -> ClassifierRequest:
-    """A DP arm's ceiling: the evaluation's classifier recipe trained directly with DP-SGD at
-    the arm's ε on the same real training split, in its own privacy home."""
-    b = plan.budget
-    return ClassifierRequest(
-        data=data,
-        out=out,
-        arch=b.classifier_arch,
-        epochs=b.classifier_epochs,
-        patience=b.classifier_patience,
-        seed=arm.seed,
-        device=b.device,
-        threads=b.threads,
-        input_size=b.classifier_input_size,
-        weights=Path(plan.classifier_weights) if plan.classifier_weights else None,
-        dp=ClassifierDPRequest(
-            target_epsilon=arm.epsilon,
-            patients_per_step=b.dp_patients_per_step,
-            privacy_home=out.parent / PRIVACY_HOME_DIR,
-        ),
     )
 
 
