@@ -75,3 +75,24 @@ def home_records(home: Path, run_id: str | None = None) -> list[dict]:
 
     path = Path(home) / "ledger.json"
     return PrivacyLedger.open(path, create=False).records(run_id=run_id) if path.exists() else []
+
+
+@pytest.fixture
+def tiny_cpu_preset(monkeypatch):
+    """`--preset cpu` builds tiny networks, and torch keeps one thread, so a run takes seconds."""
+    import torch
+
+    from fedspine.training import config as config_module
+    from tests.training import tiny_config
+
+    monkeypatch.setitem(
+        config_module.PRESETS,
+        "cpu",
+        lambda res, nc: tiny_config(resolution=res or 16, num_classes=nc),
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine's cores are shared
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    yield
+    monkeypatch.undo()
+    torch.set_num_threads(threads)

@@ -231,18 +231,13 @@ def run_arm(
         {"arm": arm, "task": task, "output_names": history["output_names"]},
     )
     names = history["output_names"]
-    y_val, idx_val, _ = targets(val, task)
-    y_test, idx_test, _ = targets(test, task)
-    p_val = predict_proba(model, load_images(val, idx_val, size), batch=128)
-    p_test = predict_proba(model, load_images(test, idx_test, size), batch=128)
-    groups = test.patient_ids[idx_test]
-    record = _score(y_val, p_val, y_test, p_test, groups, names, cfg, arm)
+    record, p_test, groups = _select_and_score(model, size, val, test, task, names, cfg, arm)
     record.update(
         {
             "output_names": names,
             "history": history,
             "seed": train_cfg.seed,
-            "test_images": len(idx_test),
+            "test_images": len(groups),
             "test_patients": len(set(groups.tolist())),
             "classifier_file": f"{WORK_DIR}/{CLASSIFIERS_DIR}/{arm}.pt",
         }
@@ -288,18 +283,13 @@ def score_trained_classifier(
             f"this evaluation {task} {names}"
         )
     size = int(meta.get("input_size") or model.classifier_config.input_size)
-    y_val, idx_val, _ = targets(val, task)
-    y_test, idx_test, _ = targets(test, task)
-    p_val = predict_proba(model, load_images(val, idx_val, size), batch=128)
-    p_test = predict_proba(model, load_images(test, idx_test, size), batch=128)
-    groups = test.patient_ids[idx_test]
-    record = _score(y_val, p_val, y_test, p_test, groups, names, cfg, name)
+    record, p_test, groups = _select_and_score(model, size, val, test, task, names, cfg, name)
     dp = meta.get("dp") or None
     record.update(
         {
             "output_names": names,
             "history": {},
-            "test_images": len(idx_test),
+            "test_images": len(groups),
             "test_patients": len(set(groups.tolist())),
             "train_data": {"real_train": trained_on.get("rows"), "synthetic": 0},
             "trained_elsewhere": {
@@ -429,6 +419,26 @@ def paired_arm_utility(
         ),
         "arms": out,
     }
+
+
+def _select_and_score(
+    model: torch.nn.Module,
+    size: int,
+    val: PreparedDataset,
+    test: PreparedDataset,
+    task: str,
+    names: Sequence[str],
+    cfg: EvaluateConfig,
+    arm: str,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """A classifier's record (threshold from ``val``, AUC [CI] on ``test``), its test scores and
+    the test rows' patients: the one way every arm is scored."""
+    y_val, idx_val, _ = targets(val, task)
+    y_test, idx_test, _ = targets(test, task)
+    p_val = predict_proba(model, load_images(val, idx_val, size), batch=128)
+    p_test = predict_proba(model, load_images(test, idx_test, size), batch=128)
+    groups = test.patient_ids[idx_test]
+    return _score(y_val, p_val, y_test, p_test, groups, names, cfg, arm), p_test, groups
 
 
 def _score(

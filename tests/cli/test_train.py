@@ -7,30 +7,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedspine.cli.main import app
-from fedspine.training import config as config_module
 from fedspine.training.checkpoint import load_checkpoint
 from fedspine.training.gan_trainer import GanTrainer
 from fedspine.training.generate import load_generator
-from tests.training import make_prepared, tiny_config
+from tests.training import make_prepared
 
 runner = CliRunner()
 TIMING_KEYS = {"tick_seconds", "sec_per_kimg", "img_per_sec"}
 
 
-@pytest.fixture(autouse=True)
-def tiny_cpu_preset(monkeypatch):
-    """`--preset cpu` builds tiny networks here, so a CLI run takes seconds."""
-    monkeypatch.setitem(
-        config_module.PRESETS,
-        "cpu",
-        lambda res, nc: tiny_config(resolution=res or 16, num_classes=nc),
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine's cores are shared
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    yield
-    monkeypatch.undo()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tiny_cpu_preset")
 
 
 @pytest.fixture

@@ -7,19 +7,11 @@ import json
 import pytest
 
 from fedspine.experiments.pretrain import PretrainConfig, pretrain, public_domain
-from fedspine.training import config as config_module
 from fedspine.training.checkpoint import load_checkpoint
 from fedspine.training.run import DPRequest, TrainRequest, train
-from tests.training import make_prepared, tiny_config
+from tests.training import make_prepared
 
-
-@pytest.fixture(autouse=True)
-def tiny_cpu_preset(monkeypatch):
-    monkeypatch.setitem(
-        config_module.PRESETS,
-        "cpu",
-        lambda res, nc: tiny_config(resolution=res or 16, num_classes=nc),
-    )
+pytestmark = pytest.mark.usefixtures("tiny_cpu_preset")
 
 
 def test_the_public_corpus_is_its_own_domain():

@@ -10,22 +10,15 @@ import torch
 
 from fedspine.fileio import file_sha256
 from fedspine.privacy.home import PrivacyHome
-from fedspine.training import config as config_module
 from fedspine.training.checkpoint import load_checkpoint
 from fedspine.training.generate import load_generator
 from fedspine.training.run import DPRequest, TrainRequest, TrainRunError, train
-from tests.training import make_prepared, tiny_config
+from tests.training import make_prepared
 
 RUN = {"preset": "cpu", "kimg": 0.016, "snapshot_kimg": 0.016, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def tiny_cpu_preset(monkeypatch):
-    monkeypatch.setitem(
-        config_module.PRESETS,
-        "cpu",
-        lambda res, nc: tiny_config(resolution=res or 16, num_classes=nc),
-    )
+pytestmark = pytest.mark.usefixtures("tiny_cpu_preset")
 
 
 @pytest.fixture
