@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -77,9 +79,6 @@ def test_aggregation_memory_compares_both_variants_in_one_run(capsys):
     models = report["models_in_memory"]
     # Four replies held at once (plus the sum) against the sum and one reply.
     assert models["running_sum"] < models["all_replies"] - 0.5, models
-
-
-import pytest  # noqa: E402  (appended with the test below; this file is edited append-only)
 
 
 @pytest.mark.slow

@@ -1,0 +1,413 @@
+"""Time to quality (issue 18): signal retained against wall-clock minutes of training, for the
+`cpu` preset as it is (`today`) and a tuned candidate (`tuned`), side by side in one run.
+
+Data: three phantom sites (`--images-per-site` each), ingested at every `--resolutions` and
+pooled (`merge_prepared`), cached under `--work` so reruns reuse them. For each resolution,
+one fresh trainer per variant and training seed (`build_trainer`, the library's own) trains on
+the pooled train split against its own wall clock, in turns of `--chunk-seconds` (the one with
+the least time goes next, so a change in the machine's load falls on every variant alike; each
+keeps its own torch RNG stream). At each `--minutes` mark the clocks stop, each G_ema is saved as
+a generator, `--per-class` synthetic images per class are generated and evaluated (`fedspine
+evaluate`'s pipeline: TSTR against TRTR on the pooled real test split), and the clocks resume.
+Every evaluation of one resolution shares one TRTR classifier (a TRTR cache folder beside the
+pooled data, keyed by the evaluation settings), so every number is against the same reference.
+
+`tuned` applies issue 18's items 1-2 to the cpu preset: ADA adjusts over 15 kimg instead of 100,
+path-length regularisation and style mixing are off. `--set key=value` changes the tuned
+candidate further (dotted keys into TrainConfig: `augment.adjust_kimg=10`, `r1_gamma=0.05`,
+`network.mapping_layers=1`, `batch=16`, `ema_kimg=2`); `start_p=0.2` starts ADA's p there
+instead of 0 (a benchmark knob: AugmentConfig has no such field yet).
+
+Prints one JSON object: one row per (variant, resolution, seed, minute mark) with kimg reached,
+TSTR and TRTR AUC [95 % CI], signal retained (TSTR − 0.5)/(TRTR − 0.5) [CI], TSTR/TRTR and ADA p;
+and per resolution and mark the mean over seeds of each variant and the ratios tuned / today.
+The clock is wall time, so on a shared machine the minutes buy less training: the load average
+before and after, the training CPU seconds and the thread count are recorded with the argv.
+Issue 18's measurement (15 minutes on 2 quiet cores):
+
+    python benchmarks/time_to_quality.py --work DIR --threads 2 \\
+        --resolutions 32 64 --seeds 0 1 --minutes 5 10 15
+
+`--quick` is a smoke run of the whole path at toy sizes (16 px, seconds per mark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedspine.data.ingest import IngestConfig, ingest
+from fedspine.data.phantom import write_phantom_sites
+from fedspine.data.prepared import load_prepared, merge_prepared
+from fedspine.evaluation.config import EvaluateConfig
+from fedspine.evaluation.records import read_evaluation
+from fedspine.reporting.evaluation_report import evaluate
+from fedspine.training.batches import BatchSampler, training_data
+from fedspine.training.config import TrainConfig, preset_config
+from fedspine.training.factory import TrainerSpec, build_trainer
+from fedspine.training.gan_trainer import configure_cpu
+from fedspine.training.generate import generate_dataset, save_generator
+
+VARIANTS = ("today", "tuned")
+# Issue 18, items 1-2: ADA that can react within a short run; no path-length regularisation and
+# no style mixing (NVIDIA's own 32 px configuration turns both off).
+TUNED = {"augment.adjust_kimg": 15.0, "pl_weight": 0.0, "style_mixing": 0.0}
+BENCHMARK_KNOBS = ("start_p",)
+QUICK = {
+    "images_per_site": 40,
+    "phantom_size": 64,
+    "resolutions": [16],
+    "seeds": [0],
+    "minutes": [0.04, 0.08],
+    "per_class": 16,
+    "epochs": 2,
+    "bootstrap": 50,
+    "chunk_seconds": 1.0,
+}
+SITES = 3
+# Compared as tuned / today at every mark. Signal retained is None where TRTR's interval holds
+# chance (then only the plain AUC ratio and the kimg reached compare).
+RATIO_KEYS = ("signal_retained", "tstr_over_trtr", "kimg")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("time_to_quality"))
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 10.0, 15.0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument("--images-per-site", type=int, default=300)
+    parser.add_argument("--phantom-size", type=int, default=256, help="phantom short side, px")
+    parser.add_argument("--per-class", type=int, default=300, help="synthetic images per class")
+    parser.add_argument("--epochs", type=int, default=10, help="evaluation classifier epochs")
+    parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--eval-seed", type=int, default=0, help="one for every evaluation")
+    parser.add_argument("--threads", type=int, default=None, help="default: the usable cores")
+    parser.add_argument(
+        "--chunk-seconds", type=float, default=10.0, help="training turn of each contender"
+    )
+    parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:  # toy sizes as defaults; options given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    minutes = sorted(set(args.minutes))
+    overrides = parse_overrides(args.overrides)
+
+    load_before = os.getloadavg()
+    threads = configure_cpu(args.threads)
+    started = time.perf_counter()
+    work = args.work
+    pooled = {res: _pooled_data(work, args, res) for res in args.resolutions}
+    eval_cfg = EvaluateConfig(
+        arch="small",
+        epochs=args.epochs,
+        patience=3,
+        seed=args.eval_seed,
+        bootstrap=args.bootstrap,
+        mix_per_class=0,  # no mixed arm: TSTR and TRTR are what this measures
+        domain_epochs=1,
+        threads=threads,
+    )
+    eval_tag = hashlib.sha256(json.dumps(eval_cfg.to_dict(), sort_keys=True).encode())
+    rows: list[dict] = []
+    configs: dict[str, dict] = {}
+    for res in args.resolutions:
+        data_path = pooled[res]
+        dataset = load_prepared(data_path)
+        data = training_data(dataset.select("train", labelled=True), res)
+        trtr_cache = data_path.parent / f"trtr-{res}-{eval_tag.hexdigest()[:10]}"
+        contenders = []
+        for variant in args.variants:
+            cfg, start_p = variant_config(variant, res, data.num_classes, overrides)
+            configs[f"{variant}/{res}px"] = {**cfg.to_dict(), "start_p": start_p}
+            for seed in args.seeds:
+                folder = work / "runs" / f"{variant}-{res}px-seed{seed}"
+                shutil.rmtree(folder, ignore_errors=True)
+                contenders.append(Contender(variant, cfg, start_p, seed, data, folder))
+
+        def evaluate_row(c: Contender, mark: float, path=data_path, cache=trtr_cache) -> dict:
+            return c.evaluate_at(mark, path, cache, eval_cfg, args.per_class, threads)
+
+        rows += _race(contenders, minutes, args.chunk_seconds, evaluate_row)
+    report = {
+        "benchmark": "time_to_quality",
+        "argv": ["benchmarks/time_to_quality.py", *(sys.argv[1:] if argv is None else argv)],
+        "quick": args.quick,
+        "clock": "wall seconds of training only (saving, generating, evaluating paused it)",
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "seconds_total": time.perf_counter() - started,
+        "data": {
+            "sites": SITES,
+            "images_per_site": args.images_per_site,
+            "phantom_size": args.phantom_size,
+            "train_images": {f"{r}px": _split_size(pooled[r], "train") for r in pooled},
+            "test_images": {f"{r}px": _split_size(pooled[r], "test") for r in pooled},
+        },
+        "evaluation": {"per_class": args.per_class, **eval_cfg.to_dict()},
+        "tuned_changes": {**TUNED, **overrides},
+        "configs": configs,
+        "rows": rows,
+        "summary": summarise(rows, args.resolutions, minutes),
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def variant_config(
+    variant: str, resolution: int, num_classes: int, overrides: dict
+) -> tuple[TrainConfig, float]:
+    """The variant's TrainConfig and ADA's starting p."""
+    cfg = preset_config("cpu", resolution, num_classes)
+    cfg.device = "cpu"
+    if variant == "today":
+        return cfg, 0.0
+    changes = {**TUNED, **overrides}
+    start_p = float(changes.pop("start_p", 0.0))
+    return apply_overrides(cfg, changes), start_p
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` strings as a dict; values read as JSON (numbers, booleans, null) or text."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out[key.strip()] = value
+    return out
+
+
+def apply_overrides(cfg: TrainConfig, changes: dict) -> TrainConfig:
+    """``cfg`` with dotted keys replaced (``augment.adjust_kimg``, ``network.mapping_layers``,
+    ``pl_weight``); every part is rebuilt, so its own checks run. Unknown keys are refused."""
+    data = cfg.to_dict()
+    for key, value in changes.items():
+        if key in BENCHMARK_KNOBS:
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise SystemExit(f"--set {key}: {part!r} is not a section of TrainConfig")
+            node = node[part]
+        if leaf not in node:
+            raise SystemExit(f"--set {key}: no such setting (see fedspine/training/config.py)")
+        node[leaf] = value
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--set: {err}") from None
+
+
+def summarise(rows: list[dict], resolutions: list[int], minutes: list[float]) -> dict:
+    """Per resolution and minute mark: each variant's means over seeds, and tuned / today."""
+    out: dict[str, dict] = {}
+    for res in resolutions:
+        per_mark: dict[str, dict] = {}
+        for mark in minutes:
+            entry: dict[str, dict | float | None] = {}
+            for variant in VARIANTS:
+                picked = [
+                    r for r in rows if r["variant"] == variant
+                    and r["resolution"] == res and r["minutes"] == mark
+                ]  # fmt: skip
+                if picked:
+                    entry[variant] = {
+                        key: _mean([r[key] for r in picked])
+                        for key in (*RATIO_KEYS, "tstr_auc", "trtr_auc", "ada_p")
+                    } | {"seeds": len(picked)}
+            if "today" in entry and "tuned" in entry:
+                for key in RATIO_KEYS:
+                    entry[f"{key}_tuned_over_today"] = _ratio(
+                        entry["tuned"][key], entry["today"][key]
+                    )
+            per_mark[_mark(mark)] = entry
+        out[f"{res}px"] = per_mark
+    return out
+
+
+class Contender:
+    """One (variant, seed) trainer with its own clock and its own torch RNG stream."""
+
+    def __init__(
+        self, variant: str, cfg: TrainConfig, start_p: float, seed: int, data, folder: Path
+    ) -> None:
+        self.variant, self.seed, self.data, self.folder = variant, seed, data, folder
+        self.cfg = dataclasses.replace(cfg, seed=seed)
+        self.trainer = build_trainer(TrainerSpec(), self.cfg, data.label_prior(), "cpu")
+        if self.trainer.augment_pipe is not None and start_p > 0:
+            with torch.no_grad():
+                self.trainer.augment_pipe.p.fill_(start_p)
+        self.batches = BatchSampler(data, self.cfg.batch, self.trainer.np_rng)
+        self.rng_state = torch.get_rng_state()
+        self.wall = self.cpu = 0.0
+
+    def train_for(self, seconds: float) -> None:
+        """Train about ``seconds`` of wall time (the clock is read after every step)."""
+        tick_kimg = self.cfg.batch / 1000
+        start, cpu_start = time.perf_counter(), time.process_time()
+
+        def stop(_trainer, _record) -> bool:
+            return time.perf_counter() - start >= seconds
+
+        torch.set_rng_state(self.rng_state)
+        self.trainer.run(1e6, self.batches, on_tick=stop, tick_kimg=tick_kimg)
+        self.rng_state = torch.get_rng_state()
+        self.wall += time.perf_counter() - start
+        self.cpu += time.process_time() - cpu_start
+
+    def evaluate_at(
+        self,
+        mark: float,
+        data_path: Path,
+        trtr_cache: Path,
+        eval_cfg: EvaluateConfig,
+        per_class: int,
+        threads: int,
+    ) -> dict:
+        """Save G_ema, generate ``per_class`` images per class, evaluate them: one row."""
+        trainer, out = self.trainer, self.folder / f"m{_mark(mark)}"
+        generator = save_generator(
+            out / "generator.pt",
+            trainer.G_ema,
+            self.cfg.to_dict()["network"],
+            self.data.class_names,
+            training={"cur_nimg": trainer.cur_nimg, "preset": self.cfg.preset, "seed": self.seed},
+        )
+        start = time.perf_counter()
+        generate_dataset(generator, out / "synthetic", per_class=per_class, seed=self.seed)
+        evaluate(
+            out / "synthetic",
+            data_path,
+            data_path,
+            out / "evaluation",
+            dataclasses.replace(eval_cfg),
+            trtr_cache=trtr_cache,
+        )
+        torch.set_num_threads(threads)
+        row = {
+            "variant": self.variant,
+            "resolution": self.cfg.resolution,
+            "seed": self.seed,
+            "minutes": mark,
+            "train_wall_seconds": self.wall,
+            "train_cpu_seconds": self.cpu,
+            "kimg": trainer.cur_nimg / 1000,
+            "ada_p": trainer.ada_p,
+            **_scores(out / "evaluation"),
+            "eval_seconds": time.perf_counter() - start,
+        }
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        return row
+
+
+def _race(
+    contenders: list[Contender],
+    minutes: list[float],
+    chunk_seconds: float,
+    evaluate_row,
+) -> list[dict]:
+    """Advance every contender to each minute mark in turns of ``chunk_seconds`` (the one with
+    the least wall time goes next, so a change in the machine's load falls on all of them),
+    then evaluate each at the mark."""
+    rows = []
+    for mark in minutes:
+        deadline = mark * 60.0
+        while True:
+            behind = [c for c in contenders if c.wall < deadline]
+            if not behind:
+                break
+            nxt = min(behind, key=lambda c: c.wall)
+            nxt.train_for(min(chunk_seconds, deadline - nxt.wall))
+        rows += [evaluate_row(c, mark) for c in contenders]
+    return rows
+
+
+def _scores(report_dir: Path) -> dict:
+    report = read_evaluation(report_dir)
+    arms = report.arms or {}
+    tstr = ((report.utility.arms or {}) if report.utility else {}).get("TSTR")
+    return {
+        "tstr_auc": arms["TSTR"].auc,
+        "tstr_ci": arms["TSTR"].ci,
+        "trtr_auc": arms["TRTR"].auc,
+        "trtr_ci": arms["TRTR"].ci,
+        "signal_retained": tstr.signal_retained if tstr else None,
+        "signal_retained_ci": tstr.signal_retained_ci if tstr else None,
+        "tstr_over_trtr": report.ratios.tstr_over_trtr if report.ratios else None,
+        "verdict": tstr.verdict if tstr else None,
+    }
+
+
+def _pooled_data(work: Path, args, resolution: int) -> Path:
+    """Three phantom sites ingested at ``resolution`` and pooled; made once, then reused."""
+    root = work / f"phantom-{SITES}x{args.images_per_site}-{args.phantom_size}px"
+    pooled = root / f"pooled-{resolution}"
+    if _is_prepared(pooled):
+        return pooled
+    raw = root / "dicom"
+    if not raw.exists():  # written whole, then renamed: an interrupted run leaves no half set
+        partial = root / ".dicom-partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_phantom_sites(partial, SITES, args.images_per_site, size=args.phantom_size, seed=0)
+        partial.rename(raw)
+    sites = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+    parts = []
+    for site in sites:
+        prepared = root / f"prepared-{resolution}" / site.name
+        if not _is_prepared(prepared):
+            ingest(site, prepared, IngestConfig(resolution=resolution, seed=0), overwrite=True)
+        parts.append(load_prepared(prepared))
+    merge_prepared(parts, pooled, [s.name for s in sites], overwrite=True)
+    return pooled
+
+
+def _is_prepared(path: Path) -> bool:
+    try:
+        load_prepared(path)
+    except Exception:
+        return False
+    return True
+
+
+def _split_size(path: Path, split: str) -> int:
+    return int((load_prepared(path).splits == split).sum())
+
+
+def _mean(values: list) -> float | None:
+    kept = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(kept)) if kept else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _mark(minutes: float) -> str:
+    return f"{minutes:g}"
+
+
+if __name__ == "__main__":
+    main()
