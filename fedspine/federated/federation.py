@@ -61,7 +61,11 @@ from fedspine.training.dp import DPConfig
 from fedspine.training.dp_trainer import dp_train_config
 from fedspine.training.gan_trainer import GanTrainer
 from fedspine.training.generate import save_generator
-from fedspine.training.public_init import PublicInitError, load_public_init
+from fedspine.training.public_init import (
+    PublicInitError,
+    load_public_init,
+    pretraining_component,
+)
 
 __all__ = [
     "FederationConfig",
@@ -74,6 +78,7 @@ __all__ = [
 ]
 
 REPLY_POLL_SECONDS = 1.0
+FRESH_START = "none: round 1 started from fresh weights"
 
 
 def initial_weights(config: FederationConfig) -> tuple[dict, dict, dict | None]:
@@ -528,7 +533,7 @@ def _write_privacy(out: Path, config: FederationConfig, pretraining: dict | None
     if not config.dp:
         components = {
             "discriminator": "trained without differential privacy",
-            "pretraining": _pretraining_text(pretraining),
+            "pretraining": pretraining_component(pretraining, FRESH_START),
         }
         if spinegan:
             components["clinical_classifier"] = (
@@ -575,7 +580,7 @@ def _write_privacy(out: Path, config: FederationConfig, pretraining: dict | None
         + ("uniform" if config.label_prior is None else str(config.label_prior)),
         "ada_p": f"fixed at {config.dp_ada_p}",
         "clinical_classifier": "none (conditional GAN)",
-        "pretraining": _pretraining_text(pretraining),
+        "pretraining": pretraining_component(pretraining, FRESH_START),
         "site ledgers": "kept in each site's privacy home, steps written before they run; ε "
         "here is what each site reported for its worst patient",
         "dataset sizes": "treated as public (as in Opacus): q = patients per step / patients",
@@ -594,14 +599,4 @@ def _write_privacy(out: Path, config: FederationConfig, pretraining: dict | None
         accountant=REPORT_ACCOUNTANT,
         unit=" / ".join(units),
         run_id=config.name,
-    )
-
-
-def _pretraining_text(record: dict | None) -> str:
-    """Where round 1's weights came from."""
-    if not record:
-        return "none: round 1 started from fresh weights"
-    return (
-        f"round 1 started from public checkpoint sha256:{record['checkpoint_sha256']} (its data "
-        f"declared public: {record['declared_public']}); costs no site any ε"
     )

@@ -35,6 +35,7 @@ from fedspine.training.dp import MECHANISM_LABEL, DPConfig
 from fedspine.training.dp_trainer import dp_train_config, planned_d_steps
 from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
 from fedspine.training.gan_trainer import GanTrainer
+from fedspine.training.public_init import pretraining_component
 
 IMAGE_UNIT_CAVEAT = (
     "each image is its own unit, keyed by its file path (declared with --privacy-unit image): "
@@ -227,17 +228,8 @@ class RunPrivacy:
             "clinical_classifier": self.status.component
             if self.status is not None
             else "none (conditional GAN)",
-            "pretraining": _pretraining_text(self.pretraining),
+            "pretraining": pretraining_component(self.pretraining),
             "snapshots and sample grids": "from G_ema only",
             "dataset sizes": "treated as public (as in Opacus): q = patients per step / patients",
             **({"privacy unit": IMAGE_UNIT_CAVEAT} if self.unit == "image" else {}),
         }
-
-
-def _pretraining_text(record: dict[str, Any] | None) -> str:
-    if not record:
-        return "none"
-    return (
-        f"G, G_ema and D start from public checkpoint sha256:{record['checkpoint_sha256']} "
-        f"(its data declared public: {record['declared_public']}); costs no ε"
-    )

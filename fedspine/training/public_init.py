@@ -51,10 +51,7 @@ class PublicInit:
 
     def component(self) -> str:
         """One line for the privacy summary's "what was private and what public"."""
-        return (
-            f"G, G_ema and D start from public checkpoint sha256:{self.sha256[:16]}… "
-            f"(its data declared public: {self.declaration}); costs no ε"
-        )
+        return pretraining_component(self.record())
 
     def check_network(self, network: dict[str, Any]) -> None:
         """Refuse a run whose network settings differ from the checkpoint's (before anything,
@@ -77,6 +74,17 @@ class PublicInit:
         self.check_network(trainer.config.to_dict()["network"])
         for name in NETWORKS:
             getattr(trainer, name).load_state_dict(self.weights[name])
+
+
+def pretraining_component(record: dict[str, Any] | None, none: str = "none") -> str:
+    """The privacy summary's "pretraining" line for a :meth:`PublicInit.record` (``none`` when
+    the networks started from fresh weights); one wording for runs, DP runs and federations."""
+    if not record:
+        return none
+    return (
+        f"G, G_ema and D start from public checkpoint sha256:{record['checkpoint_sha256']} "
+        f"(its data declared public: {record['declared_public']}); costs no ε"
+    )
 
 
 def load_public_init(source: str | Path, dataset_content_hash: str) -> PublicInit:
