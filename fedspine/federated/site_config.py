@@ -28,6 +28,12 @@ class SiteRefusal(Exception):
 # What a site trains per round unless its admin sets more: the server cannot raise them.
 DEFAULT_MAX_LOCAL_KIMG = 50.0
 DEFAULT_MAX_RESOLUTION = 256
+MAX_DECLARATION = 500
+"""Characters of a server's "why this checkpoint is public" a site keeps in its ledger."""
+PRETRAINING_FIELDS = frozenset(
+    {"checkpoint", "checkpoint_sha256", "declared_public", "dataset_content_hash", "epsilon"}
+)
+"""What a server's pretraining record may hold: the fields of ``PublicInit.record()``."""
 
 
 @dataclass(frozen=True)
@@ -122,14 +128,47 @@ class RoundConfig:
                 dp=json.loads(str(record["dp"])) if record.get("dp") else None,
                 model=str(record.get("model", "cgan")),
                 clinical=json.loads(str(record["clinical"])) if record.get("clinical") else None,
-                pretraining=(
-                    json.loads(str(record["pretraining"])) if record.get("pretraining") else None
-                ),
+                pretraining=declared_pretraining(record.get("pretraining")),
             )
         except KeyError as err:
             raise SiteRefusal(
                 f"the train message lacks {err}; is the server a fedspine server?"
             ) from None
+
+
+def declared_pretraining(text: Any) -> dict[str, Any] | None:
+    """The server's declaration of the public checkpoint round 1 started from, as the site will
+    write it into its own ledger: the fields of ``PublicInit.record()`` with their types and
+    bounded lengths (a SHA-256, a short reason, ε 0), or refused. A server may not put anything
+    else, or anything large, into a site's ledger."""
+    if not text:
+        return None
+    try:
+        value = json.loads(str(text))
+    except ValueError:
+        value = None
+
+    def short(key: str, limit: int) -> bool:
+        item = value.get(key)
+        return isinstance(item, str) and 0 < len(item) <= limit
+
+    sha = value.get("checkpoint_sha256") if isinstance(value, dict) else None
+    ok = (
+        isinstance(value, dict)
+        and set(value) <= PRETRAINING_FIELDS
+        and isinstance(sha, str)
+        and len(sha) == 64
+        and all(c in "0123456789abcdef" for c in sha)
+        and short("declared_public", MAX_DECLARATION)
+        and all(short(k, 200) for k in ("checkpoint", "dataset_content_hash") if k in value)
+        and value.get("epsilon", 0.0) == 0.0
+    )
+    if not ok:
+        raise SiteRefusal(
+            "the server's pretraining record is not a public checkpoint's SHA-256 and a short "
+            "declaration; refused"
+        )
+    return value
 
 
 def check_round_limits(site: SiteConfig, rc: RoundConfig) -> None:

@@ -114,3 +114,23 @@ def test_each_site_records_the_public_start_beside_its_dp_steps(tmp_path, public
         assert record["notes"]["pretraining"]["as_declared_by"] == "the server"
     privacy = json.loads((tmp_path / "out" / "privacy.json").read_text())
     assert sha in privacy["components"]["pretraining"]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"checkpoint_sha256": "0" * 64, "declared_public": "x" * 10_000},  # bloats the ledger
+        {"checkpoint_sha256": "not a hash", "declared_public": "phantom"},
+        {"checkpoint_sha256": "0" * 64, "declared_public": "phantom", "extra": "anything"},
+        {"checkpoint_sha256": "0" * 64, "declared_public": "phantom", "epsilon": 3.0},
+        ["a", "list"],
+    ],
+)
+def test_a_hostile_pretraining_record_is_refused_before_it_reaches_the_ledger(record):
+    """The site writes the server's declaration into its own ledger: only a bounded record."""
+    from fedspine.federated.site_config import SiteRefusal
+
+    rc = RoundConfig("pub", 1, 0.1, {}, [0.5, 0.5], ["a", "b"], "v").to_record()
+    rc["pretraining"] = json.dumps(record)
+    with pytest.raises(SiteRefusal, match="pretraining record"):
+        RoundConfig.from_record(rc)
