@@ -139,20 +139,23 @@ def _note_round(
     if site is None:
         return
     config = msg.content.get("config", {})
-    privacy = None
-    if extra and "privacy" in extra:
-        privacy = json.loads(str(extra["privacy"]))
+    # What the server sent is untrusted: short text, and the round only if it is a number.
     record = {
         "updated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "action": msg.metadata.message_type,
-        "group": msg.metadata.group_id,
-        "federation": str(config.get("federation", "")),
-        "round": int(config.get("server-round", 0) or 0),
+        "action": str(msg.metadata.message_type)[:100],
+        "group": str(msg.metadata.group_id)[:100],
+        "federation": str(config.get("federation", ""))[:200],
+        "round": _round_number(config.get("server-round")),
         "outcome": outcome,
         "reason": reason,
-        "privacy": privacy,
+        "privacy": json.loads(str(extra["privacy"])) if extra and "privacy" in extra else None,
     }
     try:
         write_json_atomic(site.state_dir / SITE_LAST_ROUND, record)
     except OSError as err:
         print(f"fedspine: could not write {SITE_LAST_ROUND}: {err}", file=sys.stderr)
+
+
+def _round_number(value: object) -> int | None:
+    """The round a message names, or None where the server sent no whole number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

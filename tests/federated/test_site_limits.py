@@ -104,3 +104,22 @@ def test_a_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_hostile_round_number_cannot_crash_the_sites_own_record(tmp_path):
+    """The site notes every request in state/last_round.json; what the server sent there is
+    untrusted: a non-number round or huge names must neither raise nor bloat the file."""
+    import json
+    from types import SimpleNamespace
+
+    from fedspine.federated.client_app import _note_round
+
+    site = SiteConfig(data_path=tmp_path / "d", site_name="s", state_dir=tmp_path / "state")
+    msg = SimpleNamespace(
+        content={"config": {"server-round": "DROP TABLE", "federation": "f" * 10_000}},
+        metadata=SimpleNamespace(message_type="train", group_id="g" * 10_000),
+    )
+    _note_round(site, msg, "refused", "refused: x")
+    record = json.loads((tmp_path / "state" / "last_round.json").read_text())
+    assert record["round"] is None and len(record["federation"]) == 200
+    assert len(record["group"]) == 100 and record["outcome"] == "refused"
