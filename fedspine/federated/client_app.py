@@ -13,8 +13,7 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import torch  # noqa: F401  (flwr's ArrayRecord.to_torch_state_dict needs torch imported)
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedspine.data.prepared import load_prepared
@@ -31,6 +30,7 @@ from fedspine.federated.site import (
     check_version,
     train_round,
 )
+from fedspine.federated.weights import read_weight_records, weight_records
 from fedspine.fileio import SITE_LAST_ROUND, write_json_atomic
 
 # Error codes the server shows; Flower reserves small numbers for its own.
@@ -46,10 +46,8 @@ def train(msg: Message, context: Context) -> Message:
 
     def run(site: SiteConfig):
         rc = RoundConfig.from_record(msg.content["config"])
-        weights = msg.content["arrays"].to_torch_state_dict()
-        classifier = (
-            msg.content["classifier"].to_torch_state_dict() if "classifier" in msg.content else None
-        )
+        weights = _received(msg, "arrays")
+        classifier = _received(msg, "classifier") if "classifier" in msg.content else None
         return train_round(site, rc, weights, classifier)
 
     return _reply(msg, context, run)
@@ -61,7 +59,7 @@ def train_classifier(msg: Message, context: Context) -> Message:
 
     def run(site: SiteConfig):
         rc = ClassifierRoundConfig.from_record(msg.content["config"])
-        return train_classifier_round(site, rc, msg.content["arrays"].to_torch_state_dict())
+        return train_classifier_round(site, rc, _received(msg, "arrays"))
 
     return _reply(msg, context, run)
 
@@ -112,6 +110,7 @@ def _reply(msg: Message, context: Context, run: Callable[[SiteConfig], tuple]) -
         check_not_stale(msg.metadata.created_at, msg.metadata.ttl)
         site = SiteConfig.from_node_config(context.node_config)
         new_weights, metrics, extra = run(site)
+        packed = weight_records(new_weights)
     except SiteRefusal as err:
         reason = f"refused: {public_reason(err)}"
         _note_round(site, msg, "refused", reason)
@@ -124,12 +123,21 @@ def _reply(msg: Message, context: Context, run: Callable[[SiteConfig], tuple]) -
     _note_round(site, msg, "trained", "", extra)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(new_weights),
+            **packed,
             "metrics": MetricRecord(metrics),
             "site": ConfigRecord(extra),
         }
     )
     return Message(content, reply_to=msg)
+
+
+def _received(msg: Message, name: str):
+    """The weights the server packed into the message under ``name``; a message whose weights
+    or layout cannot be read is refused (:func:`fedspine.federated.weights.unpack_weights`)."""
+    try:
+        return read_weight_records(msg.content, name)
+    except ValueError as err:
+        raise SiteRefusal(f"the message's {name!r} weights cannot be read: {err}") from None
 
 
 def _note_round(

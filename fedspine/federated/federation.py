@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedspine import __version__
@@ -50,7 +50,12 @@ from fedspine.federated.run_folder import (
     write_status,
 )
 from fedspine.federated.site_config import RoundConfig
-from fedspine.federated.weights import RunningFedAvg, split_weights, trainer_weights
+from fedspine.federated.weights import (
+    RunningFedAvg,
+    split_weights,
+    trainer_weights,
+    weight_records,
+)
 from fedspine.fileio import CLASSIFIER_WEIGHTS, FEDERATION_CONFIG, RUN_GENERATOR, write_json_atomic
 from fedspine.models import Generator, NetworkConfig
 from fedspine.privacy.accounting import REPORT_ACCOUNTANT
@@ -222,14 +227,15 @@ class _Rounds:
         t0 = time.perf_counter()
         config = self.config
         self._wait_for_sites(phase, server_round, t0)
+        # The weights travel packed (one Array and its layout: a handful of Flower objects,
+        # not one per tensor), the same content for every site.
+        packed = weight_records(weights)
         sampled = self.strategy.configure_train(
-            server_round, ArrayRecord(weights), ConfigRecord(record), self.grid
+            server_round, packed["arrays"], ConfigRecord(record), self.grid
         )
         # FedAvg picks the sites; the message is ours, so it can name a custom train action
         # and carry more records (the frozen classifier) than the weights being averaged.
-        content = RecordDict(
-            {"arrays": ArrayRecord(weights), "config": ConfigRecord(record), **(extra or {})}
-        )
+        content = RecordDict({**packed, "config": ConfigRecord(record), **(extra or {})})
         # The round's deadline travels with its messages: a site that receives one after it
         # refuses it rather than spend ε on a round whose result would be discarded.
         messages = [
@@ -298,7 +304,7 @@ def _gan_phase(
     spec, extra = None, {}
     if clinical is not None:
         spec, classifier_weights = clinical
-        extra = {"classifier": ArrayRecord(classifier_weights)}
+        extra = weight_records(classifier_weights, "classifier")
         if last is not None and data.get("classifier_sha256") != spec["sha256"]:
             raise FederationError(
                 f"{last}: the GAN rounds so far were trained with another classifier than "

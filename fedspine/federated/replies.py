@@ -1,7 +1,9 @@
 """Checking a site's reply before it may reach the average: a bad reply fails its site only.
 
 The server trusts nothing a site sends: the records it must hold, the federation and round it
-answers, and weights with exactly the keys, shapes and dtypes that were sent, all finite.
+answers, and weights with exactly the keys, shapes and dtypes that were sent, all finite. The
+weights come packed (:func:`fedspine.federated.weights.pack_weights`); their layout is checked
+against the size of what was sent before the packed bytes are cut up.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedspine.federated.weights import RunningFedAvg
+from fedspine.federated.weights import RunningFedAvg, layout_record_name, read_weight_records
 
 
 def take_reply(
@@ -53,7 +55,7 @@ def reply_problem(reply, expected: dict[str, Any]) -> tuple[str | None, dict | N
     and privacy summary), so that the caller never decodes a whole model twice.
     """
     content = reply.content
-    for name in ("arrays", "metrics", "site"):
+    for name in ("arrays", layout_record_name("arrays"), "metrics", "site"):
         if name not in content:
             return f"no {name!r} record", None, None
     site = content["site"]
@@ -65,8 +67,9 @@ def reply_problem(reply, expected: dict[str, Any]) -> tuple[str | None, dict | N
             None,
             None,
         )
-    if int(site.get("round", -1)) != int(expected["round"]):
-        return f"answers round {site.get('round')}, not {expected['round']}", None, None
+    answered = site.get("round")
+    if isinstance(answered, bool) or not isinstance(answered, int) or answered != expected["round"]:
+        return f"answers round {str(answered)[:40]!r}, not {expected['round']}", None, None
     privacy = None
     if "privacy" in site:
         try:
@@ -76,11 +79,15 @@ def reply_problem(reply, expected: dict[str, Any]) -> tuple[str | None, dict | N
     examples = content["metrics"].get("num-examples")
     if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
         return f"num-examples {examples!r} is not a positive count", None, None
-    try:
-        weights = content["arrays"].to_torch_state_dict()
-    except Exception as err:
-        return f"unreadable weights ({type(err).__name__})", None, None
     sent = expected["weights"]
+    # At most what was sent: a layout cannot make the server cut up more than one model's bytes.
+    sent_bytes = sum(t.numel() * t.element_size() for t in sent.values())
+    try:
+        weights = read_weight_records(content, max_tensors=len(sent), max_bytes=sent_bytes)
+    except ValueError as err:
+        return f"unreadable weights: {err}", None, None
+    except Exception as err:  # anything else a malformed record raises fails this site only
+        return f"unreadable weights ({type(err).__name__})", None, None
     if set(weights) != set(sent):
         missing, extra = sorted(set(sent) - set(weights)), sorted(set(weights) - set(sent))
         return f"weight keys differ (missing {missing[:3]}, unexpected {extra[:3]})", None, None

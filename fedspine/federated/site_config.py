@@ -91,7 +91,7 @@ class RoundConfig:
     model: str = "cgan"
     clinical: dict | None = None
     """SpineGAN only: the frozen classifier's config, metadata, sha256, λ and mapping (its
-    weights travel beside the GAN's, as the message's ``classifier`` ArrayRecord)."""
+    weights travel beside the GAN's, packed as the message's ``classifier`` record)."""
     pretraining: dict | None = None
     """The public checkpoint round 1 started from, as the server declares it (its SHA-256 and
     why its data is public); a site records it beside its DP steps. Initial weights the site

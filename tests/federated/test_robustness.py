@@ -1,27 +1,36 @@
 """A federation that a bad reply or a missing site cannot hang or fail (issue 13, items 5 and 7).
 
 Real ClientApps train in process; a wrapper corrupts one site's reply the way a broken or hostile
-site could (NaN weights, a reply to another round, a missing tensor). The round goes on with the
-other sites, the bad one is logged as failed with the reason, and the average never sees it.
+site could (NaN weights, a reply to another round, a missing tensor, a layout that does not fit
+the packed weights). The round goes on with the other sites, the bad one is logged as failed with
+the reason, and the average never sees it.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 
 from fedspine.federated.client_app import app as client_app
 from fedspine.federated.federation import read_rounds, run_federation
 from fedspine.federated.grid import InProcessGrid
+from fedspine.federated.weights import read_weight_records, weight_records
 from tests.federated.test_inprocess import _config, _nodes
 
 
+def _repack(reply, weights):
+    for name, record in weight_records(weights).items():
+        reply.content[name] = record
+
+
 def _nan_weights(reply):
-    weights = reply.content["arrays"].to_torch_state_dict()
+    weights = read_weight_records(reply.content)
     key = next(k for k, v in weights.items() if v.is_floating_point())
     weights[key] = torch.full_like(weights[key], float("nan"))
-    reply.content["arrays"] = ArrayRecord(weights)
+    _repack(reply, weights)
 
 
 def _other_round(reply):
@@ -31,9 +40,17 @@ def _other_round(reply):
 
 
 def _missing_tensor(reply):
-    weights = reply.content["arrays"].to_torch_state_dict()
+    weights = read_weight_records(reply.content)
     weights.pop(next(iter(weights)))
-    reply.content["arrays"] = ArrayRecord(weights)
+    _repack(reply, weights)
+
+
+def _tampered_layout(reply):
+    """The packed bytes stay; the layout claims a tensor smaller than the one packed."""
+    layout = json.loads(reply.content["arrays-layout"]["layout"])
+    shape = next(shape for _, _, shape in layout["tensors"] if shape and shape[0] > 0)
+    shape[0] -= 1
+    reply.content["arrays-layout"] = ConfigRecord({"layout": json.dumps(layout)})
 
 
 @pytest.mark.slow
@@ -43,6 +60,7 @@ def _missing_tensor(reply):
         (_nan_weights, "NaN or infinite"),
         (_other_round, "answers round 8, not 1"),
         (_missing_tensor, "weight keys differ"),
+        (_tampered_layout, "unreadable weights: the layout describes"),
     ],
 )
 def test_a_corrupt_reply_is_a_failed_site_and_stays_out_of_the_average(
