@@ -138,6 +138,21 @@ def train_command(
         help="With --dp or --dp-scheme clip-only/noise-only: fixed augmentation probability "
         "(adaptive ADA reads private data). (default: 0)",
     ),
+    dp_trainable_d: str = typer.Option(
+        None,
+        "--dp-trainable-d",
+        help="With --dp: which part of D is trained and privatised: all, or top:K (the 4x4 "
+        "epilogue with the label mapping, plus the K-1 lowest-resolution blocks; the rest stays "
+        "frozen, outside the noise). Useful with --init-from a public checkpoint. "
+        "(default: all)",
+    ),
+    dp_augment_views: int = typer.Option(
+        None,
+        "--dp-augment-views",
+        help="With --dp: augmented views of each image averaged inside each patient's gradient "
+        "row before clipping (no privacy cost, K times the D work; needs --ada-p > 0). "
+        "(default: 1)",
+    ),
     privacy_home: Path = privacy_home_option(),
     privacy_unit: str = privacy_unit_option(),
     max_epsilon: float = typer.Option(
@@ -257,6 +272,8 @@ def train_command(
             "--patients-per-step": patients_per_step,
             "--d-steps-per-g": d_steps_per_g,
             "--ada-p": ada_p,
+            "--dp-trainable-d": dp_trainable_d,
+            "--dp-augment-views": dp_augment_views,
             "--privacy-home": privacy_home,
             "--privacy-unit": privacy_unit,
             "--max-epsilon": max_epsilon,
@@ -408,6 +425,7 @@ def _privacy_options(dp: bool, scheme: str | None, flags: dict):
             _fail("--noise-for-epsilon only applies with --dp-scheme noise-only")
         if ("--epsilon" in given) == ("--noise-multiplier" in given):
             _fail("--dp needs exactly one of --epsilon and --noise-multiplier")
+        _check_dp_fine_tuning(given, value)
         return {
             "target_epsilon": given.get("--epsilon"),
             "noise_multiplier": given.get("--noise-multiplier"),
@@ -416,6 +434,8 @@ def _privacy_options(dp: bool, scheme: str | None, flags: dict):
             "expected_patients_per_step": value["--patients-per-step"],
             "d_steps_per_g": value["--d-steps-per-g"],
             "ada_p": value["--ada-p"],
+            "trainable_d": given.get("--dp-trainable-d", "all"),
+            "augment_views": given.get("--dp-augment-views", 1),
             "privacy_home": given.get("--privacy-home"),
             "privacy_unit": given.get("--privacy-unit"),
             "max_epsilon": given.get("--max-epsilon"),
@@ -423,6 +443,24 @@ def _privacy_options(dp: bool, scheme: str | None, flags: dict):
     if given:
         _fail(f"{', '.join(given)}: need --dp (or --dp-scheme, for the DP ablation)")
     return None, None
+
+
+def _check_dp_fine_tuning(given: dict, value: dict) -> None:
+    """--dp-trainable-d and --dp-augment-views, refused before any data is read."""
+    from fedspine.training.dp import MAX_AUGMENT_VIEWS, top_stages
+
+    try:
+        top_stages(given.get("--dp-trainable-d", "all"))
+    except ValueError as err:
+        _fail(f"--dp-trainable-d: {err}")
+    views = given.get("--dp-augment-views", 1)
+    if not 1 <= views <= MAX_AUGMENT_VIEWS:
+        _fail(f"--dp-augment-views {views}: choose 1 to {MAX_AUGMENT_VIEWS}")
+    if views > 1 and not value["--ada-p"] > 0:
+        _fail(
+            f"--dp-augment-views {views} averages augmented views, but no augmentation is on: "
+            "give --ada-p > 0 (or drop --dp-augment-views)"
+        )
 
 
 def _ablation_options(scheme: str, given: dict, value: dict):

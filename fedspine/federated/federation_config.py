@@ -49,6 +49,10 @@ class FederationConfig:
     dp_clip: float = 1.0
     dp_d_steps_per_g: int = 1
     dp_ada_p: float = 0.0
+    dp_trainable_d: str = "all"
+    """"all", or "top:K": the sites train (and privatise) only D's K lowest-resolution stages."""
+    dp_augment_views: int = 1
+    """Augmented views per image averaged inside each patient's row (needs dp_ada_p > 0)."""
     model: str = "cgan"
     classifier: ClassifierPhaseConfig = field(default_factory=ClassifierPhaseConfig)
     """SpineGAN only: the classifier phase that runs before the GAN rounds."""
@@ -66,6 +70,8 @@ class FederationConfig:
             "clip": float(self.dp_clip),
             "d-steps-per-g": int(self.dp_d_steps_per_g),
             "ada-p": float(self.dp_ada_p),
+            "trainable-d": str(self.dp_trainable_d),
+            "augment-views": int(self.dp_augment_views),
         }
 
     def validate(self) -> None:
@@ -83,6 +89,12 @@ class FederationConfig:
             raise FederationError("label_prior needs one weight per class")
         if self.model not in MODELS:
             raise FederationError(f"model must be one of {MODELS}, not {self.model!r}")
+        if self.dp:
+            problem = dp_fine_tuning_problem(
+                self.dp_trainable_d, self.dp_augment_views, self.dp_ada_p
+            )
+            if problem:
+                raise FederationError(f"[privacy] {problem}")
         if self.model == "spinegan":
             if len(self.class_names) < 2:
                 raise FederationError("SpineGAN's classifier needs at least two classes")
@@ -212,4 +224,30 @@ def _dp_fields(text: str) -> dict[str, Any]:
         "dp_clip": float(request["clip"]),
         "dp_d_steps_per_g": int(request["d-steps-per-g"]),
         "dp_ada_p": float(request["ada-p"]),
+        "dp_trainable_d": str(request.get("trainable-d", "all")),
+        "dp_augment_views": int(request.get("augment-views", 1)),
     }
+
+
+MAX_AUGMENT_VIEWS = 32
+"""fedspine.training.dp.MAX_AUGMENT_VIEWS, spelled out so the server imports no torch."""
+
+
+def dp_fine_tuning_problem(trainable_d: object, augment_views: object, ada_p: object) -> str:
+    """Why a request's ``trainable_d`` / ``augment_views`` cannot be trained, or "" when they
+    can, for the server's own config (torch-free). Each site checks what it is asked again
+    (``site_privacy.SitePrivacy``), K against its network included."""
+    spec = trainable_d if isinstance(trainable_d, str) else None
+    head, _, count = (spec or "").partition(":")
+    if spec != "all" and not (
+        head == "top" and count.isdigit() and len(count) <= 6 and int(count) >= 1
+    ):
+        return f"trainable_d must be 'all' or 'top:K' with K >= 1, not {str(trainable_d)[:40]!r}"
+    views = augment_views
+    if not isinstance(views, int) or isinstance(views, bool):
+        return f"augment_views must be a whole number, not {str(views)[:40]!r}"
+    if not 1 <= views <= MAX_AUGMENT_VIEWS:
+        return f"augment_views must be from 1 to {MAX_AUGMENT_VIEWS}, not {views}"
+    if views > 1 and not (isinstance(ada_p, int | float) and float(ada_p) > 0):
+        return f"augment_views {views} needs augmentation: ada_p > 0"
+    return ""

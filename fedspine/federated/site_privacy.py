@@ -34,7 +34,7 @@ from fedspine.privacy.engine import PrivacyEngine, PrivacyError, Reservation
 from fedspine.privacy.home import PrivacyHomeError
 from fedspine.privacy.ledger import LedgerError, mechanisms_of
 from fedspine.training.classifier_dp import MECHANISM_LABEL as CLASSIFIER_LABEL
-from fedspine.training.dp import MECHANISM_LABEL, DPConfig
+from fedspine.training.dp import MECHANISM_LABEL, TRAINABLE_ALL, DPConfig, top_stages
 from fedspine.training.dp_run import dp_unit_of
 from fedspine.training.dp_trainer import dp_train_config, planned_d_steps
 from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
@@ -145,22 +145,48 @@ class SitePrivacy(_RoundLedger):
         options = dict(rc.dp or {})
         self.patient_ids = train.privacy_ids
         self._open_engine(site, rc, dataset, self.patient_ids)
-        self.dp = DPConfig(
-            target_epsilon=self.target,
-            delta=self.delta,
-            max_grad_norm=float(options.get("clip", 1.0)),
-            expected_patients_per_step=min(
-                int(options.get("patients-per-step", 64)), self.num_patients
-            ),
-            d_steps_per_g=int(options.get("d-steps-per-g", 1)),
-            ada_p=float(options.get("ada-p", 0.0)),
-            accountant=PLAN_ACCOUNTANT,
-        )
+        trainable_d = options.get("trainable-d", TRAINABLE_ALL)
+        views = options.get("augment-views", 1)
+        try:
+            # The server's values, as sent: a string and a whole number, checked by DPConfig
+            # (K against the network when D is built; views bounded, and only with ada_p > 0).
+            if not isinstance(trainable_d, str) or len(trainable_d) > 20:
+                raise ValueError(f"trainable-d must be 'all' or 'top:K', not {trainable_d!r:.40}")
+            if not isinstance(views, int) or isinstance(views, bool):
+                raise ValueError(f"augment-views must be a whole number, not {views!r:.40}")
+            ada_p = float(options.get("ada-p", 0.0))
+            if views > 1 and not ada_p > 0:
+                raise ValueError(f"augment-views {views} needs augmentation (ada-p > 0)")
+            self.dp = DPConfig(
+                target_epsilon=self.target,
+                delta=self.delta,
+                max_grad_norm=float(options.get("clip", 1.0)),
+                expected_patients_per_step=min(
+                    int(options.get("patients-per-step", 64)), self.num_patients
+                ),
+                d_steps_per_g=int(options.get("d-steps-per-g", 1)),
+                ada_p=ada_p,
+                accountant=PLAN_ACCOUNTANT,
+                trainable_d=trainable_d,
+                augment_views=views,
+            )
+        except (TypeError, ValueError) as err:
+            raise SiteRefusal(
+                f"site {site.site_name}: the server's DP settings are refused: {err}"
+            ) from None
 
     def make_trainer(self, config, data, state: dict | None, clinical=None) -> GanTrainer:
         """The DP trainer of this round (SpineGAN's where ``clinical`` is given), with the
         round's steps already written into the ledger."""
         config = dp_train_config(config, self.dp)
+        stages = top_stages(self.dp.trainable_d)
+        blocks = len(config.network.block_resolutions) - 1  # D's blocks (fedspine.models)
+        if stages is not None and stages > blocks:
+            raise SiteRefusal(
+                f"site {self.site.site_name}: the server asks for trainable-d "
+                f"{self.dp.trainable_d}, but this network's D has {blocks} blocks (K from 1 "
+                f"to {blocks})"
+            )
         uniform = np.asarray(self.rc.label_prior, dtype=np.float64)
         round_steps = planned_d_steps(config, self.dp, self.rc.local_kimg)
         self._plan_round(

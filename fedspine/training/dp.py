@@ -15,6 +15,11 @@ Why this shape (DESIGN.md decisions 3 and 4, reference/dp.md):
   row to C, sums, adds N(0, σ²C²) and divides by the expected number of patients per step.
   Chunks are accumulated with Opacus' own skip-step mechanism, so one noise draw and one
   optimizer step happen per DP step whatever the chunking.
+- ``DPConfig.trainable_d = "top:K"`` trains only D's K lowest-resolution stages: the rows
+  cover those parameters alone (the rest enter the loss as constants), Opacus sees only them
+  (``_trainable``), so noise lands only there and the frozen ones never move.
+  ``DPConfig.augment_views = K`` makes each unit's loss the mean over K augmented views of its
+  images: still one row per unit, clipped as before, so it costs no privacy.
 - An empty Poisson draw still takes a noise-only step; :attr:`DPDiscriminatorStep.steps_taken`
   counts every optimizer step and is what the ledger must record (:func:`mechanism`).
 - Nothing computed on real data leaves the step except the privatised update: the metrics it
@@ -62,6 +67,9 @@ from fedspine.privacy.accounting import (
 
 MECHANISM_LABEL = "gan-discriminator"
 FakeSource = Callable[[int, Tensor], Tensor]
+TRAINABLE_ALL = "all"
+MAX_AUGMENT_VIEWS = 32
+"""Most augmented views per image a DP step takes (K views cost K passes of D per image)."""
 
 
 @dataclass
@@ -75,6 +83,15 @@ class DPConfig:
     ``r1_interval`` DP steps, scaled by the interval (still inside the clipped row, so it costs
     no extra privacy). ``ada_p`` is the fixed augmentation probability: adaptive ADA reads
     D(real) and is refused under DP.
+
+    ``trainable_d`` says which of D's parameters the DP step trains (and privatises): "all",
+    or "top:K" for the K lowest-resolution stages of D, counting the 4x4 epilogue together with
+    the label mapping as the first stage and each discriminator block above it as one more
+    (:func:`trainable_d_names`); the rest of D stays frozen, outside the gradient rows and the
+    noise. ``augment_views`` = K > 1 evaluates every real image and its paired fake under K
+    independently drawn augmentations inside the per-unit loss, whose value is the mean over the
+    views: still one clipped row per unit, so no privacy cost. It needs augmentation (ada_p > 0)
+    and multiplies the work per unit by K (a chunk then holds ``chunk_size // K`` units).
     """
 
     target_epsilon: float | None = None
@@ -88,6 +105,8 @@ class DPConfig:
     r1_interval: int = 16
     ada_p: float = 0.0
     accountant: str = REPORT_ACCOUNTANT
+    trainable_d: str = TRAINABLE_ALL
+    augment_views: int = 1
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
@@ -115,6 +134,13 @@ class DPConfig:
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(
                 f"DPConfig: accountant must be 'prv', 'rdp' or 'pld', got {self.accountant!r}"
+            )
+        top_stages(self.trainable_d)  # refuses a malformed value
+        views = self.augment_views
+        if not _whole(views) or not 1 <= views <= MAX_AUGMENT_VIEWS:
+            raise ValueError(
+                f"DPConfig: augment_views must be a whole number from 1 to {MAX_AUGMENT_VIEWS} "
+                f"(each view is one more pass of D per image), got {views!r}"
             )
 
 
@@ -152,6 +178,60 @@ def plan_noise(
 def mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> Mechanism:
     """The ledger entry of ``steps`` DP discriminator steps (use ``steps_taken``)."""
     return Mechanism(noise_multiplier, sample_rate, int(steps), label=MECHANISM_LABEL)
+
+
+def top_stages(spec: str) -> int | None:
+    """K of ``trainable_d`` = "top:K"; None for "all". Refuses any other value."""
+    if spec == TRAINABLE_ALL:
+        return None
+    text = spec if isinstance(spec, str) else ""
+    head, _, count = text.partition(":")
+    if head == "top" and count.isdigit() and len(count) <= 6 and int(count) >= 1:
+        return int(count)
+    raise ValueError(
+        f"DPConfig: trainable_d must be 'all' or 'top:K' with K >= 1 (the K lowest-resolution "
+        f"stages of D: the 4x4 epilogue with the label mapping, then blocks above it), got "
+        f"{spec!r}"
+    )
+
+
+def trainable_d_names(D: nn.Module, spec: str) -> list[str]:
+    """Names of D's parameters that ``trainable_d = spec`` trains, in D's order.
+
+    "all" is every parameter. "top:K" is the K lowest-resolution stages: the 4x4 epilogue
+    (conv, fc, out) with the label mapping of the projection (stage 1), and the last K - 1 of
+    ``D.blocks`` (blocks run from the highest resolution down, so these end at 8x8 -> 4x4).
+    ``from_rgb`` and the higher-resolution blocks stay frozen. K runs from 1 to
+    ``len(D.blocks)``: a larger K would leave only ``from_rgb`` frozen, use "all" for that.
+    """
+    names = [name for name, _ in D.named_parameters()]
+    k = top_stages(spec)
+    if k is None:
+        return names
+    blocks = getattr(D, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or getattr(D, "epilogue", None) is None:
+        raise ValueError(
+            f"DPConfig.trainable_d {spec}: needs a fedspine Discriminator (blocks, epilogue); "
+            f"got {type(D).__name__}"
+        )
+    if k > len(blocks):
+        raise ValueError(
+            f"DPConfig.trainable_d {spec}: this discriminator has {len(blocks)} blocks, so K runs "
+            f"from 1 (the 4x4 epilogue and the label mapping) to {len(blocks)} (all but the "
+            "highest-resolution block and from_rgb); use 'all' to train every parameter"
+        )
+    prefixes = ("epilogue.", "mapping.") + tuple(
+        f"blocks.{i}." for i in range(len(blocks) - (k - 1), len(blocks))
+    )
+    return [name for name in names if name.startswith(prefixes)]
+
+
+def trainable_fraction(D: nn.Module, spec: str) -> float:
+    """Share of D's parameter count (elements) that ``trainable_d = spec`` trains."""
+    chosen = set(trainable_d_names(D, spec))
+    named = list(D.named_parameters())
+    total = sum(p.numel() for _, p in named)
+    return sum(p.numel() for n, p in named if n in chosen) / max(total, 1)
 
 
 class PatientPoissonSampler:
@@ -236,6 +316,8 @@ class UnitBatch:
 
     Fakes are paired with reals one to one (same position), with labels from the public prior.
     Augmentation parameters are drawn here, outside vmap; empty dicts mean no augmentation.
+    With ``views`` = K > 1 each augmentation tensor is [N, K, ...]: K independent draws per
+    image (otherwise [N, ...]).
     """
 
     real: Tensor
@@ -247,6 +329,7 @@ class UnitBatch:
     aug_real: dict[str, Tensor]
     aug_fake: dict[str, Tensor]
     fake_labels: Tensor
+    views: int = 1
 
 
 class DPDiscriminatorStep:
@@ -313,14 +396,28 @@ class DPDiscriminatorStep:
         self.label_prior = prior / prior.sum()
         self.make_fakes = make_fakes
         self.augment_pipe = augment_pipe if _augments(augment_pipe, config) else None
+        if config.augment_views > 1 and self.augment_pipe is None:
+            raise ValueError(
+                f"DPDiscriminatorStep: augment_views={config.augment_views} averages augmented "
+                "views of each image, but no augmentation is active (ada_p is "
+                f"{config.ada_p}{', no augment pipe' if augment_pipe is None else ''}); set "
+                "ada_p > 0 with an augment pipe, or augment_views=1"
+            )
+        selected = trainable_d_names(D, config.trainable_d)  # refuses a K the network lacks
+        total = sum(p.numel() for p in D.parameters())
+        chosen = set(selected)
+        # The share of D's parameters (elements) this step trains and privatises.
+        self.trainable_fraction = sum(
+            p.numel() for n, p in D.named_parameters() if n in chosen
+        ) / max(total, 1)
         self.generator = generator if generator is not None else torch.Generator()
         self.debug_leaks = bool(debug_leaks)
         self.steps_taken = 0
         self.non_finite_rows = 0
         self.reservation: Any = None
         self._warmed: set[tuple[torch.device, torch.dtype]] = set()
-        self._names = [name for name, _ in D.named_parameters()]
-        with _trainable(D):
+        self._selected = chosen
+        with _trainable(D, chosen):
             self.dp_optimizer = make_dp_optimizer(
                 optimizer,
                 noise_multiplier=self.noise_multiplier,
@@ -328,13 +425,22 @@ class DPDiscriminatorStep:
                 expected_batch_size=config.expected_patients_per_step,
                 generator=noise_generator,
             )
-            mine = {id(p) for p in D.parameters()}
-            theirs = {id(p) for p in self.dp_optimizer.params}
-        if mine != theirs:
-            raise ValueError(
-                "DPDiscriminatorStep: the optimizer must hold exactly the discriminator's "
-                f"parameters ({len(mine)} tensors), it holds {len(theirs)}"
+            named = {id(p): name for name, p in D.named_parameters()}
+            mine = {id(p) for n, p in D.named_parameters() if n in chosen}
+            theirs = [id(p) for p in self.dp_optimizer.params]
+        if mine != set(theirs):
+            which = (
+                "parameters"
+                if config.trainable_d == TRAINABLE_ALL
+                else f"parameters selected by trainable_d={config.trainable_d!r}"
             )
+            raise ValueError(
+                f"DPDiscriminatorStep: the optimizer must hold exactly the discriminator's {which} "
+                f"({len(mine)} tensors), it holds {len(theirs)} trainable ones"
+            )
+        # Rows follow the order of Opacus' params (they are handed over by position).
+        self._names = [named[i] for i in theirs]
+        self._frozen = [p for n, p in D.named_parameters() if n not in chosen]
 
     @property
     def non_private(self) -> bool:
@@ -364,7 +470,9 @@ class DPDiscriminatorStep:
         """The DP update of :meth:`step` on a batch from :meth:`prepare` (audits, tests)."""
         if self.reservation is not None:
             self.reservation.take(1)  # written ahead in the ledger before the step runs
-        with _trainable(self.D):
+        for p in self._frozen:  # the wrapped optimizer steps only parameters with a gradient
+            p.grad = None
+        with _trainable(self.D, self._selected):
             stats: list[Tensor] = []
             chunks = self._chunk_grads(batch, stats)
             self.non_finite_rows += privatised_step(self.dp_optimizer, chunks)
@@ -428,10 +536,11 @@ class DPDiscriminatorStep:
             )
         aug_real: dict[str, Tensor] = {}
         aug_fake: dict[str, Tensor] = {}
+        views = self.config.augment_views
         if self.augment_pipe is not None and n:
             self._check_p()
-            aug_real = self.augment_pipe.sample_params(real.shape, device, self.generator)
-            aug_fake = self.augment_pipe.sample_params(real.shape, device, self.generator)
+            aug_real = self._draw_views(real.shape, device, views)
+            aug_fake = self._draw_views(real.shape, device, views)
         return UnitBatch(
             real=real,
             real_c=F.one_hot(labels, c_dim).float(),
@@ -442,13 +551,23 @@ class DPDiscriminatorStep:
             aug_real=aug_real,
             aug_fake=aug_fake,
             fake_labels=fake_labels,
+            views=views,
         )
+
+    def _draw_views(self, shape: torch.Size, device: torch.device, views: int) -> dict:
+        """Augmentation parameters of every image: [N, ...] for one view, [N, K, ...] for K."""
+        pipe = self.augment_pipe
+        if views == 1:
+            return pipe.sample_params(shape, device, self.generator)
+        draws = [pipe.sample_params(shape, device, self.generator) for _ in range(views)]
+        return {k: torch.stack([d[k] for d in draws], dim=1) for k in draws[0]}
 
     def per_unit_grads(self, batch: UnitBatch) -> dict[str, Tensor]:
         """Unclipped per-unit gradients {parameter name: [U, *shape]} in unit order (audits)."""
         chunks = list(self._chunk_grads(batch, [], keep_order=True))
         if not chunks:
-            return {name: p.new_zeros((0, *p.shape)) for name, p in self.D.named_parameters()}
+            named = dict(self.D.named_parameters())
+            return {name: named[name].new_zeros((0, *named[name].shape)) for name in self._names}
         order = torch.cat([c[1] for c in chunks])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -488,13 +607,17 @@ class DPDiscriminatorStep:
         members = torch.argsort(batch.unit_index.cpu(), stable=True)
         starts = torch.cumsum(sizes, 0) - sizes
         self._warm_constants(batch.real)
-        params = {name: p.detach() for name, p in self.D.named_parameters()}
+        named = dict(self.D.named_parameters())
+        # Gradients are taken over the trained parameters only; frozen ones enter as constants.
+        params = {name: named[name].detach() for name in self._names}
+        frozen = {name: p.detach() for name, p in named.items() if name not in params}
         r1_weight = self.r1_weight()
         grad_fn = torch.func.vmap(
             torch.func.grad(self._unit_loss, has_aux=True),
-            in_dims=(None, 0, 0, 0, 0, 0, 0, 0, None),
+            in_dims=(None, None, 0, 0, 0, 0, 0, 0, 0, None, None),
         )
-        step = self.config.chunk_size
+        # K views are K passes of D per image: fewer units per chunk keep memory bounded.
+        step = max(1, self.config.chunk_size // batch.views)
         for begin in range(0, batch.num_units, step):
             units = by_size[begin : begin + step]
             width = int(sizes[units].max())
@@ -505,6 +628,7 @@ class DPDiscriminatorStep:
             mask = mask.to(batch.real.device, batch.real.dtype)
             grads, aux = grad_fn(
                 params,
+                frozen,
                 batch.real[pos],
                 batch.real_c[pos],
                 {k: v[pos] for k, v in batch.aug_real.items()},
@@ -513,6 +637,7 @@ class DPDiscriminatorStep:
                 {k: v[pos] for k, v in batch.aug_fake.items()},
                 mask,
                 r1_weight,
+                batch.views,
             )
             if self.debug_leaks:
                 stats.append(aux.detach())
@@ -534,6 +659,7 @@ class DPDiscriminatorStep:
     def _unit_loss(
         self,
         params: dict[str, Tensor],
+        frozen: dict[str, Tensor],
         real: Tensor,
         real_c: Tensor,
         aug_real: dict[str, Tensor],
@@ -542,14 +668,26 @@ class DPDiscriminatorStep:
         aug_fake: dict[str, Tensor],
         mask: Tensor,
         r1_weight: float,
+        views: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """One unit's loss: Σ over its images of softplus(-D(aug(x))) + w·||∇x D(aug(x))||²
-        + softplus(D(aug(fake))); padded slots are masked out. Returns (loss, debug stats)."""
+        + softplus(D(aug(fake))); padded slots are masked out. Returns (loss, debug stats).
+
+        With ``views`` = K > 1 every image (real and fake) is taken K times, each copy under its
+        own augmentation draw, and the loss is the mean over the K views (R1 of each view is
+        taken with respect to that view's own copy). ``frozen`` parameters are constants."""
+        if views > 1:
+            real, real_c, fake, fake_c, mask = (
+                _repeat_views(t, views) for t in (real, real_c, fake, fake_c, mask)
+            )
+            aug_real = {k: v.flatten(0, 1) for k, v in aug_real.items()}
+            aug_fake = {k: v.flatten(0, 1) for k, v in aug_fake.items()}
+        weights = {**frozen, **params}
 
         def logits(x: Tensor, c: Tensor, aug: dict[str, Tensor]) -> Tensor:
             if self.augment_pipe is not None:
                 x = self.augment_pipe.apply(x, aug)
-            return torch.func.functional_call(self.D, params, (x, c))[:, 0]
+            return torch.func.functional_call(self.D, weights, (x, c))[:, 0]
 
         def real_sum(x: Tensor) -> tuple[Tensor, Tensor]:
             out = logits(x, real_c, aug_real)
@@ -573,6 +711,8 @@ class DPDiscriminatorStep:
                 mask.sum(),
             ]
         ).detach()
+        if views > 1:
+            return loss / views, stats / views
         return loss, stats
 
     def _check_pipe(self, pipe: nn.Module | None, config: DPConfig) -> None:
@@ -767,19 +907,32 @@ def _debug_metrics(stats: list[Tensor], batch: UnitBatch) -> dict[str, Any]:
     }
 
 
-class _trainable:
-    """Parameters require grad inside (Opacus only sees those), restored on exit."""
+def _repeat_views(x: Tensor, views: int) -> Tensor:
+    """[W, ...] -> [W·K, ...], each row repeated K times in a row (image-major, like the
+    [W, K, ...] augmentation draws flattened)."""
+    return x.unsqueeze(1).expand(x.shape[0], views, *x.shape[1:]).flatten(0, 1)
 
-    def __init__(self, module: nn.Module) -> None:
+
+class _trainable:
+    """Inside, exactly the selected parameters require grad (Opacus only sees those) and the
+    rest do not; every flag is restored on exit."""
+
+    def __init__(self, module: nn.Module, selected: set[str] | None = None) -> None:
         self.module = module
+        self.selected = selected
 
     def __enter__(self) -> None:
         self.saved = [p.requires_grad for p in self.module.parameters()]
-        self.module.requires_grad_(True)
+        for name, p in self.module.named_parameters():
+            p.requires_grad_(self.selected is None or name in self.selected)
 
     def __exit__(self, *exc: object) -> None:
         for p, flag in zip(self.module.parameters(), self.saved, strict=True):
             p.requires_grad_(flag)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _positive(value: Any) -> bool:

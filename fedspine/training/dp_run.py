@@ -31,7 +31,7 @@ from fedspine.training.clinical import (
     ClinicalPrivacy,
     classifier_patients_on_record,
 )
-from fedspine.training.dp import MECHANISM_LABEL, DPConfig
+from fedspine.training.dp import MECHANISM_LABEL, TRAINABLE_ALL, DPConfig, top_stages
 from fedspine.training.dp_trainer import dp_train_config, planned_d_steps
 from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
 from fedspine.training.gan_trainer import GanTrainer
@@ -115,6 +115,8 @@ class RunPrivacy:
             d_steps_per_g=int(options.get("d_steps_per_g", 1)),
             ada_p=float(options.get("ada_p", 0.0)),
             accountant=PLAN_ACCOUNTANT,
+            trainable_d=str(options.get("trainable_d") or TRAINABLE_ALL),
+            augment_views=int(options.get("augment_views") or 1),
         )
         self.cap = options.get("max_epsilon")
         self.reservation = None
@@ -123,6 +125,8 @@ class RunPrivacy:
         self.classifier_patients: list[str] = []
         self.pretraining: dict[str, Any] | None = None
         """A public checkpoint's record (training.public_init) when the run starts from one."""
+        self.trainable_fraction: float | None = None
+        """Share of D's parameters the DP step trains (set when the trainer is built)."""
         if clinical is not None and status is not None and status.basis == "dp":
             self.classifier_patients = classifier_patients_on_record(
                 self.engine.ledger, clinical.meta, where=f"the classifier {clinical.path}"
@@ -169,8 +173,40 @@ class RunPrivacy:
             )
         self.sigma, self.q = self.plan.noise_multiplier, self.plan.sample_rate
         trainer = build_trainer(self.spec(), config, uniform, device)
+        self.trainable_fraction = float(trainer.dp_step.trainable_fraction)
         self.attach(trainer)
         return trainer
+
+    def settings(self) -> dict[str, Any]:
+        """The DP step's settings as config.toml records them (σ and q are in privacy.json)."""
+        record: dict[str, Any] = {
+            "max_grad_norm": self.dp.max_grad_norm,
+            "expected_patients_per_step": self.dp.expected_patients_per_step,
+            "d_steps_per_g": self.dp.d_steps_per_g,
+            "ada_p": self.dp.ada_p,
+            "trainable_d": self.dp.trainable_d,
+            "augment_views": self.dp.augment_views,
+        }
+        if self.trainable_fraction is not None:
+            record["trainable_fraction"] = round(self.trainable_fraction, 6)
+        return record
+
+    def trainable_text(self) -> str:
+        """What of D is trained and privatised, in words (the run's start line, privacy.json)."""
+        share = (
+            f"{self.trainable_fraction:.1%} of D's parameters"
+            if self.trainable_fraction is not None
+            else "the selected part of D's parameters"
+        )
+        if self.dp.trainable_d == TRAINABLE_ALL:
+            return f"all of D ({share}) is trained and privatised"
+        k = top_stages(self.dp.trainable_d)
+        blocks = f" and its {k - 1} lowest-resolution block(s)" if k > 1 else ""
+        return (
+            f"{self.dp.trainable_d}: {share} (the 4x4 epilogue, the label mapping{blocks}) are "
+            "trained and privatised; the rest of D stays frozen at its starting weights, outside "
+            "the gradient rows and the noise"
+        )
 
     def spec(self) -> TrainerSpec:
         """The variant of the planned σ and q: DP-SGD on D, with C's loss for SpineGAN."""
@@ -222,6 +258,11 @@ class RunPrivacy:
         return {
             "discriminator": f"DP-SGD, {self.unit}-level Poisson sampling, per-{self.unit} "
             "clipping, non-finite rows zeroed before clipping",
+            "discriminator_parameters": self.trainable_text(),
+            "augmentation_views": f"{self.dp.augment_views} per image, averaged inside each "
+            f"{self.unit}'s gradient row before clipping (no privacy cost)",
+            "d_steps": f"{self.dp.d_steps_per_g} per G step, "
+            f"{self.dp.expected_patients_per_step} expected {self.unit}s each",
             "generator": "post-processing of the private discriminator (never sees real data)",
             "label_prior": "public: uniform over the classes",
             "ada_p": f"fixed at {self.dp.ada_p} (not adapted to real data)",

@@ -57,6 +57,10 @@ class DPRequest:
     expected_patients_per_step: int = 64
     d_steps_per_g: int = 1
     ada_p: float = 0.0
+    trainable_d: str = "all"
+    """"all", or "top:K": train (and privatise) only D's K lowest-resolution stages."""
+    augment_views: int = 1
+    """Augmented views per image averaged inside each patient's row (needs ada_p > 0)."""
     privacy_home: str | os.PathLike | None = None
     privacy_unit: str | None = None
     max_epsilon: float | None = None
@@ -374,6 +378,18 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
             f"started from public checkpoint {public_init.path} (sha256 "
             f"{public_init.sha256[:16]}…, data declared public: {public_init.declaration})"
         )
+    if privacy is not None:
+        report.message(
+            f"DP: {privacy.trainable_text()}; {privacy.dp.augment_views} augmented view(s) per "
+            f"image, {privacy.dp.d_steps_per_g} D step(s) per G step"
+        )
+        if privacy.dp.trainable_d != "all" and public_init is None and state is None:
+            report.message(
+                f"warning: --dp-trainable-d {privacy.dp.trainable_d} without --init-from: the "
+                "frozen part of D keeps its random initial weights, which is legal but nearly "
+                "useless; start from a public checkpoint (`fedspine pretrain`, then "
+                "--init-from) to fine-tune a few parameters under DP"
+            )
     report.message(f"precision: {trainer.precision.name} ({trainer.precision.how})")
     timed = trainer.modconv_choice.seconds
     if timed:
@@ -411,6 +427,8 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         "dataset": dataset_info,
         "train": config.to_dict(),
     }
+    if privacy is not None:
+        run_config["dp"] = privacy.settings()
     training_meta: dict = {"model": model, "dp_scheme": scheme}
     if public_init is not None:
         run_config["init_from"] = public_init.record()
