@@ -176,7 +176,11 @@ def server_run(
     ([classifier] table), then trains the GAN with it frozen.
     """
     from fedspine.federated.deploy import run_logs, submit_run, wait_for_run
-    from fedspine.federated.federation_config import FederationConfig, FederationError
+    from fedspine.federated.federation_config import (
+        EMBEDDING_ROUTE,
+        FederationConfig,
+        FederationError,
+    )
     from fedspine.federated.operations import record_last_run
     from fedspine.federated.processes import FlowerProcessError
     from fedspine.federated.run_folder import read_status
@@ -199,6 +203,12 @@ def server_run(
                 for s in record["sites"]
             )
             head = f"classifier round {record['round']}/{fed.classifier.rounds}"
+        elif record.get("phase") == "embedding":
+            sites = ", ".join(
+                f"{s['site']} ({s.get('patients')} patients, ε {_fmt(s.get('epsilon'))})"
+                for s in record["sites"]
+            )
+            head = "embedding release round"
         else:
             sites = ", ".join(
                 f"{s['site']} (loss G {_fmt(s.get('loss-g'))}, D {_fmt(s.get('loss-d'))})"
@@ -213,7 +223,8 @@ def server_run(
     try:
         run_id = submit_run(workdir, fed.to_run_config())
         record_last_run(workdir, run_id, out)
-        typer.echo(f"submitted run {run_id} ({fed.name}, {fed.rounds} rounds); output: {out}")
+        what = "one DP release round" if fed.route == EMBEDDING_ROUTE else f"{fed.rounds} rounds"
+        typer.echo(f"submitted run {run_id} ({fed.name}, {what}); output: {out}")
         status = wait_for_run(workdir, run_id, out, on_round=show, timeout=timeout)
     except FlowerProcessError as err:
         fail(str(err))

@@ -22,6 +22,11 @@ from fedspine.federated.classifier_phase import (
     ClassifierRoundConfig,
     train_classifier_round,
 )
+from fedspine.federated.embedding_site import (
+    EMBEDDING_ACTION,
+    EmbeddingRoundConfig,
+    release_round,
+)
 from fedspine.federated.site import (
     RoundConfig,
     SiteConfig,
@@ -60,6 +65,16 @@ def train_classifier(msg: Message, context: Context) -> Message:
     def run(site: SiteConfig):
         rc = ClassifierRoundConfig.from_record(msg.content["config"])
         return train_classifier_round(site, rc, _received(msg, "arrays"))
+
+    return _reply(msg, context, run)
+
+
+@app.train(EMBEDDING_ACTION)
+def release_embedding(msg: Message, context: Context) -> Message:
+    """The site's one DP mean-embedding release (the ``dp-mean-embedding`` route)."""
+
+    def run(site: SiteConfig):
+        return release_round(site, EmbeddingRoundConfig.from_record(msg.content["config"]))
 
     return _reply(msg, context, run)
 

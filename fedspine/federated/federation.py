@@ -34,6 +34,8 @@ from fedspine.federated.classifier_phase import (
     initial_classifier,
     save_final_classifier,
 )
+from fedspine.federated.embedding_route import ROUTE as EMBEDDING_ROUTE
+from fedspine.federated.embedding_route import run_embedding_route
 from fedspine.federated.federation_config import FederationConfig, FederationError
 from fedspine.federated.replies import take_reply
 from fedspine.federated.run_folder import (
@@ -130,6 +132,8 @@ def run_federation(grid, config: FederationConfig, log=print) -> dict[str, Any]:
         weighted_by_key="num-examples",
     )
     rounds = _Rounds(grid, strategy, config, out, known_site_names(out), log)
+    if config.route == EMBEDDING_ROUTE:
+        return run_embedding_route(rounds)
     clinical = _classifier_phase(rounds) if config.model == "spinegan" else None
     return _gan_phase(rounds, gan_checkpoint, clinical)
 
@@ -146,12 +150,13 @@ class _Rounds:
     log: Callable[[str], Any]
 
     def _exchange(
-        self, messages: list, expected: dict[str, Any], average: RunningFedAvg
+        self, messages: list, take: Callable[[Any, dict[str, int]], tuple]
     ) -> tuple[list[dict], list[dict]]:
-        """Push the round's messages, then fold each reply into ``average`` as it arrives.
+        """Push the round's messages, then hand each reply to ``take`` as it arrives.
 
-        Flower's ``send_and_receive`` would hold every reply (a whole model each) until the last
-        one came; here a reply is checked, added to the running weighted sum and dropped.
+        ``take(reply, sent_to)`` returns (site entry, None) or (None, failure). Flower's
+        ``send_and_receive`` would hold every reply (a whole model each) until the last one
+        came; here a reply is checked, folded in (a running weighted sum) and dropped.
         """
         ids = set(self.grid.push_messages(messages))
         # Message ids are set when pushed; a reply made by the SuperLink (a node that stopped
@@ -163,7 +168,7 @@ class _Rounds:
         while ids:
             for reply in self.grid.pull_messages(ids):
                 ids.discard(reply.metadata.reply_to_message_id)
-                entry, failure = take_reply(reply, sent_to, self.names, expected, average)
+                entry, failure = take(reply, sent_to)
                 if entry is not None:
                     sites.append(entry)
                 else:
@@ -252,7 +257,10 @@ class _Rounds:
         t_send, sent_at = time.perf_counter(), time.time()
         expected = {"weights": weights, "federation": config.name, "round": server_round}
         average = RunningFedAvg()
-        sites, failures = self._exchange(messages, expected, average)
+        sites, failures = self._exchange(
+            messages,
+            lambda reply, sent_to: take_reply(reply, sent_to, self.names, expected, average),
+        )
         t_replies, replied_at = time.perf_counter(), time.time()
         label = (
             f"classifier round {server_round}" if phase == "classifier" else f"round {server_round}"

@@ -15,13 +15,57 @@ from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
+from fedspine.dp_options import MAX_AUGMENT_VIEWS, trainable_d_problem
 from fedspine.federated.classifier_phase import ClassifierPhaseConfig
 
 MODELS = ("cgan", "spinegan")
+GAN_ROUTE = "gan"
+EMBEDDING_ROUTE = "dp-mean-embedding"
+ROUTES = (GAN_ROUTE, EMBEDDING_ROUTE)
 
 
 class FederationError(Exception):
     """The federated run cannot go on (too few sites replied, bad config); says why."""
+
+
+@dataclass
+class EmbeddingRouteConfig:
+    """``[embedding]``: the public feature map of the DP mean-embedding route and the fit.
+
+    Random Fourier features of the pixels (``dim`` features at ``feature_resolution`` px, one
+    bandwidth per group, drawn from ``seed``: public, the same at every site), each patient's
+    mean embedding clipped to ``clip``; then ``fit_steps`` steps of the generator's fit."""
+
+    clip: float = 1.0
+    dim: int = 256
+    seed: int = 0
+    bandwidths: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    feature_resolution: int = 32
+    fit_steps: int = 1000
+    fit_batch_per_class: int = 32
+    fit_lr: float = 0.0025
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "[embedding]") -> EmbeddingRouteConfig:
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise FederationError(f"{where}: unknown setting(s) {unknown}")
+        return cls(**data)
+
+    def problems(self, resolution: int) -> list[str]:
+        out = []
+        if not self.clip > 0 or not 1 <= self.dim <= 8192 or not self.bandwidths:
+            out.append("[embedding] clip must be > 0, dim 1 to 8192, bandwidths not empty")
+        if any(not float(b) > 0 for b in self.bandwidths):
+            out.append("[embedding] bandwidths must be positive")
+        if not 4 <= self.feature_resolution <= resolution:
+            out.append(
+                f"[embedding] feature_resolution {self.feature_resolution} must lie between 4 "
+                f"and the federation's resolution ({resolution})"
+            )
+        if self.fit_steps < 1 or self.fit_batch_per_class < 1 or not self.fit_lr > 0:
+            out.append("[embedding] fit_steps, fit_batch_per_class and fit_lr must be positive")
+        return out
 
 
 @dataclass
@@ -50,7 +94,8 @@ class FederationConfig:
     dp_d_steps_per_g: int = 1
     dp_ada_p: float = 0.0
     dp_trainable_d: str = "all"
-    """"all", or "top:K": the sites train (and privatise) only D's K lowest-resolution stages."""
+    """"all"; "head": the sites train (and privatise) only D's projection head (the label
+    mapping and the epilogue's output layer); or "top:K": only D's K lowest-resolution stages."""
     dp_augment_views: int = 1
     """Augmented views per image averaged inside each patient's row (needs dp_ada_p > 0)."""
     model: str = "cgan"
@@ -59,6 +104,11 @@ class FederationConfig:
     initial_checkpoint: str | None = None
     """A run (or snapshot) trained with ``train --public-data`` (e.g. ``fedspine pretrain``):
     round 1 starts from its G, G_ema and D instead of fresh weights. Costs no site any ε."""
+
+    route: str = GAN_ROUTE
+    """``gan``: FedAvg rounds of the GAN; ``dp-mean-embedding``: one round in which every site
+    releases its DP mean embedding once, then the server fits G to their sum (no GAN rounds)."""
+    embedding: EmbeddingRouteConfig = field(default_factory=EmbeddingRouteConfig)
 
     def dp_request(self) -> dict | None:
         """What the server asks of the sites' DP; each site still applies its own cap."""
@@ -95,6 +145,19 @@ class FederationConfig:
             )
             if problem:
                 raise FederationError(f"[privacy] {problem}")
+        if self.route not in ROUTES:
+            raise FederationError(f"route must be one of {ROUTES}, not {self.route!r}")
+        if self.route == EMBEDDING_ROUTE:
+            if not self.dp or self.dp_epsilon is None:
+                raise FederationError(
+                    "route dp-mean-embedding releases only under DP: set [privacy] enabled = "
+                    "true and epsilon"
+                )
+            if self.model != "cgan":
+                raise FederationError("route dp-mean-embedding fits a cGAN generator: model cgan")
+            problems = self.embedding.problems(self.resolution)
+            if problems:
+                raise FederationError("; ".join(problems))
         if self.model == "spinegan":
             if len(self.class_names) < 2:
                 raise FederationError("SpineGAN's classifier needs at least two classes")
@@ -140,6 +203,8 @@ class FederationConfig:
             "model": self.model,
             "classifier": json.dumps(asdict(self.classifier)) if self.model == "spinegan" else "",
             "initial-checkpoint": self.initial_checkpoint or "",
+            "route": self.route,
+            "embedding": json.dumps(asdict(self.embedding)) if self.route != GAN_ROUTE else "",
         }
 
     @classmethod
@@ -151,6 +216,7 @@ class FederationConfig:
             )
         prior = str(rc.get("label-prior", "") or "")
         classifier = str(rc.get("classifier", "") or "")
+        embedding = str(rc.get("embedding", "") or "")
         return cls(
             name=str(rc["name"]),
             output_dir=str(rc["output-dir"]),
@@ -172,12 +238,19 @@ class FederationConfig:
                 else ClassifierPhaseConfig()
             ),
             initial_checkpoint=str(rc.get("initial-checkpoint", "") or "") or None,
+            route=str(rc.get("route", GAN_ROUTE) or GAN_ROUTE),
+            embedding=(
+                EmbeddingRouteConfig.from_dict(json.loads(embedding))
+                if embedding
+                else EmbeddingRouteConfig()
+            ),
             **_dp_fields(str(rc.get("dp", "") or "")),
         )
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> FederationConfig:
-        """Read the ``[federation]``, ``[training]``, ``[privacy]`` and ``[classifier]`` tables."""
+        """Read the ``[federation]``, ``[training]``, ``[privacy]``, ``[classifier]`` and
+        ``[embedding]`` tables."""
         path = Path(path)
         try:
             with open(path, "rb") as fh:
@@ -188,7 +261,7 @@ class FederationConfig:
             ("dp" if k == "enabled" else f"dp_{k}"): v for k, v in data.get("privacy", {}).items()
         }
         merged = {**data.get("federation", {}), **data.get("training", {}), **privacy}
-        known = {f for f in cls.__dataclass_fields__} - {"classifier"}
+        known = {f for f in cls.__dataclass_fields__} - {"classifier", "embedding"}
         unknown = sorted(set(merged) - known)
         if unknown:
             raise FederationError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
@@ -198,7 +271,13 @@ class FederationConfig:
             )
         except (TypeError, ValueError) as err:
             raise FederationError(str(err)) from None
-        config = cls(**merged, classifier=classifier)
+        try:
+            embedding = EmbeddingRouteConfig.from_dict(
+                data.get("embedding", {}), where=f"{path} [embedding]"
+            )
+        except TypeError as err:
+            raise FederationError(f"{path} [embedding]: {err}") from None
+        config = cls(**merged, classifier=classifier, embedding=embedding)
         out = Path(config.output_dir)
         if not out.is_absolute():
             config.output_dir = str((path.parent / out).resolve())
@@ -229,20 +308,14 @@ def _dp_fields(text: str) -> dict[str, Any]:
     }
 
 
-MAX_AUGMENT_VIEWS = 32
-"""fedspine.training.dp.MAX_AUGMENT_VIEWS, spelled out so the server imports no torch."""
-
-
 def dp_fine_tuning_problem(trainable_d: object, augment_views: object, ada_p: object) -> str:
     """Why a request's ``trainable_d`` / ``augment_views`` cannot be trained, or "" when they
     can, for the server's own config (torch-free). Each site checks what it is asked again
-    (``site_privacy.SitePrivacy``), K against its network included."""
-    spec = trainable_d if isinstance(trainable_d, str) else None
-    head, _, count = (spec or "").partition(":")
-    if spec != "all" and not (
-        head == "top" and count.isdigit() and len(count) <= 6 and int(count) >= 1
-    ):
-        return f"trainable_d must be 'all' or 'top:K' with K >= 1, not {str(trainable_d)[:40]!r}"
+    (``site_privacy.SitePrivacy``), K against its network included. The forms are
+    ``fedspine.dp_options``', the same parser ``DPConfig`` uses."""
+    problem = trainable_d_problem(trainable_d)
+    if problem:
+        return problem
     views = augment_views
     if not isinstance(views, int) or isinstance(views, bool):
         return f"augment_views must be a whole number, not {str(views)[:40]!r}"

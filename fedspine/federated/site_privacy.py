@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fedspine.dp_options import TRAINABLE_D_FORMS
 from fedspine.federated.site_config import RoundConfig, SiteConfig, SiteRefusal
 from fedspine.privacy.accounting import PLAN_ACCOUNTANT, REPORT_ACCOUNTANT, epsilon
 from fedspine.privacy.engine import PrivacyEngine, PrivacyError, Reservation
@@ -36,7 +37,7 @@ from fedspine.privacy.ledger import LedgerError, mechanisms_of
 from fedspine.training.classifier_dp import MECHANISM_LABEL as CLASSIFIER_LABEL
 from fedspine.training.dp import MECHANISM_LABEL, TRAINABLE_ALL, DPConfig, top_stages
 from fedspine.training.dp_run import dp_unit_of
-from fedspine.training.dp_trainer import dp_train_config, planned_d_steps
+from fedspine.training.dp_trainer import check_resume, dp_train_config, planned_d_steps
 from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
 from fedspine.training.gan_trainer import GanTrainer
 
@@ -151,7 +152,9 @@ class SitePrivacy(_RoundLedger):
             # The server's values, as sent: a string and a whole number, checked by DPConfig
             # (K against the network when D is built; views bounded, and only with ada_p > 0).
             if not isinstance(trainable_d, str) or len(trainable_d) > 20:
-                raise ValueError(f"trainable-d must be 'all' or 'top:K', not {trainable_d!r:.40}")
+                raise ValueError(
+                    f"trainable-d must be {TRAINABLE_D_FORMS}, not {trainable_d!r:.40}"
+                )
             if not isinstance(views, int) or isinstance(views, bool):
                 raise ValueError(f"augment-views must be a whole number, not {views!r:.40}")
             ada_p = float(options.get("ada-p", 0.0))
@@ -187,6 +190,11 @@ class SitePrivacy(_RoundLedger):
                 f"{self.dp.trainable_d}, but this network's D has {blocks} blocks (K from 1 "
                 f"to {blocks})"
             )
+        if state is not None and state.get("dp"):
+            try:  # the site's state from earlier rounds: the same part of D, the same views
+                check_resume(state["dp"], self.dp)
+            except ValueError as err:
+                raise SiteRefusal(f"site {self.site.site_name}: {err}") from None
         uniform = np.asarray(self.rc.label_prior, dtype=np.float64)
         round_steps = planned_d_steps(config, self.dp, self.rc.local_kimg)
         self._plan_round(

@@ -15,8 +15,9 @@ Why this shape (DESIGN.md decisions 3 and 4, reference/dp.md):
   row to C, sums, adds N(0, σ²C²) and divides by the expected number of patients per step.
   Chunks are accumulated with Opacus' own skip-step mechanism, so one noise draw and one
   optimizer step happen per DP step whatever the chunking.
-- ``DPConfig.trainable_d = "top:K"`` trains only D's K lowest-resolution stages: the rows
-  cover those parameters alone (the rest enter the loss as constants), Opacus sees only them
+- ``DPConfig.trainable_d = "top:K"`` trains only D's K lowest-resolution stages, ``"head"``
+  only its projection head (the label mapping and the epilogue's output layer): the rows cover
+  those parameters alone (the rest enter the loss as constants), Opacus sees only them
   (``_trainable``), so noise lands only there and the frozen ones never move.
   ``DPConfig.augment_views = K`` makes each unit's loss the mean over K augmented views of its
   images: still one row per unit, clipped as before, so it costs no privacy.
@@ -57,6 +58,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedspine.dp_options import (
+    MAX_AUGMENT_VIEWS,
+    TRAINABLE_ALL,
+    TRAINABLE_HEAD,
+    top_stages,
+    trainable_d_problem,
+)
 from fedspine.privacy.accounting import (
     ACCOUNTANTS,
     REPORT_ACCOUNTANT,
@@ -67,9 +75,6 @@ from fedspine.privacy.accounting import (
 
 MECHANISM_LABEL = "gan-discriminator"
 FakeSource = Callable[[int, Tensor], Tensor]
-TRAINABLE_ALL = "all"
-MAX_AUGMENT_VIEWS = 32
-"""Most augmented views per image a DP step takes (K views cost K passes of D per image)."""
 
 
 @dataclass
@@ -84,8 +89,9 @@ class DPConfig:
     no extra privacy). ``ada_p`` is the fixed augmentation probability: adaptive ADA reads
     D(real) and is refused under DP.
 
-    ``trainable_d`` says which of D's parameters the DP step trains (and privatises): "all",
-    or "top:K" for the K lowest-resolution stages of D, counting the 4x4 epilogue together with
+    ``trainable_d`` says which of D's parameters the DP step trains (and privatises): "all";
+    "head" for D's projection head only (the label mapping and the epilogue's output layer); or
+    "top:K" for the K lowest-resolution stages of D, counting the 4x4 epilogue together with
     the label mapping as the first stage and each discriminator block above it as one more
     (:func:`trainable_d_names`); the rest of D stays frozen, outside the gradient rows and the
     noise. ``augment_views`` = K > 1 evaluates every real image and its paired fake under K
@@ -135,7 +141,9 @@ class DPConfig:
             raise ValueError(
                 f"DPConfig: accountant must be 'prv', 'rdp' or 'pld', got {self.accountant!r}"
             )
-        top_stages(self.trainable_d)  # refuses a malformed value
+        problem = trainable_d_problem(self.trainable_d)
+        if problem:
+            raise ValueError(f"DPConfig: {problem}")
         views = self.augment_views
         if not _whole(views) or not 1 <= views <= MAX_AUGMENT_VIEWS:
             raise ValueError(
@@ -180,40 +188,36 @@ def mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> Mechan
     return Mechanism(noise_multiplier, sample_rate, int(steps), label=MECHANISM_LABEL)
 
 
-def top_stages(spec: str) -> int | None:
-    """K of ``trainable_d`` = "top:K"; None for "all". Refuses any other value."""
-    if spec == TRAINABLE_ALL:
-        return None
-    text = spec if isinstance(spec, str) else ""
-    head, _, count = text.partition(":")
-    if head == "top" and count.isdigit() and len(count) <= 6 and int(count) >= 1:
-        return int(count)
-    raise ValueError(
-        f"DPConfig: trainable_d must be 'all' or 'top:K' with K >= 1 (the K lowest-resolution "
-        f"stages of D: the 4x4 epilogue with the label mapping, then blocks above it), got "
-        f"{spec!r}"
-    )
-
-
 def trainable_d_names(D: nn.Module, spec: str) -> list[str]:
     """Names of D's parameters that ``trainable_d = spec`` trains, in D's order.
 
-    "all" is every parameter. "top:K" is the K lowest-resolution stages: the 4x4 epilogue
-    (conv, fc, out) with the label mapping of the projection (stage 1), and the last K - 1 of
-    ``D.blocks`` (blocks run from the highest resolution down, so these end at 8x8 -> 4x4).
-    ``from_rgb`` and the higher-resolution blocks stay frozen. K runs from 1 to
+    "all" is every parameter. "head" is D's projection head: the label mapping (``mapping.*``,
+    the class embedding and its FC layers) and the epilogue's output layer (``epilogue.out.*``,
+    which maps the fc's features to the cmap the label is projected onto); these are all the
+    parameters after the epilogue's fc, the projection itself has none. The epilogue's conv and
+    fc stay frozen with everything below them. "top:K" is the K lowest-resolution stages: the
+    4x4 epilogue (conv, fc, out) with the label mapping of the projection (stage 1), and the
+    last K - 1 of ``D.blocks`` (blocks run from the highest resolution down, so these end at
+    8x8 -> 4x4). ``from_rgb`` and the higher-resolution blocks stay frozen. K runs from 1 to
     ``len(D.blocks)``: a larger K would leave only ``from_rgb`` frozen, use "all" for that.
     """
     names = [name for name, _ in D.named_parameters()]
     k = top_stages(spec)
-    if k is None:
+    if spec == TRAINABLE_ALL:
         return names
     blocks = getattr(D, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or getattr(D, "epilogue", None) is None:
+    epilogue = getattr(D, "epilogue", None)
+    if (
+        not isinstance(blocks, nn.ModuleList)
+        or epilogue is None
+        or not isinstance(getattr(epilogue, "out", None), nn.Module)
+    ):
         raise ValueError(
-            f"DPConfig.trainable_d {spec}: needs a fedspine Discriminator (blocks, epilogue); "
-            f"got {type(D).__name__}"
+            f"DPConfig.trainable_d {spec}: needs a fedspine Discriminator (blocks, epilogue with "
+            f"its out layer); got {type(D).__name__}"
         )
+    if spec == TRAINABLE_HEAD or k is None:
+        return [name for name in names if name.startswith(("epilogue.out.", "mapping."))]
     if k > len(blocks):
         raise ValueError(
             f"DPConfig.trainable_d {spec}: this discriminator has {len(blocks)} blocks, so K runs "

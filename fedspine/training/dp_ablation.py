@@ -389,6 +389,7 @@ class AblationDStep(DPSGDStep):
 
     def check_state(self, state: dict) -> None:
         check_scheme(state, self.scheme)
+        super().check_state(state)
 
 
 class PaperDStep(DStep):

@@ -31,8 +31,14 @@ from fedspine.training.clinical import (
     ClinicalPrivacy,
     classifier_patients_on_record,
 )
-from fedspine.training.dp import MECHANISM_LABEL, TRAINABLE_ALL, DPConfig, top_stages
-from fedspine.training.dp_trainer import dp_train_config, planned_d_steps
+from fedspine.training.dp import (
+    MECHANISM_LABEL,
+    TRAINABLE_ALL,
+    TRAINABLE_HEAD,
+    DPConfig,
+    top_stages,
+)
+from fedspine.training.dp_trainer import check_resume, dp_train_config, planned_d_steps
 from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
 from fedspine.training.gan_trainer import GanTrainer
 from fedspine.training.public_init import pretraining_component
@@ -143,6 +149,8 @@ class RunPrivacy:
         """Plan σ for the rest of the run against the worst patient (on resume: keep the run's
         σ and q, and check the steps left against the target ε and the cap), then build."""
         uniform = np.full(data.num_classes, 1.0 / data.num_classes)
+        if state is not None:
+            check_resume(state["dp"], self.dp)  # the same part of D, the same views
         total = planned_d_steps(config, self.dp, config.total_kimg)
         done = int(state["dp"]["step"]["steps_taken"]) if state is not None else 0
         remaining = total - done
@@ -200,6 +208,12 @@ class RunPrivacy:
         )
         if self.dp.trainable_d == TRAINABLE_ALL:
             return f"all of D ({share}) is trained and privatised"
+        if self.dp.trainable_d == TRAINABLE_HEAD:
+            return (
+                f"head: {share} (D's projection head: the label mapping and the epilogue's "
+                "output layer) are trained and privatised; the rest of D stays frozen at its "
+                "starting weights, outside the gradient rows and the noise"
+            )
         k = top_stages(self.dp.trainable_d)
         blocks = f" and its {k - 1} lowest-resolution block(s)" if k > 1 else ""
         return (

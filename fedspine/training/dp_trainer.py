@@ -26,6 +26,7 @@ import torch
 
 from fedspine.training.config import TrainConfig
 from fedspine.training.dp import (
+    TRAINABLE_ALL,
     DPConfig,
     DPDiscriminatorStep,
     PatientPoissonSampler,
@@ -48,6 +49,28 @@ def dp_train_config(config: TrainConfig, dp: DPConfig) -> TrainConfig:
 def planned_d_steps(config: TrainConfig, dp: DPConfig, kimg: float) -> int:
     """DP discriminator steps a run of ``kimg`` takes (one G step per ``config.batch`` images)."""
     return int(math.ceil(kimg * 1000 / config.batch)) * dp.d_steps_per_g
+
+
+def check_resume(dp_state: dict, dp: DPConfig) -> None:
+    """Refuse to go on from a saved DP state (``DPSGDStep.state_dict()["dp"]``) that trained
+    another part of D (``trainable_d``) or averaged another number of augmented views
+    (``augment_views``) than ``dp`` asks: the run's records (config.toml, privacy.json) would
+    describe a run that never happened. A state saved before these were recorded trained all of
+    D with one view."""
+    saved_d = dp_state.get("trainable_d", TRAINABLE_ALL)
+    if saved_d != dp.trainable_d:
+        raise ValueError(
+            f"the saved run trained trainable_d={saved_d!r} of D, this one asks for "
+            f"{dp.trainable_d!r}; resume with the same value (--dp-trainable-d {saved_d}) or "
+            "start a new run"
+        )
+    saved_views = int(dp_state.get("augment_views", 1))
+    if saved_views != dp.augment_views:
+        raise ValueError(
+            f"the saved run averaged augment_views={saved_views} augmented view(s) per image, "
+            f"this one asks for {dp.augment_views}; resume with the same value "
+            f"(--dp-augment-views {saved_views}) or start a new run"
+        )
 
 
 class DPSGDStep(DStep):
@@ -140,13 +163,24 @@ class DPSGDStep(DStep):
                 "step": self.dp_step.state_dict(),
                 "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate,
+                "trainable_d": self.dp.trainable_d,
+                "augment_views": int(self.dp.augment_views),
             }
         }
+
+    def check_state(self, state: dict) -> None:
+        """Before anything is loaded: a DP state, of the same ``trainable_d`` and
+        ``augment_views`` (:func:`check_resume`)."""
+        dp_state = state.get("dp")
+        if dp_state is None:
+            raise ValueError("the saved state is not from a DP run; it cannot resume one")
+        check_resume(dp_state, self.dp)
 
     def load_state_dict(self, state: dict) -> None:
         dp_state = state.get("dp")
         if dp_state is None:
             raise ValueError("the saved state is not from a DP run; it cannot resume one")
+        check_resume(dp_state, self.dp)
         if abs(float(dp_state["noise_multiplier"]) - self.noise_multiplier) > 1e-12:
             raise ValueError(
                 f"the saved run used σ={dp_state['noise_multiplier']}, "

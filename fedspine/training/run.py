@@ -58,7 +58,8 @@ class DPRequest:
     d_steps_per_g: int = 1
     ada_p: float = 0.0
     trainable_d: str = "all"
-    """"all", or "top:K": train (and privatise) only D's K lowest-resolution stages."""
+    """"all"; "head": train (and privatise) only D's projection head (the label mapping and the
+    epilogue's output layer); or "top:K": only D's K lowest-resolution stages."""
     augment_views: int = 1
     """Augmented views per image averaged inside each patient's row (needs ada_p > 0)."""
     privacy_home: str | os.PathLike | None = None

@@ -1,7 +1,7 @@
-"""DP fine-tuning of a few of D's parameters (``trainable_d = "top:K"``) and augmentation
-multiplicity (``augment_views``, issue 15 items 2 and 3): what is frozen stays bit-identical and
-outside the noise, every row is still one clipped, isolated patient, and nothing changes at the
-defaults."""
+"""DP fine-tuning of a few of D's parameters (``trainable_d = "head"`` or ``"top:K"``) and
+augmentation multiplicity (``augment_views``, issue 15 items 2 and 3): what is frozen stays
+bit-identical and outside the noise, every row is still one clipped, isolated patient, nothing
+changes at the defaults, and a resume keeps both settings."""
 
 from __future__ import annotations
 
@@ -60,25 +60,77 @@ def test_top_k_selects_the_epilogue_the_mapping_and_the_lowest_blocks():
     assert build_step(D, trainable_d="top:2").trainable_fraction == pytest.approx(f2)
 
 
-def test_trainable_fraction_at_the_cpu_preset_32px():
+def test_head_is_the_label_mapping_and_the_epilogue_output_layer():
+    D = tiny_d()
+    head = trainable_d_names(D, "head")
+    assert head == [
+        n for n, _ in D.named_parameters() if n.startswith(("mapping.", "epilogue.out."))
+    ]
+    assert any(n.startswith("mapping.") for n in head)
+    assert {n for n in head if n.startswith("epilogue.")} == {
+        "epilogue.out.weight",
+        "epilogue.out.bias",
+    }
+    assert set(head) < set(trainable_d_names(D, "top:1"))  # conv and fc stay frozen
+    assert 0 < trainable_fraction(D, "head") < trainable_fraction(D, "top:1")
+    assert DPConfig(noise_multiplier=1.0, trainable_d="head").trainable_d == "head"
+    step = build_step(D, trainable_d="head")
+    assert step.trainable_fraction == pytest.approx(trainable_fraction(D, "head"))
+
+
+@pytest.mark.parametrize(("resolution", "head_share"), [(32, 0.0415), (64, 0.0402)])
+def test_trainable_fraction_at_the_cpu_preset(resolution, head_share):
     from fedspine.models import Discriminator
     from fedspine.training.config import preset_config
 
-    network = dataclasses.replace(preset_config("cpu", 32, 2).network, mbstd_group=0)
+    network = dataclasses.replace(preset_config("cpu", resolution, 2).network, mbstd_group=0)
     D = Discriminator(network)
-    fractions = {k: trainable_fraction(D, f"top:{k}") for k in range(1, len(D.blocks) + 1)}
-    print(f"cpu preset, 32 px, {sum(p.numel() for p in D.parameters())} D parameters:", fractions)
+    specs = ["head"] + [f"top:{k}" for k in range(1, len(D.blocks) + 1)]
+    fractions = {spec: trainable_fraction(D, spec) for spec in specs}
+    total = sum(p.numel() for p in D.parameters())
+    print(f"cpu preset, {resolution} px, {total} D parameters:", fractions)
     values = list(fractions.values())
     assert values == sorted(values) and values[0] > 0 and values[-1] < 1
+    # The head is a small share of D; top:1 is dominated by the epilogue's fc.
+    assert fractions["head"] == pytest.approx(head_share, abs=5e-4)
+    assert fractions["head"] < fractions["top:1"] / 8
 
 
 # ---- refusals ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["top:0", "top:-1", "top:x", "top", "some", "", "top:1.5", "ALL"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "top:0",
+        "top:-1",
+        "top:x",
+        "top",
+        "some",
+        "",
+        "top:1.5",
+        "ALL",
+        "HEAD",
+        "head:1",
+        "top:\u00b2",
+    ],
+)
 def test_a_malformed_trainable_d_is_refused(bad):
-    with pytest.raises(ValueError, match="trainable_d must be 'all' or 'top:K'"):
+    from fedspine.dp_options import trainable_d_problem
+    from fedspine.federated.federation_config import dp_fine_tuning_problem
+
+    with pytest.raises(ValueError, match="trainable_d must be 'all', 'head' or 'top:K'"):
         DPConfig(noise_multiplier=1.0, trainable_d=bad)
+    # The server's torch-free check reads the forms with the same parser.
+    assert dp_fine_tuning_problem(bad, 1, 0.0) == trainable_d_problem(bad) != ""
+
+
+@pytest.mark.parametrize("good", ["all", "head", "top:1", "top:12"])
+def test_the_server_and_the_dp_step_accept_the_same_forms(good):
+    from fedspine.federated.federation_config import dp_fine_tuning_problem
+
+    assert dp_fine_tuning_problem(good, 1, 0.0) == ""
+    assert DPConfig(noise_multiplier=1.0, trainable_d=good).trainable_d == good
 
 
 def test_a_k_beyond_the_network_is_refused():
@@ -125,7 +177,7 @@ def test_the_optimizer_must_hold_exactly_the_selected_parameters():
 # ---- frozen stays frozen, the noise lands only on the trained part ----------------------------
 
 
-@pytest.mark.parametrize("spec", ["top:1", "top:2"])
+@pytest.mark.parametrize("spec", ["head", "top:1", "top:2"])
 def test_frozen_parameters_stay_bit_identical_and_trained_ones_move(spec):
     D = tiny_d()
     step = build_step(D, trainable_d=spec, ada_p=0.5, augment_views=2)
@@ -146,11 +198,12 @@ def test_frozen_parameters_stay_bit_identical_and_trained_ones_move(spec):
     assert all(p in state for p in trained.values())
 
 
-def test_opacus_params_are_the_selected_set_and_only_they_get_noise():
+@pytest.mark.parametrize("spec", ["head", "top:1"])
+def test_opacus_params_are_the_selected_set_and_only_they_get_noise(spec):
     D = tiny_d()
     sigma, clip, expected = 2.0, 0.5, 8
-    step = build_step(D, trainable_d="top:1", sigma=sigma, clip=clip, expected=expected)
-    trained, frozen = _split(D, "top:1")
+    step = build_step(D, trainable_d=spec, sigma=sigma, clip=clip, expected=expected)
+    trained, frozen = _split(D, spec)
     from fedspine.training.dp import _trainable
 
     with _trainable(D, set(trained)):
@@ -169,7 +222,7 @@ def test_opacus_params_are_the_selected_set_and_only_they_get_noise():
 # ---- the rows: isolation, clipping, exactness --------------------------------------------------
 
 
-@pytest.mark.parametrize(("spec", "views"), [("top:1", 1), ("all", 3), ("top:2", 3)])
+@pytest.mark.parametrize(("spec", "views"), [("top:1", 1), ("all", 3), ("top:2", 3), ("head", 2)])
 def test_rows_stay_isolated_between_patients(spec, views):
     step = build_step(ada_p=0.5, trainable_d=spec, augment_views=views, chunk=4)
     images, labels, unit_index = unit_batch([2, 1, 3, 2])
@@ -252,7 +305,7 @@ def _naive_rows(step, batch, r1_weight, names):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize(("spec", "views"), [("top:1", 1), ("top:2", 2), ("all", 3)])
+@pytest.mark.parametrize(("spec", "views"), [("top:1", 1), ("top:2", 2), ("all", 3), ("head", 1)])
 def test_rows_equal_a_naive_loop_over_units_and_views(spec, views):
     step = build_step(ada_p=0.5, trainable_d=spec, augment_views=views, chunk=4, r1_gamma=0.5)
     D = step.D
@@ -360,6 +413,16 @@ def test_train_help_lists_the_new_options():
     result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "--dp-trainable-d" in result.output and "--dp-augment-views" in result.output
+    assert "projection head" in re.sub(r"[\s│]+", " ", result.output)
+
+
+def test_the_cli_accepts_head():
+    from fedspine.cli.train import _privacy_options
+
+    options, ablation = _privacy_options(
+        True, None, {"--epsilon": 4.0, "--dp-trainable-d": "head", "--ada-p": 0.2}
+    )
+    assert ablation is None and options["trainable_d"] == "head"
 
 
 def test_the_cli_refuses_bad_fine_tuning_flags(tmp_path):
@@ -498,6 +561,16 @@ def test_a_federation_asks_for_them_and_a_site_checks_what_it_is_asked(tmp_path)
     deep = SitePrivacy(site, round_config(**{"trainable-d": "top:3"}), dataset, train)
     with pytest.raises(SiteRefusal, match="D has 2 blocks"):
         deep.make_trainer(preset_config("cpu", 16, 2), None, None)
+    # "head" is asked and accepted like top:K.
+    head = SitePrivacy(site, round_config(**{"trainable-d": "head"}), dataset, train)
+    assert head.dp.trainable_d == "head"
+    assert dataclasses.replace(config, dp_trainable_d="head").dp_request()["trainable-d"] == "head"
+    dataclasses.replace(config, dp_trainable_d="head").validate()
+    # The site's state from earlier rounds trained another part of D: refused before planning.
+    earlier = {"dp": {"trainable_d": "top:2", "augment_views": 4, "steps_taken": 0}}
+    with pytest.raises(SiteRefusal, match="trainable_d='top:2'"):
+        head.make_trainer(preset_config("cpu", 16, 2), None, earlier)
+    assert head.reservation is None
 
 
 def _public_run(tmp_path):
@@ -651,3 +724,102 @@ def test_a_dp_federation_fine_tunes_few_parameters_with_views(tmp_path):
         assert changed and all(n.startswith(("epilogue.", "mapping.")) for n in changed)
     recorded = json.loads((tmp_path / "out" / FEDERATION_CONFIG).read_text())
     assert recorded["dp_trainable_d"] == "top:1" and recorded["dp_augment_views"] == 2
+
+
+# ---- resume keeps the part of D and the views ---------------------------------------------------
+
+
+def _fine_tuning_trainer(trainable_d="top:1", augment_views=2, state=None):
+    from fedspine.training.config import preset_config
+    from fedspine.training.dp_trainer import dp_train_config
+    from fedspine.training.factory import DPSGD, TrainerSpec, build_trainer
+
+    dp = DPConfig(
+        noise_multiplier=1.0,
+        expected_patients_per_step=4,
+        ada_p=0.2,
+        trainable_d=trainable_d,
+        augment_views=augment_views,
+    )
+    config = dp_train_config(preset_config("cpu", 16, 2), dp)
+    config.batch, config.device = 8, "cpu"
+    patients = np.repeat(np.arange(12), 2).astype(str)
+    spec = TrainerSpec(DPSGD(dp, 1.0, 4 / 12, patients))
+    return build_trainer(spec, config, [0.5, 0.5], state=state)
+
+
+def test_the_dp_state_records_trainable_d_and_views_and_resume_refuses_others():
+    import copy
+
+    trainer = _fine_tuning_trainer("head", 2)
+    images = torch.randint(0, 255, (24, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 2, (24,))
+    trainer.train_step(images, labels)
+    state = copy.deepcopy(trainer.state_dict())
+    assert state["dp"]["trainable_d"] == "head" and state["dp"]["augment_views"] == 2
+
+    # The same values resume.
+    again = _fine_tuning_trainer("head", 2, state=state)
+    assert again.dp_step.steps_taken == trainer.dp_step.steps_taken == 1
+    for name, p in again.D.named_parameters():
+        assert torch.equal(p, trainer.D.get_parameter(name)), name
+
+    # Other values are refused, before any weight is loaded.
+    fresh = _fine_tuning_trainer("top:1", 2)
+    before = {n: p.detach().clone() for n, p in fresh.D.named_parameters()}
+    with pytest.raises(ValueError, match=r"trainable_d='head'.*asks for 'top:1'"):
+        fresh.load_state_dict(state)
+    assert all(torch.equal(p, before[n]) for n, p in fresh.D.named_parameters())
+    assert fresh.dp_step.steps_taken == 0
+    with pytest.raises(ValueError, match="--dp-trainable-d head"):
+        _fine_tuning_trainer("all", 2, state=state)
+    with pytest.raises(ValueError, match=r"augment_views=2 .*asks for 3"):
+        _fine_tuning_trainer("head", 3, state=state)
+    with pytest.raises(ValueError, match="--dp-augment-views 2"):
+        _fine_tuning_trainer("head", 1, state=state)
+
+
+def test_a_state_saved_before_they_were_recorded_counts_as_all_and_one_view():
+    import copy
+
+    trainer = _fine_tuning_trainer("all", 1)
+    state = copy.deepcopy(trainer.state_dict())
+    del state["dp"]["trainable_d"], state["dp"]["augment_views"]
+    _fine_tuning_trainer("all", 1, state=state)
+    with pytest.raises(ValueError, match=r"trainable_d='all'"):
+        _fine_tuning_trainer("head", 1, state=state)
+    with pytest.raises(ValueError, match=r"augment_views=1 "):
+        _fine_tuning_trainer("all", 2, state=state)
+
+
+@pytest.mark.slow
+def test_a_cli_resume_with_another_trainable_d_is_refused(tmp_path, privacy_home):
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from fedspine.cli.main import app
+    from tests.federated.conftest import make_site_dataset
+
+    data = make_site_dataset(tmp_path / "prep", n=48, seed=0)
+    out = tmp_path / "run"
+
+    def train(kimg, *flags):
+        args = ["train", str(data), "--preset", "cpu", "--resolution", "16", "--kimg", kimg]
+        args += ["--batch", "16", "--dp", "--noise-multiplier", "1.0"]
+        args += ["--patients-per-step", "4", "--ada-p", "0.3", "--out", str(out), *flags]
+        return CliRunner().invoke(app, args)
+
+    result = train("0.016", "--dp-trainable-d", "head")
+    assert result.exit_code == 0, result.output
+    assert "head: " in result.output and "projection head" in result.output
+    dp = tomllib.loads((out / "config.toml").read_text())["dp"]
+    assert dp["trainable_d"] == "head" and 0 < dp["trainable_fraction"] < 0.2
+    refused = train("0.032", "--resume", "--dp-trainable-d", "top:1")
+    assert refused.exit_code != 0
+    assert "trained trainable_d='head'" in refused.output, refused.output
+    refused = train("0.032", "--resume", "--dp-trainable-d", "head", "--dp-augment-views", "2")
+    assert refused.exit_code != 0 and "augment_views=1" in refused.output, refused.output
+    resumed = train("0.032", "--resume", "--dp-trainable-d", "head")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed" in resumed.output

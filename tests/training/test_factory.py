@@ -49,7 +49,7 @@ BASE_KEYS = [
     "rng",
 ]
 PIECES = {
-    "dp": ["step", "noise_multiplier", "sample_rate"],
+    "dp": ["step", "noise_multiplier", "sample_rate", "trainable_d", "augment_views"],
     "clinical": [
         "classifier_sha256",
         "classifier_path",

@@ -1,0 +1,164 @@
+"""A site's side of the DP mean-embedding route: one release, through the site's own ledger.
+
+The server asks once (Flower's custom action ``train.embedding``) for the site's per-class sums
+of per-patient mean random-Fourier-feature embeddings at a target ε; the site checks the request
+against its own limits, makes the release with :func:`~fedspine.training.mean_embedding.
+release_embedding` (planned, reserved and settled in its privacy home, capped by its own
+``max-epsilon``), keeps the file in its state folder as its record of what left, and replies
+with the noisy sums and counts and the release's metadata. Nothing else computed on its images
+leaves: the sums carry Gaussian noise, and the patient count is treated as public (as in Opacus).
+
+The site adds the full noise its own ε requires (no secure aggregation): the server sees each
+site's release, so a 1/K share of the noise would not protect a site from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from fedspine.federated.site_config import (
+    SiteConfig,
+    SiteRefusal,
+    check_version,
+    load_site_data,
+    site_state_file,
+)
+from fedspine.privacy.engine import PrivacyError
+from fedspine.training.mean_embedding import EmbeddingReleaseError, release_embedding
+from fedspine.training.mean_embedding_features import FeatureMapError
+
+EMBEDDING_ACTION = "embedding"
+"""Flower custom action: messages of type ``train.embedding``."""
+MAX_DIM = 8192
+"""Largest feature dimension a site computes for a server (memory and file size stay small)."""
+MAX_BANDWIDTHS = 16
+
+
+@dataclass(frozen=True)
+class EmbeddingRoundConfig:
+    """What the server asks of a site's one release, from the message's ConfigRecord."""
+
+    federation: str
+    server_round: int
+    fedspine_version: str
+    epsilon: float
+    clip: float
+    dim: int
+    seed: int
+    bandwidths: tuple[float, ...]
+    feature_resolution: int
+    class_names: tuple[str, ...]
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "federation": self.federation,
+            "server-round": self.server_round,
+            "fedspine-version": self.fedspine_version,
+            "epsilon": self.epsilon,
+            "clip": self.clip,
+            "dim": self.dim,
+            "seed": self.seed,
+            "bandwidths": list(self.bandwidths),
+            "feature-resolution": self.feature_resolution,
+            "class-names": list(self.class_names),
+        }
+
+    @classmethod
+    def from_record(cls, record) -> EmbeddingRoundConfig:
+        """Parse and bound what the server sent; anything out of shape is a refusal."""
+        try:
+            rc = cls(
+                federation=str(record["federation"]),
+                server_round=_int(record["server-round"], "server-round"),
+                fedspine_version=str(record["fedspine-version"]),
+                epsilon=_positive(record["epsilon"], "epsilon"),
+                clip=_positive(record["clip"], "clip"),
+                dim=_int(record["dim"], "dim"),
+                seed=_int(record["seed"], "seed"),
+                bandwidths=tuple(_positive(b, "bandwidths") for b in list(record["bandwidths"])),
+                feature_resolution=_int(record["feature-resolution"], "feature-resolution"),
+                class_names=tuple(str(c) for c in list(record["class-names"])),
+            )
+        except KeyError as err:
+            raise SiteRefusal(f"the embedding request lacks {err}") from None
+        except (TypeError, ValueError) as err:
+            raise SiteRefusal(f"the embedding request is malformed: {err}") from None
+        if not 1 <= rc.dim <= MAX_DIM:
+            raise SiteRefusal(f"dim {rc.dim}: a site computes 1 to {MAX_DIM} features")
+        if not 1 <= len(rc.bandwidths) <= MAX_BANDWIDTHS:
+            raise SiteRefusal(f"{len(rc.bandwidths)} bandwidths: 1 to {MAX_BANDWIDTHS} allowed")
+        if not 4 <= rc.feature_resolution <= 256:
+            raise SiteRefusal(f"feature-resolution {rc.feature_resolution}: 4 to 256 px allowed")
+        if len(rc.federation) > 200 or not rc.class_names or len(rc.class_names) > 64:
+            raise SiteRefusal("the embedding request names no classes, too many, or a long name")
+        return rc
+
+
+def release_round(
+    site: SiteConfig, rc: EmbeddingRoundConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, str]]:
+    """Make the site's one release; returns (sums and counts, metrics, the site record)."""
+    check_version(rc.fedspine_version)
+    if site.max_epsilon is None:
+        raise SiteRefusal(
+            f"site {site.site_name} has no ε cap (max-epsilon); set one in its site.toml before "
+            "it releases anything through the DP mean-embedding route"
+        )
+    dataset = load_site_data(site, list(rc.class_names))
+    if rc.feature_resolution > dataset.resolution:
+        raise SiteRefusal(
+            f"feature-resolution {rc.feature_resolution} exceeds the site's data "
+            f"({dataset.resolution} px)"
+        )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    path = site_state_file(site, rc.federation, f"embedding-release-{stamp}.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        release = release_embedding(
+            site.data_path,
+            path,
+            epsilon=rc.epsilon,
+            clip_norm=rc.clip,
+            dim=rc.dim,
+            seed=rc.seed,
+            bandwidths=rc.bandwidths,
+            feature_resolution=rc.feature_resolution,
+            privacy_home=site.privacy_home,
+            privacy_unit=site.privacy_unit,
+            max_epsilon=site.max_epsilon,
+            site=site.site_name,
+        )
+    except (EmbeddingReleaseError, FeatureMapError, PrivacyError) as err:
+        raise SiteRefusal(f"site {site.site_name}: {err}") from None
+    arrays = {
+        "sums": torch.from_numpy(release.sums.astype("float64")),
+        "counts": torch.from_numpy(release.counts.astype("float64")),
+    }
+    metrics = {"num-examples": int(release.metadata["patients"])}
+    extra = {
+        "site-name": site.site_name,
+        "federation": rc.federation,
+        "round": rc.server_round,
+        "release": json.dumps(release.metadata, allow_nan=False),
+    }
+    return arrays, metrics, extra
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {str(value)[:40]!r}")
+    return int(value)
+
+
+def _positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {str(value)[:40]!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value}")
+    return float(value)
