@@ -117,3 +117,46 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
         assert math.isfinite(entry["tstr_over_trtr_tuned_over_today"])
         assert entry["kimg_tuned_over_today"] > 0
     assert report["torch_threads"] == 1 and len(report["load_average_before"]) == 3
+
+
+@pytest.mark.slow
+def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
+    """benchmarks/dp_utility.py --quick (issue 15, item 6): every asked arm in both modes, ε read
+    back from each arm's own privacy home, DP minus public-only, and the report with its plot.
+    The GAN arms are left out here (the training and federation tests cover them)."""
+    import json
+    import math
+
+    arms = ["public-only", "dp-embedding", "dp-classifier"]
+    report = _load("dp_utility").main(
+        ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--arms", *arms]
+    )
+    assert '"benchmark": "dp_utility"' in capsys.readouterr().out
+    rows = {(r["mode"], r["arm"]): r for r in report["rows"]}
+    assert set(rows) == {(m, a) for m in ("pooled", "federated") for a in arms}
+    for mode in ("pooled", "federated"):
+        public, embedding = rows[(mode, "public-only")], rows[(mode, "dp-embedding")]
+        assert public["epsilon"] == 0.0 and public["epsilon_target"] is None
+        assert 0 < embedding["epsilon"] <= 10 + 1e-6 and embedding["epsilon_target"] == 10
+        assert math.isfinite(embedding["tstr_auc"]) and len(embedding["tstr_ci"]) == 2
+        assert embedding["dp_minus_public"] == embedding["tstr_auc"] - public["tstr_auc"]
+    # The same public generator in both modes; the federated route released once per site.
+    assert (
+        rows[("pooled", "public-only")]["tstr_auc"]
+        == rows[("federated", "public-only")]["tstr_auc"]
+    )
+    assert len(list((tmp_path / "federated" / "dp-embedding-eps10" / "releases").glob("*"))) == 3
+    ceiling = rows[("pooled", "dp-classifier")]
+    assert 0 < ceiling["epsilon"] <= 10 + 1e-6 and 0 <= ceiling["tstr_auc"] <= 1
+    assert "not measured" in rows[("federated", "dp-classifier")]["note"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == report["rows"]
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "dp-embedding" in html
+    assert (tmp_path / "utility_vs_epsilon.png").stat().st_size > 1000
+    assert "| pooled | dp-embedding | 10.000 |" in (tmp_path / "report.md").read_text()
+    # A second run reuses every finished arm (row.json) and reports the same.
+    again = _load("dp_utility").main(
+        ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--arms", *arms]
+    )
+    assert again["rows"] == report["rows"]

@@ -1,0 +1,770 @@
+"""Utility against ε of every route to DP synthetic data (issue 15, item 6), in one run.
+
+Data: three phantom sites (`--images-per-site` each, DICOM from the simulator, ingested at
+`--resolution`) and their pooled union, plus fedspine's public phantom corpus and a checkpoint
+pretrained on it (`fedspine pretrain`: its own seed and prevalence, no private site's). All are
+made under `--work` once and reused by reruns; every arm writes its own folder there and a
+`row.json` when done, so an interrupted run continues where it stopped.
+
+Arms, for each ε of `--epsilons` (the first two once, without ε):
+
+| arm | what it is |
+| --- | --- |
+| non-private | the cpu preset's cGAN on the private data, no DP: the utility DP gives up |
+| public-only | the public checkpoint itself: no private image at all (ε 0) |
+| dp-sgd | today's DP recipe: DP-SGD on all of D, from scratch |
+| dp-sgd-public | DP-SGD from the public checkpoint, only D's `--trainable-d` stages privatised |
+| dp-embedding | the one-shot DP mean-embedding release, then G fitted to it (no further ε) |
+| dp-classifier | the ceiling: the evaluation's classifier trained directly with DP-SGD |
+
+Modes: `pooled` (one site holding the three sites' patients) and `federated` (three sites,
+FedAvg through the real ServerApp round loop and ClientApp over the in-process Grid; the
+embedding route as each site's release at its own ε, summed by the server). The DP classifier
+is measured pooled only: fedspine has no federated DP classifier to compare with, and the pooled
+one is an upper bound for it.
+
+Every generator's synthetic set is evaluated as `fedspine evaluate` does (TSTR against TRTR on the
+pooled real test split, patient-level bootstrap CIs, one shared TRTR classifier), and ε is read
+back from each arm's own privacy home (the worst patient, every mechanism composed; federated:
+the worst site). What DP contributes is reported as the DP arm's TSTR minus the public-only
+arm's: a DP arm that only matches public-only learned nothing from the private data.
+
+Prints one JSON object (also `results.json`), and writes `report.md` and `report.html` (the
+table and a plot of utility against ε, `utility_vs_epsilon.png`). Issue 15's table:
+
+    python benchmarks/dp_utility.py --work DIR --epsilons 1 3 10 --images-per-site 300
+
+`--quick` shrinks everything (16 px, a few images, tiny runs) to check the pipeline runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ARMS = ("non-private", "public-only", "dp-sgd", "dp-sgd-public", "dp-embedding", "dp-classifier")
+PRIVATE_ARMS = ("dp-sgd", "dp-sgd-public", "dp-embedding", "dp-classifier")
+MODES = ("pooled", "federated")
+SITES = 3
+
+
+@dataclass
+class Settings:
+    """Every setting of one benchmark run; written to WORK/settings.json."""
+
+    epsilons: list[float]
+    modes: list[str]
+    arms: list[str]
+    images_per_site: int = 300
+    phantom_size: int = 128
+    resolution: int = 32
+    kimg: float = 4.0
+    """Real images shown to each GAN (pooled); a federation shows the same in total."""
+    rounds: int = 4
+    patients_per_step: int = 64
+    d_steps_per_g: int = 1
+    trainable_d: str = "top:2"
+    augment_views: int = 1
+    ada_p: float = 0.0
+    public_images: int = 2000
+    public_kimg: float = 8.0
+    embedding_steps: int = 600
+    per_class: int = 300
+    classifier_epochs: int = 10
+    bootstrap: int = 1000
+    seed: int = 0
+    threads: int = 0
+
+
+def parse(argv: list[str] | None) -> tuple[Settings, Path]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, required=True, help="folder for data, arms, results")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    defaults = Settings(epsilons=[], modes=[], arms=[])
+    for name in (
+        "images_per_site",
+        "phantom_size",
+        "resolution",
+        "rounds",
+        "patients_per_step",
+        "d_steps_per_g",
+        "augment_views",
+        "public_images",
+        "embedding_steps",
+        "per_class",
+        "classifier_epochs",
+        "bootstrap",
+        "seed",
+        "threads",
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    for name in ("kimg", "public_kimg", "ada_p"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    parser.add_argument("--trainable-d", default=None, help='"all" or "top:K" (dp-sgd-public)')
+    parser.add_argument("--quick", action="store_true", help="tiny everything: a pipeline check")
+    args = parser.parse_args(argv)
+    values = asdict(defaults)
+    if args.quick:
+        values.update(
+            images_per_site=60,
+            phantom_size=64,
+            resolution=16,
+            kimg=0.096,
+            rounds=2,
+            patients_per_step=8,
+            public_images=96,
+            public_kimg=0.096,
+            embedding_steps=4,
+            per_class=24,
+            classifier_epochs=1,
+            bootstrap=50,
+        )
+    for key in values:
+        given = getattr(args, key, None)
+        if given is not None and key not in ("epsilons", "modes", "arms"):
+            values[key] = given
+    values.update(epsilons=list(args.epsilons), modes=list(args.modes), arms=list(args.arms))
+    if any(not (e > 0 and math.isfinite(e)) for e in values["epsilons"]):
+        parser.error("--epsilons: each ε must be a positive number")
+    return Settings(**values), args.work
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    settings, work = parse(argv)
+    work.mkdir(parents=True, exist_ok=True)
+    if settings.threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+        os.environ["OMP_NUM_THREADS"] = str(settings.threads)
+    (work / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    load_before = os.getloadavg()[0]
+    sites, pooled = make_sites(work, settings)
+    public = make_public(work, settings) if _needs_public(settings) else None
+    bench = Bench(work, settings, sites, pooled, public)
+    rows = []
+    for mode in settings.modes:
+        for arm in settings.arms:
+            for eps in settings.epsilons if arm in PRIVATE_ARMS else [None]:
+                row = bench.row(mode, arm, eps)
+                rows.append(row)
+                log(f"{mode} {arm} ε={eps}: {json.dumps(row)}")
+    add_contributions(rows)
+    out = {
+        "benchmark": "dp_utility",
+        "settings": asdict(settings),
+        "images_per_site": [_count(p, "train") for p in sites],
+        "test_images": _count(pooled, "test"),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "rows": rows,
+    }
+    write_results(work, out)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Data and the public checkpoint.
+
+
+def make_sites(work: Path, s: Settings) -> tuple[list[Path], Path]:
+    """Three phantom sites ingested at the resolution, and their pooled union (made once)."""
+    from fedspine.data.ingest import IngestConfig, ingest
+    from fedspine.data.phantom import write_phantom_sites
+    from fedspine.data.prepared import load_prepared, merge_prepared
+
+    root = work / "data"
+    raw = root / "dicom"
+    if not raw.exists():  # written whole, then renamed: an interrupted run leaves no half set
+        partial = root / ".dicom-partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_phantom_sites(partial, SITES, s.images_per_site, size=s.phantom_size, seed=s.seed)
+        partial.rename(raw)
+    names = sorted(p.name for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+    prepared = []
+    for name in names:
+        target = root / "prepared" / name
+        if not _is_prepared(target):
+            config = IngestConfig(resolution=s.resolution, seed=s.seed)
+            ingest(raw / name, target, config, overwrite=True)
+        prepared.append(target)
+    pooled = root / "pooled"
+    if not _is_prepared(pooled):
+        merge_prepared([load_prepared(p) for p in prepared], pooled, names, overwrite=True)
+    return prepared, pooled
+
+
+def make_public(work: Path, s: Settings) -> Path:
+    """The public checkpoint: fedspine's phantom corpus (its own seed), pretrained for DP."""
+    from fedspine.experiments.logs import PlainReporter
+    from fedspine.experiments.pretrain import PretrainConfig, pretrain
+    from fedspine.fileio import RUN_GENERATOR
+
+    out = work / "public"
+    if not (out / "run" / RUN_GENERATOR).is_file():
+        log(f"pretraining the public checkpoint ({s.public_images} images, {s.public_kimg} kimg)")
+        config = PretrainConfig(
+            images=s.public_images,
+            size=s.phantom_size,
+            resolution=s.resolution,
+            kimg=s.public_kimg,
+            device="cpu",
+        )
+        pretrain(out, config, stage=log, reporter=PlainReporter())
+    return out / "run"
+
+
+def _needs_public(s: Settings) -> bool:
+    return any(a in s.arms for a in ("public-only", "dp-sgd-public"))
+
+
+# --------------------------------------------------------------------------------------------
+# The arms.
+
+
+class Bench:
+    """Runs one (mode, arm, ε) cell: train, generate, evaluate, read ε back; cached."""
+
+    def __init__(
+        self, work: Path, s: Settings, sites: list[Path], pooled: Path, public: Path | None
+    ) -> None:
+        self.work, self.s, self.sites, self.pooled, self.public = work, s, sites, pooled, public
+        self.names = [p.name for p in sites]
+
+    def row(self, mode: str, arm: str, eps: float | None) -> dict[str, Any]:
+        folder = self.work / mode / (arm if eps is None else f"{arm}-eps{eps:g}")
+        done = folder / "row.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        row: dict[str, Any] = {"mode": mode, "arm": arm, "epsilon_target": eps}
+        if arm == "public-only" and mode != self.s.modes[0]:
+            # No private data: the same generator in every mode; measured once.
+            first = self.work / self.s.modes[0] / arm / "row.json"
+            if first.is_file():
+                row.update({k: v for k, v in json.loads(first.read_text()).items() if k != "mode"})
+                row["mode"] = mode
+                return _save(done, row)
+        if arm == "dp-classifier" and mode == "federated":
+            row["note"] = "not measured: fedspine trains no federated DP classifier"
+            return _save(done, row)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        if arm == "dp-classifier":
+            classifier = self.dp_classifier(folder, eps)
+            row["train_seconds"] = time.perf_counter() - start
+            row.update(self.score_classifier(folder, classifier))
+            row["epsilon"] = accounted_epsilon([self.pooled], [folder / "privacy"])
+            return _save(done, row)
+        generator, homes, data = self.train(mode, arm, eps, folder)
+        row["train_seconds"] = time.perf_counter() - start
+        row.update(self.evaluate(folder, generator))
+        row["epsilon"] = accounted_epsilon(data, homes) if homes else (0.0 if eps is None else None)
+        if arm == "non-private":
+            row["epsilon"] = math.inf
+        return _save(done, row)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(
+        self, mode: str, arm: str, eps: float | None, folder: Path
+    ) -> tuple[Path, list[Path], list[Path]]:
+        """(the generator's run folder, the privacy homes, the data each home is about)."""
+        if arm == "public-only":
+            return self.public, [], []
+        if arm == "dp-embedding":
+            return self.embedding(mode, eps, folder)
+        dp = arm != "non-private"
+        init = self.public if arm == "dp-sgd-public" else None
+        trainable = self.s.trainable_d if arm == "dp-sgd-public" else "all"
+        if mode == "pooled":
+            run = self.pooled_gan(folder, eps if dp else None, init, trainable)
+            return run, [folder / "privacy"] if dp else [], [self.pooled] if dp else []
+        return self.federated_gan(folder, eps if dp else None, init, trainable)
+
+    def pooled_gan(
+        self, folder: Path, eps: float | None, init: Path | None, trainable: str
+    ) -> Path:
+        from fedspine.experiments.logs import PlainReporter
+        from fedspine.fileio import RUN_GENERATOR, RUN_LATEST
+        from fedspine.training.run import DPRequest, TrainRequest, train
+
+        run = folder / "run"
+        if (run / RUN_GENERATOR).is_file():
+            return run
+        resume = (run / RUN_LATEST).is_file()
+        if not resume:
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.rmtree(folder / "privacy", ignore_errors=True)
+        dp = None
+        if eps is not None:
+            dp = DPRequest(
+                target_epsilon=eps,
+                expected_patients_per_step=self.s.patients_per_step,
+                d_steps_per_g=self.s.d_steps_per_g,
+                ada_p=self.s.ada_p,
+                trainable_d=trainable,
+                augment_views=self.s.augment_views,
+                privacy_home=folder / "privacy",
+            )
+        request = TrainRequest(
+            prepared=self.pooled,
+            out=run,
+            preset=None if resume else "cpu",
+            kimg=self.s.kimg,
+            resolution=None if resume else self.s.resolution,
+            seed=None if resume else self.s.seed,
+            resume=resume,
+            device="cpu",
+            dp=dp,
+            init_from=None if resume else init,
+        )
+        train(request, PlainReporter())
+        return run
+
+    def federated_gan(
+        self, folder: Path, eps: float | None, init: Path | None, trainable: str
+    ) -> tuple[Path, list[Path], list[Path]]:
+        """FedAvg over the three sites (ServerApp loop + ClientApp, in-process Grid)."""
+        from fedspine.data.prepared import load_prepared
+        from fedspine.federated.client_app import app as client_app
+        from fedspine.federated.federation import FederationConfig, run_federation
+        from fedspine.federated.grid import InProcessGrid, InProcessNode
+        from fedspine.fileio import RUN_GENERATOR
+
+        out = folder / "federation"
+        homes = [folder / "privacy" / n for n in self.names]
+        data = [_copy(p, folder / "data" / n) for p, n in zip(self.sites, self.names, strict=True)]
+        dp = eps is not None
+        if not (out / RUN_GENERATOR).is_file():
+            nodes = [
+                InProcessNode(
+                    node_id=100 + k,
+                    node_config={
+                        "data-path": str(path),
+                        "site-name": name,
+                        "state-dir": str(folder / "state" / name),
+                        "privacy-home": str(home),
+                        **({"max-epsilon": float(eps)} if dp else {}),
+                    },
+                    app=client_app,
+                )
+                for k, (path, name, home) in enumerate(zip(data, self.names, homes, strict=True))
+            ]
+            first = load_prepared(data[0])
+            config = FederationConfig(
+                name=f"dp-utility-{folder.name}",
+                output_dir=str(out),
+                rounds=self.s.rounds,
+                local_kimg=self.s.kimg / (self.s.rounds * SITES),
+                min_sites=SITES,
+                preset="cpu",
+                resolution=int(first.resolution),
+                class_names=list(first.class_names),
+                seed=self.s.seed,
+                dp=dp,
+                dp_epsilon=eps,
+                dp_patients_per_step=max(1, self.s.patients_per_step // SITES),
+                dp_d_steps_per_g=self.s.d_steps_per_g,
+                dp_ada_p=self.s.ada_p,
+                dp_trainable_d=trainable,
+                dp_augment_views=self.s.augment_views,
+                initial_checkpoint=str(init) if init is not None else None,
+            )
+            status = run_federation(InProcessGrid(nodes), config, log=log)
+            if status.get("state") != "completed":
+                raise SystemExit(f"{folder}: federation ended {status.get('state')}: {status}")
+        return out, homes if dp else [], data if dp else []
+
+    def embedding(
+        self, mode: str, eps: float | None, folder: Path
+    ) -> tuple[Path, list[Path], list[Path]]:
+        """Each holder's one DP release at ε (pooled: one; federated: one per site), then G
+        fitted to their sum."""
+        from fedspine.fileio import RUN_GENERATOR
+        from fedspine.training.mean_embedding import release_embedding
+        from fedspine.training.mean_embedding_fit import FitRequest, fit_generator
+
+        holders = [self.pooled] if mode == "pooled" else self.sites
+        names = ["pooled"] if mode == "pooled" else self.names
+        homes = [folder / "privacy" / n for n in names]
+        releases = []
+        for data, name, home in zip(holders, names, homes, strict=True):
+            path = folder / "releases" / f"{name}.npz"
+            if not path.is_file():
+                shutil.rmtree(home, ignore_errors=True)  # a half-done release starts afresh
+                path.parent.mkdir(parents=True, exist_ok=True)
+                release_embedding(data, path, epsilon=float(eps), privacy_home=home, site=name)
+            releases.append(path)
+        run = folder / "run"
+        if not (run / RUN_GENERATOR).is_file():
+            shutil.rmtree(run, ignore_errors=True)
+            fit_generator(
+                FitRequest(
+                    releases=releases,
+                    out=run,
+                    steps=self.s.embedding_steps,
+                    resolution=self.s.resolution,
+                    init_from=self.public,
+                    seed=self.s.seed,
+                )
+            )
+        return run, homes, list(holders)
+
+    def dp_classifier(self, folder: Path, eps: float | None) -> Path:
+        from fedspine.fileio import CLASSIFIER_WEIGHTS
+        from fedspine.training.classifier_run import (
+            ClassifierDPRequest,
+            ClassifierRequest,
+            train_classifier_run,
+        )
+
+        out = folder / "classifier"
+        if not (out / CLASSIFIER_WEIGHTS).is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(folder / "privacy", ignore_errors=True)
+            cfg = self.evaluate_config()
+            train_classifier_run(
+                ClassifierRequest(
+                    data=self.pooled,
+                    out=out,
+                    arch=cfg.arch,
+                    epochs=cfg.epochs,
+                    patience=cfg.patience,
+                    seed=self.s.seed,
+                    device="cpu",
+                    dp=ClassifierDPRequest(
+                        target_epsilon=float(eps),
+                        patients_per_step=self.s.patients_per_step,
+                        privacy_home=folder / "privacy",
+                    ),
+                )
+            )
+        return out
+
+    # -- measuring -----------------------------------------------------------------------------
+
+    def evaluate_config(self):
+        from fedspine.evaluation.config import EvaluateConfig
+
+        return EvaluateConfig(
+            epochs=self.s.classifier_epochs,
+            seed=self.s.seed,
+            mix_per_class=0,
+            bootstrap=self.s.bootstrap,
+            device="cpu",
+        )
+
+    def evaluate(self, folder: Path, run: Path) -> dict[str, Any]:
+        from fedspine.evaluation.records import read_evaluation
+        from fedspine.fileio import EVAL_REPORT_JSON, SYNTHETIC_LABELS
+        from fedspine.reporting.evaluation_report import evaluate
+        from fedspine.training.generate import generate_dataset
+
+        synthetic, report = folder / "synthetic", folder / "evaluation"
+        if not (synthetic / SYNTHETIC_LABELS).is_file():
+            shutil.rmtree(synthetic, ignore_errors=True)
+            generate_dataset(run, synthetic, per_class=self.s.per_class, seed=self.s.seed)
+        if not (report / EVAL_REPORT_JSON).is_file():
+            evaluate(
+                synthetic,
+                self.pooled,
+                self.pooled,
+                report,
+                self.evaluate_config(),
+                overwrite=True,
+                trtr_cache=self.work / "trtr",
+            )
+        return scores(read_evaluation(report))
+
+    def score_classifier(self, folder: Path, classifier: Path) -> dict[str, Any]:
+        """The DP classifier scored as one more arm of an evaluation (threshold on val, AUC on
+        test), beside the public-only synthetic set (any set would do; only the arm is read)."""
+        from fedspine.evaluation.records import read_evaluation
+        from fedspine.fileio import EVAL_REPORT_JSON, SYNTHETIC_LABELS
+        from fedspine.reporting.evaluation_report import evaluate
+        from fedspine.training.generate import generate_dataset
+
+        report = folder / "evaluation"
+        if not (report / EVAL_REPORT_JSON).is_file():
+            synthetic = folder / "synthetic-probe"
+            if not (synthetic / SYNTHETIC_LABELS).is_file():
+                shutil.rmtree(synthetic, ignore_errors=True)
+                probe = self.public or self._any_generator()
+                generate_dataset(probe, synthetic, per_class=8, seed=self.s.seed)
+            evaluate(
+                synthetic,
+                self.pooled,
+                self.pooled,
+                report,
+                self.evaluate_config(),
+                overwrite=True,
+                trtr_cache=self.work / "trtr",
+                compare={"dp-classifier": classifier},
+            )
+        record = read_evaluation(report)
+        arm = (record.arms or {})["dp-classifier"]
+        trtr = (record.arms or {}).get("TRTR")
+        return {
+            "tstr_auc": arm.auc,
+            "tstr_ci": list(arm.ci) if arm.ci else None,
+            "trtr_auc": trtr.auc if trtr else None,
+            "tstr_over_trtr": arm.auc / trtr.auc if trtr and trtr.auc else None,
+            "signal_retained": _signal(arm.auc, trtr.auc if trtr else None),
+            "what": "test AUC of the DP classifier itself (in the TSTR columns)",
+        }
+
+    def _any_generator(self) -> Path:
+        from fedspine.fileio import RUN_GENERATOR
+
+        for path in sorted(self.work.glob("*/*/run")) + sorted(self.work.glob("*/*/federation")):
+            if (path / RUN_GENERATOR).is_file():
+                return path
+        raise SystemExit("dp-classifier needs one generator to probe with: add public-only")
+
+
+def scores(record) -> dict[str, Any]:
+    """TSTR and TRTR AUC [CI], their ratio and the signal retained, from an evaluation."""
+    arms = record.arms or {}
+    utility = (record.utility.arms or {}) if record.utility else {}
+    tstr, trtr = arms.get("TSTR"), arms.get("TRTR")
+    retained = utility.get("TSTR")
+    return {
+        "tstr_auc": tstr.auc if tstr else None,
+        "tstr_ci": list(tstr.ci) if tstr and tstr.ci else None,
+        "trtr_auc": trtr.auc if trtr else None,
+        "trtr_ci": list(trtr.ci) if trtr and trtr.ci else None,
+        "tstr_over_trtr": record.ratios.tstr_over_trtr if record.ratios else None,
+        "signal_retained": retained.signal_retained if retained else None,
+        "signal_retained_ci": retained.signal_retained_ci if retained else None,
+    }
+
+
+def accounted_epsilon(data: list[Path], homes: list[Path]) -> float | None:
+    """ε of the worst patient in each privacy home (every mechanism composed), worst home."""
+    from fedspine.data.prepared import load_prepared
+    from fedspine.privacy.engine import PrivacyEngine
+    from fedspine.training.dp_run import dp_unit_of
+
+    worst = None
+    for prepared, home in zip(data, homes, strict=True):
+        if not home.exists():
+            continue
+        dataset = load_prepared(prepared).select("train")
+        engine = PrivacyEngine(dataset.privacy_ids, unit=dp_unit_of(dataset, None), home=home)
+        eps = engine.spent()
+        worst = eps if worst is None else max(worst, eps)
+    return worst
+
+
+def add_contributions(rows: list[dict[str, Any]]) -> None:
+    """``dp_minus_public``: a DP arm's TSTR minus the public-only arm's in the same mode."""
+    public = {r["mode"]: r.get("tstr_auc") for r in rows if r["arm"] == "public-only"}
+    for r in rows:
+        base = public.get(r["mode"])
+        if r["arm"] in PRIVATE_ARMS and base is not None and r.get("tstr_auc") is not None:
+            r["dp_minus_public"] = r["tstr_auc"] - base
+
+
+# --------------------------------------------------------------------------------------------
+# Results a person reads.
+
+
+def write_results(work: Path, out: dict[str, Any]) -> None:
+    from fedspine.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+    write_json_atomic(work / "results.json", out)
+    png = plot(out["rows"])
+    if png is not None:
+        write_bytes_atomic(work / "utility_vs_epsilon.png", png)
+    write_text_atomic(work / "report.md", markdown(out))
+    write_text_atomic(work / "report.html", html_page(out, png))
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        ci = r.get("tstr_ci")
+        out.append(
+            [
+                r["mode"],
+                r["arm"],
+                _num(r.get("epsilon_target"), "—"),
+                _num(r.get("epsilon"), "—"),
+                _num(r.get("tstr_auc")) + (f" [{_num(ci[0])}, {_num(ci[1])}]" if ci else ""),
+                _num(r.get("trtr_auc")),
+                _num(r.get("tstr_over_trtr")),
+                _num(r.get("signal_retained")),
+                _signed(r.get("dp_minus_public")),
+                _num(r.get("train_seconds"), "—", 0),
+                r.get("note", ""),
+            ]
+        )
+    return out
+
+
+HEAD = [
+    "mode",
+    "arm",
+    "ε target",
+    "ε accounted",
+    "TSTR AUC [95% CI]",
+    "TRTR AUC",
+    "TSTR/TRTR",
+    "signal retained",
+    "DP − public-only",
+    "train s",
+    "note",
+]
+
+
+def markdown(out: dict[str, Any]) -> str:
+    s = out["settings"]
+    lines = [
+        "# Utility of DP synthetic data against ε (benchmarks/dp_utility.py)",
+        "",
+        f"Three phantom sites of {s['images_per_site']} images at {s['resolution']} px; "
+        f"GANs shown {s['kimg']:g} kimg; test split: {out['test_images']} images. "
+        "DP arms: patient-level ε from each arm's own privacy home (worst patient; federated: "
+        "worst site). The DP classifier's row holds its own test AUC. "
+        "'DP − public-only' is what the private data added over the public checkpoint alone.",
+        "",
+        "| " + " | ".join(HEAD) + " |",
+        "|" + "---|" * len(HEAD),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(out["rows"])]
+    lines += ["", "![utility against ε](utility_vs_epsilon.png)", ""]
+    return "\n".join(lines)
+
+
+def html_page(out: dict[str, Any], png: bytes | None) -> str:
+    from fedspine.reporting.html_parts import figure, table
+
+    body = table(HEAD, table_rows(out["rows"]))
+    plot_html = (
+        figure(png, "TSTR AUC against ε; dashed: non-private and public-only") if png else ""
+    )
+    intro = html.escape(markdown(out).split("\n\n")[1])
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<title>fedspine: DP utility against ε</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em}</style>"
+        f"</head><body><h1>Utility of DP synthetic data against ε</h1><p>{intro}</p>"
+        f"{plot_html}{body}</body></html>\n"
+    )
+
+
+def plot(rows: list[dict[str, Any]]) -> bytes | None:
+    """TSTR AUC against ε per DP arm and mode, with the ε-free arms as horizontal lines."""
+    from matplotlib.figure import Figure
+
+    private = [r for r in rows if r["arm"] in PRIVATE_ARMS and r.get("tstr_auc") is not None]
+    if not private:
+        return None
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    styles = {"pooled": "-", "federated": ":"}
+    for mode in MODES:
+        for arm in PRIVATE_ARMS:
+            points = sorted(
+                (r["epsilon_target"], r["tstr_auc"])
+                for r in private
+                if r["mode"] == mode and r["arm"] == arm
+            )
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, styles[mode], marker="o", label=f"{arm} ({mode})")
+    for r in rows:
+        if r["arm"] in ("non-private", "public-only") and r.get("tstr_auc") is not None:
+            ax.axhline(r["tstr_auc"], linestyle="--", linewidth=1, color="grey")
+            ax.annotate(
+                f"{r['arm']} ({r['mode']})",
+                (ax.get_xlim()[0], r["tstr_auc"]),
+                fontsize=7,
+                color="grey",
+            )
+    ax.axhline(0.5, color="black", linewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("ε (target)")
+    ax.set_ylabel("TSTR AUC (real test split)")
+    ax.legend(fontsize=7, loc="best")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _save(path: Path, row: dict[str, Any]) -> dict[str, Any]:
+    from fedspine.fileio import write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, row)
+    return row
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A site's data copied into the arm's folder: its ledger stays the arm's alone."""
+    if not dst.exists():
+        partial = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(src, partial)
+        partial.rename(dst)
+    return dst
+
+
+def _is_prepared(path: Path) -> bool:
+    from fedspine.data.prepared import load_prepared
+
+    try:
+        load_prepared(path)
+    except Exception:
+        return False
+    return True
+
+
+def _count(path: Path, split: str) -> int:
+    from fedspine.data.prepared import load_prepared
+
+    return int((load_prepared(path).splits == split).sum())
+
+
+def _signal(tstr: float | None, trtr: float | None) -> float | None:
+    if tstr is None or trtr is None or trtr <= 0.5:
+        return None
+    return (tstr - 0.5) / (trtr - 0.5)
+
+
+def _num(value: Any, missing: str = "n/a", digits: int = 3) -> str:
+    if value is None:
+        return missing
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return f"{value:.{digits}f}"
+
+
+def _signed(value: Any) -> str:
+    return "" if value is None else f"{value:+.3f}"
+
+
+if __name__ == "__main__":
+    main()
