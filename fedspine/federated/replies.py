@@ -68,8 +68,10 @@ def reply_problem(reply, expected: dict[str, Any]) -> tuple[str | None, dict | N
             None,
         )
     answered = site.get("round")
-    if isinstance(answered, bool) or not isinstance(answered, int) or answered != expected["round"]:
+    if isinstance(answered, bool) or not isinstance(answered, int):
         return f"answers round {str(answered)[:40]!r}, not {expected['round']}", None, None
+    if answered != expected["round"]:
+        return f"answers round {answered}, not {expected['round']}", None, None
     privacy = None
     if "privacy" in site:
         try:
