@@ -28,7 +28,6 @@ study; the paper scheme (:class:`PaperDStep`) is the plain D step with its optim
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -54,7 +53,7 @@ from fedspine.privacy.accounting import (
 )
 from fedspine.training.config import TrainConfig
 from fedspine.training.dp import DPConfig, DPDiscriminatorStep, FakeSource
-from fedspine.training.dp_trainer import DPSGDStep, fakes_from_g
+from fedspine.training.dp_trainer import DPSGDStep
 from fedspine.training.gan_trainer import GanTrainer
 from fedspine.training.parts import DStep
 
@@ -362,20 +361,10 @@ class AblationDStep(DPSGDStep):
         super().__init__(dp, patient_ids, noise_multiplier, sample_rate)
         self.scheme = scheme
 
-    def make_step(self, trainer: GanTrainer) -> AblationDiscriminatorStep:
-        return AblationDiscriminatorStep(
-            trainer.D,
-            trainer.opt_D,
-            trainer.augment_pipe,
-            self.dp,
-            trainer.config.r1_gamma,
-            trainer.label_prior,
-            functools.partial(fakes_from_g, trainer),
-            scheme=self.scheme,
-            noise_multiplier=self._sigma,
-            generator=trainer.latent_gen,
-            noise_generator=self.noise_gen,
-        )
+    step_class = AblationDiscriminatorStep
+
+    def step_options(self) -> dict[str, Any]:
+        return {"scheme": self.scheme}
 
     def mechanism(self) -> Mechanism:
         raise AblationError(

@@ -116,9 +116,16 @@ class DPSGDStep(DStep):
         )
         self.dp_step = self.make_step(trainer)
 
+    step_class: type[DPDiscriminatorStep] = DPDiscriminatorStep
+    """The update of D this part drives (an ablation names its own, with :meth:`step_options`)."""
+
+    def step_options(self) -> dict[str, Any]:
+        """Keyword arguments ``step_class`` takes beyond the DP step's own."""
+        return {}
+
     def make_step(self, trainer: GanTrainer) -> DPDiscriminatorStep:
-        """The private update of D (an ablation replaces it with its own)."""
-        return DPDiscriminatorStep(
+        """The update of D, on the trainer's networks, optimizer, pipe and generators."""
+        return self.step_class(
             trainer.D,
             trainer.opt_D,
             trainer.augment_pipe,
@@ -129,6 +136,7 @@ class DPSGDStep(DStep):
             noise_multiplier=self._sigma,
             generator=trainer.latent_gen,
             noise_generator=self.noise_gen,
+            **self.step_options(),
         )
 
     @property
