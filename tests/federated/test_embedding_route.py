@@ -103,6 +103,25 @@ def test_each_site_releases_once_and_the_server_fits_the_generator(site_datasets
     assert meta["class_names"] == ["normal", "abnormal"]
     assert synthesize(G, torch.randn(2, G.z_dim), torch.tensor([0, 1])).shape == (2, 16, 16)
 
+    # The release gate takes the route's output as it takes a GAN federation's: ε recomputed
+    # from each site's mechanisms, the ledgers cover them, the generator is bound, then signed.
+    from fedspine.privacy.signing import make_signing_key, verify_release
+    from fedspine.release.gate import make_release
+
+    key, _ = make_signing_key(tmp_path / "keys" / "steward.key")
+    result = make_release(
+        out,
+        tmp_path / "release",
+        max_epsilon=CAP,
+        per_class=4,
+        audit_data=site_datasets,
+        signing_key=key,
+        steward_audit_dir=tmp_path / "steward",
+        privacy_homes=[tmp_path / f"privacy_{k}" for k in range(3)],
+    )
+    assert sorted(result.sites) == ["site-0", "site-1", "site-2"]
+    assert verify_release(tmp_path / "release").ok
+
 
 def test_a_site_without_an_epsilon_cap_refuses_and_the_round_fails(site_datasets, tmp_path):
     grid = InProcessGrid(_nodes(site_datasets, tmp_path, cap=None))
