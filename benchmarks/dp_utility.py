@@ -40,6 +40,7 @@ table and a plot of utility against ε, `utility_vs_epsilon.png`). Issue 15's ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import io
 import json
@@ -153,16 +154,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ["OMP_NUM_THREADS"] = str(settings.threads)
     (work / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
     load_before = os.getloadavg()[0]
-    sites, pooled = make_sites(work, settings)
-    public = make_public(work, settings) if _needs_public(settings) else None
-    bench = Bench(work, settings, sites, pooled, public)
-    rows = []
-    for mode in settings.modes:
-        for arm in settings.arms:
-            for eps in settings.epsilons if arm in PRIVATE_ARMS else [None]:
-                row = bench.row(mode, arm, eps)
-                rows.append(row)
-                log(f"{mode} {arm} ε={eps}: {json.dumps(row)}")
+    # The library's progress lines go to stderr: stdout carries only the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        sites, pooled = make_sites(work, settings)
+        public = make_public(work, settings) if _needs_public(settings) else None
+        bench = Bench(work, settings, sites, pooled, public)
+        rows = []
+        for mode in settings.modes:
+            for arm in settings.arms:
+                for eps in settings.epsilons if arm in PRIVATE_ARMS else [None]:
+                    row = bench.row(mode, arm, eps)
+                    rows.append(row)
+                    log(f"{mode} {arm} ε={eps}: {json.dumps(row)}")
     add_contributions(rows)
     out = {
         "benchmark": "dp_utility",

@@ -131,7 +131,8 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
     report = _load("dp_utility").main(
         ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--arms", *arms]
     )
-    assert '"benchmark": "dp_utility"' in capsys.readouterr().out
+    printed = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
+    assert printed["benchmark"] == "dp_utility" and printed["rows"] == report["rows"]
     rows = {(r["mode"], r["arm"]): r for r in report["rows"]}
     assert set(rows) == {(m, a) for m in ("pooled", "federated") for a in arms}
     for mode in ("pooled", "federated"):
