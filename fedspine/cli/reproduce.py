@@ -48,6 +48,13 @@ def reproduce(
         "--classifier-weights",
         help="State dict to start every classifier from (e.g. ImageNet DenseNet-121 for full).",
     ),
+    public_run: Path = typer.Option(
+        None,
+        "--public-run",
+        help="A run trained with --public-data (e.g. `fedspine pretrain`'s OUT) at the budget's "
+        "resolution: adds the public-only arm and, per ε, DP-SGD from it with D's head "
+        "privatised and the DP mean-embedding route fitted from it.",
+    ),
 ) -> None:
     """Run the paper's experiments (real classifier, cGANs, SpineGAN, DP-SGD at several ε) on one
     dataset and write OUT/reproduce.md and OUT/reproduce.json: one table with our numbers and ε
@@ -56,6 +63,10 @@ def reproduce(
     The DP ablation (quick and full) trains, beside DP-SGD, clipping without noise, noise without
     clipping, and the paper's own noise-then-clip scheme; these arms are not private and are
     marked so (`fedspine train --dp-scheme`).
+
+    With --public-run RUN the public checkpoint's own generator (no private data, ε 0) and,
+    at each ε, DP-SGD from it on few D parameters and the one-shot DP mean embedding fitted from
+    it run too; the table gives each DP arm minus the public-only arm.
 
     Each arm is written to OUT/arms/NAME only when complete; rerunning the same command skips
     complete arms and continues an interrupted one. With --seeds N, seed replicates after the
@@ -77,6 +88,7 @@ def reproduce(
     extra = {
         "inception": str(inception) if inception else None,
         "classifier_weights": str(classifier_weights) if classifier_weights else None,
+        "public_run": public_run,
     }
     overrides = {"seeds": seeds} if seeds is not None else None
     try:

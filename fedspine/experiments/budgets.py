@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedspine.dp_options import TRAINABLE_HEAD, trainable_d_problem
+
 
 class ReproduceError(Exception):
     """The reproduction cannot start or a stage failed; the message says where and why."""
@@ -29,6 +31,11 @@ class ReproduceBudget:
     caps each image set of FID and friends. ``seeds`` replicates every arm with training seeds
     ``seed``, ``seed + 1``, ...: the test-set intervals do not show how much a result moves from
     one training run to the next.
+
+    ``embedding_steps`` and ``dp_public_trainable_d`` size the arms planned only with a public
+    checkpoint (``--public-run``): the DP mean-embedding route's generator fit (Adam steps, no
+    ε) and which of D's parameters the DP-SGD run from the public checkpoint trains and
+    privatises (``DPRequest.trainable_d``).
     """
 
     name: str
@@ -60,6 +67,10 @@ class ReproduceBudget:
     # then a DP SpineGAN, both in one ledger, to ε dp_spinegan_epsilon in all (None: left out).
     dp_spinegan_epsilon: float | None = None
     dp_spinegan_classifier_epsilon: float = 3.0
+    # The arms of a public checkpoint (issue 15): the mean-embedding fit's Adam steps and the
+    # part of D that DP-SGD from the checkpoint trains and privatises.
+    embedding_steps: int = 600
+    dp_public_trainable_d: str = TRAINABLE_HEAD
     ingest_workers: int = 2
     # One torch thread: on a shared 2-core machine two threads made a 32 px GAN step 3.4x
     # slower in wall time and CPU time (OpenMP threads wait on each other); 0 = all cores.
@@ -118,10 +129,14 @@ class ReproduceBudget:
             "dp_patients_per_step": self.dp_patients_per_step,
             "ingest_workers": self.ingest_workers,
             "seeds": self.seeds,
+            "embedding_steps": self.embedding_steps,
         }
         for name, value in positive.items():
             if value < 1:
                 raise ReproduceError(f"budget {self.name}: {name} must be at least 1")
+        problem = trainable_d_problem(self.dp_public_trainable_d)
+        if problem:
+            raise ReproduceError(f"budget {self.name}: dp_public_{problem}")
         if self.threads < 0:
             raise ReproduceError(f"budget {self.name}: threads must be 0 (all cores) or more")
 
@@ -170,6 +185,7 @@ BUDGETS: dict[str, ReproduceBudget] = {
             bootstrap=200,
             kid_subsets=20,
             max_metric_images=500,
+            embedding_steps=300,
         ),
         ReproduceBudget(
             name="quick",
@@ -197,6 +213,7 @@ BUDGETS: dict[str, ReproduceBudget] = {
             dp_ablation=True,
             paper_dp_kimg=2.0,
             dp_spinegan_epsilon=10.0,
+            embedding_steps=600,
         ),
         ReproduceBudget(
             name="full",
@@ -224,6 +241,7 @@ BUDGETS: dict[str, ReproduceBudget] = {
             dp_ablation=True,
             paper_dp_kimg=8000.0,
             dp_spinegan_epsilon=10.0,
+            embedding_steps=2000,
             ingest_workers=8,
             threads=0,
             seeds=3,

@@ -17,6 +17,8 @@ from fedspine.experiments.plan import (
     CLINICAL_WEIGHT,
     DATA_DIR,
     PRIVACY_HOME_DIR,
+    RELEASE_DIR,
+    RELEASE_FILE,
     RUN_DIR,
     ArmKind,
     ArmPlan,
@@ -25,6 +27,8 @@ from fedspine.experiments.plan import (
 from fedspine.fileio import PRIVACY_SUMMARY
 from fedspine.training.classifier_run import ClassifierDPRequest, ClassifierRequest
 from fedspine.training.dp_ablation import AblationOptions
+from fedspine.training.gan_trainer import resolve_device
+from fedspine.training.mean_embedding_fit import FitRequest
 from fedspine.training.run import ClinicalRequest, DPRequest, TrainRequest
 
 
@@ -50,6 +54,13 @@ def format_plan(plan: ReproducePlan) -> str:
         "  (paths below are relative to OUT)",
         f"  SpineGAN in this build: {'yes' if plan.spinegan[0] else 'no'} ({plan.spinegan[1]})",
     ]
+    if plan.public:
+        p = plan.public
+        lines.append(
+            f"  public checkpoint: {p.path / p.checkpoint} ({p.short}, {p.resolution} px, "
+            f"{p.classes} classes; declared public: {p.declaration}); its arms cost no ε for "
+            "the checkpoint, and 'DP − public-only' in the table is what each DP arm adds to it"
+        )
     if b.seeds > 1:
         lines.append(
             f"  {b.seeds} training seeds: each trains, generates, classifies and evaluates every "
@@ -75,9 +86,27 @@ def format_plan(plan: ReproducePlan) -> str:
                 "        fedspine classifier train "
                 + " ".join(classifier_args(plan, data, folder / CLASSIFIER_DIR, arm))
             )
-        lines.append(
-            "        fedspine train " + " ".join(train_args(plan, arm, data, folder / RUN_DIR))
-        )
+        if arm.kind.trains_gan:
+            lines.append(
+                "        fedspine train " + " ".join(train_args(plan, arm, data, folder / RUN_DIR))
+            )
+        elif arm.kind is ArmKind.DP_EMBEDDING:
+            lines.append(
+                "        fedspine embedding release "
+                + " ".join(release_args(arm, data, folder / RELEASE_DIR / RELEASE_FILE))
+            )
+            lines.append(
+                "        fedspine embedding fit "
+                + " ".join(fit_args(plan, arm, folder / RELEASE_DIR / RELEASE_FILE, folder))
+            )
+        else:
+            lines.append("        no training: the public checkpoint's own generator")
+        if arm.kind.ceiling:
+            shared = plan.shared_ceiling(arm)
+            lines.append(
+                f"        ceiling: the DP-SGD classifier at ε = {arm.epsilon:g}"
+                + (f" of {ARMS_DIR}/{shared.folder}" if shared else ", trained in the arm")
+            )
         lines.append(
             f"        generate {b.per_class} per class, seed {arm.seed}; evaluate "
             + arm.evaluation_note
@@ -101,6 +130,7 @@ def train_request(
             target_epsilon=arm.epsilon,
             expected_patients_per_step=b.dp_patients_per_step,
             ada_p=b.dp_ada_p,
+            trainable_d=b.dp_public_trainable_d if arm.kind is ArmKind.DP_PUBLIC else "all",
             privacy_home=run.parent / PRIVACY_HOME_DIR,
         )
     elif arm.kind is ArmKind.PAPER:
@@ -139,7 +169,59 @@ def train_request(
         dp=dp,
         clinical=clinical,
         ablation=ablation,
+        init_from=_init_from(plan, arm),
     )
+
+
+def _init_from(plan: ReproducePlan, arm: ArmPlan) -> Path | None:
+    """The public run a public arm starts from; None for every other arm."""
+    return plan.public.path if arm.kind.public and plan.public else None
+
+
+def release_args(arm: ArmPlan, data: Path, out: Path) -> list[str]:
+    """`fedspine embedding release` arguments of a DP mean-embedding arm: the one step that
+    reads private data, into the arm's own privacy home (the random-Fourier-feature map's
+    public defaults)."""
+    return [
+        str(data),
+        "--epsilon",
+        f"{arm.epsilon:g}",
+        "--out",
+        str(out),
+        "--privacy-home",
+        str(out.parent.parent / PRIVACY_HOME_DIR),
+    ]
+
+
+def fit_request(plan: ReproducePlan, arm: ArmPlan, release: Path, work: Path) -> FitRequest:
+    """The generator fit of a DP mean-embedding arm (no private data, no ε): from the public
+    checkpoint's generator, the budget's steps and resolution, the arm's seed."""
+    b = plan.budget
+    return FitRequest(
+        releases=[release],
+        out=work / RUN_DIR,
+        steps=b.embedding_steps,
+        preset=b.gan_preset,
+        resolution=b.resolution,
+        init_from=_init_from(plan, arm),
+        seed=arm.seed,
+        device=str(resolve_device(b.device)),
+    )
+
+
+def fit_args(plan: ReproducePlan, arm: ArmPlan, release: Path, work: Path) -> list[str]:
+    """`fedspine embedding fit` arguments equal to :func:`fit_request` (the device resolved
+    when the budget says auto)."""
+    b = plan.budget
+    args = [str(release), "--out", str(work / RUN_DIR), "--steps", str(b.embedding_steps)]
+    args += ["--preset", b.gan_preset, "--resolution", str(b.resolution)]
+    init = _init_from(plan, arm)
+    if init is not None:
+        args += ["--init-from", str(init)]
+    args += ["--seed", str(arm.seed)]
+    if b.device != "auto":
+        args += ["--device", b.device]
+    return args
 
 
 def classifier_request(
@@ -219,6 +301,11 @@ def train_args(plan: ReproducePlan, arm: ArmPlan, data: Path, run: Path) -> list
         args += _dp_args(b, arm, run.parent)
     elif arm.kind.ablation:
         args += _ablation_args(b, arm)
+    if arm.kind is ArmKind.DP_PUBLIC:
+        args += ["--dp-trainable-d", b.dp_public_trainable_d]
+    init = _init_from(plan, arm)
+    if init is not None:
+        args += ["--init-from", str(init)]
     return args
 
 

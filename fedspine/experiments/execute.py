@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedspine.data.prepared import load_prepared
 from fedspine.evaluation.config import EvaluateConfig, EvaluateError
 from fedspine.experiments.budgets import ReproduceError
 from fedspine.experiments.commands import (
@@ -28,6 +29,9 @@ from fedspine.experiments.commands import (
     ceiling_request,
     classifier_args,
     classifier_request,
+    fit_args,
+    fit_request,
+    release_args,
     train_args,
     train_request,
 )
@@ -41,6 +45,8 @@ from fedspine.experiments.plan import (
     EVALUATION_DIR,
     LOGS_DIR,
     PRIVACY_HOME_DIR,
+    RELEASE_DIR,
+    RELEASE_FILE,
     RUN_DIR,
     SYNTHETIC_DIR,
     ArmKind,
@@ -64,7 +70,9 @@ from fedspine.fileio import (
     write_json_atomic,
 )
 from fedspine.formatting import num
-from fedspine.privacy.ledger import PrivacyLedger
+from fedspine.privacy.engine import PrivacyEngine
+from fedspine.privacy.home import PrivacyHomeError
+from fedspine.privacy.ledger import LedgerError, PrivacyLedger
 
 # `evaluate` and `generate_dataset` are called through their modules, so a test can stand in.
 from fedspine.reporting import evaluation_report
@@ -72,8 +80,11 @@ from fedspine.training import generate as generation
 from fedspine.training.checkpoint import CheckpointError
 from fedspine.training.classifier_dp import MECHANISM_LABEL
 from fedspine.training.classifier_run import ClassifierRunError, train_classifier_run
+from fedspine.training.dp_run import dp_unit_of
 from fedspine.training.gan_trainer import resolve_device
 from fedspine.training.generate import GenerationError
+from fedspine.training.mean_embedding import release_embedding
+from fedspine.training.mean_embedding_fit import fit_generator
 from fedspine.training.run import TrainRunError, train
 
 
@@ -97,19 +108,24 @@ def run_arm(ctx: RunContext, arm: ArmPlan) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     data = ctx.data[arm.data]
     ctx.stage(f"{arm.folder}: {arm.title}" + (f" (seed {arm.seed})" if arm.replicate else ""))
+    ceiling = None
     try:
         with timed(seconds, "classifier"):
             if arm.kind.clinical:
                 train_clinical_classifier(ctx, arm, data, work, log_path)
         with timed(seconds, "train"):
-            train_gan(ctx, arm, data, work, log_path)
+            if arm.kind.trains_gan:
+                train_gan(ctx, arm, data, work, log_path)
+            elif arm.kind is ArmKind.DP_EMBEDDING:
+                release_and_fit(ctx, arm, data, work, log_path)
         with timed(seconds, "generate"):
             generate_arm(ctx, arm, work)
         with timed(seconds, "dp_classifier"):
-            if arm.kind is ArmKind.DP:
-                train_dp_ceiling(ctx, arm, data, work, log_path)
+            if arm.kind.ceiling:
+                ceiling = train_dp_ceiling(ctx, arm, data, work, log_path)
         with timed(seconds, "evaluate"):
-            evaluate_arm(ctx, arm, data, work)
+            evaluate_arm(ctx, arm, data, work, ceiling)
+        spent = home_epsilon(arm, data, work)
     except ReproduceError as err:
         ctx.stage(f"{arm.folder}: FAILED: {err}")
         return {"status": "failed", "reason": str(err), "log": str(log_path)}
@@ -124,15 +140,26 @@ def run_arm(ctx: RunContext, arm: ArmPlan) -> dict[str, Any]:
         "data": arm.data,
         "kimg": arm.kimg,
         "epsilon_target": arm.epsilon,
+        "epsilon_home": spent,
         "dp_scheme": arm.kind.dp_scheme,
-        "train_args": train_args(plan, arm, data, final / RUN_DIR),
+        "train_args": train_args(plan, arm, data, final / RUN_DIR) if arm.kind.trains_gan else [],
         "evaluation": summarise_evaluation(work / EVALUATION_DIR / EVAL_REPORT_JSON),
-        "privacy": summarise_privacy(work / RUN_DIR),
+        "privacy": summarise_privacy(generator_run(ctx, arm, work)),
         "ablation": summarise_ablation(work / RUN_DIR),
         "seconds": {k: round(v, 1) for k, v in seconds.items() if v >= 0.05},
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "built_in": work.name,
     }
+    if arm.kind is ArmKind.DP_EMBEDDING:
+        release = final / RELEASE_DIR / RELEASE_FILE
+        record["commands"] = [
+            "fedspine embedding release " + " ".join(release_args(arm, data, release)),
+            "fedspine embedding fit " + " ".join(fit_args(plan, arm, release, final)),
+        ]
+    if ceiling is not None and not ceiling.is_relative_to(work):
+        record["ceiling_shared_with"] = ceiling.parent.parent.name
+    if plan.public is not None and arm.kind.public:
+        record["public_run"] = plan.public.to_json()
     write_json_atomic(work / REPRODUCE_ARM, plain(record))
     os.replace(work, final)
     auc = record["evaluation"]["tstr"]["auc"]
@@ -167,14 +194,22 @@ def train_clinical_classifier(
             raise ReproduceError(f"`fedspine classifier train` stopped: {err}") from None
 
 
-def train_dp_ceiling(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_path: Path) -> None:
+def train_dp_ceiling(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_path: Path) -> Path:
     """A DP arm's ceiling: the evaluation's classifier trained directly with DP-SGD at the
     arm's ε, in its own privacy home (issue 15): a synthetic set at that ε is worth releasing
-    for classification only where it comes near this."""
+    for classification only where it comes near this. A public arm shares the DP-SGD arm's of
+    the same ε and seed when that one finished (the same recipe on the same patients); returns
+    the classifier's folder."""
+    shared = ctx.plan.shared_ceiling(arm)
+    if shared is not None:
+        theirs = ctx.plan.out / ARMS_DIR / shared.folder / CEILING_DIR / CLASSIFIER_DIR
+        if (theirs / CLASSIFIER_WEIGHTS).is_file():
+            ctx.stage(f"{arm.folder}: DP classifier (ceiling) of {shared.folder} used")
+            return theirs
     target = work / CEILING_DIR / CLASSIFIER_DIR
     if (target / CLASSIFIER_WEIGHTS).is_file():
         ctx.stage(f"{arm.folder}: DP classifier (ceiling) trained earlier, reused")
-        return
+        return target
     # A half-trained attempt's steps are on record in its privacy home: start both afresh.
     shutil.rmtree(work / CEILING_DIR, ignore_errors=True)
     ctx.stage(f"{arm.folder}: training the DP-SGD classifier at ε = {arm.epsilon:g} (the ceiling)")
@@ -188,6 +223,7 @@ def train_dp_ceiling(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_
             raise ReproduceError(
                 f"`fedspine classifier train` (DP ceiling) stopped: {err}"
             ) from None
+    return target
 
 
 def train_gan(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_path: Path) -> None:
@@ -202,7 +238,7 @@ def train_gan(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_path: P
     else:
         if run.exists():
             shutil.rmtree(run)
-        if arm.kind is ArmKind.DP:
+        if arm.kind in (ArmKind.DP, ArmKind.DP_PUBLIC):
             shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
         if arm.kind is ArmKind.DP_SPINEGAN:
             _check_only_the_classifier_spent(work / PRIVACY_HOME_DIR / PRIVACY_LEDGER)
@@ -214,6 +250,63 @@ def train_gan(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_path: P
             train(request, PlainReporter())
         except TrainRunError as err:
             raise ReproduceError(f"`fedspine train` stopped: {err}") from None
+
+
+def release_and_fit(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_path: Path) -> None:
+    """The DP mean-embedding route: one release at the arm's ε into the arm's own privacy home
+    (the only step that reads private data), then G fitted to it (no further ε)."""
+    release = work / RELEASE_DIR / RELEASE_FILE
+    if release.is_file():
+        ctx.stage(f"{arm.folder}: DP mean-embedding release made earlier, reused")
+    else:
+        # An interrupted release may have reserved its spend: start its privacy home afresh.
+        shutil.rmtree(work / RELEASE_DIR, ignore_errors=True)
+        shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
+        release.parent.mkdir(parents=True)
+        ctx.stage(f"{arm.folder}: releasing the DP mean embedding at ε = {arm.epsilon:g}")
+        command = "fedspine embedding release " + " ".join(release_args(arm, data, release))
+        with logged(log_path, command, "`fedspine embedding release`"):
+            try:
+                release_embedding(
+                    data, release, epsilon=float(arm.epsilon), privacy_home=work / PRIVACY_HOME_DIR
+                )
+            except (ValueError, LedgerError, PrivacyHomeError) as err:  # as the CLI catches
+                raise ReproduceError(f"`fedspine embedding release` stopped: {err}") from None
+    run = work / RUN_DIR
+    if (run / RUN_GENERATOR).is_file():
+        ctx.stage(f"{arm.folder}: generator fitted earlier, reused")
+        return
+    shutil.rmtree(run, ignore_errors=True)
+    steps = ctx.plan.budget.embedding_steps
+    ctx.stage(f"{arm.folder}: fitting G to the release ({steps} steps)")
+    command = "fedspine embedding fit " + " ".join(fit_args(ctx.plan, arm, release, work))
+    with logged(log_path, command, "`fedspine embedding fit`"):
+        try:
+            fit_generator(fit_request(ctx.plan, arm, release, work))
+        except ValueError as err:  # EmbeddingFitError included, as the CLI catches
+            raise ReproduceError(f"`fedspine embedding fit` stopped: {err}") from None
+
+
+def generator_run(ctx: RunContext, arm: ArmPlan, work: Path) -> Path:
+    """The run folder the arm's images come from: the public checkpoint's for public-only."""
+    if arm.kind is ArmKind.PUBLIC_ONLY:
+        if ctx.plan.public is None:
+            raise ReproduceError(f"{arm.folder}: planned without a public checkpoint")
+        return ctx.plan.public.path
+    return work / RUN_DIR
+
+
+def home_epsilon(arm: ArmPlan, data: Path, work: Path) -> float | None:
+    """ε of the worst patient in the arm's own privacy home, every mechanism there composed
+    (0 for public-only, which reads no private data; None for an arm without DP)."""
+    if arm.kind is ArmKind.PUBLIC_ONLY:
+        return 0.0
+    home = work / PRIVACY_HOME_DIR
+    if not arm.kind.private or not home.is_dir():
+        return None
+    dataset = load_prepared(data).select("train")
+    engine = PrivacyEngine(dataset.privacy_ids, unit=dp_unit_of(dataset, None), home=home)
+    return float(engine.spent())
 
 
 def generate_arm(ctx: RunContext, arm: ArmPlan, work: Path) -> None:
@@ -228,7 +321,7 @@ def generate_arm(ctx: RunContext, arm: ArmPlan, work: Path) -> None:
         shutil.rmtree(target)
     try:
         generation.generate_dataset(
-            work / RUN_DIR,
+            generator_run(ctx, arm, work),
             target,
             per_class=b.per_class,
             seed=arm.seed,
@@ -238,8 +331,11 @@ def generate_arm(ctx: RunContext, arm: ArmPlan, work: Path) -> None:
         raise ReproduceError(f"generate: {err}") from None
 
 
-def evaluate_arm(ctx: RunContext, arm: ArmPlan, data: Path, work: Path) -> None:
-    """TRTR, TSTR (and mixed), GAN metrics and the memorisation audit of the arm's images."""
+def evaluate_arm(
+    ctx: RunContext, arm: ArmPlan, data: Path, work: Path, ceiling: Path | None = None
+) -> None:
+    """TRTR, TSTR (and mixed), GAN metrics and the memorisation audit of the arm's images;
+    ``ceiling`` (default: the arm's own) is the DP classifier scored beside them."""
     target = work / EVALUATION_DIR
     if (target / EVAL_REPORT_JSON).is_file():
         ctx.stage(f"{arm.folder}: evaluated earlier, reused")
@@ -273,7 +369,7 @@ def evaluate_arm(ctx: RunContext, arm: ArmPlan, data: Path, work: Path) -> None:
     # One TRTR per task and seed: the first evaluation trains it, every later arm reuses it, so
     # the whole table is measured against the same real-data classifier.
     trtr_cache = ctx.plan.out / DATA_DIR / "trtr" / f"{arm.data}-seed{arm.seed}"
-    ceiling = work / CEILING_DIR / CLASSIFIER_DIR
+    ceiling = ceiling or work / CEILING_DIR / CLASSIFIER_DIR
     compare = {CEILING_ARM: ceiling} if (ceiling / CLASSIFIER_WEIGHTS).is_file() else None
     try:
         evaluation_report.evaluate(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine.experiments.budgets import ReproduceBudget, get_budget
+from fedspine.experiments.public_run import PublicRun, read_public_run
 from fedspine.training.run import MODELS
 
 DATA_DIR = "data"
@@ -37,6 +38,14 @@ CLINICAL_WEIGHT = 0.1  # the paper's λ
 SPINEGAN_UNAVAILABLE = "not run: SpineGAN not available in this build"
 ABLATION_ARMS = ("dp_clip_only", "dp_noise_only", "dp_paper")
 DP_ARM_PREFIX = "dp_eps"  # a DP-SGD arm is named by its ε: dp_eps10, dp_eps0p5
+# The arms of a public checkpoint (--public-run): its own generator, and per ε DP-SGD from it
+# and the DP mean-embedding route fitted from it.
+PUBLIC_ONLY_ARM = "public_only"
+DP_PUBLIC_PREFIX = "dp_public_eps"
+DP_EMBEDDING_PREFIX = "dp_embedding_eps"
+RELEASE_DIR = "release"
+"""A DP mean-embedding arm's release (the one output that read private data)."""
+RELEASE_FILE = "abnormality.npz"
 
 
 class ArmKind(StrEnum):
@@ -49,6 +58,9 @@ class ArmKind(StrEnum):
     CLIP_ONLY = "clip-only"
     NOISE_ONLY = "noise-only"
     PAPER = "paper"
+    PUBLIC_ONLY = "public-only"
+    DP_PUBLIC = "dp-public"
+    DP_EMBEDDING = "dp-embedding"
 
     @property
     def clinical(self) -> bool:
@@ -57,8 +69,26 @@ class ArmKind(StrEnum):
 
     @property
     def private(self) -> bool:
-        """Patient-level DP-SGD with its own ledger (the classifier too, for DP SpineGAN)."""
-        return self in (ArmKind.DP, ArmKind.DP_SPINEGAN)
+        """Patient-level DP with its own ledger in the arm's privacy home: DP-SGD (the
+        classifier too, for DP SpineGAN; from the public checkpoint, for dp-public) or the one
+        mean-embedding release."""
+        return self in (ArmKind.DP, ArmKind.DP_SPINEGAN, ArmKind.DP_PUBLIC, ArmKind.DP_EMBEDDING)
+
+    @property
+    def trains_gan(self) -> bool:
+        """Whether the arm trains a GAN (`fedspine train`): not the public checkpoint's own
+        generator, nor the mean-embedding route's fitted one."""
+        return self not in (ArmKind.PUBLIC_ONLY, ArmKind.DP_EMBEDDING)
+
+    @property
+    def public(self) -> bool:
+        """Planned only with a public checkpoint (``--public-run``), which it starts from."""
+        return self in (ArmKind.PUBLIC_ONLY, ArmKind.DP_PUBLIC, ArmKind.DP_EMBEDDING)
+
+    @property
+    def ceiling(self) -> bool:
+        """A DP arm of one ε whose table row shows the DP-SGD classifier at that ε beside it."""
+        return self in (ArmKind.DP, ArmKind.DP_PUBLIC, ArmKind.DP_EMBEDDING)
 
     @property
     def ablation(self) -> bool:
@@ -77,7 +107,10 @@ class ArmKind(StrEnum):
 
     @property
     def dp_scheme(self) -> str:
-        """``dpsgd``, the ablation scheme's name, or ``none``: the arm record's ``dp_scheme``."""
+        """``dpsgd``, ``dp-mean-embedding``, the ablation scheme's name, or ``none``: the arm
+        record's ``dp_scheme``."""
+        if self is ArmKind.DP_EMBEDDING:
+            return "dp-mean-embedding"
         if self.private:
             return "dpsgd"
         return self.value if self.ablation else "none"
@@ -135,6 +168,8 @@ class ReproducePlan:
     spinegan: tuple[bool, str]
     inception: str | None = None
     classifier_weights: str | None = None
+    public: PublicRun | None = None
+    """The public checkpoint the public arms start from (``--public-run``), None without."""
 
     def to_dict(self) -> dict[str, Any]:
         """What ``reproduce_plan.json`` holds, read back by a rerun's check."""
@@ -147,7 +182,25 @@ class ReproducePlan:
             ],
             "inception": self.inception,
             "classifier_weights": self.classifier_weights,
+            "public_run": self.public.to_json() if self.public else None,
         }
+
+    def shared_ceiling(self, arm: ArmPlan) -> ArmPlan | None:
+        """The DP-SGD arm whose ceiling ``arm`` shares: the same ε and seed, so the same DP
+        classifier recipe on the same patients (None for a DP-SGD arm itself, or none planned)."""
+        if arm.kind is ArmKind.DP or not arm.kind.ceiling:
+            return None
+        return next(
+            (
+                a
+                for a in self.arms
+                if a.kind is ArmKind.DP
+                and not a.not_run
+                and a.epsilon == arm.epsilon
+                and a.replicate == arm.replicate
+            ),
+            None,
+        )
 
     @property
     def runs_ablation(self) -> bool:
@@ -172,9 +225,20 @@ def make_plan(
     overrides: Mapping[str, Any] | None = None,
     inception: str | None = None,
     classifier_weights: str | None = None,
+    public_run: str | os.PathLike | PublicRun | None = None,
 ) -> ReproducePlan:
-    """The arms ``budget`` runs on ``root``; asks the training library whether it has SpineGAN."""
+    """The arms ``budget`` runs on ``root``; asks the training library whether it has SpineGAN.
+
+    With ``public_run`` (checked here: a finished run trained on data declared public) the
+    public arms are added: the checkpoint's own generator, and per ε of the budget DP-SGD from
+    it and the DP mean-embedding route fitted from it.
+    """
     b = get_budget(budget, overrides)
+    public = (
+        public_run
+        if isinstance(public_run, PublicRun) or public_run is None
+        else read_public_run(public_run)
+    )
     spinegan = spinegan_available()
     arms: list[ArmPlan] = [
         ArmPlan(
@@ -215,6 +279,8 @@ def make_plan(
     ]
     arms.append(_dp_spinegan_arm(b, spinegan))
     arms += _ablation_arms(b)
+    if public is not None:
+        arms += _public_arms(b, public)
     first = [dataclasses.replace(a, seed=b.seed) for a in arms]
     # Replicate-major: the first seed's whole table is complete before the next seed starts.
     replicas = [
@@ -232,7 +298,48 @@ def make_plan(
         spinegan=spinegan,
         inception=inception,
         classifier_weights=classifier_weights,
+        public=public,
     )
+
+
+def _public_arms(b: ReproduceBudget, public: PublicRun) -> list[ArmPlan]:
+    """The arms of a public checkpoint (issue 15): what it gives without private data, and
+    per ε the two DP routes that start from it. What DP contributes is each DP arm's TSTR
+    minus the public-only arm's."""
+    arms = [
+        ArmPlan(
+            PUBLIC_ONLY_ARM,
+            f"the public checkpoint's own generator ({public.short}), no private data (ε 0)",
+            ArmKind.PUBLIC_ONLY,
+            "abnormality",
+            None,
+        )
+    ]
+    for eps in b.dp_epsilons:
+        arms.append(
+            ArmPlan(
+                f"{DP_PUBLIC_PREFIX}{_eps_tag(eps)}",
+                f"abnormality cGAN from the public checkpoint, patient-level DP-SGD on D's "
+                f"{b.dp_public_trainable_d} only, ε = {eps:g}",
+                ArmKind.DP_PUBLIC,
+                "abnormality",
+                b.dp_kimg,
+                epsilon=eps,
+            )
+        )
+    for eps in b.dp_epsilons:
+        arms.append(
+            ArmPlan(
+                f"{DP_EMBEDDING_PREFIX}{_eps_tag(eps)}",
+                f"one DP mean-embedding release at ε = {eps:g}, then G fitted to it from the "
+                f"public checkpoint ({b.embedding_steps} steps, no further ε)",
+                ArmKind.DP_EMBEDDING,
+                "abnormality",
+                None,
+                epsilon=eps,
+            )
+        )
+    return arms
 
 
 def _spinegan_skip(

@@ -29,9 +29,14 @@ class TableRow:
     signal: str
     details: str
     epsilon: str = ""
+    dp_minus_public: str = ""
+    """A DP arm's TSTR AUC minus the public-only arm's: what the private data added to the
+    public checkpoint (empty without a public-only arm)."""
 
     def to_json(self) -> dict[str, str]:
-        return {
+        """The row's cells; ``dp_minus_public`` only where it has one, so a reproduction
+        without a public checkpoint writes the rows it always wrote."""
+        values = {
             "experiment": self.experiment,
             "paper": self.paper,
             "ours": self.ours,
@@ -39,13 +44,16 @@ class TableRow:
             "epsilon": self.epsilon,
             "details": self.details,
         }
+        if self.dp_minus_public:
+            values["dp_minus_public"] = self.dp_minus_public
+        return values
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> TableRow:
         return cls(**{k: values.get(k, "") for k in _ROW_KEYS})
 
 
-_ROW_KEYS = ("experiment", "paper", "ours", "signal", "details", "epsilon")
+_ROW_KEYS = ("experiment", "paper", "ours", "signal", "details", "epsilon", "dp_minus_public")
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,8 @@ class ReproduceRecord:
     seeds: dict[str, dict[str, Any]]
     inception: str | None = None
     classifier_weights: str | None = None
+    public_run: dict[str, Any] | None = None
+    """The public checkpoint of the public arms (path, SHA-256, declaration), None without."""
     format: str = field(default=RECORD_FORMAT)
 
     @property
@@ -150,6 +160,8 @@ class ReproduceRecord:
                     "inception": self.inception,
                     "classifier_weights": self.classifier_weights,
                 },
+                # Only with a public checkpoint: without one the file is as it always was.
+                **({"public_run": self.public_run} if self.public_run else {}),
             }
         )
 
@@ -173,4 +185,5 @@ class ReproduceRecord:
             seeds={k: dict(v) for k, v in (values.get("seeds") or {}).items()},
             inception=options.get("inception"),
             classifier_weights=options.get("classifier_weights"),
+            public_run=values.get("public_run"),
         )

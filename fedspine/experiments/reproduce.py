@@ -61,6 +61,7 @@ from fedspine.experiments.plan import (
     spinegan_available,
 )
 from fedspine.experiments.prepare import RunContext, Stage, prepare_data
+from fedspine.experiments.public_run import PublicRun, check_public_run
 from fedspine.experiments.record import DataSection, ReproduceRecord
 from fedspine.experiments.reproduce_report import render_markdown
 from fedspine.experiments.summaries import plain, seed_summary
@@ -113,17 +114,21 @@ def reproduce(
     stage: Stage | None = None,
     inception: str | None = None,
     classifier_weights: str | None = None,
+    public_run: str | os.PathLike | PublicRun | None = None,
 ) -> dict[str, Any]:
     """Run every arm of the plan under ``out`` (skipping complete ones) and write the report.
 
     Returns what ``reproduce.json`` holds. An arm that fails is recorded as failed with its
     reason and the others still run; its work folder stays for a rerun to continue.
+    ``public_run`` (a run trained on data declared public) adds the public arms; it is refused
+    before anything is written when it is not one, and before any arm trains when it was
+    trained on this very dataset or does not fit the budget's networks.
     """
     stage = stage or (lambda _msg: None)
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise ReproduceError(f"{root}: no such folder (a VinDr-SpineXR root or a phantom site)")
-    plan = make_plan(root, out, budget, overrides, inception, classifier_weights)
+    plan = make_plan(root, out, budget, overrides, inception, classifier_weights, public_run)
     check_previous(plan)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +139,12 @@ def reproduce(
 
     with threads(plan.budget.threads):
         prepare_data(ctx)
+        if plan.public is not None:
+            info = ctx.data_info["abnormality"]
+            check_public_run(
+                plan.public, plan.budget, info["content_hash"], len(info["class_names"])
+            )
+            stage(f"public checkpoint {plan.public.short}: declared public, of other data")
         results: dict[str, dict[str, Any]] = {}
         for arm in plan.arms:
             if arm.not_run:
@@ -187,6 +198,7 @@ def build_record(
         seeds=plain(seeds),
         inception=plan.inception,
         classifier_weights=plan.classifier_weights,
+        public_run=plan.public.to_json() if plan.public else None,
     )
 
 
@@ -213,4 +225,13 @@ def check_previous(plan: ReproducePlan) -> None:
         raise ReproduceError(
             f"{plan.out} was made with budget {previous['budget'].get('name')} and other "
             f"settings ({', '.join(changed)}); rerun with the same budget or choose another --out"
+        )
+    # Without --public-run the public arms are only left out; with another checkpoint they
+    # would mix two starting points.
+    before_public = (previous.get("public_run") or {}).get("sha256")
+    now_public = plan.public.sha256 if plan.public else None
+    if before_public and now_public and before_public != now_public:
+        raise ReproduceError(
+            f"{plan.out} was made with the public checkpoint sha256:{before_public[:12]}, not "
+            f"{plan.public.short}; rerun with the same --public-run or choose another --out"
         )

@@ -8,15 +8,23 @@ a later reader all show the same cells.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fedspine.experiments.paper import PAPER
-from fedspine.experiments.plan import CEILING_ARM, DP_ARM_PREFIX
+from fedspine.experiments.plan import (
+    CEILING_ARM,
+    DP_ARM_PREFIX,
+    DP_EMBEDDING_PREFIX,
+    DP_PUBLIC_PREFIX,
+    PUBLIC_ONLY_ARM,
+)
 from fedspine.experiments.record import TableRow
 from fedspine.experiments.summaries import done, is_replicate, status, utility
 from fedspine.formatting import auc_ci, num, signed
 
 NO_DP = "∞ (no DP)"
+PUBLIC_EPSILON = "0 (public data only)"
 
 
 def build_table(
@@ -66,14 +74,138 @@ def build_table(
             NO_DP,
         )
     )
-    rows.append(_dp_spinegan_row(results.get("dp_spinegan", {}), seeds.get("dp_spinegan")))
+    public = public_auc(results)
+    rows.append(
+        _with_contribution(
+            _dp_spinegan_row(results.get("dp_spinegan", {}), seeds.get("dp_spinegan")),
+            results.get("dp_spinegan", {}),
+            public,
+        )
+    )
     sigmas: dict[float, float] = {}
     for name, result in results.items():
         if not name.startswith(DP_ARM_PREFIX) or is_replicate(name):
             continue
-        rows.append(_dp_row(name, result, seeds.get(name), sigmas))
+        rows.append(
+            _with_contribution(_dp_row(name, result, seeds.get(name), sigmas), result, public)
+        )
     rows += _ablation_rows(results, sigmas, seeds)
+    rows += _public_rows(results, seeds, public)
     return rows
+
+
+def public_auc(results: dict[str, dict[str, Any]]) -> float | None:
+    """The public-only arm's TSTR AUC (replicate 0), the baseline every DP arm is set against."""
+    ev = done(results.get(PUBLIC_ONLY_ARM))
+    return (ev.get("tstr") or {}).get("auc") if ev else None
+
+
+def dp_minus_public(result: dict[str, Any], public: float | None) -> str:
+    """'+0.012' (a DP arm's TSTR AUC minus the public-only arm's), '' when either is missing."""
+    ev = done(result)
+    auc = (ev.get("tstr") or {}).get("auc") if ev else None
+    if auc is None or public is None:
+        return ""
+    difference = float(auc) - float(public)
+    return ("+" if difference >= 0 else "") + signed(difference, 3)
+
+
+def _with_contribution(row: TableRow, result: dict[str, Any], public: float | None) -> TableRow:
+    cell = dp_minus_public(result, public)
+    return dataclasses.replace(row, dp_minus_public=cell) if cell else row
+
+
+def _public_rows(
+    results: dict[str, dict[str, Any]],
+    seeds: dict[str, dict[str, Any]],
+    public: float | None,
+) -> list[TableRow]:
+    """Issue 15's routes from a public checkpoint: the checkpoint alone, then per ε DP-SGD from
+    it on few D parameters and the DP mean embedding fitted from it; each DP row with what it
+    adds to the public-only arm."""
+    if PUBLIC_ONLY_ARM not in results:
+        return []
+    base = results[PUBLIC_ONLY_ARM]
+    ev = done(base)
+    ours, signal = _tstr_cells(base, seeds.get(PUBLIC_ONLY_ARM))
+    checkpoint = base.get("public_run") or {}
+    rows = [
+        TableRow(
+            "6. public checkpoint only: its own generator, no private data",
+            "not in the paper",
+            ours,
+            signal,
+            _join(
+                f"public checkpoint sha256:{checkpoint.get('sha256', '?')[:12]} (declared "
+                f"public: {checkpoint.get('declaration', '?')}); the baseline of "
+                "'DP − public-only'",
+                _ratio_note(ev),
+                _gan_metrics(ev),
+            )
+            if ev
+            else "",
+            PUBLIC_EPSILON,
+        )
+    ]
+    for prefix in (DP_PUBLIC_PREFIX, DP_EMBEDDING_PREFIX):
+        for name, result in results.items():
+            if name.startswith(prefix) and not is_replicate(name):
+                rows.append(_public_dp_row(prefix, name, result, seeds.get(name), public))
+    return rows
+
+
+def _public_dp_row(
+    prefix: str,
+    name: str,
+    result: dict[str, Any],
+    summary: dict[str, Any] | None,
+    public: float | None,
+) -> TableRow:
+    """A DP arm that starts from the public checkpoint: its spent ε (the run's summary and the
+    arm's own privacy home), its mechanism, the ceiling at its ε and what it adds."""
+    eps = result.get("epsilon_target")
+    target = f", target ε = {eps:g}" if eps else f" ({name})"
+    title = (
+        "6. DP-SGD from the public checkpoint, few D parameters privatised" + target
+        if prefix == DP_PUBLIC_PREFIX
+        else "6. DP mean embedding (one release), G fitted from the public checkpoint" + target
+    )
+    dev = done(result)
+    details = spent = ""
+    if dev:
+        p = result.get("privacy", {})
+        mech = (p.get("mechanisms") or [{}])[-1]
+        spent = _spent(p)
+        mechanism = (
+            f"one Gaussian release: σ = {num(mech.get('noise_multiplier'), 3)}, "
+            f"{mech.get('steps', '?')} step at q = {num(mech.get('sample_rate'), 3)}"
+            if prefix == DP_EMBEDDING_PREFIX
+            else f"σ = {num(mech.get('noise_multiplier'), 3)}, q = "
+            f"{num(mech.get('sample_rate'), 3)}, {mech.get('steps', '?')} D steps"
+        )
+        details = _join(
+            f"spent ε = {spent} ({p.get('accountant')}, patient level), "
+            f"{num(result.get('epsilon_home'), 2)} in the arm's own privacy home; {mechanism}",
+            _ceiling_note(dev),
+            _contribution_note(result, public),
+            _ratio_note(dev),
+            _gan_metrics(dev),
+        )
+    ours, signal = _tstr_cells(result, summary)
+    return TableRow(
+        title,
+        "not in the paper",
+        ours,
+        signal,
+        details,
+        spent,
+        dp_minus_public(result, public),
+    )
+
+
+def _contribution_note(result: dict[str, Any], public: float | None) -> str:
+    cell = dp_minus_public(result, public)
+    return f"DP − public-only {cell} (TSTR AUC, point estimates)" if cell else ""
 
 
 def _real_and_cgan_rows(cgan: dict[str, Any], summary: dict[str, Any] | None) -> list[TableRow]:

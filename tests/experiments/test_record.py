@@ -77,6 +77,54 @@ def test_the_record_keeps_the_format_reproduce_json_always_had(tmp_path):
     assert written["seeds"]["cgan"]["tstr_auc"]["values"] == [0.6, 0.7]
 
 
+def test_a_record_with_a_public_checkpoint_names_it_and_gives_dp_minus_public(tmp_path):
+    from fedspine.experiments.public_run import PublicRun
+
+    public = PublicRun(
+        path=tmp_path / "public" / "run",
+        checkpoint="snapshots/snapshot_00001.000.pt",
+        sha256="ab" * 32,
+        declaration="fedspine phantom simulator",
+        dataset_content_hash="cd" * 32,
+        resolution=32,
+        classes=2,
+    )
+    plan = make_plan(tmp_path, tmp_path / "o", "smoke", public_run=public)
+    ctx = RunContext(plan=plan, stage=lambda _m: None)
+    ctx.data_info["abnormality"] = {"images": 120, "rejected": 0, "counts": {}}
+    done = {"status": "done", "seconds": {"train": 6.0}}
+    privacy = {"private": True, "epsilon": 9.5, "delta": 1e-5, "accountant": "prv"}
+    dp = {**done, "epsilon_target": 10.0, "epsilon_home": 9.5, "privacy": privacy}
+    results = {
+        "cgan": {**done, "evaluation": _evaluation(0.6)},
+        "dp_eps10": {**dp, "evaluation": _evaluation(0.55)},
+        "public_only": {
+            **done,
+            "evaluation": _evaluation(0.58),
+            "epsilon_home": 0.0,
+            "public_run": public.to_json(),
+        },
+        "dp_public_eps10": {**dp, "evaluation": _evaluation(0.65)},
+        "dp_embedding_eps10": {**dp, "evaluation": _evaluation(0.58)},
+    }
+    record = build_record(ctx, results, 12.0)
+    written = record.to_json()
+    assert list(written)[-1] == "public_run" and written["public_run"]["sha256"] == "ab" * 32
+    assert ReproduceRecord.from_json(json.loads(json.dumps(written))) == record
+    rows = {r["experiment"].split(",")[0]: r for r in written["table"]}
+    assert rows["5. DP-SGD cGAN"]["dp_minus_public"] == "−0.030"
+    assert rows["6. DP-SGD from the public checkpoint"]["dp_minus_public"] == "+0.070"
+    embedding = rows["6. DP mean embedding (one release)"]
+    assert embedding["dp_minus_public"] == "+0.000" and embedding["epsilon"].startswith("9.50")
+    assert "9.50 in the arm's own privacy home" in embedding["details"]
+    only = rows["6. public checkpoint only: its own generator"]
+    assert only["epsilon"] == "0 (public data only)" and "dp_minus_public" not in only
+    assert "dp_minus_public" not in rows["2. cGAN (abnormality): TSTR"], "DP arms only"
+    md = render_markdown(written)
+    assert "| signal retained [95 % CI] | DP − public-only | ε | details |" in md
+    assert "What DP contributes is the DP arm minus the public-only arm" in md
+
+
 def test_a_table_row_and_a_budget_read_back_what_they_wrote():
     row = TableRow("e", "p", "o", "s", "d", "ε")
     assert TableRow.from_json(row.to_json()) == row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
@@ -804,3 +805,235 @@ def test_experiments_import_no_command_line_module():
                 names = [node.module]
             for name in names:
                 assert not name.startswith("fedspine.cli"), f"{path.name} imports {name}"
+
+
+# ---------------------------------------------------------------- the public checkpoint's arms
+
+
+def _tiny_run(tmp_path, name: str, public: str | None):
+    """A 16 px run of the tiny cpu preset, built for DP fine-tuning, declared public or not."""
+    from fedspine.training.run import TrainRequest, train
+    from tests.training import make_prepared
+
+    data = make_prepared(tmp_path / f"{name}-data", seed=7)
+    run = tmp_path / name
+    train(
+        TrainRequest(
+            data, run, preset="cpu", kimg=0.016, device="cpu", public_data=public, for_dp=True
+        )
+    )
+    return run
+
+
+@pytest.mark.usefixtures("tiny_cpu_preset")
+def test_a_public_run_adds_the_public_arms_and_anything_else_is_refused(tmp_path):
+    from fedspine.experiments.public_run import check_public_run, read_public_run
+
+    public = _tiny_run(tmp_path, "public", "test shapes, seed 7")
+    args = ["reproduce", str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"]
+    result = runner.invoke(_app(), [*args, "--public-run", str(public)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    checkpoint = read_public_run(public)
+    assert f"public checkpoint: {public}" in text and checkpoint.sha256[:12] in text
+    assert "declared public: test shapes, seed 7" in text
+    assert "public_only: the public checkpoint's own generator" in text
+    for eps in BUDGETS["smoke"].dp_epsilons:
+        dp_public = text.split(f"dp_public_eps{eps:g}: ")[1].split("\n    - ")[0]
+        assert f"--dp --epsilon {eps:g}" in dp_public and "--dp-trainable-d head" in dp_public
+        assert f"--init-from {public}" in dp_public
+        assert f"--privacy-home arms/dp_public_eps{eps:g}/privacy" in dp_public
+        assert f"ceiling: the DP-SGD classifier at ε = {eps:g} of arms/dp_eps{eps:g}" in dp_public
+        embedding = text.split(f"dp_embedding_eps{eps:g}: ")[1].split("\n    - ")[0]
+        assert f"fedspine embedding release data/abnormality --epsilon {eps:g}" in embedding
+        assert f"--privacy-home arms/dp_embedding_eps{eps:g}/privacy" in embedding
+        assert "fedspine embedding fit " in embedding and f"--init-from {public}" in embedding
+    assert not (tmp_path / "o").exists()
+    without = runner.invoke(_app(), args).output
+    assert "public_only" not in without and "dp_public" not in without, "only with --public-run"
+
+    plan = make_plan(tmp_path, tmp_path / "o", "smoke", public_run=public)
+    assert plan.to_dict()["public_run"]["sha256"] == checkpoint.sha256
+    # A rerun may leave the public arms out, not start them from another checkpoint.
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / PLAN_FILE).write_text(json.dumps(plan.to_dict()))
+    _check_previous(make_plan(tmp_path, tmp_path / "o", "smoke"))
+    other = dataclasses.replace(checkpoint, sha256="0" * 64)
+    with pytest.raises(ReproduceError, match="with the same --public-run"):
+        _check_previous(make_plan(tmp_path, tmp_path / "o", "smoke", public_run=other))
+    shutil.rmtree(tmp_path / "o")
+    # A run not declared public is refused before anything is written or trained.
+    private = _tiny_run(tmp_path, "private", None)
+    result = runner.invoke(_app(), [*args, "--public-run", str(private)])
+    assert result.exit_code != 0 and "not trained on data declared public" in result.output
+    with pytest.raises(ReproduceError, match="not trained on data declared public"):
+        reproduce(tmp_path, tmp_path / "o", "smoke", TINY, public_run=private)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ReproduceError, match="no such run folder"):
+        make_plan(tmp_path, tmp_path / "o", "smoke", public_run=tmp_path / "nothing")
+    # Checked again once the data is prepared: of other data, and the budget's networks.
+    budget = get_budget("smoke", TINY)
+    with pytest.raises(ReproduceError, match="trained on this very dataset"):
+        check_public_run(checkpoint, budget, checkpoint.dataset_content_hash, 2)
+    with pytest.raises(ReproduceError, match="32 px"):
+        check_public_run(checkpoint, get_budget("smoke"), "other", 2)
+    with pytest.raises(ReproduceError, match="3"):
+        check_public_run(checkpoint, budget, "other", 3)
+    check_public_run(checkpoint, budget, "other", 2)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("tiny_cpu_preset")
+def test_tiny_reproduction_runs_the_public_arms(tmp_path):
+    from fedspine.data.phantom import write_phantom_sites
+    from fedspine.experiments.pretrain import PretrainConfig, pretrain
+
+    (site,) = write_phantom_sites(tmp_path / "ph", sites=1, images_per_site=120, size=128, seed=0)
+    public = pretrain(
+        tmp_path / "public",
+        PretrainConfig(images=24, size=64, resolution=16, kimg=0.016, device="cpu"),
+    ).out
+    out = tmp_path / "repro"
+    overrides = {**TINY, "lesion_kimg": None, "spinegan_kimg": None, "embedding_steps": 4}
+    messages: list[str] = []
+    # `fedspine pretrain`'s OUT stands for its run folder.
+    report = reproduce(
+        site, out, "smoke", overrides, stage=messages.append, public_run=public.parent
+    )
+    arms = report["arms"]
+    names = ("cgan", "dp_eps10", "public_only", "dp_public_eps10", "dp_embedding_eps10")
+    for name in names:
+        assert arms[name]["status"] == "done", arms[name]
+    assert report["public_run"]["sha256"] and report["public_run"]["path"] == str(public)
+    assert report["public_run"]["declaration"].startswith("fedspine phantom simulator")
+
+    only = arms["public_only"]
+    assert only["kind"] == "public-only" and only["epsilon_home"] == 0.0
+    assert not (out / "arms" / "public_only" / "privacy").exists(), "no private data read"
+    assert only["public_run"]["sha256"] == report["public_run"]["sha256"]
+    for name, label in (
+        ("dp_public_eps10", "gan-discriminator"),
+        ("dp_embedding_eps10", "mean-embedding"),
+    ):
+        arm = arms[name]
+        home = out / "arms" / name / "privacy"
+        assert (home / "ledger.json").is_file()
+        assert 0 < arm["epsilon_home"] <= 10.0 * 1.01, "read back from the arm's own home"
+        assert arm["privacy"]["private"] is True
+        assert arm["privacy"]["epsilon"] == pytest.approx(arm["epsilon_home"], rel=1e-6)
+        assert [m["label"] for m in arm["privacy"]["mechanisms"]] == [label]
+        # The ceiling at the same ε: the DP-SGD arm's, scored in this arm's evaluation.
+        assert arm["ceiling_shared_with"] == "dp_eps10"
+        assert arm["evaluation"]["dp_classifier"]["auc"] is not None
+    dp_public = arms["dp_public_eps10"]
+    assert "--dp-trainable-d head" in " ".join(dp_public["train_args"])
+    assert f"--init-from {public}" in " ".join(dp_public["train_args"])
+    assert "fedspine embedding fit" in arms["dp_embedding_eps10"]["commands"][1]
+    assert arms["dp_embedding_eps10"]["dp_scheme"] == "dp-mean-embedding"
+
+    rows = report["table"]
+    base = arms["public_only"]["evaluation"]["tstr"]["auc"]
+    (public_row,) = [r for r in rows if r["experiment"].startswith("6. public checkpoint only")]
+    assert public_row["epsilon"] == "0 (public data only)" and "dp_minus_public" not in public_row
+    for name, start in (
+        ("dp_eps10", "5. DP-SGD cGAN"),
+        ("dp_public_eps10", "6. DP-SGD from the public checkpoint"),
+        ("dp_embedding_eps10", "6. DP mean embedding"),
+    ):
+        (row,) = [r for r in rows if r["experiment"].startswith(start)]
+        difference = arms[name]["evaluation"]["tstr"]["auc"] - base
+        assert float(row["dp_minus_public"].replace("−", "-")) == pytest.approx(
+            difference, abs=6e-4
+        )
+        assert row["epsilon"].startswith(f"{arms[name]['privacy']['epsilon']:.2f}")
+    md = (out / "reproduce.md").read_text()
+    assert "| DP − public-only |" in md and "What DP contributes is the DP arm minus" in md
+    assert report["public_run"]["sha256"][:12] in md
+
+    # A rerun reuses every arm and the public checkpoint's check passes again.
+    stamps = {p.name: (p / "arm.json").stat().st_mtime_ns for p in (out / "arms").iterdir()}
+    messages.clear()
+    again = reproduce(site, out, "smoke", overrides, stage=messages.append, public_run=public)
+    assert again["table"] == report["table"]
+    for name in names:
+        assert f"{name}: complete from an earlier run, skipped" in messages
+    assert stamps == {p.name: (p / "arm.json").stat().st_mtime_ns for p in (out / "arms").iterdir()}
+
+
+def test_the_public_arms_commands_build_the_requests_reproduce_makes(tmp_path, monkeypatch):
+    """The printed `fedspine train` of a dp-public arm and `fedspine embedding release|fit` of a
+    dp-embedding arm rerun what reproduce calls in the library."""
+    import types
+
+    import fedspine.training.mean_embedding as mean_embedding
+    import fedspine.training.mean_embedding_fit as mean_embedding_fit
+    import fedspine.training.run as run_module
+    from fedspine.cli.main import app
+    from fedspine.experiments.commands import fit_args, fit_request, release_args
+    from fedspine.experiments.public_run import PublicRun
+
+    public = PublicRun(
+        path=tmp_path / "public" / "run",
+        checkpoint="snapshots/snapshot_00001.000.pt",
+        sha256="ab" * 32,
+        declaration="test",
+        dataset_content_hash="cd" * 32,
+        resolution=32,
+        classes=2,
+    )
+    plan = make_plan(tmp_path, tmp_path / "o", "smoke", {"device": "cpu"}, public_run=public)
+    data = tmp_path / "data"
+    captured: list = []
+    monkeypatch.setattr(
+        run_module, "train", lambda request, reporter=None: captured.append(request)
+    )
+    (arm,) = [a for a in plan.arms if a.kind == "dp-public"]
+    run = tmp_path / "o" / "arms" / arm.folder / "run"
+    result = runner.invoke(app, ["train", *_train_args(plan, arm, data, run)])
+    assert result.exit_code == 0, result.output
+    (request,) = captured
+    assert request == _train_request(plan, arm, data, run)
+    assert request.init_from == public.path and request.dp.trainable_d == "head"
+
+    (arm,) = [a for a in plan.arms if a.kind == "dp-embedding"]
+    work = tmp_path / "o" / "arms" / arm.folder
+    release = work / "release" / "abnormality.npz"
+    released: dict = {}
+
+    def fake_release(prepared, out, **kwargs):
+        released.update(prepared=prepared, out=out, **kwargs)
+        metadata = {
+            "site": "s",
+            "class_names": ["a", "b"],
+            "feature_map": {"dim": 1},
+            "noise_multiplier": 1.0,
+            "sensitivity": 1.0,
+            "epsilon": 1.0,
+            "delta": 1e-5,
+            "accountant": "prv",
+            "patients": 1,
+            "unit": "patient",
+        }
+        return types.SimpleNamespace(metadata=metadata)
+
+    monkeypatch.setattr(mean_embedding, "release_embedding", fake_release)
+    result = runner.invoke(app, ["embedding", "release", *release_args(arm, data, release)])
+    assert result.exit_code == 0, result.output
+    assert (released["prepared"], released["out"]) == (data, release)
+    assert released["epsilon"] == arm.epsilon
+    assert released["privacy_home"] == work / "privacy"
+
+    fitted: list = []
+
+    def fake_fit(request, progress=None):
+        fitted.append(request)
+        return types.SimpleNamespace(epsilon={}, distance_start=1.0, distance_end=0.5, steps=1)
+
+    monkeypatch.setattr(mean_embedding_fit, "fit_generator", fake_fit)
+    result = runner.invoke(app, ["embedding", "fit", *fit_args(plan, arm, release, work)])
+    assert result.exit_code == 0, result.output
+    expected = fit_request(plan, arm, release, work)
+    got = fitted[0]
+    for field in ("out", "steps", "preset", "resolution", "init_from", "seed", "device"):
+        assert getattr(got, field) == getattr(expected, field), field
+    assert list(got.releases) == list(expected.releases) and expected.steps == 300
