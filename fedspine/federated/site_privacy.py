@@ -157,9 +157,6 @@ class SitePrivacy(_RoundLedger):
                 )
             if not isinstance(views, int) or isinstance(views, bool):
                 raise ValueError(f"augment-views must be a whole number, not {views!r:.40}")
-            ada_p = float(options.get("ada-p", 0.0))
-            if views > 1 and not ada_p > 0:
-                raise ValueError(f"augment-views {views} needs augmentation (ada-p > 0)")
             self.dp = DPConfig(
                 target_epsilon=self.target,
                 delta=self.delta,
@@ -168,7 +165,7 @@ class SitePrivacy(_RoundLedger):
                     int(options.get("patients-per-step", 64)), self.num_patients
                 ),
                 d_steps_per_g=int(options.get("d-steps-per-g", 1)),
-                ada_p=ada_p,
+                ada_p=float(options.get("ada-p", 0.0)),
                 accountant=PLAN_ACCOUNTANT,
                 trainable_d=trainable_d,
                 augment_views=views,

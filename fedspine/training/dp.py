@@ -61,7 +61,6 @@ from torch import Tensor, nn
 from fedspine.dp_options import (
     MAX_AUGMENT_VIEWS,
     TRAINABLE_ALL,
-    TRAINABLE_HEAD,
     top_stages,
     trainable_d_problem,
 )
@@ -150,6 +149,11 @@ class DPConfig:
                 f"DPConfig: augment_views must be a whole number from 1 to {MAX_AUGMENT_VIEWS} "
                 f"(each view is one more pass of D per image), got {views!r}"
             )
+        if views > 1 and not self.ada_p > 0:
+            raise ValueError(
+                f"DPConfig: augment_views={views} needs augmentation, and no augmentation is "
+                f"active (ada_p is {self.ada_p}); set ada_p > 0, or augment_views=1"
+            )
 
 
 def plan_noise(
@@ -216,7 +220,7 @@ def trainable_d_names(D: nn.Module, spec: str) -> list[str]:
             f"DPConfig.trainable_d {spec}: needs a fedspine Discriminator (blocks, epilogue with "
             f"its out layer); got {type(D).__name__}"
         )
-    if spec == TRAINABLE_HEAD or k is None:
+    if k is None:  # "head"
         return [name for name in names if name.startswith(("epilogue.out.", "mapping."))]
     if k > len(blocks):
         raise ValueError(
@@ -232,7 +236,10 @@ def trainable_d_names(D: nn.Module, spec: str) -> list[str]:
 
 def trainable_fraction(D: nn.Module, spec: str) -> float:
     """Share of D's parameter count (elements) that ``trainable_d = spec`` trains."""
-    chosen = set(trainable_d_names(D, spec))
+    return _share(D, set(trainable_d_names(D, spec)))
+
+
+def _share(D: nn.Module, chosen: set[str]) -> float:
     named = list(D.named_parameters())
     total = sum(p.numel() for _, p in named)
     return sum(p.numel() for n, p in named if n in chosen) / max(total, 1)
@@ -407,13 +414,9 @@ class DPDiscriminatorStep:
                 f"{config.ada_p}{', no augment pipe' if augment_pipe is None else ''}); set "
                 "ada_p > 0 with an augment pipe, or augment_views=1"
             )
-        selected = trainable_d_names(D, config.trainable_d)  # refuses a K the network lacks
-        total = sum(p.numel() for p in D.parameters())
-        chosen = set(selected)
+        chosen = set(trainable_d_names(D, config.trainable_d))  # refuses a K the net lacks
         # The share of D's parameters (elements) this step trains and privatises.
-        self.trainable_fraction = sum(
-            p.numel() for n, p in D.named_parameters() if n in chosen
-        ) / max(total, 1)
+        self.trainable_fraction = _share(D, chosen)
         self.generator = generator if generator is not None else torch.Generator()
         self.debug_leaks = bool(debug_leaks)
         self.steps_taken = 0

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fedspine.dp_options import TRAINABLE_HEAD
 from fedspine.privacy.accounting import PLAN_ACCOUNTANT
 from fedspine.privacy.engine import (
     RESERVE_BLOCK,
@@ -34,7 +35,6 @@ from fedspine.training.clinical import (
 from fedspine.training.dp import (
     MECHANISM_LABEL,
     TRAINABLE_ALL,
-    TRAINABLE_HEAD,
     DPConfig,
     top_stages,
 )

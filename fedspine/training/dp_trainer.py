@@ -178,13 +178,7 @@ class DPSGDStep(DStep):
 
     def check_state(self, state: dict) -> None:
         """Before anything is loaded: a DP state, of the same ``trainable_d`` and
-        ``augment_views`` (:func:`check_resume`)."""
-        dp_state = state.get("dp")
-        if dp_state is None:
-            raise ValueError("the saved state is not from a DP run; it cannot resume one")
-        check_resume(dp_state, self.dp)
-
-    def load_state_dict(self, state: dict) -> None:
+        ``augment_views`` (:func:`check_resume`) and the same σ."""
         dp_state = state.get("dp")
         if dp_state is None:
             raise ValueError("the saved state is not from a DP run; it cannot resume one")
@@ -194,7 +188,10 @@ class DPSGDStep(DStep):
                 f"the saved run used σ={dp_state['noise_multiplier']}, "
                 f"this one σ={self.noise_multiplier}"
             )
-        self.dp_step.load_state_dict(dp_state["step"])
+
+    def load_state_dict(self, state: dict) -> None:
+        """After :meth:`check_state` accepted ``state`` (the trainer calls it first)."""
+        self.dp_step.load_state_dict(state["dp"]["step"])
 
 
 def fakes_from_g(trainer: GanTrainer, n: int, labels: torch.Tensor) -> torch.Tensor:
