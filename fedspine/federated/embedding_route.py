@@ -168,14 +168,16 @@ def _expected(rc: EmbeddingRoundConfig) -> dict[str, Any]:
         bandwidths=rc.bandwidths,
         resolution=rc.feature_resolution,
     )
+    # As the site's metadata arrives: through JSON (tuples become lists).
+    description = json.loads(json.dumps(feature_map.describe()))
     return {
         "federation": rc.federation,
         "round": rc.server_round,
         "epsilon": rc.epsilon,
         "clip": rc.clip,
         "class_names": list(rc.class_names),
-        "feature_map": json.loads(json.dumps(feature_map.describe())),
-        "dim": feature_map.describe()["dim"],
+        "feature_map": description,
+        "dim": description["dim"],
     }
 
 
