@@ -89,6 +89,8 @@ class EmbeddingRoundConfig:
             raise SiteRefusal(f"the embedding request lacks {err}") from None
         except (TypeError, ValueError) as err:
             raise SiteRefusal(f"the embedding request is malformed: {err}") from None
+        if not 0 <= rc.seed < 2**63:
+            raise SiteRefusal(f"seed {rc.seed}: the feature map's seed is 0 to 2**63 - 1")
         if not 1 <= rc.dim <= MAX_DIM:
             raise SiteRefusal(f"dim {rc.dim}: a site computes 1 to {MAX_DIM} features")
         if not 1 <= len(rc.bandwidths) <= MAX_BANDWIDTHS:

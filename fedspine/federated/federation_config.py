@@ -58,6 +58,8 @@ class EmbeddingRouteConfig:
             out.append("[embedding] clip must be > 0, dim 1 to 8192, bandwidths not empty")
         if any(not float(b) > 0 for b in self.bandwidths):
             out.append("[embedding] bandwidths must be positive")
+        if not 0 <= self.seed < 2**63:
+            out.append(f"[embedding] seed {self.seed} must lie between 0 and 2**63 - 1")
         if not 4 <= self.feature_resolution <= resolution:
             out.append(
                 f"[embedding] feature_resolution {self.feature_resolution} must lie between 4 "

@@ -86,6 +86,8 @@ class RandomFourierFeatures:
             )
         if int(resolution) < 4:
             raise FeatureMapError(f"feature resolution must be at least 4, got {resolution}")
+        if not 0 <= int(seed) < 2**63:
+            raise FeatureMapError(f"--seed {seed}: the feature map's seed is 0 to 2**63 - 1")
         self.seed, self.bandwidths, self.resolution = int(seed), tuple(scales), int(resolution)
         self.frequencies = per * len(scales)
         self.dim = 2 * self.frequencies

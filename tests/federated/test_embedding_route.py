@@ -160,6 +160,8 @@ def test_a_hostile_request_is_refused_before_anything_is_spent(site_datasets, tm
         {**good.to_record(), "epsilon": float("nan")},
         {**good.to_record(), "epsilon": True},
         {**good.to_record(), "bandwidths": []},
+        {**good.to_record(), "seed": -1},
+        {**good.to_record(), "seed": 2**64},
         {k: v for k, v in good.to_record().items() if k != "clip"},
     ]
     for record in malformed:
@@ -223,6 +225,8 @@ def test_the_route_config_is_checked_and_travels(tmp_path):
         _config(tmp_path, dp=False).validate()
     with pytest.raises(FederationError, match="feature_resolution"):
         _config(tmp_path, embedding=EmbeddingRouteConfig(feature_resolution=64)).validate()
+    with pytest.raises(FederationError, match="seed -1"):
+        _config(tmp_path, embedding=EmbeddingRouteConfig(seed=-1)).validate()
     with pytest.raises(FederationError, match="route must be"):
         _config(tmp_path, route="magic").validate()
     config = _config(tmp_path)

@@ -127,6 +127,9 @@ def test_random_fourier_features_are_public_unit_norm_and_rebuildable():
     description = build_feature_map("rff", dim=64, seed=3, resolution=8).describe()
     rebuilt = feature_map_from_description(description)
     torch.testing.assert_close(rebuilt(x), rff(x))
+    for seed in (-1, 2**64):
+        with pytest.raises(FeatureMapError, match="seed"):
+            RandomFourierFeatures(dim=64, seed=seed, resolution=8)
 
 
 # -- the mechanism -------------------------------------------------------------------------------
