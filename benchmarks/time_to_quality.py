@@ -11,6 +11,11 @@ a generator, `--per-class` synthetic images per class are generated and evaluate
 evaluate`'s pipeline: TSTR against TRTR on the pooled real test split), and the clocks resume.
 Every evaluation of one resolution shares one TRTR classifier (a TRTR cache folder beside the
 pooled data, keyed by the evaluation settings), so every number is against the same reference.
+The sites' own test split is small (174 images at 300 per site: intervals about ±0.1 AUC), so
+`--heldout-per-site M` adds M images per site of new patients of the same three sites (same
+domains, another patient seed) to the test split alone; nothing trains on them. `--reevaluate
+RESULTS_JSON` trains nothing and scores an earlier run's saved synthetic sets again (e.g. on the
+held-out test set), keeping its kimg and clocks.
 
 `tuned` applies issue 18's items 1-2 to the cpu preset: ADA adjusts over 15 kimg instead of 100,
 path-length regularisation and style mixing are off. `--set key=value` changes the tuned
@@ -25,7 +30,7 @@ The clock is wall time, so on a shared machine the minutes buy less training: th
 before and after, the training CPU seconds and the thread count are recorded with the argv.
 Issue 18's measurement (15 minutes on 2 quiet cores):
 
-    python benchmarks/time_to_quality.py --work DIR --threads 2 \\
+    python benchmarks/time_to_quality.py --work DIR --threads 2 --heldout-per-site 600 \\
         --resolutions 32 64 --seeds 0 1 --minutes 5 10 15
 
 `--quick` is a smoke run of the whole path at toy sizes (16 px, seconds per mark).
@@ -75,6 +80,8 @@ QUICK = {
     "chunk_seconds": 1.0,
 }
 SITES = 3
+HELDOUT_PATIENT_SEED = 1_000_003
+"""Patients of the held-out test population: new patients of the same three sites."""
 # Compared as tuned / today at every mark. Signal retained is None where TRTR's interval holds
 # chance (then only the plain AUC ratio and the kimg reached compare).
 RATIO_KEYS = ("signal_retained", "tstr_over_trtr", "kimg")
@@ -90,6 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     parser.add_argument("--images-per-site", type=int, default=300)
     parser.add_argument("--phantom-size", type=int, default=256, help="phantom short side, px")
+    parser.add_argument(
+        "--heldout-per-site",
+        type=int,
+        default=0,
+        help="new patients' images per site added to the test split alone (never trained on): "
+        "a larger test set narrows every interval (default: 0, the sites' own test split)",
+    )
     parser.add_argument("--per-class", type=int, default=300, help="synthetic images per class")
     parser.add_argument("--epochs", type=int, default=10, help="evaluation classifier epochs")
     parser.add_argument("--bootstrap", type=int, default=500)
@@ -99,12 +113,26 @@ def main(argv: list[str] | None = None) -> dict:
         "--chunk-seconds", type=float, default=10.0, help="training turn of each contender"
     )
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke run")
+    parser.add_argument(
+        "--reevaluate",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="train nothing: score again the synthetic sets an earlier run of this --work saved "
+        "(its rows keep their kimg and clocks), e.g. against a --heldout-per-site test set",
+    )
     args = parser.parse_args(argv)
     if args.quick:  # toy sizes as defaults; options given explicitly still win
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
     minutes = sorted(set(args.minutes))
     overrides = parse_overrides(args.overrides)
+    earlier = None
+    if args.reevaluate is not None:  # the earlier run's own resolutions, marks and settings
+        earlier = json.loads(args.reevaluate.read_text())
+        args.resolutions = sorted({r["resolution"] for r in earlier["rows"]})
+        minutes = sorted({r["minutes"] for r in earlier["rows"]})
+        args.per_class = earlier["evaluation"]["per_class"]
 
     load_before = os.getloadavg()
     threads = configure_cpu(args.threads)
@@ -128,7 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
         data_path = pooled[res]
         dataset = load_prepared(data_path)
         data = training_data(dataset.select("train", labelled=True), res)
-        trtr_cache = data_path.parent / f"trtr-{res}-{eval_tag.hexdigest()[:10]}"
+        trtr_cache = _trtr_cache(data_path, res, args.heldout_per_site, eval_tag.hexdigest())
+        if args.reevaluate is not None:
+            rows += _reevaluate(earlier, res, work, data_path, trtr_cache, eval_cfg, threads)
+            continue
         contenders = []
         for variant in args.variants:
             cfg, start_p = variant_config(variant, res, data.num_classes, overrides)
@@ -156,17 +187,21 @@ def main(argv: list[str] | None = None) -> dict:
             "sites": SITES,
             "images_per_site": args.images_per_site,
             "phantom_size": args.phantom_size,
+            "heldout_per_site": args.heldout_per_site,
             "train_images": {f"{r}px": _split_size(pooled[r], "train") for r in pooled},
             "test_images": {f"{r}px": _split_size(pooled[r], "test") for r in pooled},
         },
         "evaluation": {"per_class": args.per_class, **eval_cfg.to_dict()},
-        "tuned_changes": {**TUNED, **overrides},
-        "configs": configs,
+        "tuned_changes": earlier["tuned_changes"] if earlier else {**TUNED, **overrides},
+        "configs": earlier["configs"] if earlier else configs,
+        "reevaluated": {"from_argv": earlier["argv"]} if earlier else None,
         "rows": rows,
         "summary": summarise(rows, args.resolutions, minutes),
     }
     work.mkdir(parents=True, exist_ok=True)
-    (work / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    suffix = "-reevaluated" if earlier else ""  # the earlier run's own files stay as they were
+    (work / f"results{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / f"report{suffix}.md").write_text(markdown(report))
     print(json.dumps(report, indent=2))
     return report
 
@@ -246,6 +281,60 @@ def summarise(rows: list[dict], resolutions: list[int], minutes: list[float]) ->
             per_mark[_mark(mark)] = entry
         out[f"{res}px"] = per_mark
     return out
+
+
+def markdown(report: dict) -> str:
+    """The rows as a Markdown table (one line per resolution, mark and variant; seeds side by
+    side), for the README and for a person to read."""
+    lines = [
+        "| px | minutes | variant | kimg | TSTR AUC [95 % CI] | TRTR AUC [95 % CI] "
+        "| signal retained [95 % CI] | TSTR/TRTR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = report["rows"]
+    for res in sorted({r["resolution"] for r in rows}):
+        for mark in sorted({r["minutes"] for r in rows}):
+            for variant in VARIANTS:
+                picked = sorted(
+                    (r for r in rows if (r["resolution"], r["minutes"], r["variant"])
+                     == (res, mark, variant)),
+                    key=lambda r: r["seed"],
+                )  # fmt: skip
+                if not picked:
+                    continue
+                cells = [
+                    " / ".join(_fmt(r["kimg"], 1) for r in picked),
+                    " / ".join(_with_ci(r["tstr_auc"], r["tstr_ci"]) for r in picked),
+                    _with_ci(picked[0]["trtr_auc"], picked[0]["trtr_ci"]),
+                    " / ".join(
+                        _with_ci(r["signal_retained"], r["signal_retained_ci"]) for r in picked
+                    ),
+                    " / ".join(_fmt(r["tstr_over_trtr"], 2) for r in picked),
+                ]
+                lines.append(f"| {res} | {mark:g} | {variant} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for r in rows})
+    lines += [
+        "",
+        f"Seeds {', '.join(map(str, seeds))} side by side (separated by /). Signal retained is "
+        "(TSTR − 0.5)/(TRTR − 0.5); undefined (–) where TRTR's interval holds chance. "
+        f"Tuned: {json.dumps(report['tuned_changes'])}. Load average before "
+        f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
+        f"{report['torch_threads']} torch threads.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _with_ci(value: float | None, ci: list | None) -> str:
+    if value is None:
+        return "–"
+    if not ci:
+        return _fmt(value, 2)
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 class Contender:
@@ -345,6 +434,42 @@ def _race(
     return rows
 
 
+def _reevaluate(
+    earlier: dict,
+    res: int,
+    work: Path,
+    data_path: Path,
+    trtr_cache: Path,
+    eval_cfg: EvaluateConfig,
+    threads: int,
+) -> list[dict]:
+    """The earlier run's rows at ``res``, scored again from the synthetic sets it saved."""
+    rows = []
+    for old in (r for r in earlier["rows"] if r["resolution"] == res):
+        folder = work / "runs" / f"{old['variant']}-{res}px-seed{old['seed']}"
+        out = folder / f"m{_mark(old['minutes'])}"
+        if not (out / "synthetic").is_dir():
+            raise SystemExit(f"{out / 'synthetic'}: missing; --reevaluate needs the earlier --work")
+        start = time.perf_counter()
+        evaluation = out / f"evaluation-{data_path.name}"
+        shutil.rmtree(evaluation, ignore_errors=True)
+        evaluate(
+            out / "synthetic", data_path, data_path, evaluation, eval_cfg, trtr_cache=trtr_cache
+        )
+        torch.set_num_threads(threads)
+        row = {**old, **_scores(evaluation), "eval_seconds": time.perf_counter() - start}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def _trtr_cache(data_path: Path, res: int, heldout: int, tag: str) -> Path:
+    """One TRTR per pooled data set and evaluation settings (a held-out test set is its own)."""
+    return data_path.parent / (
+        f"trtr-{res}" + (f"-heldout{heldout}" if heldout else "") + f"-{tag[:10]}"
+    )
+
+
 def _scores(report_dir: Path) -> dict:
     report = read_evaluation(report_dir)
     arms = report.arms or {}
@@ -362,26 +487,55 @@ def _scores(report_dir: Path) -> dict:
 
 
 def _pooled_data(work: Path, args, resolution: int) -> Path:
-    """Three phantom sites ingested at ``resolution`` and pooled; made once, then reused."""
+    """Three phantom sites ingested at ``resolution`` and pooled, plus ``--heldout-per-site``
+    new patients of each site in the test split alone; made once, then reused."""
     root = work / f"phantom-{SITES}x{args.images_per_site}-{args.phantom_size}px"
-    pooled = root / f"pooled-{resolution}"
+    held = args.heldout_per_site
+    pooled = root / (f"pooled-{resolution}" + (f"-heldout{held}" if held else ""))
     if _is_prepared(pooled):
         return pooled
-    raw = root / "dicom"
+    parts = _ingested(root / "dicom", root / f"prepared-{resolution}", args, resolution)
+    names = [name for name, _ in parts]
+    if held:
+        heldout = _ingested(
+            root / f"heldout-{held}-dicom",
+            root / f"prepared-{resolution}-heldout{held}",
+            args,
+            resolution,
+            heldout=True,
+        )
+        parts += [
+            (f"{name}-heldout", dataclasses.replace(p, splits=np.full(len(p), "test", object)))
+            for name, p in heldout
+        ]
+        names += [name for name, _ in parts[len(names) :]]
+    merge_prepared([p for _, p in parts], pooled, names, overwrite=True)
+    return pooled
+
+
+def _ingested(raw: Path, prepared_root: Path, args, resolution: int, heldout: bool = False):
+    """(site name, prepared dataset) of every phantom site under ``raw``, written and ingested
+    once. The held-out population has the sites' domains (seed 0) and its own patients."""
     if not raw.exists():  # written whole, then renamed: an interrupted run leaves no half set
-        partial = root / ".dicom-partial"
+        partial = raw.parent / f".{raw.name}-partial"
         shutil.rmtree(partial, ignore_errors=True)
-        write_phantom_sites(partial, SITES, args.images_per_site, size=args.phantom_size, seed=0)
+        write_phantom_sites(
+            partial,
+            SITES,
+            args.heldout_per_site if heldout else args.images_per_site,
+            size=args.phantom_size,
+            seed=0,
+            patient_seed=HELDOUT_PATIENT_SEED if heldout else None,
+        )
         partial.rename(raw)
     sites = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
-    parts = []
+    out = []
     for site in sites:
-        prepared = root / f"prepared-{resolution}" / site.name
+        prepared = prepared_root / site.name
         if not _is_prepared(prepared):
             ingest(site, prepared, IngestConfig(resolution=resolution, seed=0), overwrite=True)
-        parts.append(load_prepared(prepared))
-    merge_prepared(parts, pooled, [s.name for s in sites], overwrite=True)
-    return pooled
+        out.append((site.name, load_prepared(prepared)))
+    return out
 
 
 def _is_prepared(path: Path) -> bool:

@@ -91,7 +91,7 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
     report = _load("time_to_quality").main(
         ["--quick", "--work", str(tmp_path), "--threads", "1", "--minutes"]
         + [str(m) for m in minutes]
-        + ["--set", "augment.adjust_kimg=10", "--set", "start_p=0.1"]
+        + ["--set", "augment.adjust_kimg=10", "--set", "start_p=0.1", "--heldout-per-site", "6"]
     )
     assert '"benchmark": "time_to_quality"' in capsys.readouterr().out
     assert (tmp_path / "results.json").is_file()
@@ -117,6 +117,27 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
         assert math.isfinite(entry["tstr_over_trtr_tuned_over_today"])
         assert entry["kimg_tuned_over_today"] > 0
     assert report["torch_threads"] == 1 and len(report["load_average_before"]) == 3
+    # The held-out population (6 new images per site) joined the test split only.
+    from fedspine.data.prepared import load_prepared
+
+    pooled = load_prepared(tmp_path / "phantom-3x40-64px" / "pooled-16-heldout6")
+    held = ["-heldout/" in pid for pid in pooled.patient_ids.tolist()]
+    assert sum(held) == 18 and set(pooled.splits[held].tolist()) == {"test"}
+    assert report["data"]["test_images"]["16px"] == int((pooled.splits == "test").sum())
+    assert report["data"]["heldout_per_site"] == 6
+    # --reevaluate trains nothing: the saved synthetic sets scored on the sites' own test split.
+    again = _load("time_to_quality").main(
+        ["--quick", "--work", str(tmp_path), "--threads", "1"]
+        + ["--reevaluate", str(tmp_path / "results.json")]
+    )
+    capsys.readouterr()
+    keep = ("variant", "seed", "minutes", "kimg", "train_wall_seconds")
+    assert [[r[k] for k in keep] for r in again["rows"]] == [[r[k] for k in keep] for r in rows]
+    assert again["data"]["test_images"]["16px"] == report["data"]["test_images"]["16px"] - 18
+    assert again["reevaluated"]["from_argv"] == report["argv"]
+    assert (tmp_path / "results-reevaluated.json").is_file()
+    table = (tmp_path / "report.md").read_text()
+    assert table.count("| 16 | ") == 2 * len(minutes) and "signal retained" in table
 
 
 @pytest.mark.slow

@@ -127,9 +127,12 @@ def write_phantom_sites(
     size: int = 512,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    patient_seed: int | None = None,
 ) -> list[Path]:
     """Write ``sites`` phantom sites under ``out`` (``site_1``, ``site_2``, …); return their folders.
 
+    ``seed`` draws the sites' domains; ``patient_seed`` (default: ``seed``) draws their patients,
+    so another patient seed gives new patients of the same sites (a held-out test population).
     ``progress`` is called with the running total of images written. Each site is written into
     a hidden temporary folder and renamed into place when complete, so an interrupted run
     never leaves a half-written ``site_k``.
@@ -157,7 +160,14 @@ def write_phantom_sites(
                 progress(base + n)
 
         written.append(
-            write_phantom_site(out / domain.name, domain, images_per_site, size, seed, step)
+            write_phantom_site(
+                out / domain.name,
+                domain,
+                images_per_site,
+                size,
+                seed if patient_seed is None else patient_seed,
+                step,
+            )
         )
         done += images_per_site
     return written

@@ -5,15 +5,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import filecmp
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from fedspine.data.labels import LESION_TYPES, NO_FINDING
 from fedspine.data.phantom import (
     ANNOTATION_COLUMNS,
+    SITE_MANIFEST,
     PhantomCase,
     phantom_arrays,
     phantom_site_domains,
@@ -275,3 +278,18 @@ def test_abnormality_is_learnable_but_not_trivial() -> None:
     auc = roc_auc_score(data.abnormal[test], model.predict_proba(features[test])[:, 1])
     print(f"random-conv probe AUC {auc:.3f}")
     assert 0.6 <= auc <= 0.9, f"phantom abnormality AUC {auc:.3f} left the band"
+
+
+def test_another_patient_seed_gives_new_patients_of_the_same_sites(tmp_path: Path) -> None:
+    """A held-out test population (the benchmarks' --heldout-per-site): same domains, no shared
+    study or image (PatientID numbers restart per set, so a pool keeps the sets apart by its
+    part names)."""
+    (a,) = write_phantom_sites(tmp_path / "a", sites=1, images_per_site=6, size=64, seed=3)
+    (b,) = write_phantom_sites(
+        tmp_path / "b", sites=1, images_per_site=6, size=64, seed=3, patient_seed=1003
+    )
+    manifests = [json.loads((p / SITE_MANIFEST).read_text()) for p in (a, b)]
+    assert manifests[0]["domain"] == manifests[1]["domain"]
+    ids = [{pydicom.dcmread(f).StudyInstanceUID for f in p.glob("*_images/*")} for p in (a, b)]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert not {f.name for f in a.glob("*_images/*")} & {f.name for f in b.glob("*_images/*")}
