@@ -21,11 +21,13 @@ held-out test set), keeping its kimg and clocks.
 path-length regularisation and style mixing are off. `--set key=value` changes the tuned
 candidate further (dotted keys into TrainConfig: `augment.adjust_kimg=10`, `r1_gamma=0.05`,
 `network.mapping_layers=1`, `batch=16`, `ema_kimg=2`); `start_p=0.2` starts ADA's p there
-instead of 0 (a benchmark knob: AugmentConfig has no such field yet).
+instead of 0 (a benchmark knob: AugmentConfig has no such field yet). `--candidate NAME K=V ...`
+adds a variant of its own (item 3's sweep: one knob per candidate, all racing together), and
+`--variants` picks which run (default: today, tuned and every candidate).
 
 Prints one JSON object: one row per (variant, resolution, seed, minute mark) with kimg reached,
 TSTR and TRTR AUC [95 % CI], signal retained (TSTR − 0.5)/(TRTR − 0.5) [CI], TSTR/TRTR and ADA p;
-and per resolution and mark the mean over seeds of each variant and the ratios tuned / today.
+and per resolution and mark the mean over seeds of each variant and its ratios over today.
 The clock is wall time, so on a shared machine the minutes buy less training: the load average
 before and after, the training CPU seconds and the thread count are recorded with the argv.
 Issue 18's measurement (15 minutes on 2 quiet cores):
@@ -51,9 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedspine.data.ingest import IngestConfig, ingest
-from fedspine.data.phantom import write_phantom_sites
-from fedspine.data.prepared import load_prepared, merge_prepared
+from fedspine.data.phantom_pool import phantom_pool
+from fedspine.data.prepared import load_prepared
 from fedspine.evaluation.config import EvaluateConfig
 from fedspine.evaluation.records import read_evaluation
 from fedspine.reporting.evaluation_report import evaluate
@@ -63,7 +64,6 @@ from fedspine.training.factory import TrainerSpec, build_trainer
 from fedspine.training.gan_trainer import configure_cpu
 from fedspine.training.generate import generate_dataset, save_generator
 
-VARIANTS = ("today", "tuned")
 # Issue 18, items 1-2: ADA that can react within a short run; no path-length regularisation and
 # no style mixing (NVIDIA's own 32 px configuration turns both off).
 TUNED = {"augment.adjust_kimg": 15.0, "pl_weight": 0.0, "style_mixing": 0.0}
@@ -80,8 +80,6 @@ QUICK = {
     "chunk_seconds": 1.0,
 }
 SITES = 3
-HELDOUT_PATIENT_SEED = 1_000_003
-"""Patients of the held-out test population: new patients of the same three sites."""
 # Compared as tuned / today at every mark. Signal retained is None where TRTR's interval holds
 # chance (then only the plain AUC ratio and the kimg reached compare).
 RATIO_KEYS = ("signal_retained", "tstr_over_trtr", "kimg")
@@ -91,7 +89,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("time_to_quality"))
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="default: today, tuned and every --candidate"
+    )
+    parser.add_argument(
+        "--candidate",
+        dest="candidates",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar=("NAME", "K=V"),
+        help="one more variant: a name and its changes to the cpu preset (same keys as --set), "
+        "e.g. --candidate no-pl pl_weight=0 --candidate ema2 ema_kimg=2 (item 3's sweep)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 10.0, 15.0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
@@ -127,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
         args = parser.parse_args(argv)
     minutes = sorted(set(args.minutes))
     overrides = parse_overrides(args.overrides)
+    candidates = parse_candidates(args.candidates, overrides)
+    variants = args.variants or list(candidates)
+    unknown = [v for v in variants if v not in candidates]
+    if unknown:
+        raise SystemExit(f"--variants {unknown}: choose from {sorted(candidates)}")
     earlier = None
     if args.reevaluate is not None:  # the earlier run's own resolutions, marks and settings
         earlier = json.loads(args.reevaluate.read_text())
@@ -161,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows += _reevaluate(earlier, res, work, data_path, trtr_cache, eval_cfg, threads)
             continue
         contenders = []
-        for variant in args.variants:
-            cfg, start_p = variant_config(variant, res, data.num_classes, overrides)
+        for variant in variants:
+            cfg, start_p = variant_config(candidates[variant], res, data.num_classes)
             configs[f"{variant}/{res}px"] = {**cfg.to_dict(), "start_p": start_p}
             for seed in args.seeds:
                 folder = work / "runs" / f"{variant}-{res}px-seed{seed}"
@@ -192,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
             "test_images": {f"{r}px": _split_size(pooled[r], "test") for r in pooled},
         },
         "evaluation": {"per_class": args.per_class, **eval_cfg.to_dict()},
-        "tuned_changes": earlier["tuned_changes"] if earlier else {**TUNED, **overrides},
+        "tuned_changes": earlier["tuned_changes"] if earlier else candidates["tuned"],
+        "candidates": earlier.get("candidates") if earlier else candidates,
         "configs": earlier["configs"] if earlier else configs,
         "reevaluated": {"from_argv": earlier["argv"]} if earlier else None,
         "rows": rows,
@@ -206,15 +222,22 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def variant_config(
-    variant: str, resolution: int, num_classes: int, overrides: dict
-) -> tuple[TrainConfig, float]:
-    """The variant's TrainConfig and ADA's starting p."""
+def parse_candidates(items: list[list[str]], overrides: dict) -> dict[str, dict]:
+    """Every variant's changes to the cpu preset: today (none), tuned (``TUNED`` and ``--set``)
+    and each ``--candidate NAME K=V ...``."""
+    out: dict[str, dict] = {"today": {}, "tuned": {**TUNED, **overrides}}
+    for name, *changes in items:
+        if name in out or "=" in name:
+            raise SystemExit(f"--candidate {name}: give a new name first, then its K=V changes")
+        out[name] = parse_overrides(changes)
+    return out
+
+
+def variant_config(changes: dict, resolution: int, num_classes: int) -> tuple[TrainConfig, float]:
+    """The cpu preset with ``changes`` applied, and ADA's starting p."""
     cfg = preset_config("cpu", resolution, num_classes)
     cfg.device = "cpu"
-    if variant == "today":
-        return cfg, 0.0
-    changes = {**TUNED, **overrides}
+    changes = dict(changes)
     start_p = float(changes.pop("start_p", 0.0))
     return apply_overrides(cfg, changes), start_p
 
@@ -257,13 +280,15 @@ def apply_overrides(cfg: TrainConfig, changes: dict) -> TrainConfig:
 
 
 def summarise(rows: list[dict], resolutions: list[int], minutes: list[float]) -> dict:
-    """Per resolution and minute mark: each variant's means over seeds, and tuned / today."""
+    """Per resolution and minute mark: each variant's means over seeds, and each other variant
+    over today (``signal_retained_tuned_over_today``, ...)."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
     out: dict[str, dict] = {}
     for res in resolutions:
         per_mark: dict[str, dict] = {}
         for mark in minutes:
             entry: dict[str, dict | float | None] = {}
-            for variant in VARIANTS:
+            for variant in variants:
                 picked = [
                     r for r in rows if r["variant"] == variant
                     and r["resolution"] == res and r["minutes"] == mark
@@ -273,11 +298,12 @@ def summarise(rows: list[dict], resolutions: list[int], minutes: list[float]) ->
                         key: _mean([r[key] for r in picked])
                         for key in (*RATIO_KEYS, "tstr_auc", "trtr_auc", "ada_p")
                     } | {"seeds": len(picked)}
-            if "today" in entry and "tuned" in entry:
-                for key in RATIO_KEYS:
-                    entry[f"{key}_tuned_over_today"] = _ratio(
-                        entry["tuned"][key], entry["today"][key]
-                    )
+            for variant in variants:
+                if variant != "today" and "today" in entry and variant in entry:
+                    for key in RATIO_KEYS:
+                        entry[f"{key}_{variant}_over_today"] = _ratio(
+                            entry[variant][key], entry["today"][key]
+                        )
             per_mark[_mark(mark)] = entry
         out[f"{res}px"] = per_mark
     return out
@@ -294,7 +320,7 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     for res in sorted({r["resolution"] for r in rows}):
         for mark in sorted({r["minutes"] for r in rows}):
-            for variant in VARIANTS:
+            for variant in dict.fromkeys(r["variant"] for r in rows):
                 picked = sorted(
                     (r for r in rows if (r["resolution"], r["minutes"], r["variant"])
                      == (res, mark, variant)),
@@ -317,7 +343,15 @@ def markdown(report: dict) -> str:
         "",
         f"Seeds {', '.join(map(str, seeds))} side by side (separated by /). Signal retained is "
         "(TSTR − 0.5)/(TRTR − 0.5); undefined (–) where TRTR's interval holds chance. "
-        f"Tuned: {json.dumps(report['tuned_changes'])}. Load average before "
+        "Changes to the cpu preset: "
+        + "; ".join(
+            f"{name} {json.dumps(changes)}"
+            for name, changes in (
+                report.get("candidates") or {"tuned": report["tuned_changes"]}
+            ).items()
+            if name != "today"
+        )
+        + f". Load average before "
         f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
         f"{report['torch_threads']} torch threads.",
         "",
@@ -487,63 +521,13 @@ def _scores(report_dir: Path) -> dict:
 
 
 def _pooled_data(work: Path, args, resolution: int) -> Path:
-    """Three phantom sites ingested at ``resolution`` and pooled, plus ``--heldout-per-site``
-    new patients of each site in the test split alone; made once, then reused."""
+    """The three sites pooled, with the held-out population in the test split if asked."""
     root = work / f"phantom-{SITES}x{args.images_per_site}-{args.phantom_size}px"
-    held = args.heldout_per_site
-    pooled = root / (f"pooled-{resolution}" + (f"-heldout{held}" if held else ""))
-    if _is_prepared(pooled):
-        return pooled
-    parts = _ingested(root / "dicom", root / f"prepared-{resolution}", args, resolution)
-    names = [name for name, _ in parts]
-    if held:
-        heldout = _ingested(
-            root / f"heldout-{held}-dicom",
-            root / f"prepared-{resolution}-heldout{held}",
-            args,
-            resolution,
-            heldout=True,
-        )
-        parts += [
-            (f"{name}-heldout", dataclasses.replace(p, splits=np.full(len(p), "test", object)))
-            for name, p in heldout
-        ]
-        names += [name for name, _ in parts[len(names) :]]
-    merge_prepared([p for _, p in parts], pooled, names, overwrite=True)
-    return pooled
-
-
-def _ingested(raw: Path, prepared_root: Path, args, resolution: int, heldout: bool = False):
-    """(site name, prepared dataset) of every phantom site under ``raw``, written and ingested
-    once. The held-out population has the sites' domains (seed 0) and its own patients."""
-    if not raw.exists():  # written whole, then renamed: an interrupted run leaves no half set
-        partial = raw.parent / f".{raw.name}-partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        write_phantom_sites(
-            partial,
-            SITES,
-            args.heldout_per_site if heldout else args.images_per_site,
-            size=args.phantom_size,
-            seed=0,
-            patient_seed=HELDOUT_PATIENT_SEED if heldout else None,
-        )
-        partial.rename(raw)
-    sites = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
-    out = []
-    for site in sites:
-        prepared = prepared_root / site.name
-        if not _is_prepared(prepared):
-            ingest(site, prepared, IngestConfig(resolution=resolution, seed=0), overwrite=True)
-        out.append((site.name, load_prepared(prepared)))
-    return out
-
-
-def _is_prepared(path: Path) -> bool:
-    try:
-        load_prepared(path)
-    except Exception:
-        return False
-    return True
+    pool = phantom_pool(
+        root, SITES, args.images_per_site, args.phantom_size, resolution,
+        seed=0, heldout_per_site=args.heldout_per_site,
+    )  # fmt: skip
+    return pool.scored
 
 
 def _split_size(path: Path, split: str) -> int:

@@ -92,6 +92,7 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
         ["--quick", "--work", str(tmp_path), "--threads", "1", "--minutes"]
         + [str(m) for m in minutes]
         + ["--set", "augment.adjust_kimg=10", "--set", "start_p=0.1", "--heldout-per-site", "6"]
+        + ["--candidate", "ema2", "ema_kimg=2", "r1_gamma=0.05"]
     )
     assert '"benchmark": "time_to_quality"' in capsys.readouterr().out
     assert (tmp_path / "results.json").is_file()
@@ -101,8 +102,10 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
     assert report["configs"]["today/16px"]["augment"]["adjust_kimg"] == 100
     rows = report["rows"]
     assert {(r["variant"], r["minutes"]) for r in rows} == {
-        (v, m) for v in ("today", "tuned") for m in minutes
+        (v, m) for v in ("today", "tuned", "ema2") for m in minutes
     }
+    ema2 = report["configs"]["ema2/16px"]
+    assert ema2["ema_kimg"] == 2 and ema2["r1_gamma"] == 0.05 and ema2["pl_weight"] == 2.0
     for row in rows:
         for key in ("tstr_auc", "trtr_auc", "kimg", "ada_p"):
             assert math.isfinite(row[key]), (key, row)
@@ -115,7 +118,7 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
         assert {"today", "tuned"} <= set(entry)
         assert "signal_retained_tuned_over_today" in entry  # None where TRTR holds chance
         assert math.isfinite(entry["tstr_over_trtr_tuned_over_today"])
-        assert entry["kimg_tuned_over_today"] > 0
+        assert entry["kimg_tuned_over_today"] > 0 and entry["kimg_ema2_over_today"] > 0
     assert report["torch_threads"] == 1 and len(report["load_average_before"]) == 3
     # The held-out population (6 new images per site) joined the test split only.
     from fedspine.data.prepared import load_prepared
@@ -137,7 +140,8 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
     assert again["reevaluated"]["from_argv"] == report["argv"]
     assert (tmp_path / "results-reevaluated.json").is_file()
     table = (tmp_path / "report.md").read_text()
-    assert table.count("| 16 | ") == 2 * len(minutes) and "signal retained" in table
+    assert table.count("| 16 | ") == 3 * len(minutes) and "signal retained" in table
+    assert 'ema2 {"ema_kimg": 2, "r1_gamma": 0.05}' in table
 
 
 @pytest.mark.slow
@@ -182,3 +186,20 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
         ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--arms", *arms]
     )
     assert again["rows"] == report["rows"]
+    capsys.readouterr()
+    # A held-out test population re-scores every arm and trains none again: no ledger grows.
+    ledgers = sorted(tmp_path.rglob("ledger.json"))
+    before = [p.read_bytes() for p in ledgers]
+    held = _load("dp_utility").main(
+        ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--arms", *arms]
+        + ["--heldout-per-site", "6"]
+    )
+    assert ledgers and [p.read_bytes() for p in ledgers] == before
+    assert held["test_images"] == report["test_images"] + 18
+    assert [(r["mode"], r["arm"], r.get("epsilon")) for r in held["rows"]] == [
+        (r["mode"], r["arm"], r.get("epsilon")) for r in report["rows"]
+    ]
+    assert [r.get("train_seconds") for r in held["rows"]] == [
+        r.get("train_seconds") for r in report["rows"]
+    ]
+    assert (tmp_path / "pooled" / "public-only" / "row-pooled-16-heldout6.json").is_file()
