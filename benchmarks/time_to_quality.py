@@ -169,12 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
     configs: dict[str, dict] = {}
     for res in args.resolutions:
         data_path = pooled[res]
-        dataset = load_prepared(data_path)
-        data = training_data(dataset.select("train", labelled=True), res)
         trtr_cache = _trtr_cache(data_path, res, args.heldout_per_site, eval_tag.hexdigest())
         if args.reevaluate is not None:
             rows += _reevaluate(earlier, res, work, data_path, trtr_cache, eval_cfg, threads)
             continue
+        dataset = load_prepared(data_path)
+        data = training_data(dataset.select("train", labelled=True), res)
         contenders = []
         for variant in variants:
             cfg, start_p = variant_config(candidates[variant], res, data.num_classes)
@@ -421,15 +421,7 @@ class Contender:
         )
         start = time.perf_counter()
         generate_dataset(generator, out / "synthetic", per_class=per_class, seed=self.seed)
-        evaluate(
-            out / "synthetic",
-            data_path,
-            data_path,
-            out / "evaluation",
-            dataclasses.replace(eval_cfg),
-            trtr_cache=trtr_cache,
-        )
-        torch.set_num_threads(threads)
+        scores = _score_set(out, "evaluation", data_path, trtr_cache, eval_cfg, threads)
         row = {
             "variant": self.variant,
             "resolution": self.cfg.resolution,
@@ -439,7 +431,7 @@ class Contender:
             "train_cpu_seconds": self.cpu,
             "kimg": trainer.cur_nimg / 1000,
             "ada_p": trainer.ada_p,
-            **_scores(out / "evaluation"),
+            **scores,
             "eval_seconds": time.perf_counter() - start,
         }
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -485,16 +477,35 @@ def _reevaluate(
         if not (out / "synthetic").is_dir():
             raise SystemExit(f"{out / 'synthetic'}: missing; --reevaluate needs the earlier --work")
         start = time.perf_counter()
-        evaluation = out / f"evaluation-{data_path.name}"
-        shutil.rmtree(evaluation, ignore_errors=True)
-        evaluate(
-            out / "synthetic", data_path, data_path, evaluation, eval_cfg, trtr_cache=trtr_cache
-        )
-        torch.set_num_threads(threads)
-        row = {**old, **_scores(evaluation), "eval_seconds": time.perf_counter() - start}
+        report = f"evaluation-{data_path.name}"
+        shutil.rmtree(out / report, ignore_errors=True)
+        scores = _score_set(out, report, data_path, trtr_cache, eval_cfg, threads)
+        row = {**old, **scores, "eval_seconds": time.perf_counter() - start}
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
     return rows
+
+
+def _score_set(
+    out: Path,
+    report: str,
+    data_path: Path,
+    trtr_cache: Path,
+    eval_cfg: EvaluateConfig,
+    threads: int,
+) -> dict:
+    """``out/synthetic`` evaluated into ``out/report`` (TSTR against the shared TRTR on
+    ``data_path``'s test split); its scores."""
+    evaluate(
+        out / "synthetic",
+        data_path,
+        data_path,
+        out / report,
+        dataclasses.replace(eval_cfg),
+        trtr_cache=trtr_cache,
+    )
+    torch.set_num_threads(threads)  # the evaluation sets its own thread count
+    return _scores(out / report)
 
 
 def _trtr_cache(data_path: Path, res: int, heldout: int, tag: str) -> Path:
