@@ -4,7 +4,9 @@ Data: three phantom sites (`--images-per-site` each, DICOM from the simulator, i
 `--resolution`) and their pooled union, plus fedspine's public phantom corpus and a checkpoint
 pretrained on it (`fedspine pretrain`: its own seed and prevalence, no private site's). All are
 made under `--work` once and reused by reruns; every arm writes its own folder there and a
-`row.json` when done, so an interrupted run continues where it stopped.
+`row.json` when done, so an interrupted run continues where it stopped. The folder keeps its
+settings (`settings.json`): a rerun may add ε, arms, modes or a held-out test set, and is refused
+under other training or evaluation settings, whose cached rows would be passed off as its own.
 
 Arms, for each ε of `--epsilons` (the first two once, without ε):
 
@@ -162,7 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(settings.threads)
         os.environ["OMP_NUM_THREADS"] = str(settings.threads)
-    (work / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    from fedspine.fileio import write_text_atomic
+
+    check_work_settings(work, settings)
+    write_text_atomic(work / "settings.json", json.dumps(asdict(settings), indent=2) + "\n")
     load_before = os.getloadavg()[0]
     # The library's progress lines go to stderr: stdout carries only the JSON.
     with contextlib.redirect_stdout(sys.stderr):
@@ -189,6 +194,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_results(work, out)
     print(json.dumps(out, indent=2))
     return out
+
+
+RESCORE_ONLY = ("epsilons", "modes", "arms", "heldout_per_site", "threads")
+"""Settings a rerun of a work folder may change: they pick which cells run, where they are
+scored (other row files) and how fast; every other setting changes what a cached row means."""
+
+
+def check_work_settings(work: Path, settings: Settings) -> None:
+    """Refuse to reuse a work folder's data and rows under other settings: a cached row trained
+    with another ``--kimg`` (say) would be reported as this run's."""
+    earlier_file = work / "settings.json"
+    if not earlier_file.is_file():
+        return
+    earlier = json.loads(earlier_file.read_text())
+    mine = asdict(settings)
+    changed = sorted(
+        key for key in mine if key not in RESCORE_ONLY and earlier.get(key) != mine[key]
+    )
+    if changed:
+        was = ", ".join(f"{k} {earlier.get(k)!r} -> {mine[k]!r}" for k in changed)
+        raise SystemExit(
+            f"{work}: its rows were made with other settings ({was}); its cached arms would be "
+            "reported as this run's. Use a new --work, or the same settings."
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -339,6 +339,7 @@ def markdown(report: dict) -> str:
                 ]
                 lines.append(f"| {res} | {mark:g} | {variant} | " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in rows})
+    variants = {r["variant"] for r in rows}
     lines += [
         "",
         f"Seeds {', '.join(map(str, seeds))} side by side (separated by /). Signal retained is "
@@ -349,7 +350,7 @@ def markdown(report: dict) -> str:
             for name, changes in (
                 report.get("candidates") or {"tuned": report["tuned_changes"]}
             ).items()
-            if name != "today"
+            if name != "today" and name in variants
         )
         + f". Load average before "
         f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "

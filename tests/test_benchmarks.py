@@ -144,6 +144,27 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
     assert 'ema2 {"ema_kimg": 2, "r1_gamma": 0.05}' in table
 
 
+def test_time_to_quality_table_names_only_the_variants_it_ran():
+    """``--variants today narrow`` with a ``tuned`` defined but not run: the table's note lists
+    the changes of the variants in its rows, not of every one defined."""
+    row = {
+        "resolution": 64, "minutes": 5.0, "seed": 0, "kimg": 1.0, "tstr_auc": 0.6,
+        "tstr_ci": [0.55, 0.65], "trtr_auc": 0.8, "trtr_ci": [0.78, 0.82],
+        "signal_retained": 1 / 3, "signal_retained_ci": [0.2, 0.5], "tstr_over_trtr": 0.75,
+    }  # fmt: skip
+    report = {
+        "rows": [row | {"variant": "today"}, row | {"variant": "narrow"}],
+        "candidates": {"tuned": {"pl_weight": 0.0}, "narrow": {"network.channel_max": 128}},
+        "tuned_changes": {"pl_weight": 0.0},
+        "load_average_before": [0.5, 0.5, 0.5],
+        "load_average_after": [1.0, 1.0, 1.0],
+        "torch_threads": 2,
+    }
+    table = _load("time_to_quality").markdown(report)
+    assert table.count("| 64 | 5 | ") == 2
+    assert 'narrow {"network.channel_max": 128}' in table and "tuned" not in table
+
+
 @pytest.mark.slow
 def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
     """benchmarks/dp_utility.py --quick (issue 15, item 6): every asked arm in both modes, ε read
@@ -203,3 +224,10 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
         r.get("train_seconds") for r in report["rows"]
     ]
     assert (tmp_path / "pooled" / "public-only" / "row-pooled-16-heldout6.json").is_file()
+    # Other training settings would pass the cached rows off as theirs: refused, nothing written.
+    settings_before = (tmp_path / "settings.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"kimg 0\.096 -> 0\.2.*new --work"):
+        _load("dp_utility").main(
+            ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--kimg", "0.2"]
+        )
+    assert (tmp_path / "settings.json").read_bytes() == settings_before
