@@ -19,7 +19,12 @@ import numpy as np
 
 from fedspine.data.ingest import IngestConfig, ingest
 from fedspine.data.phantom import write_phantom_sites
-from fedspine.data.prepared import PreparedDataset, load_prepared, merge_prepared
+from fedspine.data.prepared import (
+    PreparedDataset,
+    PreparedDatasetError,
+    load_prepared,
+    merge_prepared,
+)
 
 HELDOUT_PATIENT_SEED = 1_000_003
 """Added to the sites' seed to draw the held-out population's patients."""
@@ -58,13 +63,13 @@ def phantom_pool(
         resolution, seed, patient_seed=None,
     )  # fmt: skip
     pooled = root / f"pooled-{resolution}"
-    if not _is_prepared(pooled):
+    if _open_prepared(pooled) is None:
         merge_prepared([p for _, p in parts], pooled, [n for n, _ in parts], overwrite=True)
     site_paths = [p.root for _, p in parts]
     if not heldout_per_site:
         return PhantomPool(site_paths, pooled, pooled)
     scored = root / f"pooled-{resolution}-heldout{heldout_per_site}"
-    if not _is_prepared(scored):
+    if _open_prepared(scored) is None:
         held = _ingested(
             root / f"heldout-{heldout_per_site}-dicom",
             root / f"prepared-{resolution}-heldout{heldout_per_site}",
@@ -98,9 +103,11 @@ def _ingested(
     out = []
     for site in sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith(".")):
         prepared = prepared_root / site.name
-        if not _is_prepared(prepared):
+        dataset = _open_prepared(prepared)
+        if dataset is None:
             ingest(site, prepared, IngestConfig(resolution=resolution, seed=seed), overwrite=True)
-        out.append((site.name, load_prepared(prepared)))
+            dataset = load_prepared(prepared)
+        out.append((site.name, dataset))
     return out
 
 
@@ -108,9 +115,10 @@ def _all_test(dataset: PreparedDataset) -> PreparedDataset:
     return dataclasses.replace(dataset, splits=np.full(len(dataset), "test", dtype=object))
 
 
-def _is_prepared(path: Path) -> bool:
+def _open_prepared(path: Path) -> PreparedDataset | None:
+    """The prepared dataset at ``path``, or None where there is none yet (prepared datasets
+    are written whole, then renamed, so a missing part means not made)."""
     try:
-        load_prepared(path)
-    except Exception:
-        return False
-    return True
+        return load_prepared(path)
+    except PreparedDatasetError:
+        return None
