@@ -43,6 +43,11 @@ split (about 170 images) gives intervals of about ±0.1 AUC, wider than most dif
 Rows on another test set are other files (`row-pooled-32-heldout600.json`), so adding the
 held-out set to a finished work folder re-scores every arm without training it again.
 
+`--seeds N` trains, generates and evaluates every arm with N training seeds (the first seed's
+folders keep their names, so seeds can be added to a finished work folder) and adds a table of
+the mean, lowest and highest value across seeds: a generator near chance moves by more between
+training seeds than its test-sampling interval shows.
+
 `--quick` shrinks everything (16 px, a few images, tiny runs) to check the pipeline runs.
 """
 
@@ -95,6 +100,9 @@ class Settings:
     classifier_epochs: int = 10
     bootstrap: int = 1000
     seed: int = 0
+    seeds: int = 1
+    """Training seeds per arm (``seed``, ``seed`` + 1, …): their spread is the training
+    randomness that the test-sampling intervals do not cover."""
     threads: int = 0
 
 
@@ -122,6 +130,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path]:
         "classifier_epochs",
         "bootstrap",
         "seed",
+        "seeds",
         "threads",
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
@@ -153,6 +162,8 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path]:
     values.update(epsilons=list(args.epsilons), modes=list(args.modes), arms=list(args.arms))
     if any(not (e > 0 and math.isfinite(e)) for e in values["epsilons"]):
         parser.error("--epsilons: each ε must be a positive number")
+    if values["seeds"] < 1:
+        parser.error("--seeds: at least 1")
     return Settings(**values), args.work
 
 
@@ -174,14 +185,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pool = make_sites(work, settings)
         sites, pooled = pool.sites, pool.pooled
         public = make_public(work, settings) if _needs_public(settings) else None
-        bench = Bench(work, settings, sites, pooled, public, pool.scored)
         rows = []
-        for mode in settings.modes:
-            for arm in settings.arms:
-                for eps in settings.epsilons if arm in PRIVATE_ARMS else [None]:
-                    row = bench.row(mode, arm, eps)
-                    rows.append(row)
-                    log(f"{mode} {arm} ε={eps}: {json.dumps(row)}")
+        for replicate in range(settings.seeds):
+            bench = Bench(work, settings, sites, pooled, public, pool.scored, replicate)
+            for mode in settings.modes:
+                for arm in settings.arms:
+                    for eps in settings.epsilons if arm in PRIVATE_ARMS else [None]:
+                        row = bench.row(mode, arm, eps)
+                        rows.append(row)
+                        log(f"{mode} {arm} ε={eps} seed {bench.seed}: {json.dumps(row)}")
     add_contributions(rows)
     out = {
         "benchmark": "dp_utility",
@@ -190,15 +202,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "test_images": _count(pool.scored, "test"),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "rows": rows,
+        "across_seeds": across_seeds(rows),
     }
     write_results(work, out)
     print(json.dumps(out, indent=2))
     return out
 
 
-RESCORE_ONLY = ("epsilons", "modes", "arms", "heldout_per_site", "threads")
-"""Settings a rerun of a work folder may change: they pick which cells run, where they are
-scored (other row files) and how fast; every other setting changes what a cached row means."""
+RESCORE_ONLY = ("epsilons", "modes", "arms", "heldout_per_site", "seeds", "threads")
+"""Settings a rerun of a work folder may change: they pick which cells run (more seeds are more
+cells; the first seed's stay), where they are scored (other row files) and how fast; every
+other setting changes what a cached row means."""
 
 
 def check_work_settings(work: Path, settings: Settings) -> None:
@@ -264,7 +278,13 @@ def _needs_public(s: Settings) -> bool:
 
 
 class Bench:
-    """Runs one (mode, arm, ε) cell: train, generate, evaluate, read ε back; cached."""
+    """Runs one (mode, arm, ε) cell of one training seed: train, generate, evaluate, read ε
+    back; cached.
+
+    Replicate k trains, generates and evaluates with seed ``s.seed + k``, in folders suffixed
+    ``-seed{seed}`` (the first replicate's have no suffix, so adding seeds keeps its rows). The
+    public checkpoint is made once: public-only's replicates vary only generation and the
+    evaluation's classifier."""
 
     def __init__(
         self,
@@ -274,14 +294,18 @@ class Bench:
         pooled: Path,
         public: Path | None,
         scored: Path | None = None,
+        replicate: int = 0,
     ) -> None:
         self.work, self.s, self.sites, self.pooled, self.public = work, s, sites, pooled, public
+        self.seed = s.seed + replicate
+        self.suffix = f"-seed{self.seed}" if replicate else ""
         self.names = [p.name for p in sites]
         self.scored = scored or pooled
         """Whose test split every arm is scored on (train and val are the pool's): the pool,
         with the held-out test population if any. Results on another test set are other files,
         so adding one re-scores every arm, and trains none again."""
         self.tag = "" if self.scored == pooled else f"-{self.scored.name}"
+        self.trtr_cache = work / f"trtr{self.tag}{self.suffix}"
 
     def row_file(self, folder: Path) -> Path:
         return folder / f"row{self.tag}.json"
@@ -297,14 +321,15 @@ class Bench:
         return seconds
 
     def row(self, mode: str, arm: str, eps: float | None) -> dict[str, Any]:
-        folder = self.work / mode / (arm if eps is None else f"{arm}-eps{eps:g}")
+        name = arm if eps is None else f"{arm}-eps{eps:g}"
+        folder = self.work / mode / (name + self.suffix)
         done = self.row_file(folder)
         if done.is_file():
-            return json.loads(done.read_text())
-        row: dict[str, Any] = {"mode": mode, "arm": arm, "epsilon_target": eps}
+            return {**json.loads(done.read_text()), "seed": self.seed}
+        row: dict[str, Any] = {"mode": mode, "arm": arm, "epsilon_target": eps, "seed": self.seed}
         if arm == "public-only" and mode != self.s.modes[0]:
             # No private data: the same generator in every mode; measured once.
-            first = self.row_file(self.work / self.s.modes[0] / arm)
+            first = self.row_file(self.work / self.s.modes[0] / (arm + self.suffix))
             if first.is_file():
                 row.update({k: v for k, v in json.loads(first.read_text()).items() if k != "mode"})
                 row["mode"] = mode
@@ -377,7 +402,7 @@ class Bench:
             preset=None if resume else "cpu",
             kimg=self.s.kimg,
             resolution=None if resume else self.s.resolution,
-            seed=None if resume else self.s.seed,
+            seed=None if resume else self.seed,
             resume=resume,
             device="cpu",
             dp=dp,
@@ -425,7 +450,7 @@ class Bench:
                 preset="cpu",
                 resolution=int(first.resolution),
                 class_names=list(first.class_names),
-                seed=self.s.seed,
+                seed=self.seed,
                 dp=dp,
                 dp_epsilon=eps,
                 dp_patients_per_step=max(1, self.s.patients_per_step // SITES),
@@ -470,7 +495,7 @@ class Bench:
                     steps=self.s.embedding_steps,
                     resolution=self.s.resolution,
                     init_from=self.public,
-                    seed=self.s.seed,
+                    seed=self.seed,
                 )
             )
         return run, homes, list(holders)
@@ -495,7 +520,7 @@ class Bench:
                     arch=cfg.arch,
                     epochs=cfg.epochs,
                     patience=cfg.patience,
-                    seed=self.s.seed,
+                    seed=self.seed,
                     device="cpu",
                     dp=ClassifierDPRequest(
                         target_epsilon=float(eps),
@@ -513,7 +538,7 @@ class Bench:
 
         return EvaluateConfig(
             epochs=self.s.classifier_epochs,
-            seed=self.s.seed,
+            seed=self.seed,
             mix_per_class=0,
             bootstrap=self.s.bootstrap,
             device="cpu",
@@ -528,7 +553,7 @@ class Bench:
         synthetic, report = folder / "synthetic", folder / f"evaluation{self.tag}"
         if not (synthetic / SYNTHETIC_LABELS).is_file():
             shutil.rmtree(synthetic, ignore_errors=True)
-            generate_dataset(run, synthetic, per_class=self.s.per_class, seed=self.s.seed)
+            generate_dataset(run, synthetic, per_class=self.s.per_class, seed=self.seed)
         if not (report / EVAL_REPORT_JSON).is_file():
             evaluate(
                 synthetic,
@@ -537,7 +562,7 @@ class Bench:
                 report,
                 self.evaluate_config(),
                 overwrite=True,
-                trtr_cache=self.work / f"trtr{self.tag}",
+                trtr_cache=self.trtr_cache,
             )
         return scores(read_evaluation(report))
 
@@ -555,7 +580,7 @@ class Bench:
             if not (synthetic / SYNTHETIC_LABELS).is_file():
                 shutil.rmtree(synthetic, ignore_errors=True)
                 probe = self.public or self._any_generator()
-                generate_dataset(probe, synthetic, per_class=8, seed=self.s.seed)
+                generate_dataset(probe, synthetic, per_class=8, seed=self.seed)
             evaluate(
                 synthetic,
                 self.pooled,
@@ -563,7 +588,7 @@ class Bench:
                 report,
                 self.evaluate_config(),
                 overwrite=True,
-                trtr_cache=self.work / f"trtr{self.tag}",
+                trtr_cache=self.trtr_cache,
                 compare={"dp-classifier": classifier},
             )
         record = read_evaluation(report)
@@ -622,12 +647,47 @@ def accounted_epsilon(data: list[Path], homes: list[Path]) -> float | None:
 
 
 def add_contributions(rows: list[dict[str, Any]]) -> None:
-    """``dp_minus_public``: a DP arm's TSTR minus the public-only arm's in the same mode."""
-    public = {r["mode"]: r.get("tstr_auc") for r in rows if r["arm"] == "public-only"}
+    """``dp_minus_public``: a DP arm's TSTR minus the public-only arm's in the same mode and
+    seed."""
+    public = {
+        (r["mode"], r.get("seed")): r.get("tstr_auc") for r in rows if r["arm"] == "public-only"
+    }
     for r in rows:
-        base = public.get(r["mode"])
+        base = public.get((r["mode"], r.get("seed")))
         if r["arm"] in PRIVATE_ARMS and base is not None and r.get("tstr_auc") is not None:
             r["dp_minus_public"] = r["tstr_auc"] - base
+
+
+SPREAD_KEYS = ("tstr_auc", "signal_retained", "dp_minus_public")
+
+
+def across_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (mode, arm, ε): the mean, minimum and maximum over training seeds of TSTR, signal
+    retained and DP − public-only, for cells measured with two seeds or more."""
+    cells: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("tstr_auc") is not None:
+            cells.setdefault((r["mode"], r["arm"], r.get("epsilon_target")), []).append(r)
+    out = []
+    for (mode, arm, eps), members in cells.items():
+        if len(members) < 2:
+            continue
+        cell: dict[str, Any] = {
+            "mode": mode,
+            "arm": arm,
+            "epsilon_target": eps,
+            "seeds": [r.get("seed") for r in members],
+        }
+        for key in SPREAD_KEYS:
+            values = [r[key] for r in members if r.get(key) is not None]
+            if len(values) == len(members):
+                cell[key] = {
+                    "mean": sum(values) / len(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+        out.append(cell)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,6 +713,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             [
                 r["mode"],
                 r["arm"],
+                str(r.get("seed", "")),
                 _num(r.get("epsilon_target"), "—"),
                 _num(r.get("epsilon"), "—"),
                 _num(r.get("tstr_auc")) + (f" [{_num(ci[0])}, {_num(ci[1])}]" if ci else ""),
@@ -670,6 +731,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 HEAD = [
     "mode",
     "arm",
+    "seed",
     "ε target",
     "ε accounted",
     "TSTR AUC [95% CI]",
@@ -703,14 +765,49 @@ def markdown(out: dict[str, Any]) -> str:
         "|" + "---|" * len(HEAD),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(out["rows"])]
+    if out.get("across_seeds"):
+        lines += [
+            "",
+            "Across training seeds (mean [min, max]): the spread that the intervals above, "
+            "which cover the sampling of test patients only, leave out.",
+            "",
+            "| " + " | ".join(SPREAD_HEAD) + " |",
+            "|" + "---|" * len(SPREAD_HEAD),
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in spread_rows(out["across_seeds"])]
     lines += ["", "![utility against ε](utility_vs_epsilon.png)", ""]
     return "\n".join(lines)
+
+
+SPREAD_HEAD = ["mode", "arm", "ε target", "seeds", "TSTR AUC", "signal retained", "DP − public"]
+
+
+def spread_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
+    def spread(value: dict[str, float] | None) -> str:
+        if not value:
+            return "n/a"
+        return f"{_num(value['mean'])} [{_num(value['min'])}, {_num(value['max'])}]"
+
+    return [
+        [
+            c["mode"],
+            c["arm"],
+            _num(c.get("epsilon_target"), "—"),
+            str(len(c["seeds"])),
+            spread(c.get("tstr_auc")),
+            spread(c.get("signal_retained")),
+            spread(c.get("dp_minus_public")),
+        ]
+        for c in cells
+    ]
 
 
 def html_page(out: dict[str, Any], png: bytes | None) -> str:
     from fedspine.reporting.html_parts import figure, table
 
     body = table(HEAD, table_rows(out["rows"]))
+    if out.get("across_seeds"):
+        body += table(SPREAD_HEAD, spread_rows(out["across_seeds"]))
     plot_html = (
         figure(png, "TSTR AUC against ε; dashed: non-private and public-only") if png else ""
     )
@@ -726,11 +823,17 @@ def html_page(out: dict[str, Any], png: bytes | None) -> str:
 
 
 def plot(rows: list[dict[str, Any]]) -> bytes | None:
-    """TSTR AUC against ε per DP arm and mode, with the ε-free arms as horizontal lines."""
+    """TSTR AUC against ε per DP arm and mode, with the ε-free arms as horizontal lines; with
+    several training seeds, their mean with a bar from the lowest to the highest."""
     from matplotlib.figure import Figure
 
-    private = [r for r in rows if r["arm"] in PRIVATE_ARMS and r.get("tstr_auc") is not None]
-    if not private:
+    cells: dict[tuple[Any, ...], list[float]] = {}
+    for r in rows:
+        if r.get("tstr_auc") is not None:
+            cells.setdefault((r["mode"], r["arm"], r.get("epsilon_target")), []).append(
+                r["tstr_auc"]
+            )
+    if not any(arm in PRIVATE_ARMS for _, arm, _ in cells):
         return None
     fig = Figure(figsize=(7, 4.2), dpi=100)
     ax = fig.add_subplot()
@@ -738,22 +841,23 @@ def plot(rows: list[dict[str, Any]]) -> bytes | None:
     for mode in MODES:
         for arm in PRIVATE_ARMS:
             points = sorted(
-                (r["epsilon_target"], r["tstr_auc"])
-                for r in private
-                if r["mode"] == mode and r["arm"] == arm
+                (eps, sum(v) / len(v), min(v), max(v))
+                for (m, a, eps), v in cells.items()
+                if m == mode and a == arm
             )
             if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, styles[mode], marker="o", label=f"{arm} ({mode})")
-    for r in rows:
-        if r["arm"] in ("non-private", "public-only") and r.get("tstr_auc") is not None:
-            ax.axhline(r["tstr_auc"], linestyle="--", linewidth=1, color="grey")
-            ax.annotate(
-                f"{r['arm']} ({r['mode']})",
-                (ax.get_xlim()[0], r["tstr_auc"]),
-                fontsize=7,
-                color="grey",
-            )
+                xs, ys, lows, highs = zip(*points, strict=True)
+                below = [y - lo for y, lo in zip(ys, lows, strict=True)]
+                above = [hi - y for y, hi in zip(ys, highs, strict=True)]
+                ax.errorbar(
+                    xs, ys, yerr=[below, above], fmt=styles[mode], marker="o", capsize=3,
+                    label=f"{arm} ({mode})",
+                )  # fmt: skip
+    for (mode, arm, _), values in cells.items():
+        if arm in ("non-private", "public-only"):
+            level = sum(values) / len(values)
+            ax.axhline(level, linestyle="--", linewidth=1, color="grey")
+            ax.annotate(f"{arm} ({mode})", (ax.get_xlim()[0], level), fontsize=7, color="grey")
     ax.axhline(0.5, color="black", linewidth=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("ε (target)")

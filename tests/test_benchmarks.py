@@ -201,7 +201,7 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "dp-embedding" in html
     assert (tmp_path / "utility_vs_epsilon.png").stat().st_size > 1000
-    assert "| pooled | dp-embedding | 10.000 |" in (tmp_path / "report.md").read_text()
+    assert "| pooled | dp-embedding | 0 | 10.000 |" in (tmp_path / "report.md").read_text()
     # A second run reuses every finished arm (row.json) and reports the same.
     again = _load("dp_utility").main(
         ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--arms", *arms]
@@ -231,3 +231,31 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
             ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--kimg", "0.2"]
         )
     assert (tmp_path / "settings.json").read_bytes() == settings_before
+    # A second training seed adds cells beside the first seed's, which train nothing again.
+    seeded = _load("dp_utility").main(
+        ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--modes", "pooled"]
+        + ["--arms", "public-only", "dp-classifier", "--heldout-per-site", "6", "--seeds", "2"]
+    )
+    capsys.readouterr()
+    assert [p.read_bytes() for p in ledgers] == before
+    assert [(r["arm"], r["seed"]) for r in seeded["rows"]] == [
+        ("public-only", 0),
+        ("dp-classifier", 0),
+        ("public-only", 1),
+        ("dp-classifier", 1),
+    ]
+    first = {r["arm"]: r for r in held["rows"] if r["mode"] == "pooled"}
+    assert seeded["rows"][1] == first["dp-classifier"]
+    second = seeded["rows"][3]
+    assert 0 < second["epsilon"] <= 10 + 1e-6
+    assert (tmp_path / "pooled" / "dp-classifier-eps10-seed1" / "privacy").is_dir()
+    spread = {c["arm"]: c for c in seeded["across_seeds"]}
+    assert set(spread) == {"public-only", "dp-classifier"}
+    values = [first["dp-classifier"]["tstr_auc"], second["tstr_auc"]]
+    assert spread["dp-classifier"]["seeds"] == [0, 1]
+    assert spread["dp-classifier"]["tstr_auc"] == {
+        "mean": sum(values) / 2,
+        "min": min(values),
+        "max": max(values),
+    }
+    assert "Across training seeds" in (tmp_path / "report.md").read_text()
