@@ -15,7 +15,7 @@ Arms, for each ε of `--epsilons` (the first two once, without ε):
 | non-private | the cpu preset's cGAN on the private data, no DP: the utility DP gives up |
 | public-only | the public checkpoint itself: no private image at all (ε 0) |
 | dp-sgd | today's DP recipe: DP-SGD on all of D, from scratch |
-| dp-sgd-public | DP-SGD from the public checkpoint, only D's `--trainable-d` stages privatised |
+| dp-sgd-public | DP-SGD from the public checkpoint, only D's `--trainable-d` stages privatised (and G trains its mapping only) |
 | dp-embedding | the one-shot DP mean-embedding release, then G fitted to it (no further ε) |
 | dp-classifier | the ceiling: the evaluation's classifier trained directly with DP-SGD |
 

@@ -144,8 +144,9 @@ def train_command(
         help="With --dp: which part of D is trained and privatised: all; head (only the "
         "projection head: the label mapping and the epilogue's output layer, about 4 % of D at "
         "the cpu preset); or top:K (the 4x4 epilogue with the label mapping, plus the K-1 "
-        "lowest-resolution blocks). The rest stays frozen, outside the noise. Useful with "
-        "--init-from a public checkpoint. (default: all)",
+        "lowest-resolution blocks). The rest stays frozen, outside the noise, and G then trains "
+        "its mapping network only (a fully trained G collapses against a partly frozen D). "
+        "Useful with --init-from a public checkpoint. (default: all)",
     ),
     dp_augment_views: int = typer.Option(
         None,

@@ -20,6 +20,7 @@ from fedspine.models.augment import AugmentConfig
 from fedspine.training.precision import MIXED_PRECISION
 
 DEVICES = ("auto", "cpu", "cuda")
+G_TRAINABLE = ("all", "mapping")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class TrainConfig:
     # float32 unless a preset or the user asks: a config saved without this key (older runs)
     # or built without a preset trains in float32.
     mixed_precision: str = "off"
+    g_trainable: str = "all"
+    """Which of G's parameters its optimizer trains: "all", or "mapping" (the label embedding
+    and mapping network; the synthesis network keeps its starting weights). DP fine-tuning
+    with part of D frozen trains the mapping only (``dp_train_config``)."""
 
     def __post_init__(self) -> None:
         self.g_betas = (float(self.g_betas[0]), float(self.g_betas[1]))
@@ -64,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"device must be one of {DEVICES} or cuda:N, not {self.device!r}")
         if self.batch < 1 or self.pl_batch_shrink < 1:
             raise ValueError("batch and pl_batch_shrink must be at least 1")
+        if self.g_trainable not in G_TRAINABLE:
+            raise ValueError(f"g_trainable must be one of {G_TRAINABLE}, not {self.g_trainable!r}")
 
     @property
     def resolution(self) -> int:

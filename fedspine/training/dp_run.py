@@ -208,18 +208,22 @@ class RunPrivacy:
         )
         if self.dp.trainable_d == TRAINABLE_ALL:
             return f"all of D ({share}) is trained and privatised"
+        g_part = (
+            "; G trains its mapping network only (its synthesis network keeps its starting "
+            "weights: against a partly frozen D a fully trained G collapses)"
+        )
         if self.dp.trainable_d == TRAINABLE_HEAD:
             return (
                 f"head: {share} (D's projection head: the label mapping and the epilogue's "
                 "output layer) are trained and privatised; the rest of D stays frozen at its "
-                "starting weights, outside the gradient rows and the noise"
+                "starting weights, outside the gradient rows and the noise" + g_part
             )
         k = top_stages(self.dp.trainable_d)
         blocks = f" and its {k - 1} lowest-resolution block(s)" if k > 1 else ""
         return (
             f"{self.dp.trainable_d}: {share} (the 4x4 epilogue, the label mapping{blocks}) are "
             "trained and privatised; the rest of D stays frozen at its starting weights, outside "
-            "the gradient rows and the noise"
+            "the gradient rows and the noise" + g_part
         )
 
     def spec(self) -> TrainerSpec:

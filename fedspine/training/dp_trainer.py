@@ -38,12 +38,19 @@ from fedspine.training.parts import DStep
 
 
 def dp_train_config(config: TrainConfig, dp: DPConfig) -> TrainConfig:
-    """The TrainConfig a DP run must use: no minibatch-std, ADA p fixed at ``dp.ada_p``."""
+    """The TrainConfig a DP run must use: no minibatch-std, ADA p fixed at ``dp.ada_p``, and
+    with part of D frozen, G trains its mapping only.
+
+    Why the last: measured on phantom sites (README), a fully trainable G fine-tuned against a
+    D whose body is frozen walks into that body's blind spots within 2 kimg, without noise as
+    with it, and draws the same blob for every z (its loss falls to 0.01). Trained through its
+    mapping alone, G can move each class within the public checkpoint's images only."""
     network = replace(config.network, mbstd_group=0)
     augment = config.augment
     if augment.preset != "none":
         augment = replace(augment, fixed_p=float(dp.ada_p))
-    return replace(config, network=network, augment=augment)
+    g_trainable = config.g_trainable if dp.trainable_d == TRAINABLE_ALL else "mapping"
+    return replace(config, network=network, augment=augment, g_trainable=g_trainable)
 
 
 def planned_d_steps(config: TrainConfig, dp: DPConfig, kimg: float) -> int:

@@ -135,9 +135,8 @@ class GanTrainer:
         d_lr, d_betas = lazy_adam(
             config.d_lr, config.d_betas, config.r1_interval if lazy_r1 else None
         )
-        self.opt_G = torch.optim.Adam(
-            self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.adam_eps
-        )
+        self._g_trained = trained_g_parameters(self.G, config.g_trainable)
+        self.opt_G = torch.optim.Adam(self._g_trained, lr=g_lr, betas=g_betas, eps=config.adam_eps)
         self.opt_D = torch.optim.Adam(
             self.D.parameters(), lr=d_lr, betas=d_betas, eps=config.adam_eps
         )
@@ -217,7 +216,8 @@ class GanTrainer:
         """Generator update on ``batch`` fakes: the adversarial loss plus every G loss term in
         one backward pass; path-length regularisation when it is due."""
         cfg = self.config
-        self.G.requires_grad_(True)
+        for p in self._g_trained:
+            p.requires_grad_(True)
         self.D.requires_grad_(False)
         out: dict[str, torch.Tensor] = {}
         z, c = self.sample_latents(batch)
@@ -492,6 +492,16 @@ _G_STEP_KEYS = ("loss_g", "loss_pl", "pl_length")
 
 
 NONFINITE_CLAMP = 1e5
+
+
+def trained_g_parameters(G: Generator, which: str) -> list[torch.nn.Parameter]:
+    """G's parameters its optimizer trains (``TrainConfig.g_trainable``); the others get no
+    gradient and keep their starting weights."""
+    if which == "all":
+        return list(G.parameters())
+    if which == "mapping":
+        return list(G.mapping.parameters())
+    raise ValueError(f"g_trainable must be 'all' or 'mapping', not {which!r}")
 
 
 def sanitise_gradients_(params) -> torch.Tensor:

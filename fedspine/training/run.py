@@ -326,6 +326,14 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
 
         ablation_run = AblationRun(ablation, dataset, train, out)
         config = ablation_run.adjust_config(config)
+    if state is not None:
+        saved_g = state["config"].get("g_trainable", "all")
+        if saved_g != config.g_trainable:
+            raise TrainRunError(
+                f"{out}: this run trained {saved_g} of G, and this fedspine trains "
+                f"{config.g_trainable} of G for these settings (a DP run with part of D frozen "
+                "trains G's mapping only); its optimizer state cannot carry over: start a new run"
+            )
 
     public_init = None
     if request.init_from is not None:

@@ -174,6 +174,27 @@ def test_the_optimizer_must_hold_exactly_the_selected_parameters():
         build_step(D, trainable_d="top:1", optimizer=torch.optim.Adam(some))
 
 
+@pytest.mark.parametrize(
+    ("spec", "g_part"), [("all", "all"), ("head", "mapping"), ("top:1", "mapping")]
+)
+def test_with_part_of_d_frozen_g_trains_its_mapping_only(spec, g_part):
+    """Measured: a fully trained G collapses against a partly frozen D (README)."""
+    from fedspine.models import Generator, NetworkConfig
+    from fedspine.training.config import TrainConfig
+    from fedspine.training.dp_trainer import dp_train_config
+    from fedspine.training.gan_trainer import trained_g_parameters
+
+    config = dp_train_config(TrainConfig(), DPConfig(noise_multiplier=1.0, trainable_d=spec))
+    assert config.g_trainable == g_part
+    G = Generator(NetworkConfig(resolution=16, z_dim=8, w_dim=8, channel_base=64, channel_max=8))
+    chosen = {id(p) for p in trained_g_parameters(G, config.g_trainable)}
+    mapping = {id(p) for p in G.mapping.parameters()}
+    everything = {id(p) for p in G.parameters()}
+    assert chosen == (everything if g_part == "all" else mapping) and mapping < everything
+    with pytest.raises(ValueError, match="g_trainable"):
+        TrainConfig(g_trainable="synthesis")
+
+
 # ---- frozen stays frozen, the noise lands only on the trained part ----------------------------
 
 
@@ -606,11 +627,18 @@ def _d_weights(snapshot):
     return load_checkpoint(snapshot, kind="trainer", map_location="cpu")["trainer"]["D"]
 
 
+def _g_weights(snapshot):
+    from fedspine.training.checkpoint import load_checkpoint
+
+    return load_checkpoint(snapshot, kind="trainer", map_location="cpu")["trainer"]["G"]
+
+
 @pytest.mark.slow
 def test_dp_fine_tuning_from_a_public_checkpoint_keeps_the_frozen_part(tmp_path, privacy_home):
     import json
 
     from fedspine.models import Discriminator
+    from fedspine.training.config import read_config_toml
     from fedspine.training.run import DPRequest, RunReporter, TrainRequest, train
     from tests.federated.conftest import make_site_dataset
 
@@ -644,6 +672,14 @@ def test_dp_fine_tuning_from_a_public_checkpoint_keeps_the_frozen_part(tmp_path,
         Lines(),
     )
     assert not any(line.startswith("warning") for line in lines)  # started from public weights
+    # With D's body frozen, G trains its mapping only; its synthesis network stays public.
+    g_start, g_end = _g_weights(snapshot), _g_weights(result.out / _latest(result.out))
+    assert any(name.startswith("synthesis.") for name in g_start)
+    for name in g_start:
+        same = torch.equal(g_start[name], g_end[name])
+        assert same != name.startswith("mapping.") or name.endswith("w_avg"), name
+    config = read_config_toml(result.out / "config.toml")["train"]
+    assert config["g_trainable"] == "mapping"
     start, end = _d_weights(snapshot), _d_weights(result.out / _latest(result.out))
     D = Discriminator(_network(result.out))
     trained = set(trainable_d_names(D, "top:1"))
@@ -794,6 +830,7 @@ def test_a_state_saved_before_they_were_recorded_counts_as_all_and_one_view():
 
 @pytest.mark.slow
 def test_a_cli_resume_with_another_trainable_d_is_refused(tmp_path, privacy_home):
+    import json
     import tomllib
 
     from typer.testing import CliRunner
@@ -823,3 +860,13 @@ def test_a_cli_resume_with_another_trainable_d_is_refused(tmp_path, privacy_home
     resumed = train("0.032", "--resume", "--dp-trainable-d", "head")
     assert resumed.exit_code == 0, resumed.output
     assert "resumed" in resumed.output
+    # A run saved when G trained all its parameters under a frozen D cannot go on now.
+    from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
+
+    snapshot = out / json.loads((out / "latest.json").read_text())["snapshot"]
+    payload = load_checkpoint(snapshot, kind="trainer", map_location="cpu")
+    assert payload["trainer"]["config"]["g_trainable"] == "mapping"
+    del payload["trainer"]["config"]["g_trainable"]
+    save_checkpoint(snapshot, "trainer", payload)
+    refused = train("0.048", "--resume", "--dp-trainable-d", "head")
+    assert refused.exit_code != 0 and "trained all of G" in refused.output, refused.output
