@@ -47,6 +47,7 @@ REJECTED_FILE = PREPARED_REJECTED
 MANIFEST_FILE = PREPARED_MANIFEST
 SPLITS = ("train", "val", "test")
 PRIVACY_UNITS = ("patient", "study", "image")
+UNIT_PLURALS = {"patient": "patients", "study": "studies", "image": "images"}
 UNIT_DESCRIPTIONS = {
     "patient": "patient",
     "study": "study (patient proxy)",

@@ -184,7 +184,11 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
     clinical_options = request.clinical.as_options() if request.clinical is not None else None
     # The training stack loads on the first run, not on import: the CLI imports this module's
     # request types to draw --help, which must not import torch.
-    from fedspine.data.prepared import PreparedDatasetError, load_prepared  # lazy: see above
+    from fedspine.data.prepared import (  # lazy: see above
+        UNIT_PLURALS,
+        PreparedDatasetError,
+        load_prepared,
+    )
     from fedspine.training.batches import BatchSampler, training_data  # lazy: torch
     from fedspine.training.checkpoint import CheckpointError, load_checkpoint  # lazy: torch
     from fedspine.training.config import TrainConfig, preset_config, write_config_toml  # lazy
@@ -517,7 +521,7 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         result.epsilon, result.delta = spent, privacy.delta
         report.message(
             f"privacy: ε = {spent:.3f} at δ = {privacy.delta:.2g} for the worst of the "
-            f"{privacy.num_patients} training {privacy.unit}s, everything on record composed "
+            f"{privacy.num_patients} training {UNIT_PLURALS.get(privacy.unit, privacy.unit)}, everything on record composed "
             f"(privacy home {privacy.home}); report: fedspine privacy report {out}"
         )
         if clinical_status is not None and clinical_status.not_private_reason:
