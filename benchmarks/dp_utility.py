@@ -761,22 +761,24 @@ def markdown(out: dict[str, Any]) -> str:
         "worst site). The DP classifier's row holds its own test AUC. "
         "'DP − public-only' is what the private data added over the public checkpoint alone.",
         "",
-        "| " + " | ".join(HEAD) + " |",
-        "|" + "---|" * len(HEAD),
+        *_markdown_table(HEAD, table_rows(out["rows"])),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(out["rows"])]
     if out.get("across_seeds"):
         lines += [
             "",
             "Across training seeds (mean [min, max]): the spread that the intervals above, "
             "which cover the sampling of test patients only, leave out.",
             "",
-            "| " + " | ".join(SPREAD_HEAD) + " |",
-            "|" + "---|" * len(SPREAD_HEAD),
+            *_markdown_table(SPREAD_HEAD, spread_rows(out["across_seeds"])),
         ]
-        lines += ["| " + " | ".join(row) + " |" for row in spread_rows(out["across_seeds"])]
     lines += ["", "![utility against ε](utility_vs_epsilon.png)", ""]
     return "\n".join(lines)
+
+
+def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
 
 
 SPREAD_HEAD = ["mode", "arm", "ε target", "seeds", "TSTR AUC", "signal retained", "DP − public"]

@@ -47,7 +47,13 @@ REJECTED_FILE = PREPARED_REJECTED
 MANIFEST_FILE = PREPARED_MANIFEST
 SPLITS = ("train", "val", "test")
 PRIVACY_UNITS = ("patient", "study", "image")
-UNIT_PLURALS = {"patient": "patients", "study": "studies", "image": "images"}
+
+
+def unit_plural(unit: str) -> str:
+    """'patients', 'studies' or 'images': a privacy unit's plural, for messages."""
+    return "studies" if unit == "study" else f"{unit}s"
+
+
 UNIT_DESCRIPTIONS = {
     "patient": "patient",
     "study": "study (patient proxy)",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedspine.data.prepared import UNIT_PLURALS
+from fedspine.data.prepared import unit_plural
 from fedspine.dp_options import TRAINABLE_HEAD
 from fedspine.privacy.accounting import PLAN_ACCOUNTANT
 from fedspine.privacy.engine import (
@@ -281,7 +281,7 @@ class RunPrivacy:
             "augmentation_views": f"{self.dp.augment_views} per image, averaged inside each "
             f"{self.unit}'s gradient row before clipping (no privacy cost)",
             "d_steps": f"{self.dp.d_steps_per_g} per G step, "
-            f"{self.dp.expected_patients_per_step} expected {UNIT_PLURALS.get(self.unit, self.unit)} each",
+            f"{self.dp.expected_patients_per_step} expected {unit_plural(self.unit)} each",
             "generator": "post-processing of the private discriminator (never sees real data)",
             "label_prior": "public: uniform over the classes",
             "ada_p": f"fixed at {self.dp.ada_p} (not adapted to real data)",

@@ -496,12 +496,8 @@ NONFINITE_CLAMP = 1e5
 
 def trained_g_parameters(G: Generator, which: str) -> list[torch.nn.Parameter]:
     """G's parameters its optimizer trains (``TrainConfig.g_trainable``); the others get no
-    gradient and keep their starting weights."""
-    if which == "all":
-        return list(G.parameters())
-    if which == "mapping":
-        return list(G.mapping.parameters())
-    raise ValueError(f"g_trainable must be 'all' or 'mapping', not {which!r}")
+    gradient and keep their starting weights. ``which`` is checked by TrainConfig."""
+    return list((G.mapping if which == "mapping" else G).parameters())
 
 
 def sanitise_gradients_(params) -> torch.Tensor:

@@ -185,9 +185,9 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
     # The training stack loads on the first run, not on import: the CLI imports this module's
     # request types to draw --help, which must not import torch.
     from fedspine.data.prepared import (  # lazy: see above
-        UNIT_PLURALS,
         PreparedDatasetError,
         load_prepared,
+        unit_plural,
     )
     from fedspine.training.batches import BatchSampler, training_data  # lazy: torch
     from fedspine.training.checkpoint import CheckpointError, load_checkpoint  # lazy: torch
@@ -521,7 +521,7 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         result.epsilon, result.delta = spent, privacy.delta
         report.message(
             f"privacy: ε = {spent:.3f} at δ = {privacy.delta:.2g} for the worst of the "
-            f"{privacy.num_patients} training {UNIT_PLURALS.get(privacy.unit, privacy.unit)}, everything on record composed "
+            f"{privacy.num_patients} training {unit_plural(privacy.unit)}, everything on record composed "
             f"(privacy home {privacy.home}); report: fedspine privacy report {out}"
         )
         if clinical_status is not None and clinical_status.not_private_reason:
