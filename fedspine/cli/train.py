@@ -202,7 +202,8 @@ def train_command(
         None,
         "--init-from",
         help="Start G, G_ema and D from a run (or snapshot) trained with --public-data: costs "
-        "no ε; its SHA-256 is recorded in config.toml, the generator and privacy.json.",
+        "no ε; its SHA-256 is recorded in config.toml, the generator and privacy.json. D is "
+        "built as the checkpoint's (without minibatch-std when it was pretrained --for-dp).",
     ),
     for_dp: bool = typer.Option(
         False,

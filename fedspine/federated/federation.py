@@ -98,12 +98,18 @@ def initial_weights(config: FederationConfig) -> tuple[dict, dict, dict | None]:
         # Every site builds the same DP network (no minibatch-std, fixed augmentation p).
         request = DPConfig(noise_multiplier=1.0, ada_p=config.dp_ada_p)
         train_config = dp_train_config(train_config, request)
-    trainer = GanTrainer(train_config, config.prior(), device="cpu")
-    pretraining = None
+    init = None
     if config.initial_checkpoint:
         # The server holds no site's data: only the declaration can be checked here.
         try:
             init = load_public_init(config.initial_checkpoint, dataset_content_hash="")
+        except PublicInitError as err:
+            raise FederationError(f"initial_checkpoint: {err}") from None
+        train_config.network = init.minibatch_std_of(train_config.network)
+    trainer = GanTrainer(train_config, config.prior(), device="cpu")
+    pretraining = None
+    if init is not None:
+        try:
             init.apply(trainer)
         except PublicInitError as err:
             raise FederationError(f"initial_checkpoint: {err}") from None

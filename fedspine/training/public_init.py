@@ -14,7 +14,7 @@ is this run's private data, whatever it was declared.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,15 @@ class PublicInit:
             raise PublicInitError(
                 f"{self.path}: its networks differ from this run's in {diff}.{hint}"
             )
+
+    def minibatch_std_of(self, network: Any) -> Any:
+        """``network`` (a NetworkConfig) with the checkpoint's minibatch-std when it has none.
+
+        A checkpoint pretrained for DP (``--for-dp``) has no minibatch-std layer in D; a
+        non-DP run fine-tuning it builds D the same way (a DP run's D has none anyway)."""
+        if int(self.network.get("mbstd_group", 1)) == 0 and network.mbstd_group != 0:
+            return replace(network, mbstd_group=0)
+        return network
 
     def apply(self, trainer: Any) -> None:
         """Load the checkpoint's G, G_ema and D into ``trainer`` (optimizers, counters, ADA and

@@ -345,6 +345,7 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
 
         try:
             public_init = load_public_init(request.init_from, dataset.content_hash)
+            config.network = public_init.minibatch_std_of(config.network)
             public_init.check_network(config.to_dict()["network"])
         except PublicInitError as err:
             raise TrainRunError(str(err)) from None

@@ -70,9 +70,28 @@ def test_round_one_starts_from_the_public_checkpoint(tmp_path, public_run):
     # The record travels to the sites with every round.
     rc = RoundConfig("pub", 1, 0.1, {}, [0.5, 0.5], ["a", "b"], "v", pretraining=pretraining)
     assert RoundConfig.from_record(rc.to_record()).pretraining == pretraining
-    # Without --for-dp a D with minibatch-std cannot start a DP federation: named, not crashed.
-    with pytest.raises(FederationError, match="mbstd_group"):
-        initial_weights(_config(tmp_path, initial_checkpoint=str(run), dp=False))
+    # A federation without DP fine-tunes the same checkpoint: its D is built as the
+    # checkpoint's, without minibatch-std, and round 1 carries the checkpoint's weights.
+    weights, train_config, _ = initial_weights(
+        _config(tmp_path, initial_checkpoint=str(run), dp=False)
+    )
+    assert train_config["network"]["mbstd_group"] == 0
+    assert all(torch.equal(split_weights(weights, "D")[k], v) for k, v in saved["D"].items())
+
+
+def test_a_checkpoint_with_minibatch_std_cannot_start_a_dp_federation(tmp_path):
+    """Pretrained without --for-dp, D has a minibatch-std layer, which mixes patients: named,
+    not crashed."""
+    data = make_site_dataset(tmp_path / "public-data", n=40, seed=11, brightness=5.0)
+    run = tmp_path / "public"
+    train(
+        TrainRequest(
+            data, run, preset="cpu", resolution=16, kimg=0.016, snapshot_kimg=0.016,
+            device="cpu", seed=2, public_data="phantom shapes for a test",
+        )
+    )  # fmt: skip
+    with pytest.raises(FederationError, match="mbstd_group.*--for-dp"):
+        initial_weights(_config(tmp_path, initial_checkpoint=str(run), dp=True, dp_epsilon=20.0))
 
 
 def test_initial_checkpoint_in_the_toml_is_resolved_and_checked(tmp_path, public_run):

@@ -38,7 +38,8 @@ def _snapshot(run):
 def test_a_run_starts_from_the_public_weights_and_records_them(tmp_path, public):
     private = make_prepared(tmp_path / "private", seed=1)
     out = tmp_path / "run"
-    request = TrainRequest(private, out, init_from=public, for_dp=True, seed=5, **RUN)
+    # No --for-dp: a run without DP builds D as the checkpoint's (no minibatch-std) itself.
+    request = TrainRequest(private, out, init_from=public, seed=5, **RUN)
     # A zero-length run: its networks are exactly the public checkpoint's.
     train(TrainRequest(**{**request.__dict__, "kimg": 0.0}))
     source = load_checkpoint(_snapshot(public), kind="trainer")["trainer"]
@@ -52,6 +53,7 @@ def test_a_run_starts_from_the_public_weights_and_records_them(tmp_path, public)
     }
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["init_from"]["checkpoint_sha256"] == sha and config["init_from"]["epsilon"] == 0
+    assert config["train"]["network"]["mbstd_group"] == 0
     privacy = json.loads((out / "privacy.json").read_text())
     assert sha[:16] in privacy["components"]["pretraining"]
     assert "costs no ε" in privacy["components"]["pretraining"]
