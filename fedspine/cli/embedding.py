@@ -129,6 +129,13 @@ def fit_command(
         "--feature-network",
         help="The public checkpoint(s) a network feature map of the releases names.",
     ),
+    g_trainable: str = typer.Option(
+        None,
+        "--g-trainable",
+        help="What of G the fit moves: all, or mapping (the public checkpoint's synthesis "
+        "network, and the spines it draws, stay as they are). (default: mapping with "
+        "--init-from, else all)",
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed of the fit."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
@@ -151,6 +158,7 @@ def fit_command(
         feature_networks=list(feature_network or []),
         seed=seed,
         device=device,
+        g_trainable=g_trainable,
     )
     try:
         with progress_bar() as bar:

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ from fedspine.fileio import (
 from fedspine.models import Generator, NetworkConfig
 from fedspine.privacy.engine import new_run_id
 from fedspine.privacy.report import site_entry, write_privacy_summary
-from fedspine.training.config import preset_config, write_config_toml
+from fedspine.training.config import G_TRAINABLE, preset_config, write_config_toml
+from fedspine.training.gan_trainer import trained_g_parameters
 from fedspine.training.generate import class_grid, save_generator
 from fedspine.training.mean_embedding import (
     EmbeddingReleaseError,
@@ -82,6 +83,11 @@ class FitRequest:
     device: str = "cpu"
     probe_per_class: int = 64
     """Fixed latents per class on which the embedding distance is reported (start and end)."""
+    g_trainable: str | None = None
+    """What of G the fit moves: "all", or "mapping" (the label embedding and mapping network;
+    the synthesis network keeps the public checkpoint's weights, and with them its spines).
+    None: "mapping" from a public checkpoint (fitting all of G towards the released means
+    turned the checkpoint's spines into textured noise), else "all"."""
     log_every: int = 25
 
 
@@ -108,6 +114,17 @@ def fit_generator(
         raise EmbeddingFitError(f"{out} already holds files; choose another --out")
     if request.steps < 1 or request.batch_per_class < 1:
         raise EmbeddingFitError("--steps and --batch must be at least 1")
+    if request.g_trainable is None:
+        request = replace(request, g_trainable="all" if request.init_from is None else "mapping")
+    if request.g_trainable not in G_TRAINABLE:
+        raise EmbeddingFitError(
+            f"--g-trainable {request.g_trainable!r}: one of {', '.join(G_TRAINABLE)}"
+        )
+    if request.g_trainable != "all" and request.init_from is None:
+        raise EmbeddingFitError(
+            "--g-trainable mapping needs --init-from: a fresh synthesis network left untrained "
+            "draws noise"
+        )
     try:
         pooled = combine_releases([read_release(p) for p in request.releases])
         feature_map = feature_map_from_description(pooled.feature_map, request.feature_networks)
@@ -122,7 +139,11 @@ def fit_generator(
         G.load_state_dict(start)
     G.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(G.parameters(), lr=request.lr, betas=(0.0, 0.99), eps=1e-8)
+    trained = trained_g_parameters(G, request.g_trainable)
+    kept = {id(p) for p in trained}
+    for p in G.parameters():
+        p.requires_grad_(id(p) in kept)
+    optimizer = torch.optim.Adam(trained, lr=request.lr, betas=(0.0, 0.99), eps=1e-8)
     targets = torch.from_numpy(pooled.means()).to(device, torch.float32)
     active = torch.from_numpy(pooled.counts >= 1.0).to(device)
     if not bool(active.any()):
@@ -284,6 +305,7 @@ def _write_run(
                 "ema_steps": request.ema_steps,
                 "seed": request.seed,
                 "preset": request.preset,
+                "g_trainable": request.g_trainable,
             },
             "network": network,
         }

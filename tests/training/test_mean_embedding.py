@@ -20,7 +20,7 @@ from fedspine.privacy.report import build_report
 from fedspine.release.checks import check_generator_binding, check_privacy
 from fedspine.training import config as config_module
 from fedspine.training import mean_embedding as me
-from fedspine.training.checkpoint import save_checkpoint
+from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
 from fedspine.training.generate import load_generator
 from fedspine.training.mean_embedding_features import (
     FeatureMapError,
@@ -299,6 +299,39 @@ def test_public_network_features_release_and_fit(prepared, tmp_path):
     )
     _, meta = load_generator(tmp_path / "r2" / "generator.pt")
     assert meta["training"]["init_from"]["declared_public"].startswith("phantom")
+
+
+def test_a_mapping_only_fit_moves_the_mapping_and_keeps_the_public_synthesis(prepared, tmp_path):
+    """From a public checkpoint the fit moves the label embedding and mapping network only (by
+    default): the synthesis network stays the checkpoint's, bit for bit."""
+    public = _checkpoint(tmp_path / "public.pt", "phantom images (fedspine phantom)")
+    _release(prepared, tmp_path)
+    common = {"releases": [tmp_path / "rel.npz"], "steps": 3, "batch_per_class": 2}
+    fit_generator(FitRequest(out=tmp_path / "run", init_from=public, **common))
+    G, _ = load_generator(tmp_path / "run" / "generator.pt")
+    start = load_checkpoint(public, kind="trainer")["trainer"]["G_ema"]
+    fitted = G.state_dict()
+    synthesis = [k for k in start if k.startswith("synthesis.")]
+    mapping = [k for k, _ in G.named_parameters() if k.startswith("mapping.")]
+    assert synthesis and mapping
+    assert all(torch.equal(fitted[k], start[k]) for k in synthesis)
+    assert any(not torch.equal(fitted[k], start[k]) for k in mapping)
+    fit = json.loads((tmp_path / "run" / "config.json").read_text())["fit"]
+    assert fit["g_trainable"] == "mapping"
+    fit_generator(FitRequest(out=tmp_path / "all", init_from=public, g_trainable="all", **common))
+    everything = load_generator(tmp_path / "all" / "generator.pt")[0].state_dict()
+    assert any(not torch.equal(everything[k], start[k]) for k in synthesis)
+    with pytest.raises(ValueError, match="needs --init-from"):
+        fit_generator(
+            FitRequest(
+                out=tmp_path / "r2",
+                network=dataclasses.asdict(tiny_config(resolution=16, num_classes=2).network),
+                g_trainable="mapping",
+                **common,
+            )
+        )
+    with pytest.raises(ValueError, match="one of all, mapping"):
+        fit_generator(FitRequest(out=tmp_path / "r3", init_from=public, g_trainable="x", **common))
 
 
 # -- the command line ----------------------------------------------------------------------------
