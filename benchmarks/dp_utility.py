@@ -13,10 +13,11 @@ Arms, for each ε of `--epsilons` (the first two once, without ε):
 | arm | what it is |
 | --- | --- |
 | non-private | the cpu preset's cGAN on the private data, no DP: the utility DP gives up |
+| non-private-public | all of G and D fine-tuned from the public checkpoint without DP: the ceiling of the public-pretraining routes |
 | public-only | the public checkpoint itself: no private image at all (ε 0) |
 | dp-sgd | today's DP recipe: DP-SGD on all of D, from scratch |
 | dp-sgd-public | DP-SGD from the public checkpoint, only D's `--trainable-d` stages privatised (and G trains its mapping only) |
-| dp-embedding | the one-shot DP mean-embedding release, then G fitted to it (no further ε) |
+| dp-embedding | the one-shot DP mean-embedding release, then G fitted to it (no further ε; `--embedding-features` picks pixel random Fourier features, DP-MERF, and/or the public D's features, DP-MEPF; G's mapping network only is fitted, `--embedding-g all` fits all of G) |
 | dp-classifier | the ceiling: the evaluation's classifier trained directly with DP-SGD |
 
 Modes: `pooled` (one site holding the three sites' patients) and `federated` (three sites,
@@ -67,9 +68,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ARMS = ("non-private", "public-only", "dp-sgd", "dp-sgd-public", "dp-embedding", "dp-classifier")
+ARMS = (
+    "non-private",
+    "non-private-public",
+    "public-only",
+    "dp-sgd",
+    "dp-sgd-public",
+    "dp-embedding",
+    "dp-classifier",
+)
 PRIVATE_ARMS = ("dp-sgd", "dp-sgd-public", "dp-embedding", "dp-classifier")
+NON_PRIVATE_ARMS = ("non-private", "non-private-public")
+FROM_PUBLIC = ("non-private-public", "public-only", "dp-sgd-public")
+"""Arms that start from (or are) the public checkpoint."""
 MODES = ("pooled", "federated")
+EMBEDDING_FEATURES = ("rff", "public", "rff+public")
 SITES = 3
 
 
@@ -96,6 +109,11 @@ class Settings:
     public_images: int = 2000
     public_kimg: float = 8.0
     embedding_steps: int = 600
+    embedding_g: str = "mapping"
+    """What of G the dp-embedding fit moves from the public checkpoint: "mapping" or "all"."""
+    embedding_features: str = "rff"
+    """The released embedding: random Fourier features of pixels ("rff", DP-MERF), the public
+    checkpoint's D features ("public", DP-MEPF) or both ("rff+public")."""
     per_class: int = 300
     classifier_epochs: int = 10
     bootstrap: int = 1000
@@ -137,6 +155,16 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path]:
     for name in ("kimg", "public_kimg", "ada_p"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     parser.add_argument("--trainable-d", default=None, help='"all" or "top:K" (dp-sgd-public)')
+    parser.add_argument(
+        "--embedding-g", default=None, choices=("all", "mapping"), help="what dp-embedding fits"
+    )
+    parser.add_argument(
+        "--embedding-features",
+        default=None,
+        choices=EMBEDDING_FEATURES,
+        help="what dp-embedding releases: pixel random Fourier features, the public D's "
+        "features, or both",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny everything: a pipeline check")
     args = parser.parse_args(argv)
     values = asdict(defaults)
@@ -215,6 +243,10 @@ cells; the first seed's stay), where they are scored (other row files) and how f
 other setting changes what a cached row means."""
 
 
+BEFORE_THE_SETTING = {"embedding_g": "all"}
+"""What a work folder made before a setting existed used, where that is not the default."""
+
+
 def check_work_settings(work: Path, settings: Settings) -> None:
     """Refuse to reuse a work folder's data and rows under other settings: a cached row trained
     with another ``--kimg`` (say) would be reported as this run's."""
@@ -223,11 +255,15 @@ def check_work_settings(work: Path, settings: Settings) -> None:
         return
     earlier = json.loads(earlier_file.read_text())
     mine = asdict(settings)
+    # A setting added since the folder was made had the value its runs then used.
+    before = {**asdict(Settings(epsilons=[], modes=[], arms=[])), **BEFORE_THE_SETTING}
     changed = sorted(
-        key for key in mine if key not in RESCORE_ONLY and earlier.get(key) != mine[key]
+        key
+        for key in mine
+        if key not in RESCORE_ONLY and earlier.get(key, before[key]) != mine[key]
     )
     if changed:
-        was = ", ".join(f"{k} {earlier.get(k)!r} -> {mine[k]!r}" for k in changed)
+        was = ", ".join(f"{k} {earlier.get(k, before[k])!r} -> {mine[k]!r}" for k in changed)
         raise SystemExit(
             f"{work}: its rows were made with other settings ({was}); its cached arms would be "
             "reported as this run's. Use a new --work, or the same settings."
@@ -270,7 +306,7 @@ def make_public(work: Path, s: Settings) -> Path:
 
 
 def _needs_public(s: Settings) -> bool:
-    return any(a in s.arms for a in ("public-only", "dp-sgd-public"))
+    return any(a in s.arms for a in (*FROM_PUBLIC, "dp-embedding"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +385,7 @@ class Bench:
         row["train_seconds"] = self.train_seconds(folder, time.perf_counter() - start)
         row.update(self.evaluate(folder, generator))
         row["epsilon"] = accounted_epsilon(data, homes) if homes else (0.0 if eps is None else None)
-        if arm == "non-private":
+        if arm in NON_PRIVATE_ARMS:
             row["epsilon"] = math.inf
         return _save(done, row)
 
@@ -363,8 +399,8 @@ class Bench:
             return self.public, [], []
         if arm == "dp-embedding":
             return self.embedding(mode, eps, folder)
-        dp = arm != "non-private"
-        init = self.public if arm == "dp-sgd-public" else None
+        dp = arm not in NON_PRIVATE_ARMS
+        init = self.public if arm in FROM_PUBLIC else None
         trainable = self.s.trainable_d if arm == "dp-sgd-public" else "all"
         if mode == "pooled":
             run = self.pooled_gan(folder, eps if dp else None, init, trainable)
@@ -475,6 +511,8 @@ class Bench:
         from fedspine.training.mean_embedding_fit import FitRequest, fit_generator
 
         holders = [self.pooled] if mode == "pooled" else self.sites
+        uses_public = self.s.embedding_features != "rff"
+        features = self.s.embedding_features.replace("public", str(self.public))
         names = ["pooled"] if mode == "pooled" else self.names
         homes = [folder / "privacy" / n for n in names]
         releases = []
@@ -483,7 +521,10 @@ class Bench:
             if not path.is_file():
                 shutil.rmtree(home, ignore_errors=True)  # a half-done release starts afresh
                 path.parent.mkdir(parents=True, exist_ok=True)
-                release_embedding(data, path, epsilon=float(eps), privacy_home=home, site=name)
+                release_embedding(
+                    data, path, epsilon=float(eps), privacy_home=home, site=name,
+                    features=features,
+                )  # fmt: skip
             releases.append(path)
         run = folder / "run"
         if not (run / RUN_GENERATOR).is_file():
@@ -495,7 +536,9 @@ class Bench:
                     steps=self.s.embedding_steps,
                     resolution=self.s.resolution,
                     init_from=self.public,
+                    feature_networks=[self.public] if uses_public else [],
                     seed=self.seed,
+                    g_trainable=self.s.embedding_g,
                 )
             )
         return run, homes, list(holders)
@@ -856,7 +899,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes | None:
                     label=f"{arm} ({mode})",
                 )  # fmt: skip
     for (mode, arm, _), values in cells.items():
-        if arm in ("non-private", "public-only"):
+        if arm not in PRIVATE_ARMS:
             level = sum(values) / len(values)
             ax.axhline(level, linestyle="--", linewidth=1, color="grey")
             ax.annotate(f"{arm} ({mode})", (ax.get_xlim()[0], level), fontsize=7, color="grey")

@@ -169,9 +169,13 @@ def test_time_to_quality_table_names_only_the_variants_it_ran():
 def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
     """benchmarks/dp_utility.py --quick (issue 15, item 6): every asked arm in both modes, ε read
     back from each arm's own privacy home, DP minus public-only, and the report with its plot.
-    The GAN arms are left out here (the training and federation tests cover them)."""
+    The GAN arms are left out here (the training and federation tests cover them), but for the
+    public route without DP, whose fine-tuning from the checkpoint is the benchmark's own."""
     import json
     import math
+    import tomllib
+
+    from fedspine.fileio import file_sha256
 
     arms = ["public-only", "dp-embedding", "dp-classifier"]
     report = _load("dp_utility").main(
@@ -259,3 +263,29 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
         "max": max(values),
     }
     assert "Across training seeds" in (tmp_path / "report.md").read_text()
+    # A folder made before a setting existed used what its runs did then (dp-embedding fitted
+    # all of G): a run under today's default is refused there.
+    settings_file = tmp_path / "settings.json"
+    current = settings_file.read_text()
+    older = json.loads(current)
+    del older["embedding_g"]  # dp-embedding fitted all of G before the setting existed
+    settings_file.write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match=r"embedding_g 'all' -> 'mapping'"):
+        _load("dp_utility").main(["--quick", "--work", str(tmp_path), "--epsilons", "10"])
+    assert json.loads(settings_file.read_text()) == older  # refused before writing
+    settings_file.write_text(current)
+    # The public route without DP: all of G and D fine-tuned from the same checkpoint.
+    tuned = _load("dp_utility").main(
+        ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--modes", "pooled"]
+        + ["--arms", "public-only", "non-private-public", "--heldout-per-site", "6"]
+    )
+    capsys.readouterr()
+    row = tuned["rows"][1]
+    assert row["arm"] == "non-private-public" and row["epsilon"] == math.inf
+    assert "dp_minus_public" not in row and 0 <= row["tstr_auc"] <= 1
+    run = tmp_path / "pooled" / "non-private-public" / "run"
+    config = tomllib.loads((run / "config.toml").read_text())
+    public = json.loads((tmp_path / "public" / "run" / "latest.json").read_text())["snapshot"]
+    sha = file_sha256(tmp_path / "public" / "run" / public)
+    assert config["init_from"]["checkpoint_sha256"] == sha and config["init_from"]["epsilon"] == 0
+    assert config["train"]["network"]["mbstd_group"] == 0
