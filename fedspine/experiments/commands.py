@@ -93,7 +93,7 @@ def format_plan(plan: ReproducePlan) -> str:
         elif arm.kind is ArmKind.DP_EMBEDDING:
             lines.append(
                 "        fedspine embedding release "
-                + " ".join(release_args(arm, data, folder / RELEASE_DIR / RELEASE_FILE))
+                + " ".join(release_args(plan, arm, data, folder / RELEASE_DIR / RELEASE_FILE))
             )
             lines.append(
                 "        fedspine embedding fit "
@@ -178,14 +178,23 @@ def _init_from(plan: ReproducePlan, arm: ArmPlan) -> Path | None:
     return plan.public.path if arm.kind.public and plan.public else None
 
 
-def release_args(arm: ArmPlan, data: Path, out: Path) -> list[str]:
+def embedding_features(plan: ReproducePlan, arm: ArmPlan) -> str:
+    """The feature map a DP mean-embedding arm releases: random Fourier features of pixels
+    (their public defaults) and the public checkpoint's D features (DP-MEPF), which measured
+    best at ε 1-10 on pooled phantom sites (README)."""
+    init = _init_from(plan, arm)
+    return "rff" if init is None else f"rff+{init}"
+
+
+def release_args(plan: ReproducePlan, arm: ArmPlan, data: Path, out: Path) -> list[str]:
     """`fedspine embedding release` arguments of a DP mean-embedding arm: the one step that
-    reads private data, into the arm's own privacy home (the random-Fourier-feature map's
-    public defaults)."""
+    reads private data, into the arm's own privacy home."""
     return [
         str(data),
         "--epsilon",
         f"{arm.epsilon:g}",
+        "--features",
+        embedding_features(plan, arm),
         "--out",
         str(out),
         "--privacy-home",
@@ -204,9 +213,15 @@ def fit_request(plan: ReproducePlan, arm: ArmPlan, release: Path, work: Path) ->
         preset=b.gan_preset,
         resolution=b.resolution,
         init_from=_init_from(plan, arm),
+        feature_networks=_feature_networks(plan, arm),
         seed=arm.seed,
         device=str(resolve_device(b.device)),
     )
+
+
+def _feature_networks(plan: ReproducePlan, arm: ArmPlan) -> list[Path]:
+    init = _init_from(plan, arm)
+    return [] if init is None else [init]
 
 
 def fit_args(plan: ReproducePlan, arm: ArmPlan, release: Path, work: Path) -> list[str]:
@@ -217,7 +232,7 @@ def fit_args(plan: ReproducePlan, arm: ArmPlan, release: Path, work: Path) -> li
     args += ["--preset", b.gan_preset, "--resolution", str(b.resolution)]
     init = _init_from(plan, arm)
     if init is not None:
-        args += ["--init-from", str(init)]
+        args += ["--init-from", str(init), "--feature-network", str(init)]
     args += ["--seed", str(arm.seed)]
     if b.device != "auto":
         args += ["--device", b.device]

@@ -29,6 +29,7 @@ from fedspine.experiments.commands import (
     ceiling_request,
     classifier_args,
     classifier_request,
+    embedding_features,
     fit_args,
     fit_request,
     release_args,
@@ -153,7 +154,7 @@ def run_arm(ctx: RunContext, arm: ArmPlan) -> dict[str, Any]:
     if arm.kind is ArmKind.DP_EMBEDDING:
         release = final / RELEASE_DIR / RELEASE_FILE
         record["commands"] = [
-            "fedspine embedding release " + " ".join(release_args(arm, data, release)),
+            "fedspine embedding release " + " ".join(release_args(plan, arm, data, release)),
             "fedspine embedding fit " + " ".join(fit_args(plan, arm, release, final)),
         ]
     if ceiling is not None and not ceiling.is_relative_to(work):
@@ -264,11 +265,16 @@ def release_and_fit(ctx: RunContext, arm: ArmPlan, data: Path, work: Path, log_p
         shutil.rmtree(work / PRIVACY_HOME_DIR, ignore_errors=True)
         release.parent.mkdir(parents=True)
         ctx.stage(f"{arm.folder}: releasing the DP mean embedding at ε = {arm.epsilon:g}")
-        command = "fedspine embedding release " + " ".join(release_args(arm, data, release))
+        args = release_args(ctx.plan, arm, data, release)
+        command = "fedspine embedding release " + " ".join(args)
         with logged(log_path, command, "`fedspine embedding release`"):
             try:
                 release_embedding(
-                    data, release, epsilon=float(arm.epsilon), privacy_home=work / PRIVACY_HOME_DIR
+                    data,
+                    release,
+                    epsilon=float(arm.epsilon),
+                    privacy_home=work / PRIVACY_HOME_DIR,
+                    features=embedding_features(ctx.plan, arm),
                 )
             except (ValueError, LedgerError, PrivacyHomeError) as err:  # as the CLI catches
                 raise ReproduceError(f"`fedspine embedding release` stopped: {err}") from None

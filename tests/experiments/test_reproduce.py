@@ -969,7 +969,12 @@ def test_the_public_arms_commands_build_the_requests_reproduce_makes(tmp_path, m
     import fedspine.training.mean_embedding_fit as mean_embedding_fit
     import fedspine.training.run as run_module
     from fedspine.cli.main import app
-    from fedspine.experiments.commands import fit_args, fit_request, release_args
+    from fedspine.experiments.commands import (
+        embedding_features,
+        fit_args,
+        fit_request,
+        release_args,
+    )
     from fedspine.experiments.public_run import PublicRun
 
     public = PublicRun(
@@ -1017,11 +1022,14 @@ def test_the_public_arms_commands_build_the_requests_reproduce_makes(tmp_path, m
         return types.SimpleNamespace(metadata=metadata)
 
     monkeypatch.setattr(mean_embedding, "release_embedding", fake_release)
-    result = runner.invoke(app, ["embedding", "release", *release_args(arm, data, release)])
+    args = release_args(plan, arm, data, release)
+    result = runner.invoke(app, ["embedding", "release", *args])
     assert result.exit_code == 0, result.output
     assert (released["prepared"], released["out"]) == (data, release)
     assert released["epsilon"] == arm.epsilon
     assert released["privacy_home"] == work / "privacy"
+    # DP-MEPF: pixel features and the public checkpoint's D features, as reproduce releases.
+    assert released["features"] == embedding_features(plan, arm) == f"rff+{public.path}"
 
     fitted: list = []
 
@@ -1034,6 +1042,7 @@ def test_the_public_arms_commands_build_the_requests_reproduce_makes(tmp_path, m
     assert result.exit_code == 0, result.output
     expected = fit_request(plan, arm, release, work)
     got = fitted[0]
-    for field in ("out", "steps", "preset", "resolution", "init_from", "seed", "device"):
+    fields = ("out", "steps", "preset", "resolution", "init_from", "seed", "device")
+    for field in (*fields, "feature_networks", "g_trainable"):
         assert getattr(got, field) == getattr(expected, field), field
     assert list(got.releases) == list(expected.releases) and expected.steps == 300
