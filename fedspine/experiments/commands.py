@@ -206,22 +206,18 @@ def fit_request(plan: ReproducePlan, arm: ArmPlan, release: Path, work: Path) ->
     """The generator fit of a DP mean-embedding arm (no private data, no ε): from the public
     checkpoint's generator, the budget's steps and resolution, the arm's seed."""
     b = plan.budget
+    init = _init_from(plan, arm)
     return FitRequest(
         releases=[release],
         out=work / RUN_DIR,
         steps=b.embedding_steps,
         preset=b.gan_preset,
         resolution=b.resolution,
-        init_from=_init_from(plan, arm),
-        feature_networks=_feature_networks(plan, arm),
+        init_from=init,
+        feature_networks=[] if init is None else [init],
         seed=arm.seed,
         device=str(resolve_device(b.device)),
     )
-
-
-def _feature_networks(plan: ReproducePlan, arm: ArmPlan) -> list[Path]:
-    init = _init_from(plan, arm)
-    return [] if init is None else [init]
 
 
 def fit_args(plan: ReproducePlan, arm: ArmPlan, release: Path, work: Path) -> list[str]:

@@ -140,9 +140,9 @@ def fit_generator(
     G.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     trained = trained_g_parameters(G, request.g_trainable)
-    kept = {id(p) for p in trained}
-    for p in G.parameters():
-        p.requires_grad_(id(p) in kept)
+    G.requires_grad_(False)  # the frozen part needs no weight gradients
+    for p in trained:
+        p.requires_grad_(True)
     optimizer = torch.optim.Adam(trained, lr=request.lr, betas=(0.0, 0.99), eps=1e-8)
     targets = torch.from_numpy(pooled.means()).to(device, torch.float32)
     active = torch.from_numpy(pooled.counts >= 1.0).to(device)
