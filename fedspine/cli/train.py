@@ -590,6 +590,9 @@ def pretrain_command(
     prevalence: float = typer.Option(
         0.5, "--prevalence", help="Share of abnormal patients in the public corpus."
     ),
+    size: int = typer.Option(
+        256, "--size", min=64, help="Side of the phantom DICOMs in pixels (before ingestion)."
+    ),
     resolution: int = typer.Option(32, "--resolution", help="Training resolution in pixels."),
     preset: str = typer.Option("cpu", "--preset", help="Training preset (see `train`)."),
     kimg: float = typer.Option(None, "--kimg", help="Thousands of images to train on."),
@@ -612,6 +615,7 @@ def pretrain_command(
         images=images,
         seed=seed,
         prevalence=prevalence,
+        size=size,
         resolution=resolution,
         preset=preset,
         kimg=kimg,

@@ -1,10 +1,15 @@
 """`fedspine demo`: the whole job on phantom data made on the spot, on a laptop CPU.
 
 Three phantom hospitals with different domains are ingested; a real Flower SuperLink and three
-SuperNodes run on loopback with TLS and site authentication and train with patient-level DP
-(each site capped at ε); the averaged generator's synthetic set is evaluated (TSTR against TRTR
-on real phantom test images), the privacy report is written, and a signed release is made if
-every gate passes. Last, ``OUT/report.html`` gathers all of it in one self-contained page, with
+SuperNodes run on loopback with TLS and site authentication. By default the federation takes the
+route that measured best (issue 15): a public checkpoint is pretrained on a phantom population of
+its own (no site's patient in it), every site releases once, under DP and its ε cap, the noisy
+per-class means of its patients' pixel and public-discriminator features (DP-MEPF), and the
+server fits the public generator's mapping to their sum. ``route="dp-sgd"`` instead trains the
+GAN with patient-level DP-SGD in federated rounds. The federated generator's synthetic set is
+evaluated (TSTR against TRTR on real phantom test images) beside the public checkpoint's own
+(the public-only baseline: what DP adds is the difference), the privacy report is written, and
+a signed release is made if every gate passes. Last, ``OUT/report.html`` gathers all of it in one self-contained page, with
 the commands and settings that made it. Every process the demo starts is stopped when it ends,
 Ctrl-C included.
 """
@@ -24,6 +29,9 @@ from fedspine.data.phantom import write_phantom_sites
 from fedspine.data.prepared import load_prepared, merge_prepared
 from fedspine.evaluation.config import EvaluateConfig
 from fedspine.evaluation.records import EvaluationRecord
+from fedspine.experiments.budgets import ReproduceError
+from fedspine.experiments.pretrain import PretrainConfig, pretrain
+from fedspine.experiments.public_run import PRETRAIN_RUN_DIR, read_public_run
 from fedspine.federated.deploy import (
     SiteProcessConfig,
     register_site,
@@ -34,6 +42,7 @@ from fedspine.federated.deploy import (
     wait_for_run,
 )
 from fedspine.federated.federation import FederationConfig, read_rounds, read_status
+from fedspine.federated.federation_config import EMBEDDING_ROUTE, EmbeddingRouteConfig
 from fedspine.federated.processes import free_port
 from fedspine.federated.security import make_server_certificates, make_site_keypair
 from fedspine.fileio import (
@@ -52,6 +61,7 @@ from fedspine.reporting.evaluation_report import evaluate
 from fedspine.reporting.html import write_html_report
 from fedspine.reporting.privacy import write_privacy_report
 from fedspine.training.generate import generate_dataset
+from fedspine.training.run import RunReporter
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,30 @@ class DemoConfig:
     per_class: int = 200
     classifier_epochs: int = 8
     release_per_class: int = 100
+    route: str = "dp-mepf"
+    """``dp-mepf``: one DP release of pixel and public-D features per site, G's mapping fitted
+    on the server (measured best); ``dp-sgd``: federated DP-SGD rounds of the GAN."""
+    public_run: str | None = None
+    """A finished public run (``fedspine pretrain``'s OUT or a run folder) for ``dp-mepf``;
+    None: pretrain one of ``public_kimg`` on ``public_images`` phantom images here."""
+    public_images: int = 1000
+    public_kimg: float = 8.0
+    fit_steps: int = 300
+    fit_batch_per_class: int = 16
+    """The server's fit: 300 steps of 16 images per class take about two minutes on two cores
+    (dp_utility's measured rows fitted 600 of 32, about 5.5 minutes)."""
+
+    def check(self) -> None:
+        if self.route not in DEMO_ROUTES:
+            raise ValueError(f"--route {self.route!r}: one of {', '.join(DEMO_ROUTES)}")
+        if self.public_kimg <= 0 or self.public_images < 10 or self.fit_steps < 1:
+            raise ValueError("--public-kimg, --public-images (>= 10) and --fit-steps: positive")
+
+
+DEMO_ROUTES = ("dp-mepf", "dp-sgd")
+PUBLIC_DIR = "public"
+PUBLIC_ONLY = "public-only"
+"""The public checkpoint's own synthetic set and evaluation: the baseline with no private data."""
 
 
 @dataclass
@@ -80,6 +114,8 @@ class DemoResult:
     ingest: dict[str, dict] = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
     evaluation: dict = field(default_factory=dict)
+    public_only: dict = field(default_factory=dict)
+    public_run: str | None = None
     privacy: dict = field(default_factory=dict)
     release: dict = field(default_factory=dict)
     report: Path | None = None
@@ -98,13 +134,16 @@ def run_demo(
     config: DemoConfig | None = None,
     stage: Stage | None = None,
     command: str | None = None,
+    reporter: RunReporter | None = None,
 ) -> DemoResult:
     """Run each stage in order under ``out``; ``stage`` is told when each one starts.
 
     ``command`` is the command line that started the demo, recorded in the report (default:
-    the ``fedspine demo`` line equivalent to ``config``).
+    the ``fedspine demo`` line equivalent to ``config``); ``reporter`` shows the public
+    pretraining's progress.
     """
     config = config or DemoConfig()
+    config.check()
     stage = stage or (lambda _msg: None)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -146,8 +185,12 @@ def run_demo(
                 "counts": summary.counts,
             }
 
+    if config.route == "dp-mepf":
+        with _timed(result, "public pretraining"):
+            result.public_run = str(_public_run(out, config, stage, reporter))
+
     with _timed(result, "federation"):
-        result.rounds = _federate(out, result.sites, config, stage)
+        result.rounds = _federate(out, result.sites, config, stage, result.public_run)
 
     with _timed(result, "generate"):
         stage(
@@ -167,7 +210,32 @@ def run_demo(
             "evaluating: TSTR (train on synthetic) against TRTR (train on real), "
             "on real test images"
         )
-        result.evaluation = _evaluate(out, result.sites, config)
+        pooled = merge_prepared(
+            [load_prepared(out / "prepared" / s) for s in result.sites],
+            out / "prepared" / "pooled",
+            result.sites,
+            overwrite=True,
+        )
+        result.evaluation = _evaluate(out / "synthetic", pooled, out / "evaluation", config)
+
+    if result.public_run is not None:
+        with _timed(result, "public-only baseline"):
+            stage(
+                "the public-only baseline: the same evaluation of the public checkpoint's own "
+                "synthetic images (no private data); what DP adds is the difference"
+            )
+            synthetic = out / PUBLIC_ONLY / "synthetic"
+            if synthetic.exists():
+                shutil.rmtree(synthetic)
+            generate_dataset(
+                Path(result.public_run) / RUN_GENERATOR,
+                synthetic,
+                per_class=config.per_class,
+                seed=config.seed,
+            )
+            result.public_only = _evaluate(
+                synthetic, pooled, out / PUBLIC_ONLY / "evaluation", config
+            )
 
     with _timed(result, "privacy report"):
         write_privacy_report(out / "federation", "html")
@@ -206,14 +274,56 @@ def write_demo_report(
         release=out / "release" if released else None,
         release_refused=None if released else result.release.get("reason"),
         steward_audit=steward_audit if steward_audit.is_dir() else None,
-        commands=demo_commands(out, config, result.sites, command),
-        config={f"demo ({DEMO_CONFIG})": asdict(config)},
+        commands=demo_commands(out, config, result.sites, command, result.public_run),
+        config={f"demo ({DEMO_CONFIG})": asdict(config), **_baseline_table(result)},
         title=REPORT_TITLE,
     )
 
 
+def demo_command(out: Path, c: DemoConfig) -> str:
+    """The ``fedspine demo`` line equivalent to ``c``."""
+    line = f"fedspine demo --out {shlex.quote(str(out))} --route {c.route}"
+    if c.route == "dp-mepf":
+        line += f" --fit-steps {c.fit_steps}"
+        if c.public_run is not None:
+            line += f" --public-run {shlex.quote(str(c.public_run))}"
+        else:
+            line += f" --public-images {c.public_images} --public-kimg {c.public_kimg:g}"
+    else:
+        line += f" --rounds {c.rounds} --local-kimg {c.local_kimg:g}"
+    return line + f" --images-per-site {c.images_per_site} --seed {c.seed}"
+
+
+def _baseline_table(result: DemoResult) -> dict[str, dict[str, Any]]:
+    """The public-only baseline beside the federated generator, for the report's settings."""
+    if not result.public_only or not result.evaluation:
+        return {}
+    ours, base = result.evaluation, result.public_only
+    return {
+        f"public-only baseline ({PUBLIC_ONLY}/evaluation)": {
+            "public checkpoint": result.public_run,
+            "TSTR AUC, federated DP generator [95% CI]": tstr_text(ours),
+            "TSTR AUC, public checkpoint alone [95% CI]": tstr_text(base),
+            "what DP adds (TSTR difference)": round(ours["tstr_auc"] - base["tstr_auc"], 3),
+            "public-only signal retained": base["signal_retained"],
+            "public-only verdict": base["verdict"],
+        }
+    }
+
+
+def tstr_text(ev: dict[str, Any]) -> str:
+    """TSTR AUC [95% CI] of an evaluation summary, as the console and the report show it."""
+    ci = ev.get("tstr_ci")
+    low_high = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return f"{ev['tstr_auc']:.3f}{low_high}"
+
+
 def demo_commands(
-    out: Path, config: DemoConfig, sites: list[str], command: str | None = None
+    out: Path,
+    config: DemoConfig,
+    sites: list[str],
+    command: str | None = None,
+    public_run: str | None = None,
 ) -> list[str]:
     """The command that ran the demo, then each stage as the command that does the same."""
     out = Path(out)
@@ -225,10 +335,45 @@ def demo_commands(
 
     fed, pooled = q("federation"), q("prepared", "pooled")
     audit_data = " ".join(f"--audit-data {q('prepared', s)}" for s in sites)
+    if c.route == "dp-mepf":
+        federation = [
+            *(
+                [
+                    f"fedspine pretrain --out {q(PUBLIC_DIR)} --images {c.public_images} "
+                    f"--size {c.phantom_size} --resolution {c.resolution} --kimg "
+                    f"{c.public_kimg:g} --device cpu"
+                ]
+                if c.public_run is None
+                else []
+            ),
+            f"# federation: a SuperLink and {len(sites)} SuperNodes on loopback (TLS, site "
+            f"authentication), route dp-mean-embedding: each site releases once, at epsilon "
+            f"<= {c.epsilon:g}, its DP mean embedding of pixel and public-D features (from "
+            f"{public_run}); the server fits G's mapping ({c.fit_steps} steps); settings in "
+            f"federation/{FEDERATION_CONFIG}",
+        ]
+    else:
+        federation = [
+            f"# federation: a SuperLink and {len(sites)} SuperNodes on loopback (TLS, site "
+            f"authentication), {c.rounds} rounds of {c.local_kimg} kimg per site, DP with each "
+            f"site capped at epsilon {c.epsilon:g}; settings in federation/{FEDERATION_CONFIG}",
+        ]
+    ev_options = (
+        f"--arch {ev.arch} --epochs {ev.epochs} --patience {ev.patience} --bootstrap "
+        f"{ev.bootstrap} --domain-epochs {ev.domain_epochs} --seed {ev.seed} --overwrite"
+    )
+    baseline = (
+        [
+            f"fedspine generate {shlex.quote(str(Path(public_run)))} --out "
+            f"{q(PUBLIC_ONLY, 'synthetic')} --per-class {c.per_class} --seed {c.seed}",
+            f"fedspine evaluate --synthetic {q(PUBLIC_ONLY, 'synthetic')} --train {pooled} "
+            f"--test {pooled} --out {q(PUBLIC_ONLY, 'evaluation')} {ev_options}",
+        ]
+        if public_run is not None
+        else []
+    )
     return [
-        command
-        or f"fedspine demo --out {q()} --images-per-site {c.images_per_site} --rounds {c.rounds} "
-        f"--local-kimg {c.local_kimg} --seed {c.seed}",
+        command or demo_command(out, c),
         "# The same stages one by one (the demo calls them through the Python API):",
         f"fedspine phantom {q('phantom')} --sites {c.sites} --images-per-site "
         f"{c.images_per_site} --size {c.phantom_size} --seed {c.seed}",
@@ -237,16 +382,13 @@ def demo_commands(
             f"{c.resolution} --workers {c.workers} --seed {c.seed} --overwrite"
             for s in sites
         ),
-        f"# federation: a SuperLink and {len(sites)} SuperNodes on loopback (TLS, site "
-        f"authentication), {c.rounds} rounds of {c.local_kimg} kimg per site, DP with each site "
-        f"capped at epsilon {c.epsilon:g}; settings in federation/{FEDERATION_CONFIG}",
+        *federation,
         f"fedspine generate {fed} --out {q('synthetic')} --per-class {c.per_class} --seed {c.seed}",
         "# the sites' prepared data pooled for the evaluation: "
         "fedspine.data.prepared.merge_prepared -> prepared/pooled",
         f"fedspine evaluate --synthetic {q('synthetic')} --train {pooled} --test {pooled} "
-        f"--out {q('evaluation')} --arch {ev.arch} --epochs {ev.epochs} --patience "
-        f"{ev.patience} --bootstrap {ev.bootstrap} --domain-epochs {ev.domain_epochs} "
-        f"--seed {ev.seed} --overwrite",
+        f"--out {q('evaluation')} {ev_options}",
+        *baseline,
         f"fedspine privacy report {fed} --format html",
         f"fedspine release {fed} --out {q('release')} --max-epsilon {c.epsilon:g} --per-class "
         f"{c.release_per_class} {audit_data} --key {q('steward', 'steward.key')} --seed "
@@ -255,23 +397,10 @@ def demo_commands(
     ]
 
 
-def _evaluate(out: Path, sites: list[str], config: DemoConfig) -> dict[str, Any]:
+def _evaluate(synthetic: Path, pooled, out: Path, config: DemoConfig) -> dict[str, Any]:
     """TSTR vs TRTR on the pooled phantom sites (a centralised upper bound the demo can see)."""
-    pooled = merge_prepared(
-        [load_prepared(out / "prepared" / s) for s in sites],
-        out / "prepared" / "pooled",
-        sites,
-        overwrite=True,
-    )
     report = EvaluationRecord.from_json(
-        evaluate(
-            out / "synthetic",
-            pooled,
-            pooled,
-            out / "evaluation",
-            _evaluate_config(config),
-            overwrite=True,
-        )
+        evaluate(synthetic, pooled, pooled, out, _evaluate_config(config), overwrite=True)
     )
     arms = report.arms or {}
     mixed = arms.get("mixed")
@@ -279,12 +408,13 @@ def _evaluate(out: Path, sites: list[str], config: DemoConfig) -> dict[str, Any]
     return {
         "trtr_auc": arms["TRTR"].auc,
         "tstr_auc": arms["TSTR"].auc,
+        "tstr_ci": tstr.ci,
         "mixed_auc": mixed.auc if mixed else None,
         "tstr_over_trtr": report.ratios.tstr_over_trtr,
         "signal_retained": tstr.signal_retained,
         "signal_retained_ci": tstr.signal_retained_ci,
         "verdict": tstr.verdict,
-        "report": str(out / "evaluation" / EVAL_REPORT_MD),
+        "report": str(out / EVAL_REPORT_MD),
     }
 
 
@@ -334,7 +464,77 @@ def _release(out: Path, sites: list[str], config: DemoConfig) -> dict:
     }
 
 
-def _federate(out: Path, sites: list[str], config: DemoConfig, stage: Stage) -> list[dict]:
+def _public_run(out: Path, config: DemoConfig, stage: Stage, reporter: RunReporter | None) -> Path:
+    """The public checkpoint DP-MEPF starts from: the one given, or one pretrained here on a
+    phantom population of its own seed, imaging chain and prevalence (no site's patient)."""
+    if config.public_run is not None:
+        try:
+            public = read_public_run(config.public_run)
+        except ReproduceError as err:
+            raise ValueError(str(err)) from None
+        stage(f"public checkpoint {public.short()} from {public.path}")
+        if public.resolution != config.resolution:
+            raise ValueError(
+                f"--public-run {public.path}: trained at {public.resolution} px, the demo "
+                f"works at {config.resolution} px"
+            )
+        return public.path
+    pretrain(
+        out / PUBLIC_DIR,
+        PretrainConfig(
+            images=config.public_images,
+            size=config.phantom_size,
+            resolution=config.resolution,
+            kimg=config.public_kimg,
+            workers=config.workers,
+            device="cpu",
+        ),
+        stage=stage,
+        reporter=reporter,
+    )
+    return (out / PUBLIC_DIR / PRETRAIN_RUN_DIR).resolve()
+
+
+def _federation_config(
+    out: Path, sites: list[str], config: DemoConfig, public_run: str | None
+) -> FederationConfig:
+    """The coordinator's settings for the demo's route (written to federation/)."""
+    common = dict(
+        name="demo",
+        output_dir=str(out / "federation"),
+        min_sites=len(sites),
+        dp=True,
+        dp_epsilon=config.epsilon,
+        round_timeout=1800.0,
+        preset="cpu",
+        resolution=config.resolution,
+        seed=config.seed,
+        resume=False,
+    )
+    if config.route == "dp-mepf":
+        return FederationConfig(
+            rounds=1,
+            route=EMBEDDING_ROUTE,
+            initial_checkpoint=str(public_run),
+            embedding=EmbeddingRouteConfig(
+                features="rff+public",
+                feature_resolution=config.resolution,
+                fit_steps=config.fit_steps,
+                fit_batch_per_class=config.fit_batch_per_class,
+            ),
+            **common,
+        )
+    return FederationConfig(
+        rounds=config.rounds,
+        local_kimg=config.local_kimg,
+        dp_patients_per_step=config.patients_per_step,
+        **common,
+    )
+
+
+def _federate(
+    out: Path, sites: list[str], config: DemoConfig, stage: Stage, public_run: str | None = None
+) -> list[dict]:
     """A real SuperLink and one SuperNode per site on loopback, TLS and node authentication on."""
     server = out / "server"
     fed_out = out / "federation"
@@ -372,26 +572,25 @@ def _federate(out: Path, sites: list[str], config: DemoConfig, stage: Stage) -> 
                 )
             )
             stage(f"SuperNode of {site} started (PID {nodes[-1].pid})")
-        fed = FederationConfig(
-            name="demo",
-            output_dir=str(fed_out),
-            rounds=config.rounds,
-            local_kimg=config.local_kimg,
-            min_sites=len(sites),
-            dp=True,
-            dp_epsilon=config.epsilon,
-            dp_patients_per_step=config.patients_per_step,
-            round_timeout=1800.0,
-            preset="cpu",
-            resolution=config.resolution,
-            seed=config.seed,
-            resume=False,
-        )
+        fed = _federation_config(out, sites, config, public_run)
         run_id = submit_run(server, fed.to_run_config())
-        stage(f"federated run {run_id}: {config.rounds} rounds × {config.local_kimg} kimg per site")
+        if fed.route == EMBEDDING_ROUTE:
+            stage(
+                f"federated run {run_id}: each site releases its DP mean embedding once "
+                f"(ε ≤ {config.epsilon:g}), then the server fits the generator "
+                f"({config.fit_steps} steps)"
+            )
+        else:
+            stage(
+                f"federated run {run_id}: {config.rounds} rounds × {config.local_kimg} kimg "
+                "per site"
+            )
 
         def show(record: dict) -> None:
             names = ", ".join(s["site"] for s in record["sites"])
+            if record.get("phase") == "embedding":
+                stage(f"releases received from {names} in {record['seconds']:.0f} s; fitting G")
+                return
             stage(
                 f"round {record['round']}/{config.rounds} done in {record['seconds']:.0f} s "
                 f"({names})"
@@ -413,6 +612,8 @@ def _write_summary(out: Path, result: DemoResult) -> None:
         "sites": result.ingest,
         "rounds": result.rounds,
         "evaluation": result.evaluation,
+        "public_only": result.public_only,
+        "public_run": result.public_run,
         "privacy": result.privacy,
         "release": result.release,
         "report": str(result.report) if result.report else None,

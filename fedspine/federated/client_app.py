@@ -74,7 +74,8 @@ def release_embedding(msg: Message, context: Context) -> Message:
     """The site's one DP mean-embedding release (the ``dp-mean-embedding`` route)."""
 
     def run(site: SiteConfig):
-        return release_round(site, EmbeddingRoundConfig.from_record(msg.content["config"]))
+        rc = EmbeddingRoundConfig.from_record(msg.content["config"])
+        return release_round(site, rc, msg.content)
 
     return _reply(msg, context, run)
 

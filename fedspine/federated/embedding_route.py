@@ -1,7 +1,8 @@
 """The coordinator's side of the DP mean-embedding route (issue 15, item 4): one Flower round.
 
 ``route = "dp-mean-embedding"`` in federation.toml replaces the GAN rounds: the server sends
-every site one ``train.embedding`` message (:mod:`embedding_site`), checks each reply as it
+every site one ``train.embedding`` message (:mod:`embedding_site`; with ``features`` naming
+``public``, the initial checkpoint's discriminator goes along as the feature network), checks each reply as it
 would a model (the records it must hold, the federation and round, arrays of exactly the
 requested shapes, finite, metadata of the requested feature map and classes, ε within the
 request), writes each site's release to ``releases/SITE.npz``, sums them and fits the
@@ -29,14 +30,19 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedspine import __version__
-from fedspine.federated.embedding_site import EMBEDDING_ACTION, EmbeddingRoundConfig
+from fedspine.federated.embedding_site import (
+    EMBEDDING_ACTION,
+    FEATURE_NETWORK,
+    EmbeddingRoundConfig,
+    describe_network,
+)
 from fedspine.federated.federation_config import (
     EMBEDDING_ROUTE,
     FederationConfig,
     FederationError,
 )
 from fedspine.federated.run_folder import RoundRecord, append_round, now, read_rounds, write_status
-from fedspine.federated.weights import read_weight_records
+from fedspine.federated.weights import read_weight_records, weight_records
 from fedspine.fileio import RUN_GENERATOR, write_bytes_atomic
 from fedspine.privacy.report import site_entry, write_privacy_summary
 from fedspine.training.mean_embedding import (
@@ -46,7 +52,11 @@ from fedspine.training.mean_embedding import (
     read_release,
     write_release,
 )
-from fedspine.training.mean_embedding_features import build_feature_map
+from fedspine.training.mean_embedding_features import (
+    FeatureMapError,
+    NetworkFeatures,
+    build_feature_map,
+)
 from fedspine.training.mean_embedding_fit import EmbeddingFitError, FitRequest, fit_generator
 
 ROUTE = EMBEDDING_ROUTE
@@ -57,8 +67,21 @@ MAX_METADATA = 1_000_000
 """Characters of a reply's release metadata the server reads (the ledger rows included)."""
 
 
-def request_for(config: FederationConfig) -> EmbeddingRoundConfig:
-    """The one round's request: the route's public feature map and the target ε."""
+def public_network(config: FederationConfig) -> NetworkFeatures | None:
+    """The initial checkpoint's discriminator when the route's features use it."""
+    if not config.embedding.uses_public:
+        return None
+    try:
+        return NetworkFeatures.from_checkpoint(str(config.initial_checkpoint))
+    except FeatureMapError as err:
+        raise FederationError(f"initial_checkpoint as the feature network: {err}") from None
+
+
+def request_for(
+    config: FederationConfig, network: NetworkFeatures | None = None
+) -> EmbeddingRoundConfig:
+    """The one round's request: the route's public feature map and the target ε (``network``:
+    :func:`public_network`, for a map that uses it)."""
     e = config.embedding
     return EmbeddingRoundConfig(
         federation=config.name,
@@ -71,6 +94,8 @@ def request_for(config: FederationConfig) -> EmbeddingRoundConfig:
         bandwidths=tuple(float(b) for b in e.bandwidths),
         feature_resolution=int(e.feature_resolution),
         class_names=tuple(config.class_names),
+        features=e.features,
+        feature_network=describe_network(network) if network is not None else "",
     )
 
 
@@ -82,7 +107,8 @@ def run_embedding_route(rounds) -> dict[str, Any]:
     done = [r for r in read_rounds(out) if r.get("phase") == PHASE and r.get("sites")]
     if not (done and len(releases) >= config.min_sites):
         write_status(out, config, "running", 0, phase=PHASE)
-        releases = _release_round(rounds, request_for(config))
+        network = public_network(config)
+        releases = _release_round(rounds, request_for(config, network), network)
     else:
         log(f"{config.name}: the sites' releases are on disk already; fitting the generator")
     _fit(out, config, releases, log)
@@ -90,15 +116,17 @@ def run_embedding_route(rounds) -> dict[str, Any]:
     return write_status(out, config, "completed", 1, phase=PHASE)
 
 
-def _release_round(rounds, rc: EmbeddingRoundConfig) -> list[Path]:
+def _release_round(rounds, rc: EmbeddingRoundConfig, network: NetworkFeatures | None) -> list[Path]:
     config, out, log = rounds.config, Path(rounds.config.output_dir), rounds.log
     t0 = time.perf_counter()
     rounds._wait_for_sites(PHASE, 1, t0)
     nodes = sorted(rounds.grid.get_node_ids())
-    record = ConfigRecord(rc.to_record())
+    records: dict[str, Any] = {"config": ConfigRecord(rc.to_record())}
+    if network is not None:
+        records.update(weight_records(network.D.state_dict(), FEATURE_NETWORK))
     messages = [
         Message(
-            RecordDict({"config": record}),
+            RecordDict(records),
             dst_node_id=node,
             message_type=f"train.{EMBEDDING_ACTION}",
             group_id=f"{PHASE}-round-1",
@@ -106,7 +134,7 @@ def _release_round(rounds, rc: EmbeddingRoundConfig) -> list[Path]:
         )
         for node in nodes
     ]
-    expected = _expected(rc)
+    expected = _expected(rc, network)
     received: list[EmbeddingRelease] = []
 
     def take(reply, sent_to: dict[str, int]) -> tuple[dict | None, dict | None]:
@@ -160,13 +188,14 @@ def _release_round(rounds, rc: EmbeddingRoundConfig) -> list[Path]:
     return sorted(paths)
 
 
-def _expected(rc: EmbeddingRoundConfig) -> dict[str, Any]:
+def _expected(rc: EmbeddingRoundConfig, network: NetworkFeatures | None = None) -> dict[str, Any]:
     feature_map = build_feature_map(
-        "rff",
+        rc.features,
         dim=rc.dim,
         seed=rc.seed,
         bandwidths=rc.bandwidths,
         resolution=rc.feature_resolution,
+        public=network,
     )
     # As the site's metadata arrives: through JSON (tuples become lists).
     description = json.loads(json.dumps(feature_map.describe()))
@@ -257,6 +286,7 @@ def _fit(out: Path, config: FederationConfig, releases: list[Path], log) -> None
                 preset=config.preset,
                 resolution=config.resolution,
                 init_from=config.initial_checkpoint,
+                feature_networks=[config.initial_checkpoint] if e.uses_public else [],
                 seed=config.seed,
             )
         )
@@ -278,10 +308,15 @@ def _write_privacy(out: Path, config: FederationConfig, releases: list[Embedding
             patients=int(m["patients"]),
             epsilon_per_round=[{"phase": PHASE, "round": 1, "epsilon": float(m["epsilon"])}],
         )
+    features = {
+        "rff": "random-Fourier-feature",
+        "public": "public-discriminator-feature",
+        "rff+public": "random-Fourier-feature and public-discriminator-feature",
+    }[config.embedding.features]
     components = {
         "route": ROUTE,
-        "release": "each site's per-class sums of per-patient mean random-Fourier-feature "
-        "embeddings (each patient's row bounded), Gaussian noise added once at the site",
+        "release": f"each site's per-class sums of per-patient mean {features} embeddings "
+        "(each patient's row bounded), Gaussian noise added once at the site",
         "aggregation": "the server sums the sites' releases (no secure aggregation: it sees "
         "each site's release, so every site adds the full noise of its own ε)",
         "generator": "fitted to the pooled means on the server: post-processing",

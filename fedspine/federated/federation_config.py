@@ -22,6 +22,7 @@ MODELS = ("cgan", "spinegan")
 GAN_ROUTE = "gan"
 EMBEDDING_ROUTE = "dp-mean-embedding"
 ROUTES = (GAN_ROUTE, EMBEDDING_ROUTE)
+EMBEDDING_FEATURES = ("rff", "public", "rff+public")
 
 
 class FederationError(Exception):
@@ -32,10 +33,14 @@ class FederationError(Exception):
 class EmbeddingRouteConfig:
     """``[embedding]``: the public feature map of the DP mean-embedding route and the fit.
 
-    Random Fourier features of the pixels (``dim`` features at ``feature_resolution`` px, one
-    bandwidth per group, drawn from ``seed``: public, the same at every site), each patient's
-    mean embedding clipped to ``clip``; then ``fit_steps`` steps of the generator's fit."""
+    ``features``: ``rff``, random Fourier features of the pixels (``dim`` features at
+    ``feature_resolution`` px, one bandwidth per group, drawn from ``seed``: public, the same at
+    every site); ``public``, the features of the discriminator of the federation's
+    ``initial_checkpoint`` (DP-MEPF; the server sends its weights with the request); or
+    ``rff+public``, both (the route that measured best). Each patient's mean embedding is
+    clipped to ``clip``; then ``fit_steps`` steps of the generator's fit."""
 
+    features: str = "rff"
     clip: float = 1.0
     dim: int = 256
     seed: int = 0
@@ -44,6 +49,11 @@ class EmbeddingRouteConfig:
     fit_steps: int = 1000
     fit_batch_per_class: int = 32
     fit_lr: float = 0.0025
+
+    @property
+    def uses_public(self) -> bool:
+        """Whether the features include the initial checkpoint's discriminator."""
+        return "public" in self.features.split("+")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "[embedding]") -> EmbeddingRouteConfig:
@@ -54,6 +64,8 @@ class EmbeddingRouteConfig:
 
     def problems(self, resolution: int) -> list[str]:
         out = []
+        if self.features not in EMBEDDING_FEATURES:
+            out.append(f"[embedding] features must be one of {EMBEDDING_FEATURES}")
         if not self.clip > 0 or not 1 <= self.dim <= 8192 or not self.bandwidths:
             out.append("[embedding] clip must be > 0, dim 1 to 8192, bandwidths not empty")
         if any(not float(b) > 0 for b in self.bandwidths):
@@ -158,6 +170,11 @@ class FederationConfig:
             if self.model != "cgan":
                 raise FederationError("route dp-mean-embedding fits a cGAN generator: model cgan")
             problems = self.embedding.problems(self.resolution)
+            if self.embedding.uses_public and not self.initial_checkpoint:
+                problems.append(
+                    f"[embedding] features {self.embedding.features!r} use the public "
+                    "checkpoint's discriminator: set initial_checkpoint"
+                )
             if problems:
                 raise FederationError("; ".join(problems))
         if self.model == "spinegan":

@@ -8,6 +8,7 @@ are renamed into place, so an interrupted save never leaves a truncated checkpoi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -82,3 +83,13 @@ def load_checkpoint(
             f"{path}: a {data['fedspine_checkpoint']} checkpoint, but a {kind} checkpoint is needed"
         )
     return data
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A hash of a state dict's names, shapes, dtypes and values (weights held in memory)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

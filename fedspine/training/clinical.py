@@ -35,7 +35,6 @@ C is; :func:`clinical_privacy` decides what a DP run may claim, and
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from torch import nn
 
 from fedspine.fileio import CLASSIFIER_WEIGHTS, file_sha256
 from fedspine.models.classifier import ClassifierConfig, from_generator_output, load_classifier
+from fedspine.training.checkpoint import state_sha256
 from fedspine.training.gan_trainer import GanTrainer
 from fedspine.training.parts import GLoss
 
@@ -398,9 +398,4 @@ def classifier_file(path: str | os.PathLike) -> Path:
 
 def weights_sha256(model: nn.Module) -> str:
     """A hash of a module's state dict (names, shapes, dtypes and values), for in-memory C."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_sha256(model.state_dict())

@@ -62,6 +62,7 @@ from fedspine.training.mean_embedding_features import (
     DEFAULT_FEATURE_RESOLUTION,
     DEFAULT_SEED,
     RFF,
+    NetworkFeatures,
     build_feature_map,
     to_unit_range,
 )
@@ -224,8 +225,12 @@ def release_embedding(
     delta: float | None = None,
     max_epsilon: float | None = None,
     site: str | None = None,
+    public: NetworkFeatures | None = None,
 ) -> EmbeddingRelease:
-    """Compute, noise once (through the privacy engine) and write a site's release to ``out``."""
+    """Compute, noise once (through the privacy engine) and write a site's release to ``out``.
+
+    ``features`` may name ``public``: the network given as ``public`` (a federation's site
+    receives it from the server and checks it before)."""
     from fedspine.data.prepared import PreparedDatasetError, load_prepared  # lazy: reads data
     from fedspine.training.dp_run import dp_unit_of  # lazy: the DP run's unit rules
 
@@ -251,6 +256,7 @@ def release_embedding(
         bandwidths=bandwidths,
         resolution=feature_resolution,
         dataset_content_hash=dataset.content_hash,
+        public=public,
     )
     engine = PrivacyEngine(
         train.privacy_ids,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from fedspine.models import Discriminator, NetworkConfig
+from fedspine.training.checkpoint import state_sha256
 
 RFF = "rff"
 NETWORK = "network"
+PUBLIC = "public"
+"""In a spec, the public network handed to :func:`build_feature_map` by its caller."""
+SOURCE_KEYS = ("checkpoint", "checkpoint_sha256", "declared_public", "dataset_content_hash")
 DEFAULT_DIM = 256
 DEFAULT_SEED = 0
 DEFAULT_BANDWIDTHS = (0.1, 0.25, 0.5, 1.0)
@@ -119,11 +123,44 @@ class RandomFourierFeatures:
 
 
 class NetworkFeatures:
-    """Features of a public checkpoint's discriminator (its data declared public)."""
+    """Features of a public checkpoint's discriminator (its data declared public).
+
+    Built from the checkpoint on this machine's disk (:meth:`from_checkpoint`: the declaration
+    and the dataset checked), or from settings and weights received with their description
+    (a federation's site: :mod:`fedspine.federated.embedding_site` checks what it received).
+    ``weights_sha256`` hashes the weights actually used, so a release says exactly which
+    network made its features whoever supplied it."""
 
     kind = NETWORK
 
-    def __init__(self, source: str | Path, dataset_content_hash: str = "") -> None:
+    def __init__(
+        self, network: dict[str, Any], weights: Mapping[str, torch.Tensor], source: dict[str, str]
+    ) -> None:
+        try:
+            config = NetworkConfig(**network)
+        except (TypeError, ValueError) as err:
+            raise FeatureMapError(f"the feature network's settings: {err}") from None
+        self.D = Discriminator(config)
+        try:
+            self.D.load_state_dict(weights)
+        except (RuntimeError, KeyError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise FeatureMapError(
+                f"the feature network's weights do not fit its settings: {first[:200]}"
+            ) from None
+        self.D.eval().requires_grad_(False)
+        self.network = dict(network)
+        self.source = {k: str(source.get(k, "")) for k in SOURCE_KEYS}
+        self.weights_sha256 = state_sha256(self.D.state_dict())
+        self.resolution = int(config.resolution)
+        with torch.no_grad():
+            probe = torch.zeros(1, self.D.img_channels, self.resolution, self.resolution)
+            self.dim = int(self._raw(probe).shape[1])
+
+    @classmethod
+    def from_checkpoint(cls, source: str | Path, dataset_content_hash: str = "") -> NetworkFeatures:
+        """The D of a run folder or snapshot trained with ``--public-data``; refused when it was
+        not, or when it was trained on the dataset whose hash is ``dataset_content_hash``."""
         from fedspine.training.public_init import (  # lazy: loads the checkpoint machinery
             PublicInitError,
             load_public_init,
@@ -133,14 +170,8 @@ class NetworkFeatures:
             public = load_public_init(source, dataset_content_hash)
         except PublicInitError as err:
             raise FeatureMapError(str(err)) from None
-        self.public = public
-        self.D = Discriminator(NetworkConfig(**public.network))
-        self.D.load_state_dict(public.weights["D"])
-        self.D.eval().requires_grad_(False)
-        self.resolution = int(public.network["resolution"])
-        with torch.no_grad():
-            probe = torch.zeros(1, self.D.img_channels, self.resolution, self.resolution)
-            self.dim = int(self._raw(probe).shape[1])
+        record = public.record()
+        return cls(public.network, public.weights["D"], {k: record[k] for k in SOURCE_KEYS})
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         D = self.D
@@ -160,9 +191,10 @@ class NetworkFeatures:
         return {
             "kind": NETWORK,
             "dim": self.dim,
-            "checkpoint": self.public.path.name,
-            "checkpoint_sha256": self.public.sha256,
-            "declared_public": self.public.declaration,
+            "checkpoint": self.source["checkpoint"],
+            "checkpoint_sha256": self.source["checkpoint_sha256"],
+            "declared_public": self.source["declared_public"],
+            "weights_sha256": self.weights_sha256,
             "layers": "discriminator blocks: spatial means, and the last block's map; "
             "each part of unit norm",
         }
@@ -194,14 +226,20 @@ def build_feature_map(
     bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
     resolution: int = DEFAULT_FEATURE_RESOLUTION,
     dataset_content_hash: str = "",
+    public: NetworkFeatures | None = None,
 ) -> CombinedFeatures:
-    """``spec``: ``rff``, a public run folder or snapshot, or several joined by ``+``."""
+    """``spec``: ``rff``, a public run folder or snapshot, or several joined by ``+``;
+    ``public`` stands for the network given as ``public`` (already checked by the caller)."""
     maps: list[Any] = []
     for part in [p.strip() for p in str(spec).split("+") if p.strip()]:
         if part == RFF:
             maps.append(RandomFourierFeatures(dim, seed, bandwidths, resolution))
+        elif part == PUBLIC:
+            if public is None:
+                raise FeatureMapError("the feature map names the public network, none was given")
+            maps.append(public)
         else:
-            maps.append(NetworkFeatures(part, dataset_content_hash))
+            maps.append(NetworkFeatures.from_checkpoint(part, dataset_content_hash))
     return CombinedFeatures(maps)
 
 
@@ -226,14 +264,20 @@ def feature_map_from_description(
             want = part.get("checkpoint_sha256")
             found = None
             for source in networks:
-                candidate = NetworkFeatures(source)
-                if candidate.public.sha256 == want:
+                candidate = NetworkFeatures.from_checkpoint(source)
+                if candidate.source["checkpoint_sha256"] == want:
                     found = candidate
                     break
             if found is None:
                 raise FeatureMapError(
                     f"the release uses the features of public checkpoint sha256:{want}; pass "
                     "that checkpoint (its run folder or snapshot) with --feature-network"
+                )
+            used = part.get("weights_sha256")
+            if used is not None and used != found.weights_sha256:
+                raise FeatureMapError(
+                    f"the release's features came from other weights (sha256:{used}) than the "
+                    f"discriminator of checkpoint sha256:{want}"
                 )
             maps.append(found)
         else:

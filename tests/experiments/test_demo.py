@@ -9,26 +9,44 @@ import pytest
 from fedspine.experiments.demo import DemoConfig, run_demo
 from fedspine.federated.processes import pid_alive, read_pid_file
 
+SMALL = dict(
+    images_per_site=90,
+    phantom_size=128,
+    per_class=40,
+    classifier_epochs=2,
+    release_per_class=20,
+)
+
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    config = DemoConfig(
-        images_per_site=90,
-        phantom_size=128,
-        rounds=2,
-        local_kimg=0.128,
-        patients_per_step=16,
-        per_class=40,
-        classifier_epochs=2,
-        release_per_class=20,
-    )
+    """The default route: a public checkpoint pretrained here, one DP-MEPF release per site
+    over a real SuperLink, the fit, and the public-only baseline evaluated beside it."""
+    config = DemoConfig(public_images=60, public_kimg=0.1, fit_steps=5, **SMALL)
     stages = []
     result = run_demo(tmp_path / "demo", config, stage=stages.append)
     out = tmp_path / "demo"
 
     assert result.sites == ["site_1", "site_2", "site_3"]
-    assert len(result.rounds) == 2
-    assert all(len(r["sites"]) == 3 for r in result.rounds)
+    (record,) = result.rounds
+    assert record["phase"] == "embedding" and len(record["sites"]) == 3
+    # The sites released the public D's features, received over the wire, hashed as the
+    # checkpoint's D.
+    from fedspine.training.checkpoint import load_checkpoint, state_sha256
+    from fedspine.training.mean_embedding import read_release
+    from fedspine.training.public_init import load_public_init
+
+    public = load_public_init(result.public_run, "")
+    D = load_checkpoint(public.path, kind="trainer")["trainer"]["D"]
+    for path in sorted((out / "federation" / "releases").glob("*.npz")):
+        parts = read_release(path).metadata["feature_map"]["parts"]
+        assert [p["kind"] for p in parts] == ["rff", "network"]
+        assert parts[1]["weights_sha256"] == state_sha256(D)
+    # The public-only baseline was evaluated the same way, on the same real test split.
+    base = result.public_only
+    assert 0.0 <= base["tstr_auc"] <= 1.0 and base["trtr_auc"] == result.evaluation["trtr_auc"]
+    assert (out / "public-only" / "evaluation" / "report.md").is_file()
+    assert "public-only baseline" in (out / "report.html").read_text()
     # Patient-level DP at every site, each under its cap.
     assert result.privacy["private"] is True
     assert sorted(result.privacy["sites"]) == ["site_1", "site_2", "site_3"]
@@ -67,9 +85,28 @@ def test_demo_end_to_end(tmp_path):
     html = (out / "report.html").read_text()
     assert 'src="http' not in html and "data:image/png;base64," in html
     assert all(site in html for site in ("site_1", "site_2", "site_3"))
-    assert "fedspine demo" in html
+    assert "fedspine demo" in html and "fedspine pretrain" in html
     # Every process the demo started is gone.
     for pid_file in [out / "server" / "superlink.pid", *out.glob("sites/*/supernode.pid")]:
         pid = read_pid_file(pid_file)
         assert pid is None or not pid_alive(pid)
     assert any("SuperLink" in s for s in stages)
+
+
+def test_the_demo_routes_configure_the_federation_they_name(tmp_path):
+    from fedspine.experiments.demo import _federation_config, demo_command
+
+    sites = ["site_1", "site_2"]
+    mepf = _federation_config(tmp_path, sites, DemoConfig(), "/public/run")
+    assert mepf.route == "dp-mean-embedding" and mepf.embedding.features == "rff+public"
+    assert mepf.initial_checkpoint == "/public/run" and mepf.dp and mepf.dp_epsilon == 10.0
+    mepf.validate()
+    sgd = _federation_config(tmp_path, sites, DemoConfig(route="dp-sgd", rounds=3), None)
+    assert sgd.route == "gan" and sgd.rounds == 3 and sgd.initial_checkpoint is None
+    sgd.validate()
+    assert "--route dp-sgd --rounds 3" in demo_command(
+        tmp_path, DemoConfig(route="dp-sgd", rounds=3)
+    )
+    assert "--public-run /p" in demo_command(tmp_path, DemoConfig(public_run="/p"))
+    with pytest.raises(ValueError, match="--route"):
+        DemoConfig(route="gan").check()

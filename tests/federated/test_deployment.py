@@ -7,6 +7,7 @@ Every process a test starts is stopped by PID (its whole process group) on succe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,33 @@ def test_client_start_from_site_toml_says_running_only_once_accepted(tmp_path, c
         assert status["supernode"]["alive"] and status["node_id"] is not None
     finally:
         _cli("client", "stop", "--workdir", str(site), check=False)
+
+
+def test_following_a_run_asks_flower_only_when_the_status_file_turns_final(tmp_path, monkeypatch):
+    """Each `flwr ls` costs about a second of CPU: asked every poll, it took a core from the
+    run. Flower is asked at the start, then once the ServerApp's status file says the run ended."""
+    from fedspine.federated import deploy
+    from fedspine.federated.run_folder import STATUS_FILE
+
+    asked, polls = [], []
+    out = tmp_path / "fed"
+    out.mkdir()
+    (out / STATUS_FILE).write_text(json.dumps({"state": "completed"}))  # an earlier run's
+    old = (out / STATUS_FILE).stat().st_mtime - 100
+    os.utime(out / STATUS_FILE, (old, old))
+
+    def run_status(workdir, run_id):
+        asked.append(len(polls))
+        state = (read_status(out) or {}).get("state")
+        return "finished:completed" if state == "completed" and len(polls) > 5 else "running"
+
+    def sleep(_seconds):
+        polls.append(1)
+        if len(polls) == 20:
+            (out / STATUS_FILE).write_text(json.dumps({"state": "completed"}))
+
+    monkeypatch.setattr(deploy, "run_status", run_status)
+    monkeypatch.setattr(deploy.time, "sleep", sleep)
+    status = deploy.wait_for_run(tmp_path, 1, out, poll=0.0, ask_every=1e9)
+    assert status == "finished:completed"
+    assert asked == [0, 20], asked  # at the start, and when the status file turned final

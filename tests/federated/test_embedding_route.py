@@ -10,9 +10,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from fedspine.data.prepared import load_prepared
 from fedspine.federated.client_app import app as client_app
 from fedspine.federated.embedding_route import release_problem, request_for
-from fedspine.federated.embedding_site import EmbeddingRoundConfig, release_round
+from fedspine.federated.embedding_site import FEATURE_NETWORK, EmbeddingRoundConfig, release_round
 from fedspine.federated.federation import FederationError, read_rounds, run_federation
 from fedspine.federated.federation_config import (
     EMBEDDING_ROUTE,
@@ -22,7 +23,12 @@ from fedspine.federated.federation_config import (
 from fedspine.federated.grid import InProcessGrid, InProcessNode
 from fedspine.federated.site_config import SiteConfig, SiteRefusal
 from fedspine.federated.weights import weight_records
+from fedspine.fileio import file_sha256
 from fedspine.privacy.home import PrivacyHome
+from fedspine.training.checkpoint import load_checkpoint, state_sha256
+from fedspine.training.generate import load_generator
+from fedspine.training.mean_embedding import read_release
+from tests.training import public_checkpoint
 
 CAP = 8.0
 
@@ -257,3 +263,101 @@ def test_the_server_template_loads_as_shipped_and_as_the_embedding_route(tmp_pat
     assert shipped.route == "gan" and shipped.embedding == EmbeddingRouteConfig()
     copy.write_text(template.read_text().replace('route = "gan"', f'route = "{EMBEDDING_ROUTE}"'))
     assert FederationConfig.from_toml(copy).route == EMBEDDING_ROUTE
+
+
+# -- DP-MEPF: the public discriminator's features, sent by the server ---------------------------
+
+
+def _mepf_config(tmp_path, public, **kw) -> FederationConfig:
+    embedding = EmbeddingRouteConfig(
+        features="rff+public", dim=32, feature_resolution=16, fit_steps=3, fit_batch_per_class=4
+    )
+    return _config(tmp_path, initial_checkpoint=str(public), embedding=embedding, **kw)
+
+
+def test_dp_mepf_sites_use_the_servers_public_discriminator(site_datasets, tmp_path):
+    public = public_checkpoint(tmp_path / "public.pt", "phantom images (fedspine phantom)")
+    D = load_checkpoint(public, kind="trainer")["trainer"]["D"]
+    grid = InProcessGrid(_nodes(site_datasets, tmp_path))
+    status = run_federation(grid, _mepf_config(tmp_path, public), log=lambda _m: None)
+    out = tmp_path / "out"
+    assert status["state"] == "completed"
+    for path in sorted((out / "releases").glob("*.npz")):
+        parts = read_release(path).metadata["feature_map"]["parts"]
+        assert [p["kind"] for p in parts] == ["rff", "network"]
+        # The site hashed the weights it used: exactly the checkpoint's D.
+        assert parts[1]["weights_sha256"] == state_sha256(D)
+        assert parts[1]["checkpoint_sha256"] == file_sha256(public)
+    for k in range(3):
+        (row,) = [r for r in _ledger_of(tmp_path, k) if r["label"] == "mean-embedding"]
+        assert "network" in json.dumps(row)
+    components = json.loads((out / "privacy.json").read_text())["components"]
+    assert "public-discriminator-feature" in components["release"]
+    # The fit started from the checkpoint and moved only G's mapping.
+    G, _ = load_generator(out / "generator.pt")
+    start = load_checkpoint(public, kind="trainer")["trainer"]["G_ema"]
+    fitted = G.state_dict()
+    assert all(torch.equal(fitted[k], start[k]) for k in start if k.startswith("synthesis."))
+
+
+def test_the_public_features_need_the_initial_checkpoint(tmp_path):
+    embedding = EmbeddingRouteConfig(features="rff+public", dim=32, feature_resolution=16)
+    with pytest.raises(FederationError, match="initial_checkpoint"):
+        _config(tmp_path, embedding=embedding).validate()
+    with pytest.raises(FederationError, match="features must be"):
+        _config(tmp_path, embedding=EmbeddingRouteConfig(features="pixels")).validate()
+
+
+def _hostile(good, records, **claim_changes):
+    claim = {**json.loads(good.feature_network), **claim_changes}
+    return replace(good, feature_network=json.dumps(claim)), records
+
+
+def test_a_hostile_feature_network_is_refused_before_anything_is_spent(site_datasets, tmp_path):
+    from fedspine.federated.embedding_route import public_network
+
+    public = public_checkpoint(tmp_path / "public.pt", "phantom images (fedspine phantom)")
+    config = _mepf_config(tmp_path, public)
+    network = public_network(config)
+    good = request_for(config, network)
+    state = network.D.state_dict()
+    records = weight_records(state, FEATURE_NETWORK)
+    site = _site(site_datasets[0], tmp_path)
+    own_hash = load_prepared(site_datasets[0]).content_hash
+    swapped = {k: v.clone() for k, v in state.items()}
+    first = next(k for k, v in swapped.items() if v.is_floating_point())
+    swapped[first] += 1.0
+    nan = {k: v.clone() for k, v in state.items()}
+    nan[first].view(-1)[0] = float("nan")
+    huge = {**json.loads(good.feature_network)["network"], "channel_max": 4096}
+    bad = {
+        "cannot be read": (good, {}),
+        "do not hash": (good, weight_records(swapped, FEATURE_NETWORK)),
+        "NaN": _hostile(
+            good, weight_records(nan, FEATURE_NETWORK), weights_sha256=state_sha256(nan)
+        ),
+        "channel_max 4096": _hostile(good, records, network=huge),
+        "very dataset": _hostile(good, records, dataset_content_hash=own_hash),
+        "max-resolution": (good, records),
+    }
+    for words, (rc, content) in bad.items():
+        limited = replace(site, max_resolution=8) if words == "max-resolution" else site
+        with pytest.raises(SiteRefusal, match=words):
+            release_round(limited, rc, content)
+        assert not (tmp_path / "home" / "ledger.json").exists() or not _spent(tmp_path), words
+    with pytest.raises(SiteRefusal, match="exactly when"):
+        EmbeddingRoundConfig.from_record({**good.to_record(), "feature-network": ""})
+    with pytest.raises(SiteRefusal, match="features"):
+        EmbeddingRoundConfig.from_record({**good.to_record(), "features": "everything"})
+    # A network whose activations overflow is still a fixed map: each patient's embedding that
+    # is not finite counts as zero, so the release stays finite and within its sensitivity.
+    loud = {k: v * 1e30 if v.is_floating_point() else v for k, v in state.items()}
+    rc, content = _hostile(
+        good, weight_records(loud, FEATURE_NETWORK), weights_sha256=state_sha256(loud)
+    )
+    arrays, _, extra = release_round(site, rc, content)
+    assert bool(arrays["sums"].isfinite().all())
+    assert json.loads(extra["release"])["epsilon"] <= good.epsilon + 1e-6
+    # The good request spends once.
+    arrays, _, extra = release_round(site, good, records)
+    assert arrays["sums"].shape == (2, network.dim + 32)

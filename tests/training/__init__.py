@@ -111,3 +111,28 @@ def make_prepared(
         rejected=[],
         manifest={"source": "test shapes"},
     )
+
+
+def public_checkpoint(
+    path: Path, public: str | None, content_hash: str = "other", resolution: int = 16
+) -> Path:
+    """A tiny trainer snapshot without minibatch-std, declared public when ``public`` says why
+    (as ``fedspine train --public-data`` writes it), of the dataset hash ``content_hash``."""
+    import dataclasses
+
+    import torch
+
+    from fedspine.models import Discriminator, Generator
+    from fedspine.training.checkpoint import save_checkpoint
+
+    cfg = tiny_config(resolution=resolution, num_classes=2)
+    net = dataclasses.replace(cfg.network, mbstd_group=0)
+    cfg.network = net
+    torch.manual_seed(0)
+    G, D = Generator(net), Discriminator(net)
+    dataset = {"content_hash": content_hash, "class_names": ["class0", "class1"]}
+    if public is not None:
+        dataset["public"] = public
+    state = {"config": cfg.to_dict(), "G": G.state_dict(), "G_ema": G.state_dict()}
+    state["D"] = D.state_dict()
+    return save_checkpoint(path, "trainer", {"trainer": state, "dataset": dataset})

@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 
 from fedspine.cli.main import app
 from fedspine.data.prepared import load_prepared
-from fedspine.models import Discriminator, Generator
+from fedspine.models import Generator
 from fedspine.privacy.accounting import Mechanism, calibrate_noise, epsilon
 from fedspine.privacy.home import PrivacyHome
 from fedspine.privacy.report import build_report
 from fedspine.release.checks import check_generator_binding, check_privacy
 from fedspine.training import config as config_module
 from fedspine.training import mean_embedding as me
-from fedspine.training.checkpoint import load_checkpoint, save_checkpoint
+from fedspine.training.checkpoint import load_checkpoint
 from fedspine.training.generate import load_generator
 from fedspine.training.mean_embedding_features import (
     FeatureMapError,
@@ -31,7 +31,7 @@ from fedspine.training.mean_embedding_features import (
     to_unit_range,
 )
 from fedspine.training.mean_embedding_fit import FitRequest, fit_generator
-from tests.training import make_prepared, tiny_config
+from tests.training import make_prepared, public_checkpoint, tiny_config
 
 runner = CliRunner()
 DIM = 32
@@ -256,35 +256,21 @@ def test_fit_reduces_the_embedding_distance_and_writes_a_releasable_run(
 # -- public networks -----------------------------------------------------------------------------
 
 
-def _checkpoint(path, public: str | None, content_hash: str = "other"):
-    cfg = tiny_config(resolution=16, num_classes=2)
-    net = dataclasses.replace(cfg.network, mbstd_group=0)
-    cfg.network = net
-    torch.manual_seed(0)
-    G, D = Generator(net), Discriminator(net)
-    dataset = {"content_hash": content_hash, "class_names": ["class0", "class1"]}
-    if public is not None:
-        dataset["public"] = public
-    state = {"config": cfg.to_dict(), "G": G.state_dict(), "G_ema": G.state_dict()}
-    state["D"] = D.state_dict()
-    return save_checkpoint(path, "trainer", {"trainer": state, "dataset": dataset})
-
-
 def test_a_feature_network_not_declared_public_is_refused(prepared, tmp_path):
-    private = _checkpoint(tmp_path / "private.pt", None)
+    private = public_checkpoint(tmp_path / "private.pt", None)
     with pytest.raises(FeatureMapError, match="not trained on data declared public"):
-        NetworkFeatures(private)
+        NetworkFeatures.from_checkpoint(private)
     with pytest.raises(FeatureMapError, match="declared public"):
         _release(prepared, tmp_path, features=str(private))
     assert not (tmp_path / "home" / "ledger.json").exists() or not _records(tmp_path)
-    same = _checkpoint(tmp_path / "same.pt", "phantom", load_prepared(prepared).content_hash)
+    same = public_checkpoint(tmp_path / "same.pt", "phantom", load_prepared(prepared).content_hash)
     with pytest.raises(FeatureMapError, match="this very dataset"):
         _release(prepared, tmp_path, features=str(same))
 
 
 def test_public_network_features_release_and_fit(prepared, tmp_path):
-    public = _checkpoint(tmp_path / "public.pt", "phantom images (fedspine phantom)")
-    fmap = NetworkFeatures(public)
+    public = public_checkpoint(tmp_path / "public.pt", "phantom images (fedspine phantom)")
+    fmap = NetworkFeatures.from_checkpoint(public)
     x = to_unit_range(np.random.default_rng(0).integers(0, 256, (3, 16, 16), dtype=np.uint8))
     assert torch.all(fmap(x).norm(dim=1) <= 1 + 1e-5)
     release = _release(prepared, tmp_path, features=f"rff+{public}")
@@ -304,7 +290,7 @@ def test_public_network_features_release_and_fit(prepared, tmp_path):
 def test_a_mapping_only_fit_moves_the_mapping_and_keeps_the_public_synthesis(prepared, tmp_path):
     """From a public checkpoint the fit moves the label embedding and mapping network only (by
     default): the synthesis network stays the checkpoint's, bit for bit."""
-    public = _checkpoint(tmp_path / "public.pt", "phantom images (fedspine phantom)")
+    public = public_checkpoint(tmp_path / "public.pt", "phantom images (fedspine phantom)")
     _release(prepared, tmp_path)
     common = {"releases": [tmp_path / "rel.npz"], "steps": 3, "batch_per_class": 2}
     fit_generator(FitRequest(out=tmp_path / "run", init_from=public, **common))
