@@ -190,6 +190,7 @@ def run_demo(
             result.public_run = str(_public_run(out, config, stage, reporter))
 
     with _timed(result, "federation"):
+        _fresh_federation(out, stage)
         result.rounds = _federate(out, result.sites, config, stage, result.public_run)
 
     with _timed(result, "generate"):
@@ -305,7 +306,9 @@ def _baseline_table(result: DemoResult) -> dict[str, dict[str, Any]]:
             "TSTR AUC, federated DP generator [95% CI]": tstr_text(ours),
             "TSTR AUC, public checkpoint alone [95% CI]": tstr_text(base),
             "what DP adds (TSTR difference)": round(ours["tstr_auc"] - base["tstr_auc"], 3),
-            "public-only signal retained": base["signal_retained"],
+            "public-only signal retained": (
+                None if base["signal_retained"] is None else round(base["signal_retained"], 3)
+            ),
             "public-only verdict": base["verdict"],
         }
     }
@@ -462,6 +465,29 @@ def _release(out: Path, sites: list[str], config: DemoConfig) -> dict:
         "files": result.files,
         "fingerprint": result.fingerprint,
     }
+
+
+FEDERATION_STATE = ("federation", "server", "sites")
+"""What a demo's federation leaves in OUT: its output, the SuperLink's state, the sites' state."""
+
+
+def _fresh_federation(out: Path, stage: Stage) -> None:
+    """A demo run again in its folder starts its federation afresh.
+
+    The earlier run's phantom sites have spent their ε (their ledgers refuse a second release
+    under the same cap) and its releases name the earlier public checkpoint. The demo's sites
+    are simulated, their images hold no patient, so their state is removed, and said so; the
+    phantom and prepared data and the public checkpoint (continued to ``--public-kimg``) stay.
+    """
+    earlier = [out / name for name in FEDERATION_STATE if (out / name).exists()]
+    if earlier:
+        stage(
+            "an earlier demo's federation is here: removing "
+            + ", ".join(f"{p.name}/" for p in earlier)
+            + " (its phantom sites' ledgers included) to start it afresh"
+        )
+        for path in earlier:
+            shutil.rmtree(path)
 
 
 def _public_run(out: Path, config: DemoConfig, stage: Stage, reporter: RunReporter | None) -> Path:

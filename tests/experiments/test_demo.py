@@ -110,3 +110,16 @@ def test_the_demo_routes_configure_the_federation_they_name(tmp_path):
     assert "--public-run /p" in demo_command(tmp_path, DemoConfig(public_run="/p"))
     with pytest.raises(ValueError, match="--route"):
         DemoConfig(route="gan").check()
+
+
+def test_a_demo_run_again_starts_its_federation_afresh_and_keeps_its_data(tmp_path):
+    from fedspine.experiments.demo import _fresh_federation
+
+    for name in ("federation", "server", "sites/site_1/privacy", "phantom", "prepared", "public"):
+        (tmp_path / name).mkdir(parents=True)
+    said = []
+    _fresh_federation(tmp_path, said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phantom", "prepared", "public"]
+    assert "ledgers" in said[0]
+    _fresh_federation(tmp_path, said.append)
+    assert len(said) == 1  # nothing to remove: nothing said
