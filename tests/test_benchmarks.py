@@ -289,3 +289,23 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
     sha = file_sha256(tmp_path / "public" / "run" / public)
     assert config["init_from"]["checkpoint_sha256"] == sha and config["init_from"]["epsilon"] == 0
     assert config["train"]["network"]["mbstd_group"] == 0
+
+
+def test_trtr_stability_trains_each_seed_and_variant_on_the_same_data(tmp_path, capsys):
+    """benchmarks/trtr_stability.py --quick: one TRTR classifier per seed and variant, trained
+    as `fedspine evaluate` trains it, with what it stopped on, and the spread per variant."""
+    import json
+
+    out = _load("trtr_stability").main(
+        ["--quick", "--work", str(tmp_path), "--variants", "default", "no-early-stop"]
+    )
+    assert json.loads(capsys.readouterr().out)["runs"] == out["runs"]
+    assert [(r["variant"], r["seed"]) for r in out["runs"]] == [
+        ("default", 0), ("default", 1), ("no-early-stop", 0), ("no-early-stop", 1)
+    ]  # fmt: skip
+    for run in out["runs"]:
+        assert 0.0 <= run["auc"] <= 1.0 and 1 <= run["best_check"] <= run["checks_run"]
+    # Without early stopping every check of the budget runs.
+    assert all(r["checks_run"] == 2 for r in out["runs"] if r["variant"] == "no-early-stop")
+    summary = out["summary"]["default"]
+    assert summary["min"] <= summary["mean"] <= summary["max"]
