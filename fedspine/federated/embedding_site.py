@@ -205,9 +205,12 @@ def received_network(
     if state_sha256(weights) != claim["weights_sha256"]:
         raise SiteRefusal("the feature network's weights do not hash to what the request says")
     try:
-        return NetworkFeatures(network, weights, {k: str(claim[k]) for k in SOURCE_KEYS})
+        features = NetworkFeatures(network, weights, {k: str(claim[k]) for k in SOURCE_KEYS})
     except FeatureMapError as err:
         raise SiteRefusal(str(err)) from None
+    if features.weights_sha256 != claim["weights_sha256"]:
+        raise SiteRefusal("the feature network's weights changed when loaded (other dtypes)")
+    return features
 
 
 def release_round(

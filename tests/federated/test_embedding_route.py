@@ -330,6 +330,7 @@ def test_a_hostile_feature_network_is_refused_before_anything_is_spent(site_data
     nan = {k: v.clone() for k, v in state.items()}
     nan[first].view(-1)[0] = float("nan")
     huge = {**json.loads(good.feature_network)["network"], "channel_max": 4096}
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
     bad = {
         "cannot be read": (good, {}),
         "do not hash": (good, weight_records(swapped, FEATURE_NETWORK)),
@@ -337,6 +338,9 @@ def test_a_hostile_feature_network_is_refused_before_anything_is_spent(site_data
             good, weight_records(nan, FEATURE_NETWORK), weights_sha256=state_sha256(nan)
         ),
         "channel_max 4096": _hostile(good, records, network=huge),
+        "changed when loaded": _hostile(
+            good, weight_records(wide, FEATURE_NETWORK), weights_sha256=state_sha256(wide)
+        ),
         "very dataset": _hostile(good, records, dataset_content_hash=own_hash),
         "max-resolution": (good, records),
     }
