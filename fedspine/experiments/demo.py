@@ -9,8 +9,8 @@ server fits the public generator's mapping to their sum. ``route="dp-sgd"`` inst
 GAN with patient-level DP-SGD in federated rounds. The federated generator's synthetic set is
 evaluated (TSTR against TRTR on real phantom test images) beside the public checkpoint's own
 (the public-only baseline: what DP adds is the difference), the privacy report is written, and
-a signed release is made if every gate passes. Last, ``OUT/report.html`` gathers all of it in one self-contained page, with
-the commands and settings that made it. Every process the demo starts is stopped when it ends,
+a signed release is made if every gate passes. Last, ``OUT/report.html`` gathers all of it in
+one self-contained page, with the commands and settings that made it. Every process the demo starts is stopped when it ends,
 Ctrl-C included.
 """
 

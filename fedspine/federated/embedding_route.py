@@ -2,10 +2,10 @@
 
 ``route = "dp-mean-embedding"`` in federation.toml replaces the GAN rounds: the server sends
 every site one ``train.embedding`` message (:mod:`embedding_site`; with ``features`` naming
-``public``, the initial checkpoint's discriminator goes along as the feature network), checks each reply as it
-would a model (the records it must hold, the federation and round, arrays of exactly the
-requested shapes, finite, metadata of the requested feature map and classes, ε within the
-request), writes each site's release to ``releases/SITE.npz``, sums them and fits the
+``public``, the initial checkpoint's discriminator goes along as the feature network), checks
+each reply as it would a model (the records it must hold, the federation and round, arrays of
+exactly the requested shapes, finite, metadata of the requested feature map and classes, ε
+within the request), writes each site's release to ``releases/SITE.npz``, sums them and fits the
 federation's conditional generator to the pooled means
 (:func:`~fedspine.training.mean_embedding_fit.fit_generator`, no further privacy cost). The
 generator lands where the GAN route puts its own (``generator.pt``), so ``fedspine generate``,
