@@ -68,6 +68,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedspine.dp_options import FEDERATED_FEATURES
+
 ARMS = (
     "non-private",
     "non-private-public",
@@ -82,7 +84,6 @@ NON_PRIVATE_ARMS = ("non-private", "non-private-public")
 FROM_PUBLIC = ("non-private-public", "public-only", "dp-sgd-public")
 """Arms that start from (or are) the public checkpoint."""
 MODES = ("pooled", "federated")
-EMBEDDING_FEATURES = ("rff", "public", "rff+public")
 SITES = 3
 
 
@@ -167,7 +168,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path]:
     parser.add_argument(
         "--embedding-features",
         default=None,
-        choices=EMBEDDING_FEATURES,
+        choices=FEDERATED_FEATURES,
         help="what dp-embedding releases: pixel random Fourier features, the public D's "
         "features, or both",
     )

@@ -1,5 +1,8 @@
 """The forms of the DP step's fine-tuning options, read the same way everywhere, without torch.
 
+Also the feature maps a federation's DP mean-embedding round may ask of its sites
+(``FEDERATED_FEATURES``): the server's config, every site and the benchmark read one list.
+
 ``trainable_d`` (which of D's parameters the DP step trains and privatises) and
 ``augment_views`` are checked by ``fedspine.training.dp.DPConfig``, by the CLI before any data is
 read, by the server's own config (``fedspine.federated.federation_config``, which imports no
@@ -23,6 +26,9 @@ TOP_PREFIX = "top:"
 then the K - 1 blocks above it)."""
 TRAINABLE_D_FORMS = "'all', 'head' or 'top:K' with K >= 1"
 MAX_AUGMENT_VIEWS = 32
+FEDERATED_FEATURES = ("rff", "public", "rff+public")
+"""``[embedding] features``: pixel random Fourier features, the public checkpoint's D features
+(DP-MEPF), or both."""
 """Most augmented views per image a DP step takes (K views cost K passes of D per image)."""
 
 _MAX_K_DIGITS = 6
@@ -57,3 +63,8 @@ def top_stages(spec: object) -> int | None:
         raise ValueError(problem)
     text = str(spec)
     return int(text.removeprefix(TOP_PREFIX)) if text.startswith(TOP_PREFIX) else None
+
+
+def names_public(features: str) -> bool:
+    """Whether a feature spec uses the public network (``public``)."""
+    return "public" in str(features).split("+")

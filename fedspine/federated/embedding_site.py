@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fedspine.dp_options import FEDERATED_FEATURES, names_public
 from fedspine.federated.site_config import (
     SiteConfig,
     SiteRefusal,
@@ -40,7 +41,6 @@ from fedspine.federated.site_config import (
 )
 from fedspine.federated.weights import read_weight_records
 from fedspine.privacy.engine import PrivacyError
-from fedspine.training.checkpoint import state_sha256
 from fedspine.training.mean_embedding import EmbeddingReleaseError, release_embedding
 from fedspine.training.mean_embedding_features import (
     SOURCE_KEYS,
@@ -71,7 +71,6 @@ NETWORK_BOUNDS = {
     "mbstd_channels": 16,
 }
 """The largest discriminator settings a site builds for a server's feature network."""
-FEATURE_SPECS = ("rff", "public", "rff+public")
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class EmbeddingRoundConfig:
 
     @property
     def uses_network(self) -> bool:
-        return "public" in self.features.split("+")
+        return names_public(self.features)
 
     @classmethod
     def from_record(cls, record) -> EmbeddingRoundConfig:
@@ -144,8 +143,10 @@ class EmbeddingRoundConfig:
             raise SiteRefusal(f"feature-resolution {rc.feature_resolution}: 4 to 256 px allowed")
         if len(rc.federation) > 200 or not rc.class_names or len(rc.class_names) > 64:
             raise SiteRefusal("the embedding request names no classes, too many, or a long name")
-        if rc.features not in FEATURE_SPECS:
-            raise SiteRefusal(f"features {rc.features[:40]!r}: one of {', '.join(FEATURE_SPECS)}")
+        if rc.features not in FEDERATED_FEATURES:
+            raise SiteRefusal(
+                f"features {rc.features[:40]!r}: one of {', '.join(FEDERATED_FEATURES)}"
+            )
         if len(rc.feature_network) > MAX_DESCRIPTION_CHARS:
             raise SiteRefusal("the feature network's description is too long")
         if bool(rc.feature_network) != rc.uses_network:
@@ -202,14 +203,17 @@ def received_network(
         raise SiteRefusal(f"the feature network's weights cannot be read: {err}") from None
     if not all(bool(t.isfinite().all()) for t in weights.values() if t.is_floating_point()):
         raise SiteRefusal("the feature network's weights hold NaN or infinite values")
-    if state_sha256(weights) != claim["weights_sha256"]:
-        raise SiteRefusal("the feature network's weights do not hash to what the request says")
     try:
         features = NetworkFeatures(network, weights, {k: str(claim[k]) for k in SOURCE_KEYS})
     except FeatureMapError as err:
         raise SiteRefusal(str(err)) from None
+    # The hash of the weights as the site will use them (what its ledger records): other
+    # values, or values changed when loaded (other dtypes), are refused alike.
     if features.weights_sha256 != claim["weights_sha256"]:
-        raise SiteRefusal("the feature network's weights changed when loaded (other dtypes)")
+        raise SiteRefusal(
+            "the feature network's weights, as loaded, do not hash to what the request says "
+            "(other values, or changed when loaded by other dtypes)"
+        )
     return features
 
 

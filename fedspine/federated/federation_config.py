@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
-from fedspine.dp_options import MAX_AUGMENT_VIEWS, trainable_d_problem
+from fedspine.dp_options import (
+    FEDERATED_FEATURES,
+    MAX_AUGMENT_VIEWS,
+    names_public,
+    trainable_d_problem,
+)
 from fedspine.federated.classifier_phase import ClassifierPhaseConfig
 
 MODELS = ("cgan", "spinegan")
 GAN_ROUTE = "gan"
 EMBEDDING_ROUTE = "dp-mean-embedding"
 ROUTES = (GAN_ROUTE, EMBEDDING_ROUTE)
-EMBEDDING_FEATURES = ("rff", "public", "rff+public")
 
 
 class FederationError(Exception):
@@ -53,7 +57,7 @@ class EmbeddingRouteConfig:
     @property
     def uses_public(self) -> bool:
         """Whether the features include the initial checkpoint's discriminator."""
-        return "public" in self.features.split("+")
+        return names_public(self.features)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "[embedding]") -> EmbeddingRouteConfig:
@@ -64,8 +68,8 @@ class EmbeddingRouteConfig:
 
     def problems(self, resolution: int) -> list[str]:
         out = []
-        if self.features not in EMBEDDING_FEATURES:
-            out.append(f"[embedding] features must be one of {EMBEDDING_FEATURES}")
+        if self.features not in FEDERATED_FEATURES:
+            out.append(f"[embedding] features must be one of {FEDERATED_FEATURES}")
         if not self.clip > 0 or not 1 <= self.dim <= 8192 or not self.bandwidths:
             out.append("[embedding] clip must be > 0, dim 1 to 8192, bandwidths not empty")
         if any(not float(b) > 0 for b in self.bandwidths):
