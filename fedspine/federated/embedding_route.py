@@ -324,6 +324,13 @@ def _write_privacy(out: Path, config: FederationConfig, releases: list[Embedding
         "site ledgers": "kept in each site's privacy home; ε here is what each site reported",
         "dataset sizes": "treated as public (as in Opacus)",
     }
+    if config.embedding.uses_public:
+        components["feature network"] = (
+            "the public checkpoint's D, sent by the server; a site refuses one declared trained "
+            "on its own dataset, so a refusal tells a server that already holds that exact "
+            "dataset (to hash it) that the site holds it too: one bit outside the mechanism, "
+            "assumed to leak"
+        )
     write_privacy_summary(out, sites, components)
 
 

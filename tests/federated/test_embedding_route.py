@@ -293,6 +293,7 @@ def test_dp_mepf_sites_use_the_servers_public_discriminator(site_datasets, tmp_p
         assert "network" in json.dumps(row)
     components = json.loads((out / "privacy.json").read_text())["components"]
     assert "public-discriminator-feature" in components["release"]
+    assert "one bit outside the mechanism" in components["feature network"]
     # The fit started from the checkpoint and moved only G's mapping.
     G, _ = load_generator(out / "generator.pt")
     start = load_checkpoint(public, kind="trainer")["trainer"]["G_ema"]
