@@ -19,6 +19,8 @@ Arms, for each ε of `--epsilons` (the first two once, without ε):
 | dp-sgd-public | DP-SGD from the public checkpoint, only D's `--trainable-d` stages privatised (and G trains its mapping only) |
 | dp-embedding | the one-shot DP mean-embedding release, then G fitted to it (no further ε; `--embedding-features` picks pixel random Fourier features, DP-MERF, and/or the public D's features, DP-MEPF; G's mapping network only is fitted, `--embedding-g all` fits all of G) |
 | dp-classifier | the ceiling: the evaluation's classifier trained directly with DP-SGD |
+| public-embedding | control for dp-embedding: G's mapping fitted the same way to the public corpus's own mean embedding (same features, no noise, no private image; ε 0): what the fit gives without the private release |
+| public-classifier | control for every arm: the evaluation's classifier trained on the public corpus alone and scored on the private test split (ε 0): what the public data gives without any generator or private image |
 
 Modes: `pooled` (one site holding the three sites' patients) and `federated` (three sites,
 FedAvg through the real ServerApp round loop and ClientApp over the in-process Grid; the
@@ -30,7 +32,9 @@ Every generator's synthetic set is evaluated as `fedspine evaluate` does (TSTR a
 pooled real test split, patient-level bootstrap CIs, one shared TRTR classifier), and ε is read
 back from each arm's own privacy home (the worst patient, every mechanism composed; federated:
 the worst site). What DP contributes is reported as the DP arm's TSTR minus the public-only
-arm's: a DP arm that only matches public-only learned nothing from the private data.
+arm's: a DP arm that only matches public-only learned nothing from the private data; and the
+dp-embedding arm's minus public-embedding's, which holds the fit itself fixed (a fit to public
+statistics can beat the checkpoint it starts from without any private data).
 
 Prints one JSON object (also `results.json`), and writes `report.md` and `report.html` (the
 table and a plot of utility against ε, `utility_vs_epsilon.png`). Issue 15's table:
@@ -78,11 +82,15 @@ ARMS = (
     "dp-sgd-public",
     "dp-embedding",
     "dp-classifier",
+    "public-embedding",
+    "public-classifier",
 )
 PRIVATE_ARMS = ("dp-sgd", "dp-sgd-public", "dp-embedding", "dp-classifier")
 NON_PRIVATE_ARMS = ("non-private", "non-private-public")
 FROM_PUBLIC = ("non-private-public", "public-only", "dp-sgd-public")
 """Arms that start from (or are) the public checkpoint."""
+PUBLIC_ARMS = ("public-only", "public-embedding", "public-classifier")
+"""Arms that see no private image: the same in every mode, measured once."""
 MODES = ("pooled", "federated")
 SITES = 3
 
@@ -313,7 +321,7 @@ def make_public(work: Path, s: Settings) -> Path:
 
 
 def _needs_public(s: Settings) -> bool:
-    return any(a in s.arms for a in (*FROM_PUBLIC, "dp-embedding"))
+    return any(a in s.arms for a in (*FROM_PUBLIC, *PUBLIC_ARMS, "dp-embedding"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +378,7 @@ class Bench:
         if done.is_file():
             return {**json.loads(done.read_text()), "seed": self.seed}
         row: dict[str, Any] = {"mode": mode, "arm": arm, "epsilon_target": eps, "seed": self.seed}
-        if arm == "public-only" and mode != self.s.modes[0]:
+        if arm in PUBLIC_ARMS and mode != self.s.modes[0]:
             # No private data: the same generator in every mode; measured once.
             first = self.row_file(self.work / self.s.modes[0] / (arm + self.suffix))
             if first.is_file():
@@ -387,6 +395,12 @@ class Bench:
             row["train_seconds"] = self.train_seconds(folder, time.perf_counter() - start)
             row.update(self.score_classifier(folder, classifier))
             row["epsilon"] = accounted_epsilon([self.pooled], [folder / "privacy"])
+            return _save(done, row)
+        if arm == "public-classifier":
+            classifier = self.public_classifier(folder)
+            row["train_seconds"] = self.train_seconds(folder, time.perf_counter() - start)
+            row.update(self.score_public_classifier(folder, classifier))
+            row["epsilon"] = 0.0
             return _save(done, row)
         generator, homes, data = self.train(mode, arm, eps, folder)
         row["train_seconds"] = self.train_seconds(folder, time.perf_counter() - start)
@@ -406,6 +420,8 @@ class Bench:
             return self.public, [], []
         if arm == "dp-embedding":
             return self.embedding(mode, eps, folder)
+        if arm == "public-embedding":
+            return self.public_embedding(folder), [], []
         dp = arm not in NON_PRIVATE_ARMS
         init = self.public if arm in FROM_PUBLIC else None
         trainable = self.s.trainable_d if arm == "dp-sgd-public" else "all"
@@ -513,12 +529,9 @@ class Bench:
     ) -> tuple[Path, list[Path], list[Path]]:
         """Each holder's one DP release at ε (pooled: one; federated: one per site), then G
         fitted to their sum."""
-        from fedspine.fileio import RUN_GENERATOR
         from fedspine.training.mean_embedding import release_embedding
-        from fedspine.training.mean_embedding_fit import FitRequest, fit_generator
 
         holders = [self.pooled] if mode == "pooled" else self.sites
-        uses_public = self.s.embedding_features != "rff"
         features = self.s.embedding_features.replace("public", str(self.public))
         names = ["pooled"] if mode == "pooled" else self.names
         homes = [folder / "privacy" / n for n in names]
@@ -533,7 +546,13 @@ class Bench:
                     features=features,
                 )  # fmt: skip
             releases.append(path)
-        run = folder / "run"
+        return self.fit_embedding(releases, folder / "run"), homes, list(holders)
+
+    def fit_embedding(self, releases: list[Path], run: Path) -> Path:
+        """G fitted from the public checkpoint to the summed releases, as dp-embedding does."""
+        from fedspine.fileio import RUN_GENERATOR
+        from fedspine.training.mean_embedding_fit import FitRequest, fit_generator
+
         if not (run / RUN_GENERATOR).is_file():
             shutil.rmtree(run, ignore_errors=True)
             fit_generator(
@@ -543,14 +562,82 @@ class Bench:
                     steps=self.s.embedding_steps,
                     resolution=self.s.resolution,
                     init_from=self.public,
-                    feature_networks=[self.public] if uses_public else [],
+                    feature_networks=[self.public] if self.s.embedding_features != "rff" else [],
                     seed=self.seed,
                     g_trainable=self.s.embedding_g,
                 )
             )
-        return run, homes, list(holders)
+        return run
+
+    def public_embedding(self, folder: Path) -> Path:
+        """The control for dp-embedding: the public corpus's own class sums of per-patient mean
+        features (the same map, clip and count scale, no noise), fitted exactly as a release is.
+        No private image is read; the file's ε is 0 because nothing private is in it."""
+        import numpy as np
+
+        from fedspine.data.prepared import load_prepared
+        from fedspine.training.mean_embedding import (
+            FORMAT,
+            EmbeddingRelease,
+            embedding_sums,
+            image_features,
+            sensitivity,
+            split_vector,
+            write_release,
+        )
+        from fedspine.training.mean_embedding_features import build_feature_map
+
+        path = folder / "releases" / "public.npz"
+        if not path.is_file():
+            corpus = load_prepared(self.public_corpus())
+            train = corpus.select("train", labelled=True)
+            # The public network was trained on this very corpus: that is allowed here (nothing
+            # in it is private), so no dataset is named for the map to refuse.
+            feature_map = build_feature_map(
+                self.s.embedding_features.replace("public", str(self.public))
+            )
+            feats = image_features(feature_map, np.asarray(train.images))
+            k = corpus.num_classes
+            exact = embedding_sums(feats, train.labels, train.privacy_ids, k, 1.0, 1.0)
+            sums, counts = split_vector(exact, k, 1.0)
+            metadata = {
+                "format": FORMAT,
+                "site": "public",
+                "class_names": list(corpus.class_names),
+                "feature_map": feature_map.describe(),
+                "clip_norm": 1.0,
+                "count_scale": 1.0,
+                "sensitivity": sensitivity(1.0, 1.0),
+                "noise_multiplier": 0.0,
+                "noise_std": 0.0,
+                "epsilon": 0.0,
+                "delta": 0.0,
+                "accountant": "none: public data, no noise",
+                "unit": corpus.privacy_unit,
+                "patients": len(set(train.privacy_ids.tolist())),
+                "mechanisms": [],
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_release(path, EmbeddingRelease(sums=sums, counts=counts, metadata=metadata))
+        return self.fit_embedding([path], folder / "run")
+
+    def public_corpus(self) -> Path:
+        from fedspine.experiments.pretrain import PREPARED_DIR
+
+        assert self.public is not None
+        return self.public.parent / PREPARED_DIR
 
     def dp_classifier(self, folder: Path, eps: float | None) -> Path:
+        return self.classifier(folder, self.pooled, eps)
+
+    def public_classifier(self, folder: Path) -> Path:
+        """Trained as TRTR is (same recipe and seed) on the public corpus's train split, its
+        epoch chosen on the corpus's own validation split."""
+        return self.classifier(folder, self.public_corpus(), None)
+
+    def classifier(self, folder: Path, data: Path, eps: float | None) -> Path:
+        """The evaluation's classifier trained on ``data``: with DP-SGD at ``eps`` (its ledger
+        in the arm's ``privacy`` folder), or without DP when ``eps`` is None."""
         from fedspine.fileio import CLASSIFIER_WEIGHTS
         from fedspine.training.classifier_run import (
             ClassifierDPRequest,
@@ -563,20 +650,23 @@ class Bench:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(folder / "privacy", ignore_errors=True)
             cfg = self.evaluate_config()
+            dp = None
+            if eps is not None:
+                dp = ClassifierDPRequest(
+                    target_epsilon=float(eps),
+                    patients_per_step=self.s.patients_per_step,
+                    privacy_home=folder / "privacy",
+                )
             train_classifier_run(
                 ClassifierRequest(
-                    data=self.pooled,
+                    data=data,
                     out=out,
                     arch=cfg.arch,
                     epochs=cfg.epochs,
                     patience=cfg.patience,
                     seed=self.seed,
                     device="cpu",
-                    dp=ClassifierDPRequest(
-                        target_epsilon=float(eps),
-                        patients_per_step=self.s.patients_per_step,
-                        privacy_home=folder / "privacy",
-                    ),
+                    dp=dp,
                 )
             )
         return out
@@ -654,6 +744,47 @@ class Bench:
             "what": "test AUC of the DP classifier itself (in the TSTR columns)",
         }
 
+    def score_public_classifier(self, folder: Path, classifier: Path) -> dict[str, Any]:
+        """The public classifier's AUC [patient-level CI] on the scored test split, beside the
+        shared TRTR (read from an evaluation of a small probe set)."""
+        import numpy as np
+
+        from fedspine.data.prepared import load_prepared
+        from fedspine.evaluation.classification import bootstrap_auc_ci
+        from fedspine.evaluation.records import read_evaluation
+        from fedspine.fileio import EVAL_REPORT_JSON, SYNTHETIC_LABELS
+        from fedspine.models.classifier import load_classifier, predict_proba
+        from fedspine.reporting.evaluation_report import evaluate
+        from fedspine.training.generate import generate_dataset
+
+        report = folder / f"evaluation{self.tag}"
+        if not (report / EVAL_REPORT_JSON).is_file():
+            synthetic = folder / "synthetic-probe"
+            if not (synthetic / SYNTHETIC_LABELS).is_file():
+                shutil.rmtree(synthetic, ignore_errors=True)
+                generate_dataset(self.public, synthetic, per_class=8, seed=self.seed)
+            cfg = self.evaluate_config()
+            evaluate(
+                synthetic, self.pooled, self.scored, report, cfg, overwrite=True,
+                trtr_cache=self.trtr_cache,
+            )  # fmt: skip
+        trtr = scores(read_evaluation(report))["trtr_auc"]
+        test = load_prepared(self.scored).select("test", labelled=True)
+        model, _, _ = load_classifier(classifier)
+        p = predict_proba(model, np.asarray(test.images))[:, -1]
+        value, low, high = bootstrap_auc_ci(
+            test.labels, p, test.patient_ids, n_boot=self.s.bootstrap, seed=self.seed
+        )
+        return {
+            "tstr_auc": value,
+            "tstr_ci": [low, high],
+            "trtr_auc": trtr,
+            "tstr_over_trtr": value / trtr if trtr else None,
+            "signal_retained": _signal(value, trtr),
+            "what": "test AUC of a classifier trained on the public corpus alone (in the TSTR "
+            "columns)",
+        }
+
     def _any_generator(self) -> Path:
         from fedspine.fileio import RUN_GENERATOR
 
@@ -699,17 +830,24 @@ def accounted_epsilon(data: list[Path], homes: list[Path]) -> float | None:
 
 def add_contributions(rows: list[dict[str, Any]]) -> None:
     """``dp_minus_public``: a DP arm's TSTR minus the public-only arm's in the same mode and
-    seed."""
-    public = {
-        (r["mode"], r.get("seed")): r.get("tstr_auc") for r in rows if r["arm"] == "public-only"
-    }
+    seed; ``dp_minus_public_fit``: a dp-embedding arm's minus the public-embedding arm's (the
+    same fit to public statistics), i.e. what the private release itself added."""
+
+    def tstr_of(arm: str) -> dict[tuple[Any, Any], Any]:
+        return {(r["mode"], r.get("seed")): r.get("tstr_auc") for r in rows if r["arm"] == arm}
+
+    public, public_fit = tstr_of("public-only"), tstr_of("public-embedding")
     for r in rows:
-        base = public.get((r["mode"], r.get("seed")))
-        if r["arm"] in PRIVATE_ARMS and base is not None and r.get("tstr_auc") is not None:
-            r["dp_minus_public"] = r["tstr_auc"] - base
+        if r["arm"] not in PRIVATE_ARMS or r.get("tstr_auc") is None:
+            continue
+        key = (r["mode"], r.get("seed"))
+        if public.get(key) is not None:
+            r["dp_minus_public"] = r["tstr_auc"] - public[key]
+        if r["arm"] == "dp-embedding" and public_fit.get(key) is not None:
+            r["dp_minus_public_fit"] = r["tstr_auc"] - public_fit[key]
 
 
-SPREAD_KEYS = ("tstr_auc", "signal_retained", "dp_minus_public")
+SPREAD_KEYS = ("tstr_auc", "signal_retained", "dp_minus_public", "dp_minus_public_fit")
 
 
 def across_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -772,6 +910,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 _num(r.get("tstr_over_trtr")),
                 _num(r.get("signal_retained")),
                 _signed(r.get("dp_minus_public")),
+                _signed(r.get("dp_minus_public_fit")),
                 _num(r.get("train_seconds"), "—", 0),
                 r.get("note", ""),
             ]
@@ -790,6 +929,7 @@ HEAD = [
     "TSTR/TRTR",
     "signal retained",
     "DP − public-only",
+    "DP − public-embedding",
     "train s",
     "note",
 ]
@@ -810,7 +950,10 @@ def markdown(out: dict[str, Any]) -> str:
         )
         + "DP arms: patient-level ε from each arm's own privacy home (worst patient; federated: "
         "worst site). The DP classifier's row holds its own test AUC. "
-        "'DP − public-only' is what the private data added over the public checkpoint alone.",
+        "'DP − public-only' is what the private data added over the public checkpoint alone; "
+        "'DP − public-embedding' is what the private release added over the same fit to the "
+        "public corpus's own embedding. The public-classifier row holds the test AUC of a "
+        "classifier trained on the public corpus alone.",
         "",
         *_markdown_table(HEAD, table_rows(out["rows"])),
     ]
@@ -832,7 +975,16 @@ def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-SPREAD_HEAD = ["mode", "arm", "ε target", "seeds", "TSTR AUC", "signal retained", "DP − public"]
+SPREAD_HEAD = [
+    "mode",
+    "arm",
+    "ε target",
+    "seeds",
+    "TSTR AUC",
+    "signal retained",
+    "DP − public",
+    "DP − public fit",
+]
 
 
 def spread_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
@@ -850,6 +1002,7 @@ def spread_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
             spread(c.get("tstr_auc")),
             spread(c.get("signal_retained")),
             spread(c.get("dp_minus_public")),
+            spread(c.get("dp_minus_public_fit")),
         ]
         for c in cells
     ]

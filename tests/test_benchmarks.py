@@ -175,9 +175,11 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
     import math
     import tomllib
 
+    import numpy as np
+
     from fedspine.fileio import file_sha256
 
-    arms = ["public-only", "dp-embedding", "dp-classifier"]
+    arms = ["public-only", "public-embedding", "public-classifier", "dp-embedding", "dp-classifier"]
     report = _load("dp_utility").main(
         ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--arms", *arms]
     )
@@ -191,6 +193,27 @@ def test_dp_utility_runs_quick_pooled_and_federated(tmp_path, capsys):
         assert 0 < embedding["epsilon"] <= 10 + 1e-6 and embedding["epsilon_target"] == 10
         assert math.isfinite(embedding["tstr_auc"]) and len(embedding["tstr_ci"]) == 2
         assert embedding["dp_minus_public"] == embedding["tstr_auc"] - public["tstr_auc"]
+        # The controls see no private image: ε 0, and the release's own fit held fixed.
+        fit, alone = rows[(mode, "public-embedding")], rows[(mode, "public-classifier")]
+        assert fit["epsilon"] == 0.0 and alone["epsilon"] == 0.0
+        assert embedding["dp_minus_public_fit"] == embedding["tstr_auc"] - fit["tstr_auc"]
+        assert 0 <= alone["tstr_auc"] <= 1 and alone["trtr_auc"] == embedding["trtr_auc"]
+        assert fit["tstr_auc"] == rows[("pooled", "public-embedding")]["tstr_auc"]
+    control = tmp_path / "pooled" / "public-embedding"
+    assert (
+        not (control / "privacy").exists()
+        and not (tmp_path / "federated" / "public-embedding" / "run").exists()
+    )
+    released = np.load(control / "releases" / "public.npz")
+    meta = json.loads(str(released["metadata"]))
+    assert meta["site"] == "public" and meta["noise_std"] == 0.0 and meta["mechanisms"] == []
+    fitted = json.loads((control / "run" / "config.json").read_text())
+    assert fitted["feature_map"] == meta["feature_map"]
+    corpus = tmp_path / "public" / "prepared"
+    trained_on = json.loads(
+        (tmp_path / "pooled" / "public-classifier" / "classifier" / "config.json").read_text()
+    )
+    assert trained_on["data"] == str(corpus) and "dp" not in trained_on
     # The same public generator in both modes; the federated route released once per site.
     assert (
         rows[("pooled", "public-only")]["tstr_auc"]
