@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -332,3 +333,55 @@ def test_trtr_stability_trains_each_seed_and_variant_on_the_same_data(tmp_path, 
     assert all(r["checks_run"] == 2 for r in out["runs"] if r["variant"] == "no-early-stop")
     summary = out["summary"]["default"]
     assert summary["min"] <= summary["mean"] <= summary["max"]
+
+
+@pytest.mark.slow
+def test_embedding_ablation_fits_each_variant_on_a_dp_utility_folder(tmp_path, capsys):
+    """benchmarks/embedding_ablation.py on dp_utility --quick's folder: every variant fitted with
+    the same loop and evaluated; its targets are what the variant says, and nothing is spent
+    from any ledger (the noise is the benchmark's own)."""
+    from fedspine.privacy.accounting import calibrate_noise
+
+    _load("dp_utility").main(
+        ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--modes", "pooled"]
+        + ["--arms", "public-only", "--embedding-features", "rff+public"]
+    )
+    capsys.readouterr()
+    variants = ["release", "no-noise", "classless", "public", "last-block"]
+    out = _load("embedding_ablation").main(
+        ["--work", str(tmp_path), "--variants", *variants, "--steps", "2"]
+    )
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert list(rows) == variants
+    for row in rows.values():
+        assert 0 <= row["tstr_auc"] <= 1 and row["trtr_auc"] == rows["release"]["trtr_auc"]
+    assert rows["no-noise"]["cosine_to_private"] == pytest.approx(1.0)
+    truth = rows["no-noise"]["class_difference_private"]
+    assert rows["no-noise"]["class_difference_targets"] == pytest.approx(truth)
+    assert rows["classless"]["class_difference_targets"] == 0.0
+    assert rows["classless"]["cosine_to_private"] is None
+    assert rows["release"]["noise_multiplier"] == calibrate_noise(10.0, 1e-5, 1.0, 1, "prv")
+    assert rows["release"]["noise_std"] == pytest.approx(
+        rows["release"]["noise_multiplier"] * 2**0.5
+    )
+    assert rows["public"]["cosine_to_private"] != pytest.approx(1.0)
+    assert rows["last-block"]["dim"] < rows["release"]["dim"]
+    assert rows["last-block"]["kappa"] == 0.5
+    assert not list((tmp_path / "ablation").rglob("ledger.json"))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"] == out["rows"]
+    # Finished variants are read back, not fitted again.
+    ablation = ["--work", str(tmp_path), "--variants", "classless", "release"]
+    again = _load("embedding_ablation").main([*ablation, "--steps", "2"])
+    assert again["rows"] == [rows["classless"], rows["release"]]
+    # Another ε is another cell (its folder is named by it), fitted afresh.
+    other_eps = _load("embedding_ablation").main([*ablation, "--steps", "2", "--epsilon", "1"])
+    assert other_eps["rows"][0] == rows["classless"]
+    assert other_eps["rows"][1]["noise_multiplier"] > rows["release"]["noise_multiplier"]
+    assert len(list((tmp_path / "ablation").glob("release-2steps-eps*"))) == 2
+    # A folder whose release used other features is refused.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "settings.json").write_text(json.dumps({"embedding_features": "rff"}))
+    with pytest.raises(SystemExit, match="rff\\+public"):
+        _load("embedding_ablation").main(["--work", str(other)])

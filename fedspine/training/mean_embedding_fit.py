@@ -132,22 +132,52 @@ def fit_generator(
         raise EmbeddingFitError(str(err)) from None
     num_classes = len(pooled.class_names)
     network, start, init_record = _network(request, num_classes)
-    device = torch.device(request.device)
-    torch.manual_seed(request.seed)
-    G = Generator(NetworkConfig(**network)).train()
+    if not bool((pooled.counts >= 1.0).any()):
+        raise EmbeddingFitError("every class's released count is below one patient")
+    torch.manual_seed(request.seed)  # before G is built: its fresh weights and the fit's noise
+    G = Generator(NetworkConfig(**network))
     if start is not None:
         G.load_state_dict(start)
-    G.to(device)
+    G_ema, log, start_distance, end_distance = fit_to_means(
+        G, feature_map, pooled.means(), pooled.counts >= 1.0, request, progress
+    )
+    epsilons = _write_run(out, request, pooled, network, G_ema, init_record, log)
+    return FitResult(
+        out=out,
+        generator=out / RUN_GENERATOR,
+        epsilon=epsilons,
+        distance_start=start_distance,
+        distance_end=end_distance,
+        steps=request.steps,
+    )
+
+
+def fit_to_means(
+    G: Generator,
+    feature_map: Callable[[torch.Tensor], torch.Tensor],
+    means: np.ndarray,
+    active: np.ndarray,
+    request: FitRequest,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[Generator, list[dict[str, Any]], float, float]:
+    """The fit itself: Adam on ``request.g_trainable`` of G towards the per-class ``means``
+    [K, D] of ``feature_map`` (classes where ``active`` is False skipped), G_ema tracked.
+
+    Returns (G_ema, the log, the probe distance at the start, G_ema's at the end). The caller
+    seeds torch's global generator (the synthesis noise draws from it). Split from
+    :func:`fit_generator` so that a benchmark can fit to targets that are not a release file
+    (benchmarks/embedding_ablation.py) with exactly this loop."""
+    num_classes = int(means.shape[0])
+    device = torch.device(request.device)
+    G = G.train().to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    trained = trained_g_parameters(G, request.g_trainable)
+    trained = trained_g_parameters(G, str(request.g_trainable or "all"))
     G.requires_grad_(False)  # the frozen part needs no weight gradients
     for p in trained:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(trained, lr=request.lr, betas=(0.0, 0.99), eps=1e-8)
-    targets = torch.from_numpy(pooled.means()).to(device, torch.float32)
-    active = torch.from_numpy(pooled.counts >= 1.0).to(device)
-    if not bool(active.any()):
-        raise EmbeddingFitError("every class's released count is below one patient")
+    targets = torch.from_numpy(np.asarray(means)).to(device, torch.float32)
+    active_t = torch.from_numpy(np.asarray(active, dtype=bool)).to(device)
     labels = torch.arange(num_classes, device=device).repeat_interleave(request.batch_per_class)
     onehot = F.one_hot(labels, num_classes).to(torch.float32)
     rng = torch.Generator(device="cpu").manual_seed(request.seed)
@@ -161,14 +191,16 @@ def fit_generator(
     def distance(net: Generator) -> float:
         with torch.no_grad():
             return float(
-                _loss(net, feature_map, probe, probe_onehot, targets, active, num_classes, "const")
+                _loss(
+                    net, feature_map, probe, probe_onehot, targets, active_t, num_classes, "const"
+                )
             )
 
     start_distance = distance(G)
     log: list[dict[str, Any]] = [{"step": 0, "distance": start_distance}]
     for step in range(1, request.steps + 1):
         z = torch.randn([len(labels), G.z_dim], generator=rng).to(device)
-        loss = _loss(G, feature_map, z, onehot, targets, active, num_classes, "random", True)
+        loss = _loss(G, feature_map, z, onehot, targets, active_t, num_classes, "random", True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -183,15 +215,7 @@ def fit_generator(
             log.append({"step": step, "loss": float(loss.detach())})
     end_distance = distance(G_ema)
     log.append({"step": request.steps, "distance": end_distance, "network": "G_ema"})
-    epsilons = _write_run(out, request, pooled, network, G_ema, init_record, log)
-    return FitResult(
-        out=out,
-        generator=out / RUN_GENERATOR,
-        epsilon=epsilons,
-        distance_start=start_distance,
-        distance_end=end_distance,
-        steps=request.steps,
-    )
+    return G_ema, log, start_distance, end_distance
 
 
 def _loss(
