@@ -1015,7 +1015,9 @@ def html_page(out: dict[str, Any], png: bytes | None) -> str:
     if out.get("across_seeds"):
         body += table(SPREAD_HEAD, spread_rows(out["across_seeds"]))
     plot_html = (
-        figure(png, "TSTR AUC against ε; dashed: non-private and public-only") if png else ""
+        figure(png, "TSTR AUC against ε; dashed: the arms without ε (no DP, or no private data)")
+        if png
+        else ""
     )
     intro = html.escape(markdown(out).split("\n\n")[1])
     return (
@@ -1059,11 +1061,14 @@ def plot(rows: list[dict[str, Any]]) -> bytes | None:
                     xs, ys, yerr=[below, above], fmt=styles[mode], marker="o", capsize=3,
                     label=f"{arm} ({mode})",
                 )  # fmt: skip
+    drawn: set[str] = set()
     for (mode, arm, _), values in cells.items():
-        if arm not in PRIVATE_ARMS:
-            level = sum(values) / len(values)
-            ax.axhline(level, linestyle="--", linewidth=1, color="grey")
-            ax.annotate(f"{arm} ({mode})", (ax.get_xlim()[0], level), fontsize=7, color="grey")
+        if arm in PRIVATE_ARMS or (arm in PUBLIC_ARMS and arm in drawn):
+            continue  # an arm without private data is the same line in every mode
+        drawn.add(arm)
+        level = sum(values) / len(values)
+        name = arm if arm in PUBLIC_ARMS else f"{arm} ({mode})"
+        ax.axhline(level, linestyle="--", linewidth=1, color=f"C{len(drawn) + 3}", label=name)
     ax.axhline(0.5, color="black", linewidth=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("ε (target)")
