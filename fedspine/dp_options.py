@@ -26,10 +26,10 @@ TOP_PREFIX = "top:"
 then the K - 1 blocks above it)."""
 TRAINABLE_D_FORMS = "'all', 'head' or 'top:K' with K >= 1"
 MAX_AUGMENT_VIEWS = 32
+"""Most augmented views per image a DP step takes (K views cost K passes of D per image)."""
 FEDERATED_FEATURES = ("rff", "public", "rff+public")
 """``[embedding] features``: pixel random Fourier features, the public checkpoint's D features
 (DP-MEPF), or both."""
-"""Most augmented views per image a DP step takes (K views cost K passes of D per image)."""
 
 _MAX_K_DIGITS = 6
 

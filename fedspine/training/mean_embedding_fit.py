@@ -132,14 +132,15 @@ def fit_generator(
         raise EmbeddingFitError(str(err)) from None
     num_classes = len(pooled.class_names)
     network, start, init_record = _network(request, num_classes)
-    if not bool((pooled.counts >= 1.0).any()):
+    active = pooled.counts >= 1.0
+    if not bool(active.any()):
         raise EmbeddingFitError("every class's released count is below one patient")
     torch.manual_seed(request.seed)  # before G is built: its fresh weights and the fit's noise
     G = Generator(NetworkConfig(**network))
     if start is not None:
         G.load_state_dict(start)
     G_ema, log, start_distance, end_distance = fit_to_means(
-        G, feature_map, pooled.means(), pooled.counts >= 1.0, request, progress
+        G, feature_map, pooled.means(), active, request, progress
     )
     epsilons = _write_run(out, request, pooled, network, G_ema, init_record, log)
     return FitResult(
