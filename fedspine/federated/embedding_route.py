@@ -274,21 +274,34 @@ def _fit(out: Path, config: FederationConfig, releases: list[Path], log) -> None
     e = config.embedding
     fit = out / FIT_DIR
     shutil.rmtree(fit, ignore_errors=True)  # a fit is cheap to redo; a half one is not kept
-    log(f"fitting the generator to {len(releases)} site release(s): {e.fit_steps} steps")
+    steps = int(e.fit_steps)
+    log(f"fitting the generator to {len(releases)} site release(s): {steps} steps")
+    every = max(1, steps // 10)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == steps:
+            log(f"fit step {step}/{steps}: batch embedding loss {loss:.4f}")
+
     try:
         fit_generator(
             FitRequest(
                 releases=releases,
                 out=fit,
-                steps=int(e.fit_steps),
+                steps=steps,
                 batch_per_class=int(e.fit_batch_per_class),
                 lr=float(e.fit_lr),
                 preset=config.preset,
                 resolution=config.resolution,
                 init_from=config.initial_checkpoint,
-                feature_networks=[config.initial_checkpoint] if e.uses_public else [],
+                feature_networks=[config.initial_checkpoint] if config.initial_checkpoint else [],
+                feature_network_hint=(
+                    f"set initial_checkpoint in federation.toml back to that checkpoint: the "
+                    f"sites' releases in {RELEASES_DIR}/ were computed with it, and new releases "
+                    "would spend every site's ε again"
+                ),
                 seed=config.seed,
-            )
+            ),
+            progress=progress,
         )
     except EmbeddingFitError as err:
         write_status(out, config, "failed", 0, str(err), phase=PHASE)

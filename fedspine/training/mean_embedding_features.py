@@ -243,11 +243,18 @@ def build_feature_map(
     return CombinedFeatures(maps)
 
 
+MISSING_NETWORK_HINT = "pass that checkpoint (its run folder or snapshot) with --feature-network"
+"""How a command-line user supplies a missing feature network; other callers name their own."""
+
+
 def feature_map_from_description(
-    description: dict[str, Any], networks: Sequence[str | Path] = ()
+    description: dict[str, Any],
+    networks: Sequence[str | Path] = (),
+    missing_hint: str = MISSING_NETWORK_HINT,
 ) -> CombinedFeatures:
     """Rebuild the map a release describes; network parts need their checkpoint (``networks``),
-    matched by SHA-256. Refused when anything rebuilt differs from the description."""
+    matched by SHA-256. Refused when anything rebuilt differs from the description;
+    ``missing_hint`` ends the message when no given network matches."""
     maps: list[Any] = []
     for part in description.get("parts", []):
         if part.get("kind") == RFF:
@@ -270,8 +277,8 @@ def feature_map_from_description(
                     break
             if found is None:
                 raise FeatureMapError(
-                    f"the release uses the features of public checkpoint sha256:{want}; pass "
-                    "that checkpoint (its run folder or snapshot) with --feature-network"
+                    f"the release uses the features of public checkpoint sha256:{want}; "
+                    + missing_hint
                 )
             used = part.get("weights_sha256")
             if used is not None and used != found.weights_sha256:

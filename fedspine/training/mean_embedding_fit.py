@@ -53,7 +53,11 @@ from fedspine.training.mean_embedding import (
     combine_releases,
     read_release,
 )
-from fedspine.training.mean_embedding_features import FeatureMapError, feature_map_from_description
+from fedspine.training.mean_embedding_features import (
+    MISSING_NETWORK_HINT,
+    FeatureMapError,
+    feature_map_from_description,
+)
 
 ROUTE = "dp-mean-embedding"
 
@@ -77,6 +81,8 @@ class FitRequest:
     network: dict[str, Any] | None = None
     """Network settings instead of the preset's (a library caller's, e.g. a test's tiny net)."""
     feature_networks: Sequence[str | os.PathLike] = ()
+    feature_network_hint: str = MISSING_NETWORK_HINT
+    """How this caller's user supplies a release's feature network when none matches."""
     ema_steps: float = 50.0
     """Half-life of G_ema, in steps."""
     seed: int = 0
@@ -127,7 +133,9 @@ def fit_generator(
         )
     try:
         pooled = combine_releases([read_release(p) for p in request.releases])
-        feature_map = feature_map_from_description(pooled.feature_map, request.feature_networks)
+        feature_map = feature_map_from_description(
+            pooled.feature_map, request.feature_networks, request.feature_network_hint
+        )
     except (EmbeddingReleaseError, FeatureMapError) as err:
         raise EmbeddingFitError(str(err)) from None
     num_classes = len(pooled.class_names)

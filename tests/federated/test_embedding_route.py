@@ -279,9 +279,11 @@ def test_dp_mepf_sites_use_the_servers_public_discriminator(site_datasets, tmp_p
     public = public_checkpoint(tmp_path / "public.pt", "phantom images (fedspine phantom)")
     D = load_checkpoint(public, kind="trainer")["trainer"]["D"]
     grid = InProcessGrid(_nodes(site_datasets, tmp_path))
-    status = run_federation(grid, _mepf_config(tmp_path, public), log=lambda _m: None)
+    logged: list[str] = []
+    status = run_federation(grid, _mepf_config(tmp_path, public), log=logged.append)
     out = tmp_path / "out"
     assert status["state"] == "completed"
+    assert any("fit step 3/3" in line for line in logged), logged  # the fit reports progress
     for path in sorted((out / "releases").glob("*.npz")):
         parts = read_release(path).metadata["feature_map"]["parts"]
         assert [p["kind"] for p in parts] == ["rff", "network"]
@@ -299,6 +301,16 @@ def test_dp_mepf_sites_use_the_servers_public_discriminator(site_datasets, tmp_p
     start = load_checkpoint(public, kind="trainer")["trainer"]["G_ema"]
     fitted = G.state_dict()
     assert all(torch.equal(fitted[k], start[k]) for k in start if k.startswith("synthesis."))
+
+    # Rerun with another initial checkpoint: the releases on disk name the first one's features,
+    # so the fit is refused in federation.toml's words, and nothing is asked of the sites.
+    before = [len(_ledger_of(tmp_path, k)) for k in range(3)]
+    other = public_checkpoint(tmp_path / "other.pt", "phantom images", content_hash="another")
+    with pytest.raises(FederationError) as err:
+        run_federation(grid, _mepf_config(tmp_path, other), log=lambda _m: None)
+    assert "initial_checkpoint in federation.toml" in str(err.value)
+    assert file_sha256(public) in str(err.value) and "--feature-network" not in str(err.value)
+    assert [len(_ledger_of(tmp_path, k)) for k in range(3)] == before
 
 
 def test_the_public_features_need_the_initial_checkpoint(tmp_path):
