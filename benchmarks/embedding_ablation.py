@@ -223,7 +223,7 @@ class Ablation:
         G_ema, log, _, _ = fit_to_means(
             G, self.feature_map(parts), means, np.ones(len(means), dtype=bool), request
         )
-        run = folder / "run"
+        run = Path(request.out)
         run.mkdir()
         names = load_prepared(self.pooled).class_names
         training = {"model": "cgan", "route": f"embedding ablation: {variant}"}
@@ -232,6 +232,7 @@ class Ablation:
         return run
 
     def evaluate(self, folder: Path, run: Path) -> dict[str, Any]:
+        from fedspine.evaluation.classification import signal_retained
         from fedspine.evaluation.config import EvaluateConfig
         from fedspine.evaluation.records import read_evaluation
         from fedspine.reporting.evaluation_report import evaluate
@@ -256,7 +257,7 @@ class Ablation:
             "tstr_auc": tstr.auc,
             "tstr_ci": list(tstr.ci) if tstr.ci else None,
             "trtr_auc": trtr.auc,
-            "signal_retained": (tstr.auc - 0.5) / (trtr.auc - 0.5) if trtr.auc > 0.5 else None,
+            "signal_retained": signal_retained(tstr.auc, trtr.auc),
         }
 
 

@@ -295,7 +295,7 @@ def _fit(out: Path, config: FederationConfig, releases: list[Path], log) -> None
                 init_from=config.initial_checkpoint,
                 feature_networks=[config.initial_checkpoint] if config.initial_checkpoint else [],
                 feature_network_hint=(
-                    f"set initial_checkpoint in federation.toml back to that checkpoint: the "
+                    "set initial_checkpoint in federation.toml back to that checkpoint: the "
                     f"sites' releases in {RELEASES_DIR}/ were computed with it, and new releases "
                     "would spend every site's ε again"
                 ),

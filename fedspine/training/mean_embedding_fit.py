@@ -120,8 +120,7 @@ def fit_generator(
         raise EmbeddingFitError(f"{out} already holds files; choose another --out")
     if request.steps < 1 or request.batch_per_class < 1:
         raise EmbeddingFitError("--steps and --batch must be at least 1")
-    if request.g_trainable is None:
-        request = replace(request, g_trainable="all" if request.init_from is None else "mapping")
+    request = replace(request, g_trainable=default_g_trainable(request))
     if request.g_trainable not in G_TRAINABLE:
         raise EmbeddingFitError(
             f"--g-trainable {request.g_trainable!r}: one of {', '.join(G_TRAINABLE)}"
@@ -161,6 +160,14 @@ def fit_generator(
     )
 
 
+def default_g_trainable(request: FitRequest) -> str:
+    """``request.g_trainable``, or when None the default: "mapping" from a public checkpoint,
+    else "all" (one rule for :func:`fit_generator` and a caller of :func:`fit_to_means`)."""
+    if request.g_trainable is not None:
+        return request.g_trainable
+    return "all" if request.init_from is None else "mapping"
+
+
 def fit_to_means(
     G: Generator,
     feature_map: Callable[[torch.Tensor], torch.Tensor],
@@ -180,7 +187,7 @@ def fit_to_means(
     device = torch.device(request.device)
     G = G.train().to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    trained = trained_g_parameters(G, str(request.g_trainable or "all"))
+    trained = trained_g_parameters(G, default_g_trainable(request))
     G.requires_grad_(False)  # the frozen part needs no weight gradients
     for p in trained:
         p.requires_grad_(True)
