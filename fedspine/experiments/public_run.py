@@ -13,7 +13,7 @@ into the plan file and ``reproduce.json``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,12 +87,17 @@ def read_public_run(path: str | os.PathLike) -> PublicRun:
 
 
 def check_public_run(
-    public: PublicRun, budget: ReproduceBudget, content_hash: str, num_classes: int
+    public: PublicRun,
+    budget: ReproduceBudget,
+    content_hash: str,
+    num_classes: int,
+    patient_ids: Sequence[str] | None = None,
 ) -> None:
-    """Before any arm trains: the checkpoint was not trained on this very dataset (the loader's
-    own refusal), is the file the plan recorded, and fits this budget's networks."""
+    """Before any arm trains: the checkpoint was not trained on this very dataset or on any of
+    its ``patient_ids`` (the loader's own refusals), is the file the plan recorded, and fits this
+    budget's networks."""
     try:
-        again = load_public_init(public.path / public.checkpoint, content_hash)
+        again = load_public_init(public.path / public.checkpoint, content_hash, patient_ids)
     except PublicInitError as err:
         raise ReproduceError(f"--public-run: {err}") from None
     if again.sha256 != public.sha256:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspine import __version__
+from fedspine.data.prepared import load_prepared
 from fedspine.experiments.budgets import (
     BUDGETS,
     ReproduceBudget,
@@ -141,8 +142,13 @@ def reproduce(
         prepare_data(ctx)
         if plan.public is not None:
             info = ctx.data_info["abnormality"]
+            patients = load_prepared(ctx.data["abnormality"]).patient_ids.tolist()
             check_public_run(
-                plan.public, plan.budget, info["content_hash"], len(info["class_names"])
+                plan.public,
+                plan.budget,
+                info["content_hash"],
+                len(info["class_names"]),
+                patient_ids=patients,
             )
             stage(f"public checkpoint {plan.public.short}: declared public, of other data")
         results: dict[str, dict[str, Any]] = {}

@@ -257,6 +257,7 @@ def release_embedding(
         resolution=feature_resolution,
         dataset_content_hash=dataset.content_hash,
         public=public,
+        patient_ids=dataset.patient_ids.tolist(),
     )
     engine = PrivacyEngine(
         train.privacy_ids,

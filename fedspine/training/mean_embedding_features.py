@@ -158,16 +158,22 @@ class NetworkFeatures:
             self.dim = int(self._raw(probe).shape[1])
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path, dataset_content_hash: str = "") -> NetworkFeatures:
+    def from_checkpoint(
+        cls,
+        source: str | Path,
+        dataset_content_hash: str = "",
+        patient_ids: Sequence[str] | None = None,
+    ) -> NetworkFeatures:
         """The D of a run folder or snapshot trained with ``--public-data``; refused when it was
-        not, or when it was trained on the dataset whose hash is ``dataset_content_hash``."""
+        not, or when it was trained on the dataset whose hash is ``dataset_content_hash`` or on
+        any of ``patient_ids``."""
         from fedspine.training.public_init import (  # lazy: loads the checkpoint machinery
             PublicInitError,
             load_public_init,
         )
 
         try:
-            public = load_public_init(source, dataset_content_hash)
+            public = load_public_init(source, dataset_content_hash, patient_ids)
         except PublicInitError as err:
             raise FeatureMapError(str(err)) from None
         record = public.record()
@@ -227,6 +233,7 @@ def build_feature_map(
     resolution: int = DEFAULT_FEATURE_RESOLUTION,
     dataset_content_hash: str = "",
     public: NetworkFeatures | None = None,
+    patient_ids: Sequence[str] | None = None,
 ) -> CombinedFeatures:
     """``spec``: ``rff``, a public run folder or snapshot, or several joined by ``+``;
     ``public`` stands for the network given as ``public`` (already checked by the caller)."""
@@ -239,7 +246,7 @@ def build_feature_map(
                 raise FeatureMapError("the feature map names the public network, none was given")
             maps.append(public)
         else:
-            maps.append(NetworkFeatures.from_checkpoint(part, dataset_content_hash))
+            maps.append(NetworkFeatures.from_checkpoint(part, dataset_content_hash, patient_ids))
     return CombinedFeatures(maps)
 
 

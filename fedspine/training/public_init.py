@@ -7,13 +7,18 @@ useful. Public is a declaration, made where the data is known: a run trained wit
 initialise another one. Its weights then cost no ε: they depend on no private patient. The run
 that starts from it records which checkpoint (by SHA-256) and why it is public, in its
 config.toml, its generator's metadata and its privacy summary (and so in the privacy report and
-a release). A checkpoint trained on the very dataset the new run trains on is refused: its data
-is this run's private data, whatever it was declared.
+a release). A checkpoint trained on the very dataset the new run trains on is refused, and so is
+one trained on any of its patients (a re-ingest at another resolution, another labelling, a pool
+holding the site): their data is this run's private data, whatever it was declared. A public run
+records digests of its patients' identifiers for that check (:func:`patient_digests`); a
+checkpoint without them cannot be checked and is refused alike.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,10 @@ from fedspine.fileio import RUN_LATEST, file_sha256
 from fedspine.training.checkpoint import CheckpointError, load_checkpoint
 
 NETWORKS = ("G", "G_ema", "D")
+PATIENT_DIGESTS = "patient_digests"
+"""Key of a public run's snapshot dataset record: digests of its patients' identifiers."""
+PATIENT_DIGEST_HEX = 16
+"""Hex digits kept of each SHA-256: 64 bits, no chance collision among millions of patients."""
 
 
 class PublicInitError(ValueError):
@@ -96,9 +105,28 @@ def pretraining_component(record: dict[str, Any] | None, none: str = "none") -> 
     )
 
 
-def load_public_init(source: str | Path, dataset_content_hash: str) -> PublicInit:
+def patient_digests(patient_ids: Iterable[str]) -> list[str]:
+    """Digests of patient identifiers, sorted: of each whole identifier and, for one pooled
+    under a prefix (``site_1/ID``, :func:`fedspine.data.prepared.merge_prepared`), of the part
+    after the last ``/`` too, so a site's patients are found in a pool of sites and back.
+    Only public runs record them (the data of their patients is public)."""
+    out = set()
+    for pid in patient_ids:
+        text = str(pid)
+        for part in {text, text.rsplit("/", 1)[-1]}:
+            digest = hashlib.sha256(b"fedspine-patient\0" + part.encode("utf-8")).hexdigest()
+            out.add(digest[:PATIENT_DIGEST_HEX])
+    return sorted(out)
+
+
+def load_public_init(
+    source: str | Path,
+    dataset_content_hash: str,
+    patient_ids: Iterable[str] | None = None,
+) -> PublicInit:
     """Read ``source`` (a run folder, its latest snapshot taken, or a snapshot file) and check
-    that it was trained on data declared public and not on the dataset of this run."""
+    that it was trained on data declared public, not on the dataset of this run and, where
+    ``patient_ids`` (this run's patients) are given, on none of its patients."""
     path = _snapshot_of(Path(source))
     try:
         data = load_checkpoint(path, kind="trainer", map_location="cpu")
@@ -117,6 +145,22 @@ def load_public_init(source: str | Path, dataset_content_hash: str) -> PublicIni
             f"{path}: trained on this very dataset; its data is this run's private data, "
             "whatever it was declared"
         )
+    recorded = dataset.get(PATIENT_DIGESTS)
+    if not isinstance(recorded, list):
+        raise PublicInitError(
+            f"{path}: its run did not record its patients (made before fedspine did), so "
+            "nothing shows that none of them is among this run's; pretrain it again with this "
+            "fedspine (`fedspine pretrain`, or `fedspine train --public-data`)"
+        )
+    if patient_ids is not None:
+        shared = set(patient_digests(patient_ids)) & {str(d) for d in recorded}
+        if shared:
+            raise PublicInitError(
+                f"{path}: trained on data of {len(shared)} patient identifier(s) of this run's "
+                "dataset (the same patients, ingested or pooled another way); their data is "
+                "this run's private data, whatever it was declared. Start from a checkpoint "
+                "trained on other patients"
+            )
     state = data["trainer"]
     return PublicInit(
         path=path,

@@ -344,7 +344,9 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
         from fedspine.training.public_init import PublicInitError, load_public_init  # lazy: torch
 
         try:
-            public_init = load_public_init(request.init_from, dataset.content_hash)
+            public_init = load_public_init(
+                request.init_from, dataset.content_hash, dataset.patient_ids.tolist()
+            )
             config.network = public_init.minibatch_std_of(config.network)
             public_init.check_network(config.to_dict()["network"])
         except PublicInitError as err:
@@ -477,7 +479,14 @@ def train(request: TrainRequest, reporter: RunReporter | None = None) -> RunResu
     write_config_toml(out / RUN_CONFIG_TOML, run_config)
     if ablation_run is not None:
         ablation_run.start()
-    run = RunFolder(out, trainer, dataset_info, last_snapshot_nimg, training_meta)
+    snapshot_dataset = dataset_info
+    if dataset_info.get("public"):
+        from fedspine.training.public_init import PATIENT_DIGESTS, patient_digests
+
+        # What a later run started from this one checks its own patients against.
+        digests = patient_digests(dataset.patient_ids.tolist())
+        snapshot_dataset = {**dataset_info, PATIENT_DIGESTS: digests}
+    run = RunFolder(out, trainer, snapshot_dataset, last_snapshot_nimg, training_meta)
     if state is None and privacy is None:
         run.save_reals(data)  # a DP run folder holds nothing drawn from private images
 

@@ -19,7 +19,7 @@ def make_site_dataset(
     images = rng.normal(80 + brightness, 20, size=(n, resolution, resolution))
     images[labels == 1, resolution // 2 - 1 : resolution // 2 + 1, :] += 120
     images = np.clip(images, 0, 255).astype(np.uint8)
-    patients = [f"p{i // 2}" for i in range(n)]
+    patients = [f"s{seed}-p{i // 2}" for i in range(n)]  # each seed's patients its own
     splits = ["test" if i >= n - 4 else "val" if i >= n - 8 else "train" for i in range(n)]
     return write_prepared(
         root,

@@ -85,7 +85,8 @@ def make_prepared(
     num_classes: int = 2,
     seed: int = 0,
 ) -> Path:
-    """A prepared dataset of class-dependent shapes; a few unlabelled rows (-1) in train too."""
+    """A prepared dataset of class-dependent shapes; a few unlabelled rows (-1) in train too.
+    Its patients are the seed's own: datasets of other seeds share none."""
     rng = np.random.default_rng(seed)
     n = n_train + n_val
     labels = np.arange(n) % num_classes
@@ -102,7 +103,7 @@ def make_prepared(
         root,
         images=images,
         files=[f"img{i:04d}.png" for i in range(n)],
-        patient_ids=[f"p{i:04d}" for i in range(n)],
+        patient_ids=[f"s{seed}-p{i:04d}" for i in range(n)],
         splits=splits,
         labels=labels,
         findings=findings,
@@ -117,7 +118,8 @@ def public_checkpoint(
     path: Path, public: str | None, content_hash: str = "other", resolution: int = 16
 ) -> Path:
     """A tiny trainer snapshot without minibatch-std, declared public when ``public`` says why
-    (as ``fedspine train --public-data`` writes it), of the dataset hash ``content_hash``."""
+    (as ``fedspine train --public-data`` writes it, with its two patients' digests), of the
+    dataset hash ``content_hash``."""
     import dataclasses
 
     import torch
@@ -132,7 +134,10 @@ def public_checkpoint(
     G, D = Generator(net), Discriminator(net)
     dataset = {"content_hash": content_hash, "class_names": ["class0", "class1"]}
     if public is not None:
+        from fedspine.training.public_init import PATIENT_DIGESTS, patient_digests
+
         dataset["public"] = public
+        dataset[PATIENT_DIGESTS] = patient_digests(["public-patient-0", "public-patient-1"])
     state = {"config": cfg.to_dict(), "G": G.state_dict(), "G_ema": G.state_dict()}
     state["D"] = D.state_dict()
     return save_checkpoint(path, "trainer", {"trainer": state, "dataset": dataset})

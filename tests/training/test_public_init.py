@@ -94,3 +94,52 @@ def test_only_a_checkpoint_declared_public_and_of_other_data_may_start_a_run(tmp
         train(TrainRequest(private, tmp_path / "d", public_data="x", dp=dp, **RUN))
     with pytest.raises(TrainRunError, match="omit them when resuming"):
         train(TrainRequest(private, secret, init_from=public, resume=True))
+
+
+def test_a_checkpoint_trained_on_the_same_patients_is_refused_however_they_were_ingested(
+    tmp_path, public
+):
+    """An attacker's (or a careless operator's) ways round the dataset-hash check: the site's own
+    patients re-ingested at another resolution, or pooled with other data under a site prefix,
+    declared public and pretrained on. Each shares no content hash with the private run's
+    dataset, and each is refused by its patients, before any ε is reserved."""
+    from fedspine.data.prepared import load_prepared, merge_prepared
+
+    private = make_prepared(tmp_path / "private", seed=1)
+    reingested = make_prepared(tmp_path / "reingested", seed=1, resolution=32)
+    other = make_prepared(tmp_path / "other", seed=2)
+    pooled = tmp_path / "pooled"
+    merge_prepared([load_prepared(private), load_prepared(other)], pooled, ["site_a", "site_b"])
+    hashes = {load_prepared(d).content_hash for d in (private, reingested, pooled)}
+    assert len(hashes) == 3  # the dataset-hash check alone lets both through
+    dp = DPRequest(noise_multiplier=1.0, privacy_home=tmp_path / "home")
+    for name, data in (("re", reingested), ("pool", pooled)):
+        run = tmp_path / f"{name}-run"
+        train(TrainRequest(data, run, public_data="said public", for_dp=True, **RUN))
+        with pytest.raises(TrainRunError, match=r"patient identifier\(s\) of this run's dataset"):
+            train(TrainRequest(private, tmp_path / f"{name}-dp", init_from=run, dp=dp, **RUN))
+    # The other way round: a public run on one site, a private run on a pool holding that site.
+    site_run = tmp_path / "site-run"
+    train(TrainRequest(other, site_run, public_data="said public", for_dp=True, **RUN))
+    with pytest.raises(TrainRunError, match="patient identifier"):
+        train(TrainRequest(pooled, tmp_path / "pool-dp", init_from=site_run, dp=dp, **RUN))
+    assert PrivacyHome(tmp_path / "home").ledger().records() == []
+    # Of other patients, the same checkpoint is accepted.
+    train(TrainRequest(private, tmp_path / "ok", init_from=public, dp=dp, **RUN))
+
+
+def test_a_checkpoint_that_does_not_list_its_patients_is_refused(tmp_path, public):
+    """A public snapshot without the patient digests (made before fedspine recorded them, or
+    stripped) cannot be checked against this run's patients: it is refused, not trusted."""
+    from fedspine.training.checkpoint import save_checkpoint
+    from fedspine.training.public_init import PATIENT_DIGESTS
+
+    data = load_checkpoint(_snapshot(public), kind="trainer")
+    assert len(data["dataset"][PATIENT_DIGESTS]) == 48  # 40 train + 8 val patients
+    del data["dataset"][PATIENT_DIGESTS]
+    stripped = tmp_path / "stripped.pt"
+    header = ("fedspine_checkpoint", "format_version", "fedspine_version")
+    save_checkpoint(stripped, "trainer", {k: v for k, v in data.items() if k not in header})
+    private = make_prepared(tmp_path / "private", seed=1)
+    with pytest.raises(TrainRunError, match="did not record its patients"):
+        train(TrainRequest(private, tmp_path / "run", init_from=stripped, **RUN))
