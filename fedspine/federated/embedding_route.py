@@ -38,6 +38,7 @@ from fedspine.federated.embedding_site import (
 )
 from fedspine.federated.federation_config import (
     EMBEDDING_ROUTE,
+    FRESH_START,
     FederationConfig,
     FederationError,
 )
@@ -58,6 +59,11 @@ from fedspine.training.mean_embedding_features import (
     build_feature_map,
 )
 from fedspine.training.mean_embedding_fit import EmbeddingFitError, FitRequest, fit_generator
+from fedspine.training.public_init import (
+    PublicInitError,
+    load_public_init,
+    pretraining_component,
+)
 
 ROUTE = EMBEDDING_ROUTE
 PHASE = "embedding"
@@ -333,7 +339,7 @@ def _write_privacy(out: Path, config: FederationConfig, releases: list[Embedding
         "aggregation": "the server sums the sites' releases (no secure aggregation: it sees "
         "each site's release, so every site adds the full noise of its own ε)",
         "generator": "fitted to the pooled means on the server: post-processing",
-        "pretraining": "initial generator from " + (config.initial_checkpoint or "fresh weights"),
+        "pretraining": pretraining_component(_pretraining(config), FRESH_START),
         "site ledgers": "kept in each site's privacy home; ε here is what each site reported",
         "dataset sizes": "treated as public (as in Opacus)",
     }
@@ -345,6 +351,17 @@ def _write_privacy(out: Path, config: FederationConfig, releases: list[Embedding
             "assumed to leak"
         )
     write_privacy_summary(out, sites, components)
+
+
+def _pretraining(config: FederationConfig) -> dict[str, Any] | None:
+    """The initial checkpoint's record (its SHA-256, why its data is public, ε 0), as the GAN
+    route's summary gives it; None for fresh weights."""
+    if not config.initial_checkpoint:
+        return None
+    try:
+        return load_public_init(str(config.initial_checkpoint), "").record()
+    except PublicInitError as err:
+        raise FederationError(f"initial_checkpoint: {err}") from None
 
 
 def _number(value: Any) -> bool:

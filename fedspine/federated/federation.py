@@ -36,7 +36,7 @@ from fedspine.federated.classifier_phase import (
 )
 from fedspine.federated.embedding_route import ROUTE as EMBEDDING_ROUTE
 from fedspine.federated.embedding_route import run_embedding_route
-from fedspine.federated.federation_config import FederationConfig, FederationError
+from fedspine.federated.federation_config import FRESH_START, FederationConfig, FederationError
 from fedspine.federated.replies import take_reply
 from fedspine.federated.run_folder import (
     CLASSIFIER_PREFIX,
@@ -85,7 +85,6 @@ __all__ = [
 ]
 
 REPLY_POLL_SECONDS = 1.0
-FRESH_START = "none: round 1 started from fresh weights"
 
 
 def initial_weights(config: FederationConfig) -> tuple[dict, dict, dict | None]:

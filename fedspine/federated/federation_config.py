@@ -26,6 +26,8 @@ from fedspine.federated.classifier_phase import ClassifierPhaseConfig
 MODELS = ("cgan", "spinegan")
 GAN_ROUTE = "gan"
 EMBEDDING_ROUTE = "dp-mean-embedding"
+FRESH_START = "none: round 1 started from fresh weights"
+"""The privacy summary's pretraining line of a federation without ``initial_checkpoint``."""
 ROUTES = (GAN_ROUTE, EMBEDDING_ROUTE)
 
 

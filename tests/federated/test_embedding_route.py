@@ -95,6 +95,23 @@ def test_each_site_releases_once_and_the_server_fits_the_generator(site_datasets
         labels = [r["label"] for r in _ledger_of(tmp_path, k)]
         assert labels.count("mean-embedding") == 1, labels
         assert len(list((tmp_path / f"state_{k}" / "embed-fed").glob("embedding-release-*"))) == 1
+    # The round summed exactly what the sites released: each release as the server received it
+    # is bit for bit the one its site kept, and the pooled sums and counts are their sum.
+    import numpy as np
+
+    from fedspine.training.mean_embedding import combine_releases, read_release
+
+    kept = [
+        read_release(next((tmp_path / f"state_{k}" / "embed-fed").glob("embedding-release-*")))
+        for k in range(3)
+    ]
+    received = [read_release(out / "releases" / f"site-{k}.npz") for k in range(3)]
+    for mine, theirs in zip(kept, received, strict=True):
+        assert np.array_equal(mine.sums, theirs.sums)
+        assert np.array_equal(mine.counts, theirs.counts)
+    pooled = combine_releases(received)
+    assert np.allclose(pooled.sums, kept[0].sums + kept[1].sums + kept[2].sums, rtol=1e-12, atol=0)
+    assert np.array_equal(pooled.counts, kept[0].counts + kept[1].counts + kept[2].counts)
 
     # Run again: the releases on disk are fitted again, nothing is asked of the sites.
     before = [len(_ledger_of(tmp_path, k)) for k in range(3)]
@@ -296,6 +313,9 @@ def test_dp_mepf_sites_use_the_servers_public_discriminator(site_datasets, tmp_p
     components = json.loads((out / "privacy.json").read_text())["components"]
     assert "public-discriminator-feature" in components["release"]
     assert "one bit outside the mechanism" in components["feature network"]
+    # The start is named by hash and costs no ε, as the GAN route's summary says it.
+    assert f"sha256:{file_sha256(public)}" in components["pretraining"]
+    assert "costs no ε" in components["pretraining"]
     # The fit started from the checkpoint and moved only G's mapping.
     G, _ = load_generator(out / "generator.pt")
     start = load_checkpoint(public, kind="trainer")["trainer"]["G_ema"]
