@@ -4,6 +4,7 @@ Shape::
 
     fedspine release RUN --out RELEASE --max-epsilon E --audit-data PREPARED [...]
                      --audit-dir STEWARD_AUDIT [--privacy-home HOME ...] [--key K]
+                     [--evaluation EVAL]
     fedspine release keygen --out steward.key
     fedspine verify RELEASE [--public-key KEY]
 
@@ -16,6 +17,12 @@ audits are computed on real images, so their figures go to that private folder a
 only says which gates passed. ``--privacy-home`` (repeat it, one per site) names the sites'
 privacy homes whose ledgers show which ``--audit-data`` set each site trained on; without it,
 the one home ``--privacy-home``/``FEDSPINE_PRIVACY_HOME``/the default would find.
+
+``--evaluation`` is the folder ``fedspine evaluate`` wrote for a synthetic set of this generator
+against the real test split: the summary then states TSTR's verdict (its AUC and interval,
+whether the interval excludes chance, the signal retained) and the privacy report records only
+the verdict's category. Without it a warning says utility was not evaluated and how to evaluate;
+an evaluation of another generator is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -98,6 +105,14 @@ def make_command(
         "FEDSPINE_PRIVACY_HOME or the default location names. A home without a ledger is "
         "skipped, never created.",
     ),
+    evaluation: Path = typer.Option(
+        None,
+        "--evaluation",
+        help="The folder `fedspine evaluate` wrote for a synthetic set of this generator "
+        "against the real test split: the summary states TSTR's verdict and the privacy "
+        "report records only its category (signal above chance, no evidence of signal, worse "
+        "than chance). Refused if it judged another generator.",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Check, generate, audit and sign a synthetic-data release (nothing is written if refused)."""
@@ -144,6 +159,7 @@ def make_command(
             privacy_homes=list(privacy_home or []) or [resolve_home(None)],
             log=progress.console.print,
             advance=advance,
+            evaluation=evaluation,
         )
     except KeyboardInterrupt:
         typer.echo(f"interrupted; nothing was written to {out}", err=True)
@@ -166,6 +182,10 @@ def make_command(
         f"{result.membership['nearest']['auc']:.3f}; these audit figures are in "
         f"{result.steward_audit} (private: not in the release)"
     )
+    if result.utility.evaluated:
+        typer.echo(result.utility.console_line(out))
+    else:
+        typer.echo(f"warning: {result.utility.console_line(out)}", err=True)
 
 
 @release_app.command("keygen")

@@ -4,5 +4,5 @@ signs. It sits above training, evaluation and the audits; nothing below imports 
 
 :mod:`.gate` is the entry point (``make_release``) and re-exports the public names of the parts:
 :mod:`.checks` (the privacy summary and the generator), :mod:`.coverage` (which audit set each
-site trained on), :mod:`.memorisation_gate`, :mod:`.bundle` (what a release holds) and
-:mod:`.errors`."""
+site trained on), :mod:`.memorisation_gate`, :mod:`.bundle` (what a release holds), :mod:`.utility` (the TSTR
+verdict of an evaluation of the generator, stated, not gated) and :mod:`.errors`."""

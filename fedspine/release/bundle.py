@@ -8,7 +8,8 @@ everything in it is the DP generator, what was generated from it, or public sett
     synthetic/                 images/*.png, labels.csv, classes.txt, generation.json
     generator.pt               the run's G_ema checkpoint, byte for byte
     privacy_report.json        per site (ε, δ, σ, q, steps, clip, unit, accountant), what was
-                               private, and which gates passed (names, rules, settings)
+                               private, which gates passed (names, rules, settings), and the
+                               utility: not evaluated, or only TSTR's coarse verdict category
     steward.pub                the steward's public key (OpenSSH line)
     manifest.json              SHA-256 of every other file, the configuration, each site's (ε, δ)
     manifest.sig               base64 Ed25519 signature of manifest.json's bytes
@@ -16,7 +17,9 @@ everything in it is the DP generator, what was generated from it, or public sett
 ``generation.json`` keeps the generator's own SHA-256 but drops every key naming a hash from
 the copied ``training`` metadata. The sites' (ε, δ) are the privacy of ``generator.pt`` and of
 the synthetic images (post-processing of it) and of nothing else. Dataset sizes are treated as
-public (a site's sampling rate q is its batch over its patient count).
+public (a site's sampling rate q is its batch over its patient count). The utility category
+(:mod:`.utility`) is computed on the steward's real test images, outside the DP guarantee, and
+the report says so; the evaluation's figures stay with the steward.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from fedspine.privacy.signing import UNSIGNED_FILES
 from fedspine.release.checks import DP_SCHEME, GENERATOR_FILE, PrivacyCheck
 from fedspine.release.errors import ReleaseError, ReleaseRefused
 from fedspine.release.memorisation_gate import MEMORISATION_RULE, MemorisationGate
+from fedspine.release.utility import UTILITY_OUTSIDE_DP, ReleaseUtility
 
 RELEASE_FORMAT = "fedspine-release/2"
 SYNTHETIC_DIR = RELEASE_SYNTHETIC_DIR
@@ -63,12 +67,17 @@ def privacy_report(
     gates: list[dict],
     coverage: dict[str, bool],
     warnings: list[str],
+    utility: ReleaseUtility | None = None,
 ) -> dict:
-    """``privacy_report.json``: the run's public privacy record and the release decision."""
+    """``privacy_report.json``: the run's public privacy record, the release decision and the
+    utility (``utility`` None: not evaluated; else its category and generator only)."""
     sites = checked.sites
+    utility = utility or ReleaseUtility()
+    outside = [AUDITS_WITH_STEWARD, *([UTILITY_OUTSIDE_DP] if utility.evaluated else [])]
     return {
         "format": "fedspine-release-privacy/2",
         "privacy": public_privacy(checked.privacy, sites, checked.accountant),
+        "utility": utility.report_entry(),
         "release_decision": {
             "released": True,
             "max_epsilon": max_epsilon,
@@ -78,6 +87,7 @@ def privacy_report(
             "checks": [g["name"] for g in gates],
             "audit_coverage": coverage,
             "audits": AUDITS_WITH_STEWARD,
+            "outside_dp_guarantee": outside,
             "warnings": warnings,
         },
     }
@@ -92,13 +102,22 @@ def release_manifest(
     gates: list[dict],
     signing_key: str,
     files: list[dict],
+    utility: ReleaseUtility | None = None,
 ) -> dict:
     """``manifest.json``: what the release is, what its (ε, δ) covers, and every file's hash.
 
     ``signing_key`` is the key's fingerprint; ``files`` is :func:`file_list` of the staged
-    release.
+    release; ``utility`` (None: not evaluated) says whether the privacy report holds a utility
+    category, the one thing in it computed on private data outside the gates.
     """
     privacy = checked.privacy
+    evaluated = utility is not None and utility.evaluated
+    rest = (
+        f"nothing else in this release is computed from private data but the utility category "
+        f"of {PRIVACY_REPORT_FILE} ({UTILITY_OUTSIDE_DP})"
+        if evaluated
+        else "nothing else in this release is computed from private data"
+    )
     return {
         "format": RELEASE_FORMAT,
         "fedspine_version": __version__,
@@ -109,8 +128,7 @@ def release_manifest(
             "guarantee": (
                 "each site's (epsilon, delta) below is the differential privacy of "
                 f"{GENERATOR_FILE} and of the synthetic images generated from it "
-                f"({SYNTHETIC_DIR}/, post-processing) for that site's patients; nothing "
-                "else in this release is computed from private data"
+                f"({SYNTHETIC_DIR}/, post-processing) for that site's patients; {rest}"
             ),
             "covers": [GENERATOR_FILE, f"{SYNTHETIC_DIR}/"],
             "accountant": checked.accountant,

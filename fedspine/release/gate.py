@@ -31,6 +31,13 @@
 8. no file of the release contains the content hash of an audit set (nor of the parts of a
    merged one): a release carries no fingerprint of the private data.
 
+Utility is stated, not gated (:mod:`.utility`): with ``evaluation`` (CLI ``--evaluation``, a
+``fedspine evaluate`` folder) the TSTR verdict is logged and returned, and the privacy report
+records only its coarse category and the generator it judged; an evaluation that did not judge
+this generator (its synthetic set's ``generation.json`` names another SHA-256, or none) or a
+folder that is not an evaluation is refused, before anything is generated or written. Without
+one the report says utility was not evaluated.
+
 The gates live beside this module: 1 to 5 in :mod:`.checks`, 6 in :mod:`.coverage`, 7 in
 :mod:`.memorisation_gate` (its rule is in that module's docstring), 8 and what a release holds
 (the files, the manifest, the privacy report) in :mod:`.bundle`. This module runs them in order,
@@ -120,6 +127,7 @@ from fedspine.release.memorisation_gate import (
     MemorisationGate,
     memorisation_gate,
 )
+from fedspine.release.utility import ReleaseUtility, read_utility
 from fedspine.training.generate import generate_dataset
 
 __all__ = [
@@ -146,6 +154,7 @@ __all__ = [
     "ReleaseError",
     "ReleaseRefused",
     "ReleaseResult",
+    "ReleaseUtility",
     "check_generator_binding",
     "check_generator_checkpoint",
     "check_privacy",
@@ -165,7 +174,8 @@ class ReleaseResult:
     """What :func:`make_release` wrote and the numbers behind the decision.
 
     ``memorisation`` and ``membership`` are the steward's (computed on real images); they are
-    written to ``steward_audit``, never into the release.
+    written to ``steward_audit``, never into the release. ``utility`` is the TSTR verdict of
+    the evaluation given (its figures are the steward's too), or says it was not evaluated.
     """
 
     out: Path
@@ -176,6 +186,7 @@ class ReleaseResult:
     membership: dict
     steward_audit: Path
     warnings: list[str] = field(default_factory=list)
+    utility: ReleaseUtility = field(default_factory=ReleaseUtility)
 
 
 def make_release(
@@ -194,13 +205,16 @@ def make_release(
     privacy_homes: Sequence[str | os.PathLike] = (),
     log: Callable[[str], None] | None = None,
     advance: Callable[[int, int], None] | None = None,
+    evaluation: str | os.PathLike | None = None,
 ) -> ReleaseResult:
     """Check, generate, audit, sign and publish a release at ``out``, or refuse.
 
     ``signing_key`` is an Ed25519 private key or the path of one. ``steward_audit_dir`` is the
     steward's private folder for the audits' figures (required). ``privacy_homes`` are the
     sites' privacy homes whose ledgers show which audit set each site trained on (empty: the
-    one :func:`~fedspine.privacy.home.resolve_home` finds). ``log`` receives one line per
+    one :func:`~fedspine.privacy.home.resolve_home` finds). ``evaluation`` is a ``fedspine
+    evaluate`` folder of a synthetic set of this generator (None: utility not evaluated; see
+    :mod:`.utility`). ``log`` receives one line per
     stage; ``advance(n, total)`` the number of images generated since its last call. Raises
     :class:`ReleaseRefused` when a gate fails and :class:`ReleaseError` when the inputs are
     unusable; either way nothing exists at ``out`` afterwards and no staging folder remains.
@@ -234,6 +248,11 @@ def make_release(
     meta = check_generator_checkpoint(gen_path)
     say(f"checking {GENERATOR_FILE} is the generator {PRIVACY_FILE} covers")
     generator_sha256 = check_generator_binding(run, privacy, meta)
+    if evaluation is None:
+        utility = ReleaseUtility()
+    else:
+        say(f"checking the evaluation {Path(evaluation).name} judged this generator")
+        utility = read_utility(evaluation, generator_sha256)
     resolution = int(meta["network"]["resolution"])
     homes = [resolve_home(h) for h in privacy_homes] or [resolve_home(None)]
     say(f"loading {len(audit_data)} audit dataset(s)")
@@ -306,7 +325,7 @@ def make_release(
         gates = release_gates(max_epsilon, gate, audit["coverage"])
         write_json(
             stage / PRIVACY_REPORT_FILE,
-            privacy_report(checked, max_epsilon, gates, audit["coverage"], warnings),
+            privacy_report(checked, max_epsilon, gates, audit["coverage"], warnings, utility),
         )
         (stage / PUBLIC_KEY_FILE).write_bytes(public_key_line(key.public_key()))
         manifest = release_manifest(
@@ -317,6 +336,7 @@ def make_release(
             gates=gates,
             signing_key=fingerprint(key),
             files=file_list(stage),
+            utility=utility,
         )
         manifest_bytes = json_bytes(manifest)
         (stage / MANIFEST_FILE).write_bytes(manifest_bytes)
@@ -341,6 +361,7 @@ def make_release(
         membership=membership,
         steward_audit=steward,
         warnings=warnings,
+        utility=utility,
     )
 
 
