@@ -63,6 +63,7 @@ def demo(
     from fedspine.cli.train import ConsoleReporter  # lazy: no torch for --help
     from fedspine.experiments.demo import (  # lazy: as above
         DemoConfig,
+        ceiling_text,
         demo_command,
         run_demo,
         tstr_text,
@@ -131,6 +132,12 @@ def demo(
             f"on synthetic {ev['tstr_auc']:.3f} (TSTR/TRTR {ev['tstr_over_trtr']:.3f})"
         )
         typer.echo(f"  synthetic data: {ev['verdict']}")
+        ceiling = ceiling_text(ev)
+        if ceiling is not None:
+            typer.echo(
+                "  ceiling (the evaluation's classifier trained directly with DP-SGD at the "
+                f"same ε on the pooled patients): AUC {ceiling}"
+            )
         typer.echo(f"  evaluation report: {ev['report']}")
     if result.public_only and result.evaluation:
         base, ev = result.public_only, result.evaluation

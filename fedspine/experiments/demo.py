@@ -30,6 +30,7 @@ from fedspine.data.prepared import load_prepared, merge_prepared
 from fedspine.evaluation.config import EvaluateConfig
 from fedspine.evaluation.records import EvaluationRecord
 from fedspine.experiments.budgets import ReproduceError
+from fedspine.experiments.plan import CEILING_ARM
 from fedspine.experiments.pretrain import PretrainConfig, pretrain
 from fedspine.experiments.public_run import PRETRAIN_RUN_DIR, read_public_run
 from fedspine.federated.deploy import (
@@ -60,6 +61,12 @@ from fedspine.release.gate import ReleaseRefused, make_release
 from fedspine.reporting.evaluation_report import evaluate
 from fedspine.reporting.html import write_html_report
 from fedspine.reporting.privacy import write_privacy_report
+from fedspine.training.classifier_run import (
+    ClassifierDPRequest,
+    ClassifierRequest,
+    ClassifierRunError,
+    train_classifier_run,
+)
 from fedspine.training.generate import generate_dataset
 from fedspine.training.run import RunReporter
 
@@ -92,6 +99,8 @@ class DemoConfig:
     None: pretrain one of ``public_kimg`` on ``public_images`` phantom images here."""
     public_images: int = 1000
     public_kimg: float = 8.0
+    ceiling_patients_per_step: int = 32
+    """Expected patients per DP-SGD step of the DP classifier ceiling."""
     fit_steps: int = 300
     fit_batch_per_class: int = 16
     """The server's fit: 300 steps of 16 images per class take about two minutes on two cores
@@ -209,18 +218,28 @@ def run_demo(
             seed=config.seed,
         )
 
+    pooled = merge_prepared(
+        [load_prepared(out / "prepared" / s) for s in result.sites],
+        out / "prepared" / "pooled",
+        result.sites,
+        overwrite=True,
+    )
+    with _timed(result, "DP classifier ceiling"):
+        stage(
+            f"the ceiling: the evaluation's classifier trained directly with DP-SGD at ε "
+            f"{config.epsilon:g} on the pooled sites' patients (an upper bound for a federated "
+            "one); a DP synthetic set is worth its risk for classification near it"
+        )
+        ceiling = _train_ceiling(out, pooled, config)
+
     with _timed(result, "evaluate"):
         stage(
             "evaluating: TSTR (train on synthetic) against TRTR (train on real), "
             "on real test images"
         )
-        pooled = merge_prepared(
-            [load_prepared(out / "prepared" / s) for s in result.sites],
-            out / "prepared" / "pooled",
-            result.sites,
-            overwrite=True,
+        result.evaluation = _evaluate(
+            out / "synthetic", pooled, out / "evaluation", config, ceiling=ceiling
         )
-        result.evaluation = _evaluate(out / "synthetic", pooled, out / "evaluation", config)
 
     if result.public_run is not None:
         with _timed(result, "public-only baseline"):
@@ -299,11 +318,21 @@ def demo_command(out: Path, c: DemoConfig) -> str:
 
 
 def _baseline_table(result: DemoResult) -> dict[str, dict[str, Any]]:
-    """The public-only baseline beside the federated generator, for the report's settings."""
+    """The public-only baseline and the DP classifier ceiling beside the federated generator,
+    for the report's settings."""
+    out: dict[str, dict[str, Any]] = {}
+    ceiling = ceiling_text(result.evaluation) if result.evaluation else None
+    if ceiling is not None:
+        out[f"DP classifier ceiling ({CEILING_DIR}/classifier)"] = {
+            "TSTR AUC, federated DP generator [95% CI]": tstr_text(result.evaluation),
+            "AUC of the evaluation's classifier trained directly with DP-SGD at the same ε on "
+            "the pooled patients [95% CI]": ceiling,
+        }
     if not result.public_only or not result.evaluation:
-        return {}
+        return out
     ours, base = result.evaluation, result.public_only
     return {
+        **out,
         f"public-only baseline ({PUBLIC_ONLY}/evaluation)": {
             "public checkpoint": result.public_run,
             "TSTR AUC, federated DP generator [95% CI]": tstr_text(ours),
@@ -313,8 +342,21 @@ def _baseline_table(result: DemoResult) -> dict[str, dict[str, Any]]:
                 None if base["signal_retained"] is None else round(base["signal_retained"], 3)
             ),
             "public-only verdict": base["verdict"],
-        }
+        },
     }
+
+
+def ceiling_text(ev: dict[str, Any]) -> str | None:
+    """The DP classifier ceiling's AUC [95% CI] and signal retained, or None when not scored."""
+    auc = ev.get("ceiling_auc")
+    if auc is None:
+        return None
+    ci = ev.get("ceiling_ci")
+    retained = ev.get("ceiling_signal_retained")
+    return (
+        f"{auc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        + (f", signal retained {retained:.2f}" if retained is not None else "")
+    )  # fmt: skip
 
 
 def tstr_text(ev: dict[str, Any]) -> str:
@@ -392,26 +434,69 @@ def demo_commands(
         f"fedspine generate {fed} --out {q('synthetic')} --per-class {c.per_class} --seed {c.seed}",
         "# the sites' prepared data pooled for the evaluation: "
         "fedspine.data.prepared.merge_prepared -> prepared/pooled",
+        f"fedspine classifier train {pooled} --out {q(CEILING_DIR, 'classifier')} --arch small "
+        f"--epochs {c.classifier_epochs} --seed {c.seed} --device cpu --dp --epsilon "
+        f"{c.epsilon:g} --patients-per-step {c.ceiling_patients_per_step} --privacy-home "
+        f"{q(CEILING_DIR, 'privacy')}",
         f"fedspine evaluate --synthetic {q('synthetic')} --train {pooled} --test {pooled} "
-        f"--out {q('evaluation')} {ev_options}",
+        f"--out {q('evaluation')} {ev_options} --compare "
+        + shlex.quote(f"{CEILING_ARM}={out / CEILING_DIR / 'classifier'}"),
         *baseline,
         f"fedspine privacy report {fed} --format html",
         f"fedspine release {fed} --out {q('release')} --max-epsilon {c.epsilon:g} --per-class "
         f"{c.release_per_class} {audit_data} --key {q('steward', 'steward.key')} --seed "
-        f"{c.seed} --audit-dir {q('steward', 'audit')} "
+        f"{c.seed} --audit-dir {q('steward', 'audit')} --evaluation {q('evaluation')} "
         + " ".join(f"--privacy-home {q('sites', s, 'privacy')}" for s in sites),
     ]
 
 
-def _evaluate(synthetic: Path, pooled, out: Path, config: DemoConfig) -> dict[str, Any]:
-    """TSTR vs TRTR on the pooled phantom sites (a centralised upper bound the demo can see)."""
-    report = EvaluationRecord.from_json(
-        evaluate(synthetic, pooled, pooled, out, _evaluate_config(config), overwrite=True)
+def _train_ceiling(out: Path, pooled: Path, config: DemoConfig) -> Path:
+    """The DP classifier ceiling (issue 15): the evaluation's recipe trained with patient-level
+    DP-SGD at the demo's ε on the pooled sites' training split, in a privacy home of its own
+    (``OUT/ceiling/privacy``; a run again removes it with the rest of the federation's state)."""
+    folder = out / CEILING_DIR
+    request = ClassifierRequest(
+        data=pooled,
+        out=folder / "classifier",
+        arch="small",
+        epochs=config.classifier_epochs,
+        patience=config.classifier_epochs,
+        seed=config.seed,
+        device="cpu",
+        dp=ClassifierDPRequest(
+            target_epsilon=config.epsilon,
+            patients_per_step=config.ceiling_patients_per_step,
+            privacy_home=folder / "privacy",
+        ),
     )
+    try:
+        return train_classifier_run(request).out
+    except ClassifierRunError as err:
+        raise ValueError(f"the DP classifier ceiling: {err}") from None
+
+
+def _evaluate(
+    synthetic: Path, pooled, out: Path, config: DemoConfig, ceiling: Path | None = None
+) -> dict[str, Any]:
+    """TSTR vs TRTR on the pooled phantom sites (a centralised upper bound the demo can see),
+    with the DP classifier ``ceiling`` scored beside them when given."""
+    compare = {CEILING_ARM: ceiling} if ceiling is not None else None
+    report = EvaluationRecord.from_json(
+        evaluate(
+            synthetic, pooled, pooled, out, _evaluate_config(config), overwrite=True,
+            compare=compare,
+        )
+    )  # fmt: skip
     arms = report.arms or {}
     mixed = arms.get("mixed")
     tstr = (report.utility.arms or {})["TSTR"]
+    ceiling_arm = arms.get(CEILING_ARM)
+    ceiling_utility = (report.utility.arms or {}).get(CEILING_ARM)
     return {
+        "ceiling_auc": ceiling_arm.auc if ceiling_arm else None,
+        "ceiling_ci": ceiling_arm.ci if ceiling_arm else None,
+        "ceiling_signal_retained": ceiling_utility.signal_retained if ceiling_utility else None,
+        "ceiling_verdict": ceiling_utility.verdict if ceiling_utility else None,
         "trtr_auc": arms["TRTR"].auc,
         "tstr_auc": arms["TSTR"].auc,
         "tstr_ci": tstr.ci,
@@ -459,19 +544,24 @@ def _release(out: Path, sites: list[str], config: DemoConfig) -> dict:
             # Where the demo's sites keep their privacy homes: their ledgers show which
             # prepared set each site trained on (the audits' coverage).
             privacy_homes=[out / "sites" / s / "privacy" for s in sites],
+            # The release states whether the generator carries signal (its category only).
+            evaluation=out / "evaluation" if (out / "evaluation").is_dir() else None,
         )
     except ReleaseRefused as err:
         return {"released": False, "reason": str(err)}
     return {
         "released": True,
+        "utility": result.utility.category,
         "path": str(result.out),
         "files": result.files,
         "fingerprint": result.fingerprint,
     }
 
 
-FEDERATION_STATE = ("federation", "server", "sites")
-"""What a demo's federation leaves in OUT: its output, the SuperLink's state, the sites' state."""
+CEILING_DIR = "ceiling"
+FEDERATION_STATE = ("federation", "server", "sites", CEILING_DIR)
+"""What a demo's private work leaves in OUT: the federation's output, the SuperLink's state, the
+sites' state, and the DP classifier ceiling with its privacy home."""
 
 
 def _fresh_federation(out: Path, stage: Stage) -> None:

@@ -87,8 +87,9 @@ class ArmKind(StrEnum):
 
     @property
     def ceiling(self) -> bool:
-        """A DP arm of one ε whose table row shows the DP-SGD classifier at that ε beside it."""
-        return self in (ArmKind.DP, ArmKind.DP_PUBLIC, ArmKind.DP_EMBEDDING)
+        """A DP arm of one ε whose table row shows the DP-SGD classifier at that ε beside it
+        (for DP SpineGAN: at its total ε, apart from the clinical classifier it spends ε on)."""
+        return self in (ArmKind.DP, ArmKind.DP_SPINEGAN, ArmKind.DP_PUBLIC, ArmKind.DP_EMBEDDING)
 
     @property
     def ablation(self) -> bool:

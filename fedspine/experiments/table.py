@@ -367,6 +367,7 @@ def _dp_spinegan_row(result: dict[str, Any], summary: dict[str, Any] | None = No
         details = _join(
             f"classifier and GAN in one ledger, spent ε = {spent} ({p.get('accountant')}, "
             f"patient level; {phases})",
+            _ceiling_note(ev),
             _ratio_note(ev),
             _gan_metrics(ev),
         )

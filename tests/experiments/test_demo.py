@@ -65,6 +65,14 @@ def test_demo_end_to_end(tmp_path):
         "worse than chance",
     )
     assert (out / "evaluation" / "report.md").is_file()
+    # The ceiling: the evaluation's classifier trained with DP-SGD at the demo's ε on the
+    # pooled patients, in a privacy home of its own, scored on the same test split.
+    from fedspine.privacy.home import PrivacyHome
+
+    assert 0.0 <= ev["ceiling_auc"] <= 1.0 and len(ev["ceiling_ci"]) == 2
+    (ceiling_record,) = PrivacyHome(out / "ceiling" / "privacy").ledger().records()
+    assert ceiling_record["steps"] > 0
+    assert "DP classifier ceiling" in (out / "report.html").read_text()
     # A release was made and verifies, or the refusal says why and nothing was written.
     if result.release["released"]:
         from fedspine.privacy.signing import verify_release

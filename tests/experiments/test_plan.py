@@ -102,6 +102,7 @@ def test_each_kind_says_what_it_trains():
     assert [k for k in ArmKind if not k.trains_gan] == [ArmKind.PUBLIC_ONLY, ArmKind.DP_EMBEDDING]
     assert [k for k in ArmKind if k.ceiling] == [
         ArmKind.DP,
+        ArmKind.DP_SPINEGAN,
         ArmKind.DP_PUBLIC,
         ArmKind.DP_EMBEDDING,
     ]

@@ -495,6 +495,13 @@ def test_tiny_reproduction_runs_spinegan_under_dp_with_one_ledger(tmp_path):
     md = (out / "reproduce.md").read_text()
     assert "SpineGAN under DP" in md and f"spent ε = {privacy['epsilon']:.2f}" in md
     assert "Corrected in the `dp_spinegan` arm" in md
+    # Its ceiling: a DP-SGD classifier at the arm's total ε, in a privacy home of its own.
+    ceiling = arm["evaluation"]["dp_classifier"]
+    assert ceiling["auc"] is not None and len(ceiling["ci"]) == 2
+    ceiling_home = out / "arms" / "dp_spinegan" / "dp_classifier" / "privacy" / "ledger.json"
+    assert ceiling_home.is_file()
+    row = md.split("SpineGAN under DP (DP classifier")[1].split("\n")[0]
+    assert "ceiling: a DP-SGD classifier at the same ε" in row
 
 
 # ---------------------------------------------------------------- seeds and signal retained
