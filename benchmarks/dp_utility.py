@@ -1111,9 +1111,10 @@ def _count(path: Path, split: str) -> int:
 
 
 def _signal(tstr: float | None, trtr: float | None) -> float | None:
-    if tstr is None or trtr is None or trtr <= 0.5:
-        return None
-    return (tstr - 0.5) / (trtr - 0.5)
+    """The library's signal retained, None where either AUC is missing."""
+    from fedspine.evaluation.classification import signal_retained
+
+    return None if tstr is None or trtr is None else signal_retained(tstr, trtr)
 
 
 def _num(value: Any, missing: str = "n/a", digits: int = 3) -> str:

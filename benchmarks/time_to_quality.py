@@ -21,7 +21,10 @@ held-out test set), keeping its kimg and clocks.
 path-length regularisation and style mixing are off. `--set key=value` changes the tuned
 candidate further (dotted keys into TrainConfig: `augment.adjust_kimg=10`, `r1_gamma=0.05`,
 `network.mapping_layers=1`, `batch=16`, `ema_kimg=2`); `start_p=0.2` starts ADA's p there
-instead of 0 (a benchmark knob: AugmentConfig has no such field yet). `--candidate NAME K=V ...`
+instead of 0 (a benchmark knob: AugmentConfig has no such field yet); `clinical=0.1` makes the
+variant a SpineGAN with that λ: it first trains its clinical classifier (the evaluation's `small`
+architecture, on the pooled train split, selected on the val split) on its own clock, so its
+minutes include the classifier's. `--candidate NAME K=V ...`
 adds a variant of its own (item 3's sweep: one knob per candidate, all racing together), and
 `--variants` picks which run (default: today, tuned and every candidate).
 
@@ -59,6 +62,8 @@ from fedspine.evaluation.config import EvaluateConfig
 from fedspine.evaluation.records import read_evaluation
 from fedspine.reporting.evaluation_report import evaluate
 from fedspine.training.batches import BatchSampler, training_data
+from fedspine.training.classifier_run import ClassifierRequest, train_classifier_run
+from fedspine.training.clinical import ClinicalLoss
 from fedspine.training.config import TrainConfig, preset_config
 from fedspine.training.factory import TrainerSpec, build_trainer
 from fedspine.training.gan_trainer import configure_cpu
@@ -67,7 +72,7 @@ from fedspine.training.generate import generate_dataset, save_generator
 # Issue 18, items 1-2: ADA that can react within a short run; no path-length regularisation and
 # no style mixing (NVIDIA's own 32 px configuration turns both off).
 TUNED = {"augment.adjust_kimg": 15.0, "pl_weight": 0.0, "style_mixing": 0.0}
-BENCHMARK_KNOBS = ("start_p",)
+BENCHMARK_KNOBS = ("start_p", "clinical")
 QUICK = {
     "images_per_site": 40,
     "phantom_size": 64,
@@ -186,11 +191,19 @@ def main(argv: list[str] | None = None) -> dict:
         contenders = []
         for variant in variants:
             cfg, start_p = variant_config(candidates[variant], res, data.num_classes)
-            configs[f"{variant}/{res}px"] = {**cfg.to_dict(), "start_p": start_p}
+            clinical = float(candidates[variant].get("clinical", 0.0))
+            configs[f"{variant}/{res}px"] = {
+                **cfg.to_dict(),
+                "start_p": start_p,
+                "clinical": clinical,
+            }
             for seed in args.seeds:
                 folder = work / "runs" / f"{variant}-{res}px-seed{seed}"
                 shutil.rmtree(folder, ignore_errors=True)
-                contenders.append(Contender(variant, cfg, start_p, seed, data, folder))
+                spinegan = (
+                    SpineGANSetup(clinical, data_path, args.epochs, threads) if clinical else None
+                )
+                contenders.append(Contender(variant, cfg, start_p, seed, data, folder, spinegan))
 
         def evaluate_row(c: Contender, mark: float, path=data_path, cache=trtr_cache) -> dict:
             return c.evaluate_at(mark, path, cache, eval_cfg, args.per_class, threads)
@@ -247,6 +260,7 @@ def variant_config(changes: dict, resolution: int, num_classes: int) -> tuple[Tr
     cfg.device = "cpu"
     changes = dict(changes)
     start_p = float(changes.pop("start_p", 0.0))
+    changes.pop("clinical", None)
     return apply_overrides(cfg, changes), start_p
 
 
@@ -380,21 +394,68 @@ def _with_ci(value: float | None, ci: list | None) -> str:
     return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+@dataclasses.dataclass(frozen=True)
+class SpineGANSetup:
+    """A SpineGAN contender: λ of the clinical loss, and how its classifier is trained (on the
+    pooled train split, selected on its val split; the test split is never touched)."""
+
+    weight: float
+    data_path: Path
+    epochs: int
+    threads: int
+
+    def classifier(self, folder: Path, seed: int, class_names: list[str]) -> ClinicalLoss:
+        """Train C (the evaluation's `small` architecture, every epoch kept to the best val
+        AUC) into ``folder`` and load it as the clinical loss."""
+        request = ClassifierRequest(
+            data=self.data_path,
+            out=folder,
+            arch="small",
+            epochs=self.epochs,
+            patience=self.epochs,
+            seed=seed,
+            device="cpu",
+            threads=self.threads,
+            overwrite=True,
+        )
+        train_classifier_run(request)
+        torch.set_num_threads(self.threads)
+        return ClinicalLoss.from_file(folder, class_names, weight=self.weight)
+
+
 class Contender:
-    """One (variant, seed) trainer with its own clock and its own torch RNG stream."""
+    """One (variant, seed) trainer with its own clock and its own torch RNG stream. A SpineGAN
+    contender trains its clinical classifier first, on its own clock: the minutes it reports
+    include the classifier's."""
 
     def __init__(
-        self, variant: str, cfg: TrainConfig, start_p: float, seed: int, data, folder: Path
+        self,
+        variant: str,
+        cfg: TrainConfig,
+        start_p: float,
+        seed: int,
+        data,
+        folder: Path,
+        spinegan: SpineGANSetup | None = None,
     ) -> None:
         self.variant, self.seed, self.data, self.folder = variant, seed, data, folder
         self.cfg = dataclasses.replace(cfg, seed=seed)
-        self.trainer = build_trainer(TrainerSpec(), self.cfg, data.label_prior(), "cpu")
+        self.wall = self.cpu = 0.0
+        spec = TrainerSpec()
+        if spinegan is not None:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            spec = TrainerSpec(
+                clinical=spinegan.classifier(folder / "classifier", seed, data.class_names)
+            )
+            self.wall = time.perf_counter() - start
+            self.cpu = time.process_time() - cpu_start
+        self.classifier_seconds = self.wall
+        self.trainer = build_trainer(spec, self.cfg, data.label_prior(), "cpu")
         if self.trainer.augment_pipe is not None and start_p > 0:
             with torch.no_grad():
                 self.trainer.augment_pipe.p.fill_(start_p)
         self.batches = BatchSampler(data, self.cfg.batch, self.trainer.np_rng)
         self.rng_state = torch.get_rng_state()
-        self.wall = self.cpu = 0.0
 
     def train_for(self, seconds: float) -> None:
         """Train about ``seconds`` of wall time (the clock is read after every step)."""
@@ -438,6 +499,7 @@ class Contender:
             "minutes": mark,
             "train_wall_seconds": self.wall,
             "train_cpu_seconds": self.cpu,
+            "clinical_classifier_seconds": self.classifier_seconds,
             "kimg": trainer.cur_nimg / 1000,
             "ada_p": trainer.ada_p,
             **scores,

@@ -94,6 +94,7 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
         + [str(m) for m in minutes]
         + ["--set", "augment.adjust_kimg=10", "--set", "start_p=0.1", "--heldout-per-site", "6"]
         + ["--candidate", "ema2", "ema_kimg=2", "r1_gamma=0.05"]
+        + ["--candidate", "spine", "clinical=0.5"]
     )
     assert '"benchmark": "time_to_quality"' in capsys.readouterr().out
     assert (tmp_path / "results.json").is_file()
@@ -103,10 +104,21 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
     assert report["configs"]["today/16px"]["augment"]["adjust_kimg"] == 100
     rows = report["rows"]
     assert {(r["variant"], r["minutes"]) for r in rows} == {
-        (v, m) for v in ("today", "tuned", "ema2") for m in minutes
+        (v, m) for v in ("today", "tuned", "ema2", "spine") for m in minutes
     }
     ema2 = report["configs"]["ema2/16px"]
     assert ema2["ema_kimg"] == 2 and ema2["r1_gamma"] == 0.05 and ema2["pl_weight"] == 2.0
+    # The SpineGAN contender trained its classifier on the train split first, on its own clock,
+    # and its generator steps logged the clinical loss.
+    assert report["configs"]["spine/16px"]["clinical"] == 0.5 and ema2["clinical"] == 0.0
+    from fedspine.models.classifier import load_classifier
+
+    _, _, meta = load_classifier(tmp_path / "runs" / "spine-16px-seed0" / "classifier")
+    assert meta["training_data"]["split"] == "train" and meta["selection_data"]["split"] == "val"
+    for row in rows:
+        spent = row["clinical_classifier_seconds"]
+        assert (spent > 0) == (row["variant"] == "spine"), row
+        assert row["train_wall_seconds"] >= spent
     for row in rows:
         for key in ("tstr_auc", "trtr_auc", "kimg", "ada_p"):
             assert math.isfinite(row[key]), (key, row)
@@ -141,7 +153,7 @@ def test_time_to_quality_runs_quick_and_compares_variants(tmp_path, capsys):
     assert again["reevaluated"]["from_argv"] == report["argv"]
     assert (tmp_path / "results-reevaluated.json").is_file()
     table = (tmp_path / "report.md").read_text()
-    assert table.count("| 16 | ") == 3 * len(minutes) and "signal retained" in table
+    assert table.count("| 16 | ") == 4 * len(minutes) and "signal retained" in table
     assert 'ema2 {"ema_kimg": 2, "r1_gamma": 0.05}' in table
 
 
@@ -164,6 +176,52 @@ def test_time_to_quality_table_names_only_the_variants_it_ran():
     table = _load("time_to_quality").markdown(report)
     assert table.count("| 64 | 5 | ") == 2
     assert 'narrow {"network.channel_max": 128}' in table and "tuned" not in table
+
+
+@pytest.mark.slow
+def test_dp_utility_runs_its_gan_arms_quick_pooled_and_federated(tmp_path, capsys):
+    """The benchmark's GAN arms at its smallest configuration (issue 15, item 6): DP-SGD from
+    scratch and from the public checkpoint with few privatised D parameters, pooled and through
+    a real federation, with ε read back from their own privacy homes, the non-private arm at
+    ε ∞, and what DP adds over the public checkpoint."""
+    import math
+    import tomllib
+
+    from fedspine.fileio import file_sha256
+    from fedspine.privacy.home import PrivacyHome
+
+    arms = ["public-only", "non-private", "dp-sgd", "dp-sgd-public"]
+    report = _load("dp_utility").main(
+        ["--quick", "--work", str(tmp_path), "--epsilons", "10", "--arms", *arms]
+    )
+    capsys.readouterr()
+    rows = {(r["mode"], r["arm"]): r for r in report["rows"]}
+    assert set(rows) == {(m, a) for m in ("pooled", "federated") for a in arms}
+    for mode in ("pooled", "federated"):
+        assert rows[(mode, "non-private")]["epsilon"] == math.inf
+        for arm in ("dp-sgd", "dp-sgd-public"):
+            row = rows[(mode, arm)]
+            assert 0 < row["epsilon"] <= 10 + 1e-6 and row["epsilon_target"] == 10, row
+            assert math.isfinite(row["tstr_auc"]) and len(row["tstr_ci"]) == 2
+            public = rows[(mode, "public-only")]["tstr_auc"]
+            assert row["dp_minus_public"] == row["tstr_auc"] - public
+    snapshot = json.loads((tmp_path / "public" / "run" / "latest.json").read_text())["snapshot"]
+    sha = file_sha256(tmp_path / "public" / "run" / snapshot)
+    pooled = tmp_path / "pooled" / "dp-sgd-public-eps10"
+    config = tomllib.loads((pooled / "run" / "config.toml").read_text())
+    assert config["init_from"]["checkpoint_sha256"] == sha
+    assert config["dp"]["trainable_d"] == "top:2" and config["train"]["g_trainable"] == "mapping"
+    (record,) = PrivacyHome(pooled / "privacy").ledger().records()
+    assert record["notes"]["pretraining"]["checkpoint_sha256"] == sha
+    federated = tmp_path / "federated" / "dp-sgd-public-eps10"
+    for home in sorted((federated / "privacy").iterdir()):
+        notes = [r["notes"].get("pretraining") for r in PrivacyHome(home).ledger().records()]
+        assert notes and all(n["checkpoint_sha256"] == sha for n in notes), home
+    # DP-SGD from scratch has no public start anywhere in its records.
+    scratch = tomllib.loads(
+        (tmp_path / "pooled" / "dp-sgd-eps10" / "run" / "config.toml").read_text()
+    )
+    assert "init_from" not in scratch
 
 
 @pytest.mark.slow
