@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from fedspine.cli.release import EXIT_REFUSED, register
+from fedspine.cli.release import EXIT_REFUSED
 from fedspine.data.prepared import load_prepared, write_prepared
 from fedspine.models import Generator, NetworkConfig
 from fedspine.privacy.accounting import Mechanism, epsilon
@@ -665,18 +664,6 @@ def test_keygen_never_overwrites(tmp_path):
 
 
 # The command line ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cli():
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    register(app)
-    return app
 
 
 def test_cli_keygen_release_and_verify(base, cli, tmp_path, monkeypatch):

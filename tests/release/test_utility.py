@@ -14,10 +14,8 @@ import re
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from fedspine.cli.release import register
 from fedspine.evaluation.classification import utility_verdict
 from fedspine.evaluation.records import (
     ArmRecord,
@@ -320,18 +318,6 @@ def test_without_an_evaluation_the_release_says_utility_was_not_evaluated(world,
 
 
 # The command line ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cli():
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    register(app)
-    return app
 
 
 def _cli_args(world, out: Path, steward: Path) -> list[str]:
